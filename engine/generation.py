@@ -1,0 +1,141 @@
+"""The decode loop every backend shares, and the typed events it yields.
+
+A backend only has to say how to get next-token logits (`Stepper`): `start(prompt_ids)` runs the prompt
+and returns the logits for the next position, `step(token_id)` appends one token and returns the next
+logits. Sampling, stop strings, EOS, cancellation, text streaming and statistics live here, once.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence, Union
+
+import torch
+
+from engine.sampling import GenerationParams, Sampler
+from prompts.stopping import IncrementalDecoder, StopStringFilter
+
+
+@dataclass(frozen=True)
+class TextEvent:
+    """A piece of generated text, safe to show (never part of a stop string)."""
+    text: str
+
+
+@dataclass(frozen=True)
+class StatsEvent:
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    time_to_first_token: float
+    tokens_per_second: float
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    """The end of a generation. reason: eos | stop_string | max_tokens | cancelled | error."""
+    reason: str
+    text: str
+    stop_string: str | None = None
+    error: str | None = None
+    seed: int | None = None
+
+
+GenerationEvent = Union[TextEvent, StatsEvent, DoneEvent]
+
+
+class Stepper(Protocol):
+    device: torch.device
+
+    def start(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """Run the prompt; return logits [V] for the position after it."""
+
+    def step(self, token_id: torch.Tensor) -> torch.Tensor:
+        """Append one token (0-d tensor on `device`); return logits [V] for the next position."""
+
+
+def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: GenerationParams,
+           eos_token_ids: Sequence[int], cancel: threading.Event | None = None,
+           context_length: int | None = None) -> Iterator[GenerationEvent]:
+    """Generate up to `params.max_new_tokens` tokens, yielding text pieces, then stats, then done."""
+    t0 = time.perf_counter()
+    decoder = IncrementalDecoder(tokenizer)
+    stops = StopStringFilter(list(params.stop))
+    text_parts: list[str] = []
+    max_new = params.max_new_tokens
+    if context_length:
+        max_new = min(max_new, max(context_length - len(prompt_ids), 0))
+    eos = set(int(i) for i in eos_token_ids)
+    sampler = Sampler(params, device=stepper.device)
+    history = torch.tensor(list(prompt_ids), dtype=torch.long, device=stepper.device)
+    history = torch.cat([history, torch.empty(max_new, dtype=torch.long, device=stepper.device)])
+    n_prompt = len(prompt_ids)
+    reason, n_new, ttft = "max_tokens", 0, 0.0
+
+    def finish(reason: str, error: str | None = None) -> Iterator[GenerationEvent]:
+        tail = stops.flush()
+        if tail:
+            text_parts.append(tail)
+            yield TextEvent(tail)
+        elapsed = time.perf_counter() - t0
+        decode_time = elapsed - ttft
+        tps = (n_new - 1) / decode_time if n_new > 1 and decode_time > 0 else 0.0
+        yield StatsEvent(prompt_tokens=n_prompt, new_tokens=n_new, seconds=elapsed,
+                         time_to_first_token=ttft, tokens_per_second=tps)
+        yield DoneEvent(reason=reason, text="".join(text_parts), stop_string=stops.stopped_on, error=error,
+                        seed=sampler.seed)
+
+    if max_new <= 0:
+        yield from finish("max_tokens")
+        return
+    try:
+        with torch.inference_mode():
+            if cancel is not None and cancel.is_set():
+                yield from finish("cancelled")
+                return
+            logits = stepper.start(prompt_ids)
+            while True:
+                token = sampler(logits, history[: n_prompt + n_new])
+                token_id = int(token)  # the one host sync per token
+                if n_new == 0:
+                    ttft = time.perf_counter() - t0
+                history[n_prompt + n_new] = token
+                n_new += 1
+                if token_id in eos:
+                    reason = "eos"
+                    break
+                shown = stops.push(decoder.push(token_id))
+                if shown:
+                    text_parts.append(shown)
+                    yield TextEvent(shown)
+                if stops.stopped_on is not None:
+                    reason = "stop_string"
+                    break
+                if n_new >= max_new:
+                    reason = "max_tokens"
+                    break
+                if cancel is not None and cancel.is_set():
+                    reason = "cancelled"
+                    break
+                logits = stepper.step(token)
+    except torch.OutOfMemoryError:
+        yield from finish("error", "out of memory while generating: shorten the prompt or max_new_tokens")
+        return
+    except Exception as exc:  # the backend broke mid-reply: report it, keep the app and the text so far
+        yield from finish("error", f"{type(exc).__name__}: {exc}")
+        return
+    yield from finish(reason)
+
+
+def collect(events: Iterator[GenerationEvent]) -> tuple[str, DoneEvent, StatsEvent | None]:
+    """Drain a generation; returns (text, done, stats)."""
+    stats = None
+    done = None
+    for ev in events:
+        if isinstance(ev, StatsEvent):
+            stats = ev
+        elif isinstance(ev, DoneEvent):
+            done = ev
+    assert done is not None, "a generation always ends with a DoneEvent"
+    return done.text, done, stats

@@ -1,0 +1,109 @@
+"""Sampler parameters and the sampler itself: one place, used by every backend.
+
+The parameters use text-generation-webui's preset keys so users can drop their preset files in. The sampler
+works on a logits row with torch ops only, so it runs unchanged on CPU and on the GPU (where the engine keeps
+it on the device and syncs once per token to read the chosen id).
+Order of operations follows text-generation-webui / HF: penalties on raw logits, then temperature, then the
+truncation samplers (top_k, top_p, typical_p, min_p), then a draw.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loaders.options import option
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = option(512, "Most tokens to generate for one reply.", minimum=1, maximum=32768, step=1,
+                                 label="max_new_tokens")
+    temperature: float = option(0.7, "Softmax temperature; 0 picks the likeliest token every time (greedy).",
+                                minimum=0.0, maximum=5.0, step=0.01)
+    top_p: float = option(0.9, "Keep the smallest set of tokens whose probability adds up to top_p (1 = off).",
+                          minimum=0.0, maximum=1.0, step=0.01)
+    top_k: int = option(20, "Keep only the k likeliest tokens (0 = off).", minimum=0, maximum=1000, step=1)
+    min_p: float = option(0.0, "Drop tokens less likely than min_p times the likeliest one (0 = off).",
+                          minimum=0.0, maximum=1.0, step=0.01)
+    typical_p: float = option(1.0, "Locally typical sampling mass (1 = off).", minimum=0.0, maximum=1.0, step=0.01)
+    repetition_penalty: float = option(1.0, "Divide positive logits (multiply negative) of tokens already seen "
+                                            "(1 = off).", minimum=1.0, maximum=3.0, step=0.01)
+    repetition_penalty_range: int = option(1024, "How many recent tokens the repetition penalty looks at "
+                                                 "(0 = all).", minimum=0, maximum=32768, step=1)
+    presence_penalty: float = option(0.0, "Subtract this from the logit of every token already seen.",
+                                     minimum=-2.0, maximum=2.0, step=0.05)
+    frequency_penalty: float = option(0.0, "Subtract this times the count of each token already seen.",
+                                      minimum=-2.0, maximum=2.0, step=0.05)
+    seed: int = option(-1, "Random seed; -1 draws a fresh one each time.", minimum=-1, maximum=2**63 - 1, step=1)
+    stop: list[str] = option([], "Extra strings that end the reply (the template's own are always added).")
+
+
+def _recent(history: torch.Tensor, window: int) -> torch.Tensor:
+    return history[-window:] if window > 0 else history
+
+
+def apply_penalties(logits: torch.Tensor, history: torch.Tensor, p: GenerationParams) -> torch.Tensor:
+    """Repetition (multiplicative, HF semantics), presence and frequency (additive, OpenAI semantics)."""
+    if history.numel() == 0:
+        return logits
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0:
+        seen = _recent(history, p.repetition_penalty_range).unique()
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
+        counts = torch.bincount(history, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def truncate(logits: torch.Tensor, p: GenerationParams) -> torch.Tensor:
+    """Set the logits of tokens the truncation samplers drop to -inf. `logits` is already temperature-scaled."""
+    neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    if p.top_k > 0 and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = torch.where(logits < kth, neg_inf, logits)
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep a token while the mass before it is < top_p: the smallest set reaching top_p, never empty.
+        mass_before = probs.cumsum(-1) - probs
+        drop_sorted = mass_before >= p.top_p
+        drop_sorted[0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    if p.typical_p < 1.0:
+        logp = logits.log_softmax(-1)
+        probs = logp.exp()
+        entropy = -(probs * torch.nan_to_num(logp, neginf=0.0)).sum()
+        surprise_gap = (-logp - entropy).abs()
+        order = torch.argsort(surprise_gap)
+        mass_before = probs[order].cumsum(-1) - probs[order]
+        drop_sorted = mass_before >= p.typical_p
+        drop_sorted[0] = False
+        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Picks the next token id from a logits row. Holds the seeded generator for one generation."""
+
+    def __init__(self, params: GenerationParams, device: torch.device | str = "cpu"):
+        self.params = params
+        self.generator = torch.Generator(device=device)
+        seed = params.seed if params.seed >= 0 else int(torch.seed() % (2**63))
+        self.seed = seed
+        self.generator.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """logits: [V] (any float dtype), history: [T] long ids of prompt + generated. Returns a 0-d long id."""
+        p = self.params
+        logits = apply_penalties(logits.float(), history, p)
+        if p.temperature <= 0.0:
+            return logits.argmax(-1)
+        logits = truncate(logits / p.temperature, p)
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[0]

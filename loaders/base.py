@@ -1,0 +1,93 @@
+"""The loader contract and the registry loaders (built-in or plugin) join through `register`.
+
+A Loader answers two questions about a model folder: "can you read it, how sure are you and why?"
+(`detect`) and "give me a runnable Model" (`load`). Detection reads file contents (configs, tensor names),
+never folder names.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+from engine.generation import GenerationEvent
+from engine.sampling import GenerationParams
+
+# progress(fraction 0..1, message)
+Progress = Callable[[float, str], None]
+
+
+def no_progress(fraction: float, message: str) -> None:
+    pass
+
+
+class LoadError(RuntimeError):
+    """A model folder could not be loaded; the message is one sentence a user can act on."""
+
+
+@dataclass(frozen=True)
+class Detection:
+    loader: str
+    score: float          # 0..1; the highest-scoring loader is preselected
+    reason: str           # e.g. "GPTQ 4-bit, group 32, act-order, sym (quantize_config.json)"
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Model(Protocol):
+    name: str
+    loader: str
+    runtime: str          # what actually runs it, e.g. "transformers (cpu, float32)"
+    tokenizer: Any
+    context_length: int
+    eos_token_ids: list[int]
+    model_dir: Path
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
+                 cancel: threading.Event | None = None) -> Iterator[GenerationEvent]: ...
+
+    def unload(self) -> None: ...
+
+
+class Loader(Protocol):
+    name: str
+    description: str
+    options_type: type     # a dataclass declared with loaders.options.option
+
+    def detect(self, model_dir: Path) -> Detection | None: ...
+
+    def load(self, model_dir: Path, options: Any, progress: Progress = no_progress) -> Model: ...
+
+
+class LoaderRegistry:
+    """Loaders by name. Built-ins and plugins join through the same `register` call."""
+
+    def __init__(self) -> None:
+        self._loaders: dict[str, Loader] = {}
+
+    def register(self, loader: Loader) -> None:
+        if loader.name in self._loaders:
+            raise ValueError(f"a loader named {loader.name!r} is already registered")
+        self._loaders[loader.name] = loader
+
+    def names(self) -> list[str]:
+        return list(self._loaders)
+
+    def get(self, name: str) -> Loader:
+        try:
+            return self._loaders[name]
+        except KeyError:
+            raise LoadError(f"unknown loader {name!r}; known loaders: {', '.join(self._loaders)}") from None
+
+    def detect_all(self, model_dir: Path) -> list[Detection]:
+        """Every loader's opinion of the folder, best first. Empty when nothing can read it."""
+        found = []
+        for loader in self._loaders.values():
+            d = loader.detect(model_dir)
+            if d is not None and d.score > 0:
+                found.append(d)
+        return sorted(found, key=lambda d: d.score, reverse=True)
+
+    def best(self, model_dir: Path) -> Detection | None:
+        found = self.detect_all(model_dir)
+        return found[0] if found else None
