@@ -1,0 +1,66 @@
+"""App-wide settings: settings.yaml defaults, overridden by command-line flags.
+
+Read once in app.py and handed to AppState; nothing reads it behind the user's back.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.sampling import GenerationParams
+from loaders.options import OptionError, build
+
+APP_ROOT = Path(__file__).resolve().parent
+DEFAULT_SETTINGS_FILE = APP_ROOT / "settings.yaml"
+
+
+class SettingsError(ValueError):
+    """settings.yaml (or a --settings file) is unreadable; the message names the file and the problem."""
+
+
+@dataclass
+class AppSettings:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    models_dir: Path = APP_ROOT / "models"
+    model: str | None = None
+    generation: GenerationParams = field(default_factory=GenerationParams)
+    source: Path | None = None   # the file these came from, for messages
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> AppSettings:
+    """settings.yaml (or `path`) with `overrides` (flags; None values mean "not given") on top."""
+    path = path or DEFAULT_SETTINGS_FILE
+    raw: dict[str, Any] = {}
+    if path.exists():
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise SettingsError(f"{path} must hold a mapping of settings")
+    elif path != DEFAULT_SETTINGS_FILE:
+        raise SettingsError(f"settings file {path} does not exist")
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in dataclasses.fields(AppSettings)} - {"source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SettingsError(f"{path}: unknown setting(s) {', '.join(unknown)}")
+    try:
+        generation = build(GenerationParams, raw.get("generation") or {})
+    except OptionError as exc:
+        raise SettingsError(f"{path}: generation: {exc}") from None
+    models_dir = Path(raw.get("models_dir") or "models").expanduser()
+    if not models_dir.is_absolute():
+        models_dir = (path.parent if "models_dir" not in (overrides or {}) or overrides.get("models_dir") is None
+                      else Path.cwd()) / models_dir
+    try:
+        port = int(raw.get("port", 7860))
+    except (TypeError, ValueError):
+        raise SettingsError(f"{path}: port must be a number") from None
+    return AppSettings(host=str(raw.get("host", "127.0.0.1")), port=port, models_dir=models_dir.resolve(),
+                       model=raw.get("model"), generation=generation, source=path)

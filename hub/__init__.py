@@ -1,0 +1,1 @@
+"""Hub access: parse what users type, list refs and files, download resumably with verification."""

@@ -1,0 +1,113 @@
+"""Shared fixtures: offline environment, the real default model, an AppState, a running Hearth server."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+# Tests never reach the network: no analytics, no telemetry, no Hub (tests that need one start their own).
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The real default model, installed by ./run_tests.sh (start_linux.sh --install-only)."""
+    from hub.default_model import install_default_model, is_installed
+
+    models = REPO / "models"
+    if not is_installed(models):
+        install_default_model(models)
+    return models / DEFAULT_MODEL
+
+
+@pytest.fixture
+def models_dir(tmp_path, default_model_dir) -> Path:
+    """A fresh models folder holding (a link to) the default model; tests add their own folders to it."""
+    d = tmp_path / "models"
+    d.mkdir()
+    (d / DEFAULT_MODEL).symlink_to(default_model_dir, target_is_directory=True)
+    return d
+
+
+def make_state(models_dir: Path, **settings):
+    from app_settings import AppSettings
+    from app_state import AppState
+
+    return AppState(AppSettings(models_dir=models_dir, **settings))
+
+
+@pytest.fixture(scope="session")
+def loaded_state(default_model_dir):
+    """One AppState with the default model loaded, shared by the tests that only generate."""
+    state = make_state(default_model_dir.parent)
+    state.load_model(DEFAULT_MODEL)
+    yield state
+    state.unload_model()
+
+
+class RunningApp:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path):
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_app(args: list[str], log: Path, env: dict | None = None, timeout: float = 120) -> RunningApp:
+    """Start `python app.py serve ...` on a free port and wait until Gradio answers."""
+    port = free_port()
+    fh = open(log, "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "serve", "--port", str(port), *args],
+                            cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    app = RunningApp(proc, port, log)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited with {proc.returncode}:\n{app.output()}")
+        try:
+            with urllib.request.urlopen(app.url + "/gradio_api/info", timeout=2) as r:
+                if r.status == 200:
+                    return app
+        except OSError:
+            time.sleep(0.5)
+    app.stop()
+    raise RuntimeError(f"app did not answer within {timeout} s:\n{app.output()}")
+
+
+@pytest.fixture
+def running_app(tmp_path, models_dir):
+    """A Hearth server on a free port with the default model loaded; stopped after the test."""
+    app = start_app(["--models-dir", str(models_dir), "--model", DEFAULT_MODEL], tmp_path / "app.log")
+    yield app
+    app.stop()

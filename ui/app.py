@@ -1,0 +1,36 @@
+"""The Gradio app: assembles the tabs around one AppState and launches it."""
+from __future__ import annotations
+
+import sys
+
+import gradio as gr
+
+from loaders.base import LoadError
+from ui.chat_tab import build_chat_tab
+from ui.model_tab import build_model_tab
+
+
+def build_ui(state) -> gr.Blocks:
+    with gr.Blocks(title="Hearth") as demo:
+        gr.Markdown("# 🔥 Hearth")
+        build_chat_tab(state)
+        build_model_tab(state)
+    return demo
+
+
+def launch(state, block: bool = True):
+    """Load the start-up model (if any), then serve the UI on settings.host:settings.port."""
+    if state.settings.model:
+        try:
+            model = state.load_model(state.settings.model,
+                                     progress=lambda f, m: print(f"[{f:4.0%}] {m}", file=sys.stderr))
+            print(f"loaded {model.name} ({model.runtime})", file=sys.stderr)
+        except LoadError as exc:  # the UI still starts, so the user can pick another model
+            print(f"error: could not load {state.settings.model}: {exc}", file=sys.stderr)
+    demo = build_ui(state)
+    # Generation is serialized by AppState; the queue lets many sessions wait without holding threads.
+    demo.queue(default_concurrency_limit=4)
+    print(f"Hearth UI on http://{state.settings.host}:{state.settings.port}", file=sys.stderr)
+    demo.launch(server_name=state.settings.host, server_port=state.settings.port, share=False, ssr_mode=False,
+                inbrowser=False, prevent_thread_lock=not block, quiet=True)
+    return demo
