@@ -83,10 +83,23 @@ class LoaderRegistry:
         """Every loader's opinion of the folder, best first. Empty when nothing can read it."""
         found = []
         for loader in self._loaders.values():
-            d = loader.detect(model_dir)
+            try:
+                d = loader.detect(model_dir)
+            except LoadError:  # a broken file: that loader cannot read the folder; `problems` says why
+                continue
             if d is not None and d.score > 0:
                 found.append(d)
         return sorted(found, key=lambda d: d.score, reverse=True)
+
+    def problems(self, model_dir: Path) -> list[str]:
+        """Why loaders could not read the folder (malformed files), one sentence each, without repeats."""
+        found = []
+        for loader in self._loaders.values():
+            try:
+                loader.detect(model_dir)
+            except LoadError as exc:
+                found.append(str(exc))
+        return list(dict.fromkeys(found))
 
     def best(self, model_dir: Path) -> Detection | None:
         found = self.detect_all(model_dir)

@@ -7,6 +7,7 @@ from that one declaration, so a parameter is never listed twice.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -39,9 +40,12 @@ _TYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str, "list[str]"
 
 def _field_type(field: dataclasses.Field) -> type:
     t = field.type
-    if isinstance(t, str):
+    if isinstance(t, str):  # annotations are strings under `from __future__ import annotations`
         t = t.replace(" | None", "").strip()
-        return _TYPE_NAMES.get(t, str)
+        return _TYPE_NAMES.get(t, list if t.startswith("list[") else str)
+    origin = typing.get_origin(t)
+    if origin is list:
+        return list
     return t if isinstance(t, type) else str
 
 

@@ -131,10 +131,7 @@ class TransformersLoader:
     options_type = TransformersOptions
 
     def detect(self, model_dir: Path) -> Detection | None:
-        try:
-            config = read_json(model_dir / "config.json")
-        except LoadError:
-            return None
+        config = read_json(model_dir / "config.json")  # LoadError for broken JSON: the registry reports it
         if config is None or "quantization_config" in config:
             return None
         if any((model_dir / f).exists() for f in QUANTIZATION_FILES):
