@@ -43,6 +43,7 @@ def option_values(args: argparse.Namespace, options_cls: type) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     from engine.sampling import GenerationParams
+    from hub.cli import add_download_arguments
 
     parser = argparse.ArgumentParser(prog="app.py", description="Hearth: a local web UI for language models.")
     verbs = parser.add_subparsers(dest="verb")
@@ -52,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", action="store_true", help="bind 0.0.0.0 instead of 127.0.0.1")
     serve.add_argument("--port", type=int, help="UI port (default 7860)")
     serve.add_argument("--model", help="load this model (a folder name in models/) at start")
+    serve.add_argument("--gradio-auth", metavar="USER:PASS", help="require this login for the UI")
+    serve.add_argument("--gradio-auth-path", type=Path, metavar="FILE",
+                       help="require a login from FILE (one user:pass per line or comma-separated)")
+    serve.add_argument("--insecure-listen", action="store_true",
+                       help="allow --listen without a UI login (anyone on the network can use Hearth)")
+    # [api] issue 8: the OpenAI-compatible API beside the UI (code in api/)
+    serve.add_argument("--api", action="store_true", help="also serve the OpenAI-compatible API (/v1)")
+    serve.add_argument("--api-port", type=int, default=5000, help="API port (default 5000)")
+    serve.add_argument("--api-key", help="key clients must send as 'Authorization: Bearer KEY'; required "
+                                         "with --listen")
+    serve.add_argument("--api-admin-key", help="key for loading/unloading models via the API (default: --api-key)")
 
     gen = verbs.add_parser("generate", help="generate text once and print it (stats on stderr)")
     _add_common(gen)
@@ -65,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = verbs.add_parser("inspect", help="print as JSON what Hearth knows about a model")
     _add_common(inspect)
     inspect.add_argument("--model", required=True, help="model folder name in models/")
+
+    download = verbs.add_parser("download", help="download a model from the Hugging Face Hub into models/")
+    _add_common(download)
+    add_download_arguments(download, with_models_dir=False)
 
     install = verbs.add_parser("install-default-model", help="install SmolLM2-135M-Instruct into models/")
     _add_common(install)
@@ -127,7 +143,7 @@ def inspect_model(state, name: str) -> dict:
     detections = state.detect(name)
     config = read_json(folder / "config.json") or {}
     tokenizer_config = read_json(folder / "tokenizer_config.json") or {}
-    has_template = bool(tokenizer_config.get("chat_template")) or (folder / "chat_template.jinja").exists()
+    template = state.resolve_template(name=name)  # [issue 6] the resolution order of prompts/templates.py
     return {
         "model": name,
         "path": str(folder),
@@ -136,8 +152,44 @@ def inspect_model(state, name: str) -> dict:
         "candidates": [{"loader": d.loader, "score": d.score, "reason": d.reason} for d in detections],
         "architecture": (config.get("architectures") or [config.get("model_type")])[0],
         "context_length": context_length_of(config),
-        "template_source": "tokenizer chat_template" if has_template else "none",
+        "template": template.name,  # [issue 6]
+        "template_source": template.source,
+        "template_reason": template.reason,
+        **_loader_facts(state, name, detections),  # [loaders] issue 5
     }
+
+
+def _loader_facts(state, name: str, detections) -> dict:
+    """[loaders] issue 5: quantization parameters, metadata and every effective setting with its source."""
+    from loaders.metadata import read_metadata
+    from loaders.model_settings import as_json
+
+    folder = state.model_dir(name)
+    metadata = read_metadata(folder)
+    effective = state.effective_settings(name) if detections else None
+    facts = {
+        "quantization": next((d.details["quantization"] for d in detections if "quantization" in d.details), None),
+        "gguf": next((d.details["gguf"] for d in detections if "gguf" in d.details), None),
+        "problems": state.registry.problems(folder),
+        "metadata": {"context_length": metadata.context_length, "context_source": metadata.context_source,
+                     "rope_scaling": metadata.rope_scaling, "dtype": metadata.dtype,
+                     "generation_config": metadata.generation},
+        "saved": state.settings_store.get(name),
+        "settings": as_json(effective) if effective else None,
+        "settings_problems": list(state.settings_store.problems),
+    }
+    if effective is not None:  # the context the loader will use, rope scaling included
+        facts["context_length"] = effective["context_length"].value
+        facts["context_source"] = effective["context_length"].source
+    return facts
+
+
+def cmd_download(args) -> int:
+    from app_settings import load_settings
+    from hub.cli import run_download
+
+    # Settings only (no AppState): a download needs the models folder, not torch or the loaders.
+    return run_download(args, models_dir=load_settings(args.settings, {"models_dir": args.models_dir}).models_dir)
 
 
 def cmd_inspect(args) -> int:
@@ -146,15 +198,51 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def parse_auth(args) -> list[tuple[str, str]] | None:
+    """Logins from --gradio-auth and --gradio-auth-path; None when neither is given."""
+    entries: list[str] = []
+    if args.gradio_auth:
+        entries.append(args.gradio_auth)
+    if args.gradio_auth_path:
+        try:
+            text = args.gradio_auth_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SystemExit(f"error: cannot read --gradio-auth-path {args.gradio_auth_path}: {exc.strerror}")
+        entries.extend(e.strip() for line in text.splitlines() for e in line.split(",") if e.strip())
+    logins = []
+    for entry in entries:
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit("error: a login must look like user:password (both parts non-empty)")
+        logins.append((user, password))
+    return logins or None
+
+
 def cmd_serve(args) -> int:
     from ui.app import launch
 
+    auth = parse_auth(args)
+    if args.listen and auth is None and not args.insecure_listen:
+        print("error: --listen exposes Hearth to your network; add --gradio-auth USER:PASS (or "
+              "--gradio-auth-path FILE), or --insecure-listen if you really want no login", file=sys.stderr)
+        return 2
     state = make_state(args, host="0.0.0.0" if args.listen else None, port=args.port, model=args.model)
-    launch(state)
+    if args.api:  # [api] issue 8: the API shares the UI's AppState and host; it starts before the model loads
+        from api.auth import ApiConfigError
+        from api.server import ApiConfig, ApiServer
+
+        try:
+            api = ApiServer(state, ApiConfig(state.settings.host, args.api_port, args.api_key,
+                                             args.api_admin_key)).start()
+        except ApiConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"Hearth API on {api.url}", file=sys.stderr)
+    launch(state, auth=auth)
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "inspect": cmd_inspect,
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "inspect": cmd_inspect, "download": cmd_download,
             "install-default-model": cmd_install_default_model}
 
 

@@ -5,20 +5,35 @@ a browser; ui/ and api/ only translate widgets and HTTP into these calls.
 """
 from __future__ import annotations
 
+import dataclasses  # used by generate (dataclasses.replace); the import was missing
 import gc
+import itertools
 import re
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
+
+import torch
 
 from app_settings import AppSettings
 from engine.generation import DoneEvent, GenerationEvent
 from engine.sampling import GenerationParams
 from loaders.base import Detection, LoaderRegistry, LoadError, Model, Progress, no_progress
 from loaders.options import OptionError, build
+from loaders.remote_loader import RemoteLoader  # [api] issue 8: the OpenAI-compatible endpoint loader
 from loaders.transformers_loader import TransformersLoader
-from prompts.chat import Message, Prompt, render_chat, render_chat_continue, render_raw
+from loaders.awq_loader import AWQLoader  # [loaders] issue 5
+from loaders.gguf_loader import GGUFLoader  # [loaders] issue 5
+from loaders.gptq_loader import GPTQLoader  # [loaders] issue 5
+from loaders.model_settings import (effective_settings, loader_options_to_apply, sampler_values,  # [loaders] #5
+                                    with_chosen_options)
+from loaders.settings_store import SettingsStore  # [loaders] issue 5
+from prompts.chat import Message, Prompt, render_continue_with_template, render_raw, render_with_template
+from prompts.stop_strings import merge_stops  # [issue 6] template resolution, derived stops, truncation
+from prompts.templates import (TOKENIZER, ChatTemplate, TemplateLibrary, load_library, resolve_template,
+                              saved_settings)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -28,11 +43,75 @@ def _is_model_folder(path: Path) -> bool:
             and (any(path.glob("*.json")) or any(path.glob("*.gguf"))))
 
 
+def load_guarded(load, name: str):
+    """Run a loader's load(): whatever it raises becomes one LoadError sentence and the app carries on
+    (with no model loaded: the previous one was unloaded before, so memory is free for the next try)."""
+    try:
+        return load()
+    except LoadError:
+        raise
+    except (MemoryError, torch.OutOfMemoryError) as exc:
+        raise LoadError(f"out of memory loading {name}: {str(exc)[:200]}") from None
+    except Exception as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+            raise LoadError(f"out of memory loading {name}: {str(exc)[:200]}") from None
+        raise LoadError(f"could not load {name}: {type(exc).__name__}: {str(exc)[:300]}") from None
+    finally:
+        gc.collect()
+
+
 def default_registry() -> LoaderRegistry:
     """The built-in loaders, registered the way a plugin would register its own."""
     registry = LoaderRegistry()
     registry.register(TransformersLoader())
+    registry.register(RemoteLoader())  # [api] issue 8
+    registry.register(GPTQLoader())  # [loaders] issue 5
+    registry.register(AWQLoader())  # [loaders] issue 5
+    registry.register(GGUFLoader())  # [loaders] issue 5
     return registry
+
+
+# [api] issue 8: a fair generation queue. threading.Lock wakes waiters in no particular order, so under load
+# one client could wait forever; tickets served in arrival order make waiting times predictable, and the
+# position of each key lets the UI and the API tell a waiting user where they stand.
+class FifoQueue:
+    """A lock granted in arrival order. The holder is the head of the line; the others wait behind it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._line: deque[tuple[int, str]] = deque()   # (ticket, key); line[0] holds the lock
+        self._tickets = itertools.count()
+
+    def acquire(self, key: str, cancel: threading.Event) -> bool:
+        """Wait for our turn; False (and out of the line) when `cancel` is set before it comes."""
+        with self._cond:
+            entry = (next(self._tickets), key)
+            self._line.append(entry)
+            while self._line[0] is not entry:
+                if cancel.is_set():
+                    self._line.remove(entry)
+                    self._cond.notify_all()
+                    return False
+                self._cond.wait()
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._line.popleft()
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Let waiters re-check their cancel flags (called after a stop)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def position(self, key: str) -> int | None:
+        """0 while `key` generates, n when n generations are ahead of it, None when it is not in line."""
+        with self._cond:
+            for i, (_, k) in enumerate(self._line):
+                if k == key:
+                    return i
+            return None
 
 
 @dataclass
@@ -40,11 +119,47 @@ class AppState:
     settings: AppSettings
     registry: LoaderRegistry = field(default_factory=default_registry)
     model: Model | None = None
-    # One load/unload at a time; one generation at a time on the one loaded model.
+    # One load/unload at a time; one generation at a time on the one loaded model, served first come first served.
     model_lock: threading.RLock = field(default_factory=threading.RLock)
-    generation_lock: threading.Lock = field(default_factory=threading.Lock)
+    generation_queue: FifoQueue = field(default_factory=FifoQueue)  # [api] issue 8: was a plain Lock
     # Cancel flags of generations in flight, by the caller's key (a UI session or an API request).
     _cancels: dict[str, threading.Event] = field(default_factory=dict)
+    # [issue 6] built-in instruction templates (templates/*.yaml), read once per AppState.
+    template_library: TemplateLibrary = field(default_factory=load_library)
+    # [loaders] issue 5: the effective settings of the loaded model, {setting: Effective(value, source)}.
+    model_settings: dict[str, Any] | None = None
+    _settings_store: SettingsStore | None = None
+
+    # ---- per-model saved settings ([loaders] issue 5) --------------------------------------------------
+    @property
+    def settings_store(self) -> SettingsStore:
+        if self._settings_store is None or self._settings_store.path.parent != self.models_dir:
+            self._settings_store = SettingsStore(self.models_dir)
+        return self._settings_store
+
+    def effective_settings(self, name: str, loader: str | None = None) -> dict[str, Any]:
+        """Every setting of model `name` with its source: saved > model metadata > settings.yaml.
+        `loader` (a choice made now) replaces the saved/detected loader."""
+        folder = self.model_dir(name)
+        saved = dict(self.settings_store.get(name))
+        detections = self.registry.detect_all(folder)
+        if loader is not None and loader != saved.get("loader"):
+            saved.pop("loader", None)
+            saved.pop("loader_options", None)
+            detections = [d for d in detections if d.loader == loader] or [
+                Detection(loader, 0.0, "chosen for this load")]
+        elif saved.get("loader") and not any(d.loader == saved["loader"] for d in detections):
+            # The folder changed since the loader was saved (e.g. a new branch): detection wins, with a note.
+            self.settings_store.report(f"the saved loader {saved['loader']} cannot read {name} any more; "
+                                       "using the detected one")
+            saved.pop("loader")
+            saved.pop("loader_options", None)
+        return effective_settings(folder, saved, detections, self.registry, self.settings.generation)
+
+    def save_model_settings(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Save `values` (keys of loaders.settings_store.SAVED_KEYS) for model `name`; returns what was saved."""
+        self.model_dir(name)
+        return self.settings_store.save(name, values)
 
     @property
     def models_dir(self) -> Path:
@@ -74,18 +189,32 @@ class AppState:
     def load_model(self, name: str, loader: str | None = None, options: dict[str, Any] | None = None,
                    progress: Progress = no_progress) -> Model:
         """Load `name` with `loader` (detected when None), unloading the current model first.
-        A loader that cannot read the folder is refused with a message naming the one that can."""
+        A loader that cannot read the folder is refused with a message naming the one that can.
+        A loader that needs no folder (uses_model_folder = False, e.g. a remote endpoint) ignores `name`."""
+        if not self.needs_model_folder(loader):  # [api] issue 8
+            return self._load_without_folder(loader, options, progress)
         folder = self.model_dir(name)
         detections = self.registry.detect_all(folder)
+        # [loaders] issue 5: without an explicit choice, the saved loader and options (then metadata) apply.
+        effective = self.effective_settings(name, loader) if detections else None
+        if effective is not None:
+            if loader is None:
+                loader = effective["loader"].value
+            if options is None:
+                options = loader_options_to_apply(effective)
         if loader is None:
             if not detections:
-                raise LoadError(f"no loader can read {name}: it has no config.json with weights, "
-                                "quantize_config.json, quant_config.json or *.gguf that Hearth understands")
+                problems = "; ".join(self.registry.problems(folder))
+                raise LoadError(f"no loader can read {name}: " + (problems or
+                                "it has no config.json with weights, quantize_config.json, quant_config.json "
+                                "or *.gguf that Hearth understands"))
             loader = detections[0].loader
         chosen = self.registry.get(loader)
         if not any(d.loader == loader for d in detections):
-            hint = (f"; it looks like {detections[0].reason}: use the {detections[0].loader} loader"
-                    if detections else "")
+            if detections:
+                hint = f"; it looks like {detections[0].reason}: use the {detections[0].loader} loader"
+            else:
+                hint = "".join(f": {p}" for p in self.registry.problems(folder)[:1])
             raise LoadError(f"the {loader} loader cannot read {name}{hint}")
         try:
             opts = build(chosen.options_type, options or {})
@@ -94,7 +223,25 @@ class AppState:
         with self.model_lock:
             self.unload_model()
             progress(0.0, f"loading {name} with {loader}")
-            self.model = chosen.load(folder, opts, progress)
+            self.model = load_guarded(lambda: chosen.load(folder, opts, progress), name)
+            self.model_settings = with_chosen_options(effective, opts)  # [loaders] issue 5
+            return self.model
+
+    def needs_model_folder(self, loader: str | None) -> bool:  # [api] issue 8
+        """False for loaders that reach their model elsewhere (the remote endpoint): no folder to pick."""
+        return loader is None or getattr(self.registry.get(loader), "uses_model_folder", True)
+
+    def _load_without_folder(self, loader: str, options: dict[str, Any] | None, progress: Progress) -> Model:
+        """[api] issue 8: loaders that reach a model elsewhere (an OpenAI-compatible server) take only options."""
+        chosen = self.registry.get(loader)
+        try:
+            opts = build(chosen.options_type, options or {})
+        except OptionError as exc:
+            raise LoadError(f"{loader} options: {exc}") from None
+        with self.model_lock:
+            self.unload_model()
+            progress(0.0, f"connecting with {loader}")
+            self.model = chosen.load(None, opts, progress)
             return self.model
 
     def unload_model(self) -> None:
@@ -102,6 +249,7 @@ class AppState:
             if self.model is not None:
                 self.model.unload()
                 self.model = None
+                self.model_settings = None  # [loaders] issue 5
                 gc.collect()
 
     def require_model(self) -> Model:
@@ -111,11 +259,54 @@ class AppState:
         return model
 
     # ---- prompts and generation -----------------------------------------------------------------------
-    def chat_prompt(self, messages: list[Message]) -> Prompt:
-        return render_chat(self.require_model().tokenizer, messages)
+    # [issue 6] ---- templates: resolution order and source live in prompts/templates.py ----------------
+    @property
+    def conversations_dir(self) -> Path:
+        """Saved conversations sit beside models/ (tests get their own through a tmp models dir)."""
+        return self.models_dir.parent / "conversations"
 
-    def continue_prompt(self, messages: list[Message]) -> Prompt:
-        return render_chat_continue(self.require_model().tokenizer, messages)
+    def saved_model_settings(self, name: str | None = None) -> dict[str, Any]:
+        """Per-model saved settings (instruction_template, preset, system_message, sampler overrides)."""
+        name = name or (self.model.name if self.model is not None else None)
+        return saved_settings(self.models_dir, name) if name else {}
+
+    def resolve_template(self, choice: str | None = None, name: str | None = None) -> ChatTemplate:
+        """The chat template of model `name` (default: the loaded one); `choice` is a template picked in the UI."""
+        folder = self.model_dir(name) if name else self.require_model().model_dir
+        if folder is None:  # a model with no folder here (a remote endpoint): only its codec's template applies
+            own = getattr(self.require_model().tokenizer, "chat_template", None) or ""
+            return ChatTemplate(name="tokenizer", source=TOKENIZER, jinja=own, reason="the remote model's codec")
+        return resolve_template(Path(folder), self.template_library, self.saved_model_settings(Path(folder).name),
+                                choice)
+
+    def template_info(self, choice: str | None = None) -> dict[str, str]:
+        """Which template the loaded model uses and why (for the UI and `inspect`)."""
+        template = self.resolve_template(choice)
+        saved_system = self.saved_model_settings().get("system_message") or ""
+        return {"name": template.name, "source": template.source, "reason": template.reason,
+                "system_message": saved_system or template.system_message}
+
+    def _budget(self, max_new_tokens: int | None) -> int | None:
+        model = self.require_model()
+        if max_new_tokens is None or not getattr(model, "context_length", 0):
+            return None
+        return model.context_length - max_new_tokens
+
+    def chat_prompt(self, messages: list[Message], template: str | None = None,
+                    max_new_tokens: int | None = None) -> Prompt:
+        """The prompt for a reply to `messages`, through the resolved template; with max_new_tokens the
+        oldest turns are dropped to fit context_length - max_new_tokens."""
+        model = self.require_model()
+        return render_with_template(self.resolve_template(template), model.tokenizer, messages, True,
+                                    model.eos_token_ids, self._budget(max_new_tokens),
+                                    derive_stops=model.model_dir is not None)
+
+    def continue_prompt(self, messages: list[Message], template: str | None = None,
+                        max_new_tokens: int | None = None) -> Prompt:
+        model = self.require_model()
+        return render_continue_with_template(self.resolve_template(template), model.tokenizer, messages,
+                                             model.eos_token_ids, self._budget(max_new_tokens),
+                                             derive_stops=model.model_dir is not None)
 
     def raw_prompt(self, text: str) -> Prompt:
         return render_raw(self.require_model().tokenizer, text)
@@ -123,20 +314,28 @@ class AppState:
     def generation_params(self, **overrides: Any) -> GenerationParams:
         """settings.yaml's generation defaults with `overrides` on top (declared bounds are enforced)."""
         base = {k: v for k, v in vars(self.settings.generation).items()}
+        if self.model_settings is not None:  # [loaders] issue 5: saved > generation_config.json > settings.yaml
+            base = sampler_values(self.model_settings)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return build(GenerationParams, base)
 
     def generate(self, prompt: Prompt, params: GenerationParams, key: str = "default") -> Iterator[GenerationEvent]:
         """Stream a generation; `stop(key)` ends it within one token. One generation runs at a time."""
         model = self.require_model()
+        if prompt.stop:  # [issue 6] the template's own stop strings on top of the user's
+            params = dataclasses.replace(params, stop=merge_stops(params.stop, prompt.stop))
         cancel = threading.Event()
         self._cancels[key] = cancel  # registered before queueing, so Stop also works while waiting
         try:
-            with self.generation_lock:
-                try:
-                    yield from model.generate(prompt.ids, params, cancel)
-                except Exception as exc:  # a backend bug must not take the app down; end the reply with it
-                    yield DoneEvent(reason="error", text="", error=f"{type(exc).__name__}: {exc}")
+            if not self.generation_queue.acquire(key, cancel):  # [api] issue 8: fair queue
+                yield DoneEvent(reason="cancelled", text="")
+                return
+            try:
+                yield from model.generate(prompt.ids, params, cancel)
+            except Exception as exc:  # a backend bug must not take the app down; end the reply with it
+                yield DoneEvent(reason="error", text="", error=f"{type(exc).__name__}: {exc}")
+            finally:
+                self.generation_queue.release()
         finally:
             cancel.set()
             if self._cancels.get(key) is cancel:
@@ -148,4 +347,9 @@ class AppState:
         if cancel is None:
             return False
         cancel.set()
+        self.generation_queue.wake()  # [api] issue 8: a request still waiting in line leaves it now
         return True
+
+    def queue_position(self, key: str = "default") -> int | None:  # [api] issue 8
+        """0 while `key`'s generation runs, n when n generations are ahead of it, None when it has none."""
+        return self.generation_queue.position(key)

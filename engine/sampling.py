@@ -8,6 +8,7 @@ truncation samplers (top_k, top_p, typical_p, min_p), then a draw.
 """
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,9 @@ def apply_penalties(logits: torch.Tensor, history: torch.Tensor, p: GenerationPa
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if p.presence_penalty != 0.0 or p.frequency_penalty != 0.0:
-        counts = torch.bincount(history, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        # The same window as the repetition penalty (text-generation-webui applies the range to all three).
+        window = _recent(history, p.repetition_penalty_range)
+        counts = torch.bincount(window, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 
@@ -94,7 +97,8 @@ class Sampler:
     def __init__(self, params: GenerationParams, device: torch.device | str = "cpu"):
         self.params = params
         self.generator = torch.Generator(device=device)
-        seed = params.seed if params.seed >= 0 else int(torch.seed() % (2**63))
+        # secrets, not torch.seed(): drawing a fresh seed must not reseed torch's global generator.
+        seed = params.seed if params.seed >= 0 else secrets.randbits(63)
         self.seed = seed
         self.generator.manual_seed(seed)
 

@@ -21,6 +21,8 @@ PYTORCH_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Small files a model folder needs besides its weights: configs, tokenizers, generation settings, chat
 # templates, the card. `.model` is a sentencepiece tokenizer (tokenizer.model).
 ALWAYS_SUFFIXES = (".json", ".txt", ".md", ".jinja", ".model", ".tiktoken", ".yaml", ".yml")
+# Written by hub/download.py into every model folder; a repo file of that name would be overwritten.
+RESERVED_NAMES = ("hearth-download.json",)
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,9 @@ def hub_errors(ref: RepoRef) -> Iterator[None]:
     from huggingface_hub import errors as hf
     try:
         yield
+    except hf.OfflineModeIsEnabled:
+        raise NetworkError("Hub access is switched off (HF_HUB_OFFLINE is set); unset HF_HUB_OFFLINE to "
+                           "download models.") from None
     except hf.GatedRepoError:
         raise GatedRepo(f"{ref.repo_id} is gated and needs an access token: {TOKEN_HINT}.") from None
     except hf.RevisionNotFoundError:
@@ -144,7 +149,7 @@ def select_files(listing: RepoListing, *, specific_file: str | None = None) -> S
     - a specific file (the "specific file" option, or a /resolve/ URL): that file only;
     - GGUF repos: the one .gguf file plus the small text files; several .gguf files -> ChoiceNeeded;
     - safetensors preferred: .bin/.pt/.pth/.ckpt weights are skipped when any .safetensors exists;
-    - always config/tokenizer/generation/json/txt/md/jinja/tokenizer.model files, in every subfolder;
+    - always config/tokenizer/generation/json/txt/md/jinja/tokenizer.model and LICENSE files, in every subfolder;
     - anything else (images, .gitattributes, code, ONNX...) is skipped with the reason.
     """
     wanted = specific_file or listing.ref.file
@@ -180,7 +185,9 @@ def select_files(listing: RepoListing, *, specific_file: str | None = None) -> S
                 chosen.append(f)
         elif has_safetensors and name.endswith((".bin.index.json", ".pt.index.json")):
             skipped[f.path] = "index of the skipped pickle weights"
-        elif suffix in ALWAYS_SUFFIXES:
+        elif f.path in RESERVED_NAMES:
+            skipped[f.path] = "the name is reserved for Hearth's own download record"
+        elif suffix in ALWAYS_SUFFIXES or name.upper().startswith(("LICENSE", "NOTICE", "USE_POLICY")):
             chosen.append(f)
         else:
             skipped[f.path] = "not needed to run the model"

@@ -48,6 +48,12 @@ class RepoRef:
             base += "_" + self.branch.replace("/", "_")
         return base
 
+    def with_branch(self, branch: str | None) -> "RepoRef":
+        """The same repo on another branch (e.g. one picked from the branch list); None keeps this one."""
+        if not branch or branch == self.branch:
+            return self
+        return RepoRef(self.owner, self.name, validate_branch(branch), self.file)
+
     def __str__(self) -> str:
         text = self.repo_id if self.branch == DEFAULT_BRANCH else f"{self.repo_id}:{self.branch}"
         return f"{text} ({self.file})" if self.file else text

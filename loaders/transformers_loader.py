@@ -32,6 +32,11 @@ class TransformersOptions:
     allow_pickle: bool = option(False, "Allow loading pickled .bin/.pt weights. Pickles can run code: only "
                                        "for files you trust.")
     trust_remote_code: bool = option(False, "Run Python code shipped with the model. Only for repos you trust.")
+    runtime: str = option("auto", "What runs the model: auto = Hearth's engine when it supports the architecture "
+                                  "(Llama, Mistral, Qwen2), else transformers.",
+                          choices=["auto", "engine", "transformers"])
+    gpu_split: str = option("", "Engine only: GB to use on each GPU, e.g. 20,24, to spread layers over several "
+                                "GPUs; empty = one GPU.")
 
 
 def pick_device(choice: str) -> torch.device:
@@ -162,6 +167,10 @@ class TransformersLoader:
                                 "when loaded; enable allow_pickle for this model if you trust its source")
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
+        if options.runtime != "transformers" and use_safetensors and not options.trust_remote_code:
+            engine_model = self._load_engine(model_dir, config, options, device, progress)
+            if engine_model is not None:
+                return engine_model
         progress(0.05, "reading config and tokenizer")
         try:
             hf_config = AutoConfig.from_pretrained(model_dir, local_files_only=True,
@@ -176,9 +185,31 @@ class TransformersLoader:
                 trust_remote_code=options.trust_remote_code)
         except torch.OutOfMemoryError:
             raise LoadError(f"out of memory loading {model_dir.name}; try a smaller dtype or model") from None
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        except (OSError, ValueError, KeyError) as exc:  # anything else (e.g. a failed allocation): AppState says
             raise LoadError(f"could not load the weights of {model_dir.name}: {exc}") from None
         model.to(device).eval()
         progress(1.0, "ready")
         return TransformersModel(model_dir, model, tokenizer, device, dtype,
                                  context_length_of(config, options.context_length))
+
+    def _load_engine(self, model_dir: Path, config: dict, options: TransformersOptions, device: torch.device,
+                     progress: Progress):
+        """The model on Hearth's engine, or None to fall back to transformers (runtime auto only)."""
+        from engine.runtime import load_engine_model, unsupported_reason
+
+        reason = unsupported_reason(config)
+        if reason:
+            if options.runtime == "engine":
+                raise LoadError(f"Hearth's engine cannot run {model_dir.name}: {reason}")
+            return None
+        progress(0.05, "reading tokenizer")
+        tokenizer = load_tokenizer(model_dir)
+        try:
+            return load_engine_model(model_dir, tokenizer=tokenizer, eos_token_ids=eos_ids(model_dir, tokenizer),
+                                     context_length=context_length_of(config, options.context_length),
+                                     loader=self.name, device=device.type, gpu_split=options.gpu_split,
+                                     progress=progress)
+        except torch.OutOfMemoryError:
+            raise LoadError(f"out of memory loading {model_dir.name}; try a smaller model or gpu_split") from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise LoadError(f"could not load {model_dir.name} into Hearth's engine: {exc}") from None

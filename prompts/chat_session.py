@@ -6,10 +6,11 @@ Each action is a generator of (history, status) pairs, so a UI can stream them a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from engine.generation import DoneEvent, StatsEvent, TextEvent
 from engine.sampling import GenerationParams
+from prompts.chat import Prompt
 
 History = list[dict[str, Any]]
 
@@ -38,6 +39,7 @@ class ReplyStatus:
     text: str                    # a one-line status for the UI, e.g. "42 tokens, 31.2 tok/s ..."
     done: bool = False
     error: str | None = None
+    prompt: Prompt | None = None  # the exact prompt sent (for the UI's Prompt view)
 
 
 def stats_line(stats: StatsEvent | None, done: DoneEvent | None) -> str:
@@ -52,32 +54,77 @@ def stats_line(stats: StatsEvent | None, done: DoneEvent | None) -> str:
     return " · ".join(parts)
 
 
-def _stream_into(state, history: History, system_message: str | None, params: GenerationParams, key: str,
-                 continue_last: bool) -> Iterator[tuple[History, ReplyStatus]]:
-    """Generate into history[-1] (an assistant message), yielding after every text piece."""
-    messages = ([{"role": "system", "content": system_message}] if system_message else []) + history
-    prompt = state.chat_prompt(messages[:-1]) if not continue_last else state.continue_prompt(messages)
-    yield history, ReplyStatus(f"prompt {len(prompt.ids)} tokens · generating…")
+def _prompt_line(prompt: Prompt) -> str:
+    line = f"prompt {len(prompt.ids)} tokens ({prompt.template_name}, {prompt.template_source})"
+    return f"{line} · ⚠️ {prompt.notice}" if prompt.notice else line
+
+
+def _stream(state, prompt: Prompt, params: GenerationParams, key: str,
+            append: Callable[[str], None], snapshot: Callable[[], Any]) -> Iterator[tuple[Any, ReplyStatus]]:
+    """Generate from `prompt`, handing every text piece to `append`, yielding `snapshot()` after each."""
+    head = _prompt_line(prompt)
+    yield snapshot(), ReplyStatus(f"{head} · generating…", prompt=prompt)
     stats = None
     for event in state.generate(prompt, params, key):
         if isinstance(event, TextEvent):
-            history[-1]["content"] += event.text
-            yield history, ReplyStatus(f"prompt {len(prompt.ids)} tokens · generating…")
+            append(event.text)
+            yield snapshot(), ReplyStatus(f"{head} · generating…", prompt=prompt)
         elif isinstance(event, StatsEvent):
             stats = event
         elif isinstance(event, DoneEvent):
-            yield history, ReplyStatus(stats_line(stats, event), done=True, error=event.error)
+            notice = f" · ⚠️ {prompt.notice}" if prompt.notice else ""
+            yield snapshot(), ReplyStatus(stats_line(stats, event) + notice, done=True, error=event.error,
+                                          prompt=prompt)
+
+
+def _stream_into(state, history: History, system_message: str | None, params: GenerationParams, key: str,
+                 continue_last: bool, template: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+    """Generate into history[-1] (an assistant message), yielding after every text piece. The prompt goes
+    through the resolved template and is cut to fit context_length - max_new_tokens."""
+    messages = ([{"role": "system", "content": system_message}] if system_message else []) + history
+    if continue_last:
+        prompt = state.continue_prompt(messages, template, params.max_new_tokens)
+    else:
+        prompt = state.chat_prompt(messages[:-1], template, params.max_new_tokens)
+
+    def append(text: str) -> None:
+        history[-1]["content"] += text
+
+    final = None
+    for snapshot, status in _stream(state, prompt, params, key, append, lambda: history):
+        if status.done:
+            final = status
+            break
+        yield snapshot, status
+    # A reply cut at a stop string ("... USER:") would keep the space before it.
+    if final is not None and not continue_last:
+        history[-1]["content"] = history[-1]["content"].rstrip()
+    if final is not None:
+        yield history, final
+
+
+def notebook(state, text: str, params: GenerationParams, key: str = "default") -> Iterator[tuple[str, ReplyStatus]]:
+    """Raw text in, continuation appended (text-generation-webui's Notebook): no template, no derived stops."""
+    prompt = state.raw_prompt(text)
+    parts = [text]
+    yield from _stream(state, prompt, params, key, parts.append, lambda: "".join(parts))
+
+
+def instruct(state, user_message: str, params: GenerationParams, key: str = "default",
+             system_message: str | None = None, template: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+    """One turn through the template: the history holds only this instruction and its answer."""
+    yield from send(state, [], user_message, params, key, system_message, template)
 
 
 def send(state, history: History, user_message: str, params: GenerationParams, key: str = "default",
-         system_message: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+         system_message: str | None = None, template: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
     history = normalize(history) + [{"role": "user", "content": user_message},
                                     {"role": "assistant", "content": ""}]
-    yield from _stream_into(state, history, system_message, params, key, continue_last=False)
+    yield from _stream_into(state, history, system_message, params, key, False, template)
 
 
 def regenerate(state, history: History, params: GenerationParams, key: str = "default",
-               system_message: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+               system_message: str | None = None, template: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
     history = normalize(history)
     if history and history[-1]["role"] == "assistant":
         history = history[:-1]
@@ -85,16 +132,17 @@ def regenerate(state, history: History, params: GenerationParams, key: str = "de
         yield history, ReplyStatus("nothing to regenerate", done=True)
         return
     history.append({"role": "assistant", "content": ""})
-    yield from _stream_into(state, history, system_message, params, key, continue_last=False)
+    yield from _stream_into(state, history, system_message, params, key, False, template)
 
 
 def continue_reply(state, history: History, params: GenerationParams, key: str = "default",
-                   system_message: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+                   system_message: str | None = None,
+                   template: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
     history = normalize(history)
     if not history or history[-1]["role"] != "assistant":
         yield history, ReplyStatus("nothing to continue: the last message is not a reply", done=True)
         return
-    yield from _stream_into(state, history, system_message, params, key, continue_last=True)
+    yield from _stream_into(state, history, system_message, params, key, True, template)
 
 
 def remove_last(history: History) -> History:

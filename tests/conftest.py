@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -99,6 +100,8 @@ def start_app(args: list[str], log: Path, env: dict | None = None, timeout: floa
             with urllib.request.urlopen(app.url + "/gradio_api/info", timeout=2) as r:
                 if r.status == 200:
                     return app
+        except urllib.error.HTTPError:  # it answers (a login-protected app says 401): it is up
+            return app
         except OSError:
             time.sleep(0.5)
     app.stop()

@@ -4,7 +4,7 @@ import time
 import pytest
 from gradio_client import Client
 
-from tests.conftest import DEFAULT_MODEL
+from tests.conftest import DEFAULT_MODEL, start_app
 
 
 @pytest.fixture
@@ -19,10 +19,29 @@ def last_reply(history) -> str:
     return content
 
 
+def greedy(client) -> dict:
+    """Keyword arguments that set /send's temperature widget to 0, found by its label."""
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/send"]["parameters"]
+    name = next(p["parameter_name"] for p in params if p["label"] == "temperature")
+    return {name: 0}
+
+
+def first(result):
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def final(outputs):
+    """The last (history, textbox, status) a streamed chat event produced; later updates may skip fields."""
+    history = next(o[0] for o in reversed(outputs) if isinstance(o[0], list))
+    status = next(o[2] for o in reversed(outputs) if isinstance(o[2], str))
+    return history, outputs[-1][1], status
+
+
 def test_chat_streams_reply_in_several_updates(client):
-    job = client.submit("What is the capital of France?", [], "", api_name="/send")
-    updates = [out for out in job]
-    history, textbox, status = job.result()
+    job = client.submit(text="What is the capital of France?", api_name="/send", **greedy(client))
+    job.result()
+    updates = job.outputs()
+    history, textbox, status = final(updates)
     assert "Paris" in last_reply(history)
     assert len(updates) > 2, "the reply must stream in several updates"
     assert "tok/s" in status
@@ -30,22 +49,32 @@ def test_chat_streams_reply_in_several_updates(client):
 
 
 def test_stop_ends_a_long_reply(client):
-    job = client.submit("Write a very long story about a dragon who learns to cook.", [], "",
-                        api_name="/send")
+    job = client.submit(text="Write a very long story about a dragon who learns to cook.", api_name="/send")
     deadline = time.time() + 60
     while len(job.outputs()) < 4 and time.time() < deadline:
         time.sleep(0.05)
     assert "stopping" in client.predict(api_name="/stop")
-    history, _, status = job.result(timeout=60)
+    job.result(timeout=60)
+    history, _, status = final(job.outputs())
     assert "stopped" in status
     assert 0 < len(last_reply(history)) < 2000
 
 
-def test_model_load_errors_are_shown_and_the_app_keeps_serving(client, running_app):
-    status = client.predict("no-such-model", "transformers", api_name="/load_model")
-    assert "no model named 'no-such-model'" in status
-    status = client.predict(DEFAULT_MODEL, "transformers", api_name="/load_model")
-    assert f"Loaded **{DEFAULT_MODEL}**" in status
-    history, _, _ = client.predict("What is the capital of France?", [], "", api_name="/send")
-    assert "Paris" in last_reply(history)
-    assert running_app.proc.poll() is None
+def test_model_load_errors_are_shown_and_the_app_keeps_serving(tmp_path, models_dir):
+    broken = models_dir / "broken-config"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    app = start_app(["--models-dir", str(models_dir)], tmp_path / "app.log")
+    try:
+        client = Client(app.url, verbose=False)
+        status = first(client.predict(name="broken-config", api_name="/load_model"))
+        assert "cannot read broken-config" in status and "config.json in broken-config is not valid JSON" in status
+        status = first(client.predict(name=DEFAULT_MODEL, api_name="/load_model"))
+        assert f"Loaded **{DEFAULT_MODEL}**" in status
+        job = client.submit(text="What is the capital of France?", api_name="/send", **greedy(client))
+        job.result()
+        history, _, _ = final(job.outputs())
+        assert "Paris" in last_reply(history)
+        assert app.proc.poll() is None
+    finally:
+        app.stop()

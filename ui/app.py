@@ -7,6 +7,7 @@ import gradio as gr
 
 from loaders.base import LoadError
 from ui.chat_tab import build_chat_tab
+from ui.download_tab import build_download_tab
 from ui.model_tab import build_model_tab
 
 
@@ -14,12 +15,14 @@ def build_ui(state) -> gr.Blocks:
     with gr.Blocks(title="Hearth") as demo:
         gr.Markdown("# 🔥 Hearth")
         build_chat_tab(state)
-        build_model_tab(state)
+        model_tab = build_model_tab(state)
+        build_download_tab(state, on_models_changed=model_tab["model_dropdown"])
     return demo
 
 
-def launch(state, block: bool = True):
-    """Load the start-up model (if any), then serve the UI on settings.host:settings.port."""
+def launch(state, block: bool = True, auth: list[tuple[str, str]] | None = None):
+    """Load the start-up model (if any), then serve the UI on settings.host:settings.port, behind a login
+    when `auth` lists (user, password) pairs."""
     if state.settings.model:
         try:
             model = state.load_model(state.settings.model,
@@ -32,5 +35,6 @@ def launch(state, block: bool = True):
     demo.queue(default_concurrency_limit=4)
     print(f"Hearth UI on http://{state.settings.host}:{state.settings.port}", file=sys.stderr)
     demo.launch(server_name=state.settings.host, server_port=state.settings.port, share=False, ssr_mode=False,
-                inbrowser=False, prevent_thread_lock=not block, quiet=True)
+                inbrowser=False, prevent_thread_lock=not block, quiet=True, auth=auth,
+                auth_message="Hearth: log in" if auth else None)
     return demo

@@ -1,5 +1,6 @@
-"""Text Generation tab: a streamed chat through the model's template, with Stop and the usual edits."""
-from __future__ import annotations
+"""Text Generation tab: Chat / Instruct / Notebook modes, the exact prompt sent, presets, templates and saved
+conversations. Logic lives in prompts/ (chat_session, presets, conversations, templates); this file only wires
+widgets to it."""
 
 import gradio as gr
 
@@ -7,78 +8,244 @@ from engine.sampling import GenerationParams
 from loaders.base import LoadError
 from loaders.options import OptionError
 from prompts import chat_session
+from prompts.conversations import ConversationStore
+from prompts.presets import PRESETS_DIR, load_presets, save_preset
+from prompts.sandbox import TemplateRenderError
 from ui.widgets import values_from, widgets_for
+
+MODES = ("Chat", "Instruct", "Notebook")
+AUTO = "Auto (the model's template)"
+USER_ERRORS = (LoadError, OptionError, ValueError, TemplateRenderError)
 
 
 def build_chat_tab(state) -> dict:
-    with gr.Tab("Text Generation", elem_id="tab-chat"):
-        chatbot = gr.Chatbot(elem_id="chatbot", height=480, label="Chat")
-        with gr.Row():
-            message = gr.Textbox(placeholder="Send a message (Enter)", show_label=False, elem_id="chat-input",
-                                 scale=6, autofocus=True)
-            send_btn = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
-            stop_btn = gr.Button("Stop", variant="stop", elem_id="chat-stop", scale=1)
-        with gr.Row():
-            regen_btn = gr.Button("Regenerate", elem_id="chat-regenerate")
-            continue_btn = gr.Button("Continue", elem_id="chat-continue")
-            remove_btn = gr.Button("Remove last", elem_id="chat-remove-last")
-            clear_btn = gr.Button("Clear", elem_id="chat-clear")
+    conversations = ConversationStore(state.conversations_dir)
+    template_names = [AUTO, *state.template_library.names()]
+    with gr.Tab("Text Generation", elem_id="tab-chat") as tab:
+        template_info = gr.Markdown("", elem_id="chat-template-info")
+        mode = gr.Radio(list(MODES), value="Chat", label="Mode", elem_id="chat-mode")
+        with gr.Column(visible=True) as chat_area:
+            chatbot = gr.Chatbot(elem_id="chatbot", height=420, label="Chat")
+            with gr.Row():
+                message = gr.Textbox(placeholder="Send a message (Enter)", show_label=False, elem_id="chat-input",
+                                     scale=6, autofocus=True)
+                send_btn = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
+                stop_btn = gr.Button("Stop", variant="stop", elem_id="chat-stop", scale=1)
+            with gr.Row():
+                regen_btn = gr.Button("Regenerate", elem_id="chat-regenerate")
+                continue_btn = gr.Button("Continue", elem_id="chat-continue")
+                remove_btn = gr.Button("Remove last", elem_id="chat-remove-last")
+                clear_btn = gr.Button("Clear", elem_id="chat-clear")
+        with gr.Column(visible=False) as notebook_area:
+            notebook = gr.Textbox(lines=14, label="Notebook (the model continues this text)",
+                                  elem_id="notebook-text")
+            with gr.Row():
+                notebook_btn = gr.Button("Generate", variant="primary", elem_id="notebook-generate")
+                notebook_stop = gr.Button("Stop", variant="stop", elem_id="notebook-stop")
         status = gr.Markdown("", elem_id="chat-status")
+        with gr.Accordion("Prompt (exactly what the model was sent)", open=False, elem_id="prompt-accordion"):
+            prompt_tokens = gr.Markdown("", elem_id="prompt-tokens")
+            prompt_view = gr.Textbox(lines=10, show_label=False, interactive=False, elem_id="prompt-view")
         system_message = gr.Textbox(label="System message", lines=2, elem_id="system-message",
                                     placeholder="Leave empty to use the template's default")
+        with gr.Row():
+            template = gr.Dropdown(template_names, value=AUTO, label="Instruction template", elem_id="template")
+            preset = gr.Dropdown(load_presets().names(), value=None, label="Preset", elem_id="preset")
+            preset_name = gr.Textbox(label="New preset name", elem_id="preset-name")
+            save_preset_btn = gr.Button("Save as new preset", elem_id="preset-save")
+        with gr.Accordion("Conversations", open=False, elem_id="conversations"):
+            conversation_id = gr.State("")
+            with gr.Row():
+                conversation_list = gr.Dropdown([], label="Saved conversations", elem_id="conversation-list")
+                new_btn = gr.Button("New", elem_id="conversation-new")
+                open_btn = gr.Button("Open", elem_id="conversation-open")
+                delete_btn = gr.Button("Delete", variant="stop", elem_id="conversation-delete")
+            with gr.Row():
+                rename_text = gr.Textbox(label="Title", elem_id="conversation-title")
+                rename_btn = gr.Button("Rename", elem_id="conversation-rename")
         with gr.Accordion("Generation parameters", open=False):
             param_widgets = widgets_for(GenerationParams, state.settings.generation, elem_prefix="gen-")
     params_in = list(param_widgets.values())
 
+    # ---- helpers --------------------------------------------------------------------------------------
+    def choice_of(name: str | None) -> str | None:
+        return None if not name or name == AUTO else name
+
     def params_of(values) -> GenerationParams:
         return state.generation_params(**values_from(GenerationParams, list(values)))
 
-    def run(action, history, *args, request: gr.Request | None = None):
-        """Stream an action from prompts.chat_session into the chatbot and the status line."""
-        key = request.session_hash if request is not None else "default"
+    def describe_template(name: str | None) -> str:
+        if state.model is None:
+            return "No model loaded: pick one on the Model tab."
         try:
-            for new_history, reply in action(history, key, *args):
-                yield new_history, reply.text if not reply.error else f"⚠️ {reply.text}"
-        except (LoadError, OptionError, ValueError) as exc:
-            yield history, f"⚠️ {exc}"
+            info = state.template_info(choice_of(name))
+        except USER_ERRORS as exc:
+            return f"⚠️ template: {exc}"
+        saved = state.saved_model_settings()
+        preset_note = f" · preset **{saved['preset']}** (saved)" if saved.get("preset") else ""
+        return f"Model **{state.model.name}** · template **{info['name']}** ({info['source']}){preset_note}"
 
-    def on_send(text, history, system, *values, request: gr.Request):
-        if not text or not text.strip():
-            yield history, "", "Type a message first."
+    def conversation_choices():
+        listed = conversations.list()
+        return gr.update(choices=[(c.title, c.id) for c in listed])
+
+    def prompt_outputs(reply):
+        if reply.prompt is None:
+            return gr.skip(), gr.skip()
+        return reply.prompt.text, f"**{len(reply.prompt.ids)} tokens** · {reply.prompt.template_name} " \
+                                  f"({reply.prompt.template_source})"
+
+    def refresh():
+        """What changes when a model is loaded: the template line, the effective system message, preset."""
+        saved = state.saved_model_settings() if state.model is not None else {}
+        system = ""
+        if state.model is not None:
+            try:
+                system = state.template_info()["system_message"]
+            except USER_ERRORS:
+                system = ""
+        return describe_template(None), system, saved.get("preset"), AUTO, conversation_choices()
+
+    refresh_outputs = [template_info, system_message, preset, template, conversation_list]
+
+    # ---- generation -----------------------------------------------------------------------------------
+    def stream_chat(action, history, conv_id, mode_name, system, template_name, request):
+        key = request.session_hash if request is not None else "default"
+        last = history
+        try:
+            for new_history, reply in action(key):
+                last = new_history
+                shown, tokens = prompt_outputs(reply)
+                text = reply.text if not reply.error else f"⚠️ {reply.text}"
+                yield new_history, text, shown, tokens, gr.skip(), gr.skip()
+        except USER_ERRORS as exc:
+            yield history, f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
-        params = None
+        saved = conversations.save_messages(conv_id, last, system_message=system or "", mode=mode_name,
+                                            template=choice_of(template_name) or "",
+                                            model=state.model.name if state.model else "")
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), saved.id, conversation_choices()
+
+    chat_outputs = [chatbot, status, prompt_view, prompt_tokens, conversation_id, conversation_list]
+
+    # gr.Request comes first: Gradio injects it by position (a keyword-only one after *values is never filled).
+    def on_send(request: gr.Request, text, history, conv_id, mode_name, system, template_name, *values):
+        if not text or not text.strip():
+            yield history, "", "Type a message first.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
         try:
             params = params_of(values)
         except OptionError as exc:
-            yield history, text, f"⚠️ {exc}"
+            yield history, text, f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
-        yield history + [{"role": "user", "content": text}], "", "queued…"
-        for h, s in run(lambda hist, key: chat_session.send(state, hist, text, params, key, system or None),
-                        history, request=request):
-            yield h, "", s
+        choice = choice_of(template_name)
+        if mode_name == "Instruct":  # one turn: the instruction alone, no earlier history
+            history, conv_id = [], ""
+            action = lambda key: chat_session.instruct(state, text, params, key, system or None, choice)
+        else:
+            action = lambda key: chat_session.send(state, history, text, params, key, system or None, choice)
+        yield history + [{"role": "user", "content": text}], "", "queued…", gr.skip(), gr.skip(), conv_id, gr.skip()
+        for out in stream_chat(action, history, conv_id, mode_name, system, template_name, request):
+            yield out[0], "", *out[1:]
 
-    def on_regenerate(history, system, *values, request: gr.Request):
+    def on_regenerate(request: gr.Request, history, conv_id, mode_name, system, template_name, *values):
         params = params_of(values)
-        yield from run(lambda hist, key: chat_session.regenerate(state, hist, params, key, system or None),
-                       history, request=request)
+        action = lambda key: chat_session.regenerate(state, history, params, key, system or None,
+                                                     choice_of(template_name))
+        yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request)
 
-    def on_continue(history, system, *values, request: gr.Request):
+    def on_continue(request: gr.Request, history, conv_id, mode_name, system, template_name, *values):
         params = params_of(values)
-        yield from run(lambda hist, key: chat_session.continue_reply(state, hist, params, key, system or None),
-                       history, request=request)
+        action = lambda key: chat_session.continue_reply(state, history, params, key, system or None,
+                                                         choice_of(template_name))
+        yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request)
+
+    def on_notebook(request: gr.Request, text, *values):
+        try:
+            params = params_of(values)
+            for new_text, reply in chat_session.notebook(state, text or "", params, request.session_hash):
+                shown, tokens = prompt_outputs(reply)
+                yield new_text, reply.text if not reply.error else f"⚠️ {reply.text}", shown, tokens
+        except USER_ERRORS as exc:
+            yield text, f"⚠️ {exc}", gr.skip(), gr.skip()
 
     def on_stop(request: gr.Request):
         return "stopping…" if state.stop(request.session_hash) else "nothing is generating"
 
-    send_args = dict(inputs=[message, chatbot, system_message, *params_in], outputs=[chatbot, message, status],
+    def on_mode(mode_name):
+        chat_like = mode_name != "Notebook"
+        return gr.update(visible=chat_like), gr.update(visible=not chat_like)
+
+    # ---- presets ----------------------------------------------------------------------------------------
+    def on_preset(name):
+        values = load_presets().presets.get(name or "")
+        if values is None:
+            return [gr.skip()] * len(params_in)
+        return [values.get(key, gr.skip()) for key in param_widgets]
+
+    def on_save_preset(name, *values):
+        try:
+            path = save_preset(PRESETS_DIR, name or "", values_from(GenerationParams, list(values)))
+        except (ValueError, OptionError) as exc:
+            return gr.skip(), f"⚠️ {exc}"
+        return gr.update(choices=load_presets().names(), value=path.stem), f"saved preset {path.stem}"
+
+    # ---- conversations ------------------------------------------------------------------------------------
+    def on_new():
+        return [], "", "new conversation"
+
+    def on_open(conv_id):
+        if not conv_id:
+            return gr.skip(), gr.skip(), gr.skip(), "pick a conversation first"
+        try:
+            conv = conversations.open(conv_id)
+        except ValueError as exc:
+            return gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}"
+        return conv.messages, conv.id, conv.system_message, f"opened “{conv.title}”"
+
+    def on_rename(conv_id, title):
+        try:
+            conv = conversations.rename(conv_id, title or "")
+        except ValueError as exc:
+            return gr.skip(), f"⚠️ {exc}"
+        return conversation_choices(), f"renamed to “{conv.title}”"
+
+    def on_delete(conv_id, current_id):
+        if not conv_id:
+            return gr.skip(), gr.skip(), gr.skip(), "pick a conversation first"
+        conversations.delete(conv_id)
+        cleared = conv_id == current_id
+        return (conversation_choices(), [] if cleared else gr.skip(), "" if cleared else gr.skip(),
+                "deleted the conversation")
+
+    # ---- wiring ---------------------------------------------------------------------------------------------
+    common_in = [conversation_id, mode, system_message, template, *params_in]
+    send_args = dict(inputs=[message, chatbot, *common_in], outputs=[chatbot, message, *chat_outputs[1:]],
                      concurrency_id="generate", concurrency_limit=None)
-    message.submit(on_send, **send_args)
-    send_btn.click(on_send, **send_args)
-    regen_btn.click(on_regenerate, [chatbot, system_message, *params_in], [chatbot, status],
-                    concurrency_id="generate")
-    continue_btn.click(on_continue, [chatbot, system_message, *params_in], [chatbot, status],
-                       concurrency_id="generate")
-    stop_btn.click(on_stop, None, [status], queue=False)
+    message.submit(on_send, **send_args, api_name=False)
+    send_btn.click(on_send, **send_args, api_name="send")
+    regen_btn.click(on_regenerate, [chatbot, *common_in], chat_outputs, concurrency_id="generate",
+                    api_name="regenerate")
+    continue_btn.click(on_continue, [chatbot, *common_in], chat_outputs, concurrency_id="generate",
+                       api_name="continue")
+    notebook_btn.click(on_notebook, [notebook, *params_in], [notebook, status, prompt_view, prompt_tokens],
+                       concurrency_id="generate", api_name="notebook")
+    stop_btn.click(on_stop, None, [status], queue=False, api_name="stop")
+    notebook_stop.click(on_stop, None, [status], queue=False, api_name=False)
     remove_btn.click(chat_session.remove_last, [chatbot], [chatbot], queue=False)
-    clear_btn.click(lambda: ([], ""), None, [chatbot, status], queue=False)
-    return {"chatbot": chatbot}
+    clear_btn.click(lambda: ([], "", ""), None, [chatbot, status, conversation_id], queue=False)
+    mode.change(on_mode, [mode], [chat_area, notebook_area], queue=False)
+    template.change(describe_template, [template], [template_info], queue=False)
+    preset.change(on_preset, [preset], params_in, queue=False)
+    save_preset_btn.click(on_save_preset, [preset_name, *params_in], [preset, status], queue=False)
+    new_btn.click(on_new, None, [chatbot, conversation_id, status], queue=False)
+    open_btn.click(on_open, [conversation_list], [chatbot, conversation_id, system_message, status], queue=False)
+    rename_btn.click(on_rename, [conversation_list, rename_text], [conversation_list, status], queue=False)
+    delete_btn.click(on_delete, [conversation_list, conversation_id],
+                     [conversation_list, chatbot, conversation_id, status], queue=False)
+    tab.select(refresh, None, refresh_outputs, queue=False)
+    # The start-up model is loaded before the UI is built: show its template and saved choices right away.
+    initial = refresh()
+    template_info.value, system_message.value, preset.value = initial[0], initial[1], initial[2]
+    conversation_list.choices = [(c.title, c.id) for c in conversations.list()]
+    return {"chatbot": chatbot, "refresh": refresh, "refresh_outputs": refresh_outputs}

@@ -1,11 +1,25 @@
-"""Model tab: pick a model, see which loader fits and why, set its options, load / unload / reload."""
+"""Model tab: pick a model, see which loader fits and why, set its options, load / unload / reload, and
+save per-model settings that are re-applied whenever the model is selected or loaded."""
 from __future__ import annotations
 
 import gradio as gr
 
 from loaders.base import LoadError
+from loaders.model_settings import describe_sources, settings_to_save
 from loaders.options import OptionError
 from ui.widgets import values_from, widgets_for
+
+
+def _template_names() -> list[str]:
+    from prompts.templates import load_library
+
+    return load_library().names()
+
+
+def _preset_names() -> list[str]:
+    from prompts.presets import load_presets
+
+    return load_presets().names()
 
 
 def build_model_tab(state) -> dict:
@@ -32,24 +46,60 @@ def build_model_tab(state) -> dict:
             unload_btn = gr.Button("Unload", elem_id="model-unload")
             reload_btn = gr.Button("Reload", elem_id="model-reload")
         status_md = gr.Markdown(_status(state), elem_id="model-status")
+        # [loaders] issue 5: per-model settings, saved to models/config-user.yaml.
+        with gr.Accordion("Per-model settings", open=True, elem_id="model-settings"):
+            with gr.Row():
+                context_nb = gr.Number(value=0, precision=0, minimum=0, label="Context length",
+                                       info="0 = the model's own (max_position_embeddings x rope scaling)",
+                                       elem_id="model-context-length")
+                template_dd = gr.Dropdown(choices=[""] + _template_names(), value="", allow_custom_value=True,
+                                          label="Instruction template",
+                                          info="empty = the model's own chat template", elem_id="model-template")
+                preset_dd = gr.Dropdown(choices=[""] + _preset_names(), value="", label="Preset",
+                                        info="empty = settings.yaml generation values", elem_id="model-preset")
+            system_tb = gr.Textbox(value="", lines=2, label="System message", info="empty = the template's default",
+                                   elem_id="model-system-message")
+            save_btn = gr.Button("Save settings for this model", elem_id="model-save-settings")
+            save_md = gr.Markdown("", elem_id="model-save-status")
+            sources_md = gr.Markdown("", elem_id="model-settings-sources")
+
+    flat_widgets = [w for name in loader_names for w in option_widgets[name].values()]
+    settings_widgets = [context_nb, template_dd, preset_dd, system_tb]
+
+    def sources_table(name: str) -> str:
+        rows = describe_sources(state.effective_settings(name))
+        problems = "".join(f"\n\n⚠️ {p}" for p in state.settings_store.problems)
+        return ("| setting | value | from |\n|---|---|---|\n"
+                + "\n".join(f"| {k} | {'' if v is None else str(v).replace('|', '/')} | {s} |" for k, v, s in rows)
+                + problems)
 
     def on_select(name):
+        unchanged = [gr.update()] * (len(flat_widgets) + len(settings_widgets) + 1)
         if not name:
-            return gr.update(), "Pick a model to see which loader fits it."
+            return [gr.update(), "Pick a model to see which loader fits it.", *unchanged]
         try:
             found = state.detect(name)
+            if not found:
+                problems = "; ".join(state.registry.problems(state.model_dir(name)))
+                return [gr.update(), f"⚠️ No loader can read this folder. {problems}", *unchanged]
+            effective = state.effective_settings(name)
         except LoadError as exc:
-            return gr.update(), f"⚠️ {exc}"
-        if not found:
-            return gr.update(), "⚠️ No loader can read this folder."
+            return [gr.update(), f"⚠️ {exc}", *unchanged]
         best = found[0]
         others = "".join(f"<br>also possible: {d.loader} ({d.reason})" for d in found[1:])
-        return gr.update(value=best.loader), f"**{best.loader}** picked: {best.reason}{others}"
+        chosen = effective["loader"].value
+        # Re-apply the effective (saved > metadata > default) values to the chosen loader's widgets.
+        option_updates = [gr.update(value=effective["loader_options"][opt].value)
+                          if n == chosen and opt in effective["loader_options"] else gr.update()
+                          for n in loader_names for opt in option_widgets[n]]
+        saved = state.settings_store.get(name)
+        return [gr.update(value=chosen), f"**{best.loader}** picked: {best.reason}{others}", *option_updates,
+                gr.update(value=saved.get("context_length", 0)), gr.update(value=saved.get("instruction_template", "")),
+                gr.update(value=saved.get("preset", "")), gr.update(value=saved.get("system_message", "")),
+                sources_table(name)]
 
     def on_loader(name):
         return [gr.update(visible=(n == name)) for n in loader_names]
-
-    flat_widgets = [w for name in loader_names for w in option_widgets[name].values()]
 
     def options_of(loader, values):
         offset = 0
@@ -80,12 +130,28 @@ def build_model_tab(state) -> dict:
             return "⚠️ No model is loaded."
         return on_load(current.name, loader, *values, progress=progress)
 
-    model_dd.change(on_select, [model_dd], [loader_dd, reason_md])
+    def on_save(name, loader, *values):
+        if not name:
+            return "⚠️ Pick a model first.", gr.update()
+        option_values, (context, template, preset, system) = values[:len(flat_widgets)], values[len(flat_widgets):]
+        try:
+            entry = settings_to_save(loader, options_of(loader, option_values), context, template, preset, system,
+                                     state.settings_store.get(name))
+            state.save_model_settings(name, entry)
+        except (LoadError, ValueError, OSError) as exc:
+            return f"⚠️ could not save: {exc}", gr.update()
+        return f"✅ Saved settings for **{name}** in config-user.yaml", sources_table(name)
+
+    model_dd.change(on_select, [model_dd], [loader_dd, reason_md, *flat_widgets, *settings_widgets, sources_md],
+                    api_name="select_model")
     loader_dd.change(on_loader, [loader_dd], list(option_groups.values()))
     refresh_btn.click(lambda: gr.update(choices=state.list_models()), None, [model_dd])
-    load_btn.click(on_load, [model_dd, loader_dd, *flat_widgets], [status_md], concurrency_id="model")
-    unload_btn.click(on_unload, None, [status_md], concurrency_id="model")
+    load_btn.click(on_load, [model_dd, loader_dd, *flat_widgets], [status_md], concurrency_id="model",
+                   api_name="load_model")
+    unload_btn.click(on_unload, None, [status_md], concurrency_id="model", api_name="unload_model")
     reload_btn.click(on_reload, [loader_dd, *flat_widgets], [status_md], concurrency_id="model")
+    save_btn.click(on_save, [model_dd, loader_dd, *flat_widgets, *settings_widgets], [save_md, sources_md],
+                   api_name="save_model_settings")
     return {"model_dropdown": model_dd, "status": status_md}
 
 

@@ -1,0 +1,1 @@
+"""Hearth's OpenAI-compatible HTTP API (FastAPI), served beside the UI by `python app.py serve --api`."""

@@ -1,0 +1,150 @@
+"""Request bodies: reading them (bounded), their shape (pydantic) and their sampler fields.
+
+Sampler fields are not listed here: every option declared on engine.sampling.GenerationParams is accepted
+under its own name (top_k, min_p, repetition_penalty, ... as extra fields), plus OpenAI's names for the same
+things (max_tokens, max_completion_tokens). Bounds come from that one declaration.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from api.errors import ApiError
+from engine.sampling import GenerationParams
+from loaders.options import specs
+
+SAMPLER_FIELDS = {s.name for s in specs(GenerationParams)} - {"max_new_tokens"}
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")   # OpenAI's names for max_new_tokens
+BYTES_PER_TOKEN_BOUND = 32   # generous: real text averages ~4 bytes per token
+BODY_SLACK_BYTES = 64 * 1024  # JSON overhead and sampler fields
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"message content of type {part.get('type')!r} is not supported (text only)",
+                               param="messages", code="unsupported_content")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+def as_chat(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    # "developer" is OpenAI's newer name for the system role; templates know only "system".
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    # vLLM's extras (the remote loader sends them to continue a reply the user started)
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        return as_chat(self.messages)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] = Field(union_mode="left_to_right")
+    echo: bool = False
+
+
+class TokenCountRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    messages: list[ChatMessage] | None = None
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        return as_chat(self.messages or [])
+
+
+class LoadModelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_name: str
+    loader: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)   # the loader's declared options
+
+
+def body_limit(context_length: int | None) -> int:
+    """Largest body worth reading: a prompt that fits the context cannot be much bigger than this."""
+    return (context_length or 32768) * BYTES_PER_TOKEN_BOUND + BODY_SLACK_BYTES
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The JSON body, refusing (400) bodies over `limit` bytes before reading them whole."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(400, f"request body of {int(declared)} bytes is larger than this model's context can "
+                            f"use ({limit} bytes at most)", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(400, f"request body is larger than this model's context can use ({limit} bytes at "
+                                "most)", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def parse(model_type: type[BaseModel], data: Any) -> Any:
+    """Validate `data` as `model_type`; the first problem becomes a 400 naming the field."""
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model_type.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+
+
+def requested_max_tokens(data: dict) -> int | None:
+    """max_tokens / max_completion_tokens as a positive int, None when absent."""
+    for name in MAX_TOKENS_FIELDS:
+        value = data.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ApiError(400, f"{name} must be a positive integer (got {value!r})", param=name,
+                           code="invalid_value")
+        return value
+    return None
+
+
+def sampler_values(data: dict) -> dict[str, Any]:
+    """The request's sampler fields under GenerationParams names (unset ones are left to the defaults)."""
+    values = {name: data[name] for name in SAMPLER_FIELDS if data.get(name) is not None}
+    stop = data.get("stop")
+    if isinstance(stop, str):
+        values["stop"] = [stop]
+    return values

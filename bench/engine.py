@@ -1,0 +1,426 @@
+"""Benchmark Hearth's engine; prints one JSON object. Never run inside tests.
+
+  python bench/engine.py --gpu [--work DIR] [--exllamav2]   Llama-2-7B-shaped random GPTQ 4-bit g128, GPTQ 4-bit
+                                                             g32 act-order and AWQ 4-bit g128 checkpoints, and a
+                                                             70B-shaped GPTQ model built on the GPU; side by side
+                                                             HF transformers fp16 generate(), exllamav2 (its own
+                                                             generator, same GPTQ folder) and the copy ceiling.
+  python bench/engine.py --cpu                              the default model: engine vs transformers generate().
+
+Decode: 128-token prompt, 256 new tokens, greedy, through the same stream() the app uses (one host sync per
+token). Prefill: one 2048-token prompt. Random weights never hit EOS: eos ids are left empty.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# Replace this script's folder on the path: bench/engine.py would shadow the engine package otherwise.
+sys.path[0] = str(REPO)
+
+from engine.generation import collect  # noqa: E402
+from engine.llama import ModelArgs, Rotary, Transformer  # noqa: E402
+from engine.quant_linear import Int4Linear, QuantWeight  # noqa: E402
+from engine.runtime import Engine, EngineModel, load_engine_model  # noqa: E402
+from engine.sampling import GenerationParams  # noqa: E402
+
+PROMPT, NEW, PREFILL = 128, 256, 2048
+TOKENIZER = REPO / "models" / "SmolLM2-135M-Instruct"   # --tokenizer overrides (models/ does not travel)
+LLAMA2_7B = dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                 rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu",
+                 architectures=["LlamaForCausalLM"], bos_token_id=1, eos_token_id=2, torch_dtype="float16")
+LLAMA2_70B = dict(LLAMA2_7B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                  num_attention_heads=64, num_key_value_heads=8)
+# Scale of random weights: keeps activations in range through the layers ((q - 8) has std ~4.6).
+SCALE = 0.003
+
+
+def timed(fn, repeat: int = 3) -> float:
+    """Median wall seconds of fn() with the GPU drained before and after."""
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (TB/s): the ceiling for streaming weights."""
+    a = torch.empty(2 * 1024**3 // 2, dtype=torch.float16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = timed(lambda: b.copy_(a), 10)
+    return 2 * a.numel() * 2 / t / 1e12
+
+
+def linears(cfg: dict) -> dict[str, tuple[int, int]]:
+    """HF linear name suffix -> (in, out) of one decoder layer."""
+    d, f = cfg["hidden_size"], cfg["intermediate_size"]
+    kv = d // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    return {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, kv), "self_attn.v_proj": (d, kv),
+            "self_attn.o_proj": (d, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
+
+
+def rand_int32(*shape) -> torch.Tensor:
+    return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device="cuda")
+
+
+def write_checkpoint(out: Path, cfg: dict, method: str, group_size: int, act_order: bool) -> float:
+    """A random GPTQ (sym, v1) or AWQ (GEMM) checkpoint in the AutoGPTQ/AutoAWQ layouts of FORMATS.md;
+    returns the seconds it took."""
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    d, V = cfg["hidden_size"], cfg["vocab_size"]
+    fp16 = lambda *s: (torch.randn(*s, device="cuda") * 0.02).half()
+    tensors = {"model.embed_tokens.weight": fp16(V, d), "lm_head.weight": fp16(V, d),
+               "model.norm.weight": torch.ones(d, dtype=torch.float16, device="cuda")}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{p}.{name}.weight"] = torch.ones(d, dtype=torch.float16, device="cuda")
+        for name, (k, n) in linears(cfg).items():
+            g = k // group_size
+            scales = (torch.rand(g, n, device="cuda") * SCALE + SCALE / 2).half()
+            if method == "gptq":
+                g_idx = torch.arange(k, device="cuda", dtype=torch.int32) // group_size
+                if act_order:
+                    g_idx = g_idx[torch.randperm(k, device="cuda")]
+                tensors.update({f"{p}.{name}.qweight": rand_int32(k // 8, n),
+                                # symmetric v1: every stored zero is 7 (true zero 8)
+                                f"{p}.{name}.qzeros": torch.full((g, n // 8), 0x77777777, dtype=torch.int32,
+                                                                 device="cuda"),
+                                f"{p}.{name}.scales": scales, f"{p}.{name}.g_idx": g_idx,
+                                f"{p}.{name}.bias": torch.zeros(n, dtype=torch.float16, device="cuda")})
+            else:
+                tensors.update({f"{p}.{name}.qweight": rand_int32(k, n // 8),
+                                f"{p}.{name}.qzeros": rand_int32(g, n // 8), f"{p}.{name}.scales": scales})
+    save_file({k: v.cpu() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    del tensors
+    (out / "config.json").write_text(json.dumps(cfg))
+    if method == "gptq":
+        qc = {"bits": 4, "group_size": group_size, "desc_act": act_order, "sym": True, "quant_method": "gptq",
+              "damp_percent": 0.1, "static_groups": False, "true_sequential": True, "model_file_base_name": "model"}
+        (out / "quantize_config.json").write_text(json.dumps(qc))
+    else:
+        (out / "quant_config.json").write_text(json.dumps({"zero_point": True, "q_group_size": group_size,
+                                                           "w_bit": 4, "version": "GEMM"}))
+    # A real tokenizer for exllamav2's generator and the stream's text; prompts stay below the 32000 vocab.
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TOKENIZER / name, out / name)
+    return round(time.perf_counter() - start, 1)
+
+
+def prompt_ids(n: int) -> list[int]:
+    return torch.randint(100, 30000, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+
+
+def bench_engine_model(model: EngineModel) -> dict:
+    greedy = GenerationParams(max_new_tokens=NEW, temperature=0, top_k=0, top_p=1.0)
+    t = time.perf_counter()
+    collect(model.generate(prompt_ids(PROMPT), greedy))  # captures (and compiles) the graphs it needs
+    first_s = time.perf_counter() - t
+    runs = [collect(model.generate(prompt_ids(PROMPT), greedy))[2] for _ in range(3)]
+    stats = sorted(runs, key=lambda s: s.tokens_per_second)[1]
+    engine = model.engine
+    tok = torch.tensor(5, device="cuda")
+    # The decode step alone (graph replay, no sampling or host sync): what the stream loop adds on top.
+    step = timed(lambda: [engine.decode(tok, PROMPT + i) for i in range(NEW)]) / NEW
+    long = prompt_ids(PREFILL)
+    prefill = timed(lambda: engine.prefill(long))
+    return {"decode_tok_s": round(stats.tokens_per_second, 1), "new_tokens": stats.new_tokens,
+            "decode_step_only_tok_s": round(1 / step, 1), "first_generation_s": round(first_s, 2),
+            "ttft_ms_128": round(stats.time_to_first_token * 1e3, 2),
+            "prefill_tok_s_2048": round(PREFILL / prefill, 0),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "runtime": model.runtime}
+
+
+def bench_folder(folder: Path, **options) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    model = load_engine_model(folder, tokenizer=tokenizer, eos_token_ids=[], context_length=4096, loader="bench",
+                              **options)
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - t
+    result = {"load_s": round(load_s, 1), **bench_engine_model(model)}
+    model.unload()
+    return result
+
+
+def build_random_on_gpu(cfg: dict, group_size: int, tokenizer, prefill_copy: bool) -> EngineModel:
+    """A GPTQ-4-bit-shaped engine model made on the GPU directly (too big to write to disk quickly)."""
+    args = ModelArgs.from_config(cfg)
+    with torch.device("meta"):
+        model = Transformer(args)
+    dev = torch.device("cuda")
+
+    def quant(k: int, n: int) -> Int4Linear:
+        g = k // group_size
+        qw = QuantWeight(q=torch.randint(0, 16, (k, n), dtype=torch.uint8, device=dev),
+                         scales=torch.rand(g, n, device=dev) * SCALE + SCALE / 2,
+                         g_idx=torch.arange(k, device=dev) // group_size, bits=4, group_size=group_size,
+                         zeros=torch.full((g, n), 8, dtype=torch.uint8, device=dev))
+        return Int4Linear(qw, None, dev, prefill_copy)
+
+    d, kv, f = args.dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    param = lambda t: torch.nn.Parameter(t, requires_grad=False)
+    for layer in model.layers:
+        layer.attention.wqkv, layer.attention.wo = quant(d, d + 2 * kv), quant(d, d)
+        layer.feed_forward.w13, layer.feed_forward.w2 = quant(d, 2 * f), quant(f, d)
+        layer.attention_norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
+        layer.ffn_norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
+    model.tok_embeddings.weight = param(torch.randn(args.vocab_size, d, device=dev, dtype=torch.bfloat16) * 0.02)
+    model.output.weight = param(torch.randn(args.vocab_size, d, device=dev, dtype=torch.bfloat16) * 0.02)
+    model.norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
+    model.rotary = Rotary(args).to(dev)
+    engine = Engine(model.eval(), 4096, use_graphs=True)
+    return EngineModel(Path("llama-2-70b-shape"), engine, tokenizer, [], 4096, "bench",
+                       "hearth engine (cuda, 4-bit tinygemm, CUDA graph)")
+
+
+def bench_hf_fp16(cfg: dict) -> dict:
+    """transformers generate() on an fp16 random Llama-2-7B (64 new tokens: it is slow)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    new = 64
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "torch_dtype")})
+    torch.set_default_dtype(torch.float16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).eval()
+    torch.set_default_dtype(torch.float32)
+    ids = torch.tensor([prompt_ids(PROMPT)], device="cuda")
+    gen = lambda: model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    gen()
+    t = timed(gen, 1)
+    result = {"decode_tok_s": round(new / t, 1), "new_tokens": new, "note": "generate(), incl. prefill"}
+    del model
+    torch.cuda.empty_cache()
+    return result
+
+
+EXL2_SCRIPT = r"""
+import json, sys, time, torch
+from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer
+from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+folder, prompt, new, prefill_len = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+config = ExLlamaV2Config(folder); config.max_seq_len = 4096
+t = time.perf_counter()
+model = ExLlamaV2(config); cache = ExLlamaV2Cache(model, max_seq_len=4096, lazy=True); model.load_autosplit(cache)
+load_s = time.perf_counter() - t
+tokenizer = ExLlamaV2Tokenizer(config)
+gen = ExLlamaV2DynamicGenerator(model=model, cache=cache, tokenizer=tokenizer, paged=False)
+settings = ExLlamaV2Sampler.Settings.greedy()
+def run(n):
+    job = ExLlamaV2DynamicJob(input_ids=torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n,
+                              gen_settings=settings, stop_conditions=[])
+    gen.enqueue(job); t0 = time.perf_counter(); first = None; count = 0
+    while gen.num_remaining_jobs():
+        for r in gen.iterate():
+            if r.get("stage") == "streaming" and "token_ids" in r and r["token_ids"].numel():
+                count += r["token_ids"].numel()
+                if first is None: first = time.perf_counter()
+    end = time.perf_counter()
+    return count, first - t0, (count - 1) / (end - first)
+run(8)
+runs = sorted(run(new) for _ in range(3))
+count, ttft, tps = sorted(runs, key=lambda r: r[2])[1]
+ids = torch.randint(100, 30000, (1, prefill_len))
+times = []
+for _ in range(3):
+    cache.current_seq_len = 0; torch.cuda.synchronize(); t = time.perf_counter()
+    model.forward(ids, cache, last_id_only=True); torch.cuda.synchronize(); times.append(time.perf_counter() - t)
+print("EXL2JSON" + json.dumps({"decode_tok_s": round(tps, 1), "new_tokens": count, "ttft_ms_128": round(ttft * 1e3, 2),
+                               "prefill_tok_s_2048": round(prefill_len / sorted(times)[1]), "load_s": round(load_s, 1),
+                               "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                               "generator": "ExLlamaV2DynamicGenerator(paged=False)"}))
+"""
+
+
+def bench_exllamav2(folder: Path, build: subprocess.Popen) -> dict:
+    if build.wait():
+        return {"error": f"exllamav2 extension build failed ({build.returncode})"}
+    proc = subprocess.run([sys.executable, "-c", EXL2_SCRIPT, str(folder), json.dumps(prompt_ids(PROMPT)),
+                           str(NEW), str(PREFILL)], capture_output=True, text=True, timeout=300)
+    for line in proc.stdout.splitlines():
+        if line.startswith("EXL2JSON"):
+            return json.loads(line[len("EXL2JSON"):])
+    return {"error": (proc.stdout + proc.stderr)[-1500:]}
+
+
+def section(results: dict, name: str, fn) -> None:
+    """Run one measurement; a failure is recorded, not fatal, so one run still reports the rest."""
+    t = time.perf_counter()
+    try:
+        results[name] = fn()
+    except Exception as exc:  # report and go on: the device time is spent either way
+        results[name] = {"error": f"{type(exc).__name__}: {exc}"[:1500]}
+    print(f"[{time.perf_counter() - t:6.1f}s] {name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+    torch.cuda.empty_cache()
+
+
+def gpu(work: Path, with_exllamav2: bool) -> dict:
+    from transformers import AutoTokenizer
+
+    build = None
+    if with_exllamav2:  # its extension compiles at first import: start that now, on the CPUs
+        build = subprocess.Popen([sys.executable, "-c", "import exllamav2.ext"], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    section(results, "copy_bandwidth_tb_s", lambda: round(copy_bandwidth(), 3))
+    weights_gb = 3.5  # 7B: 6.5e9 params at 4 bits + fp16 embedding/head and scales
+    results["ceiling_tok_s_7b_4bit"] = round(results["copy_bandwidth_tb_s"] * 1e3 / weights_gb, 0) \
+        if isinstance(results["copy_bandwidth_tb_s"], float) else None
+    variants = {"gptq_4bit_g128": ("gptq", 128, False), "gptq_4bit_g32_actorder": ("gptq", 32, True),
+                "awq_4bit_g128": ("awq", 128, False)}
+    for i, (name, (method, gs, act)) in enumerate(variants.items()):
+        folder = work / name
+        section(results, f"write_{name}_s", lambda: write_checkpoint(folder, LLAMA2_7B, method, gs, act))
+        if i == 0 and build is not None:
+            build.wait()  # the extension build takes every CPU core: let it finish before timing anything
+        section(results, f"hearth_7b_{name}", lambda: bench_folder(folder))
+        if name == "gptq_4bit_g128":
+            section(results, f"hearth_7b_{name}_compiled", lambda: bench_folder(folder, compile_decode=True))
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(work / "gptq_4bit_g128")
+
+    def seventy():
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        # fast_prefill's second copy (+32 GiB) would not leave room on an 80 GB card: decode-only layout.
+        model = build_random_on_gpu(LLAMA2_70B, 128, tokenizer, prefill_copy=False)
+        build_s = time.perf_counter() - t
+        result = {"build_on_gpu_s": round(build_s, 1), **bench_engine_model(model)}
+        model.unload()
+        return result
+
+    section(results, "hearth_70b_gptq_4bit_g128", seventy)
+
+    def seventy_prefill():
+        model = build_random_on_gpu(LLAMA2_70B, 128, tokenizer, prefill_copy=True)  # ~69 GiB of weights
+        long = prompt_ids(PREFILL)
+        result = {"prefill_tok_s_2048": round(PREFILL / timed(lambda: model.engine.prefill(long)), 0),
+                  "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        model.unload()
+        return result
+
+    torch.cuda.reset_peak_memory_stats()
+    section(results, "hearth_70b_gptq_4bit_g128_fast_prefill", seventy_prefill)
+    section(results, "hf_transformers_fp16_7b", lambda: bench_hf_fp16(LLAMA2_7B))
+    if with_exllamav2:
+        section(results, "exllamav2_7b_gptq_4bit_g128", lambda: bench_exllamav2(work / "gptq_4bit_g128", build))
+    return results
+
+
+def profile(work: Path) -> dict:
+    """Where a 7B GPTQ g128 decode token goes: graph replay alone, the stream's per-token overhead, the
+    eager step's top kernels, and tinygemm alone on the layer shapes (decode M=1, prefill M=2048)."""
+    from transformers import AutoTokenizer
+
+    folder = work / "gptq_4bit_g128"
+    if not (folder / "model.safetensors").exists():
+        write_checkpoint(folder, LLAMA2_7B, "gptq", 128, False)
+    model = load_engine_model(folder, tokenizer=AutoTokenizer.from_pretrained(folder), eos_token_ids=[],
+                              context_length=4096, loader="bench")
+    engine, res = model.engine, {}
+    engine.prefill(prompt_ids(PROMPT))
+    tok = torch.tensor(5, device="cuda")
+    engine.decode(tok, PROMPT)
+    res["graph_replay_ms"] = round(timed(lambda: [engine.decode(tok, PROMPT + i) for i in range(100)]) * 10, 3)
+    engine.use_graphs = False
+    res["eager_step_ms"] = round(timed(lambda: [engine.decode(tok, PROMPT + i) for i in range(20)]) * 50, 3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.decode(tok, PROMPT)
+        torch.cuda.synchronize()
+    res["eager_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    engine.use_graphs = True
+    shapes = {"wqkv": (4096, 12288), "wo": (4096, 4096), "w13": (4096, 22016), "w2": (11008, 4096)}
+    for name, (k, n) in shapes.items():
+        qw = QuantWeight(q=torch.randint(0, 16, (k, n), dtype=torch.uint8, device="cuda"),
+                         scales=torch.rand(k // 128, n, device="cuda"), g_idx=torch.arange(k, device="cuda") // 128,
+                         bits=4, group_size=128, zeros=torch.full((k // 128, n), 8, dtype=torch.uint8, device="cuda"))
+        layer = Int4Linear(qw, None, torch.device("cuda"))
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for m in (1, 2048):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t = timed(lambda: [layer(x) for _ in range(20)]) / 20
+            tb = timed(lambda: [x @ w.t() for _ in range(20)]) / 20
+            res[f"{name}_M{m}"] = {"tinygemm_us": round(t * 1e6, 1), "tinygemm_tb_s": round(k * n / 2 / t / 1e12, 2),
+                                   "tinygemm_tflops": round(2 * m * k * n / t / 1e12, 1),
+                                   "cublas_bf16_us": round(tb * 1e6, 1)}
+    return res
+
+
+def cpu() -> dict:
+    """The default model on this CPU: engine vs transformers generate(), greedy, same prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = REPO / "models" / "SmolLM2-135M-Instruct"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Explain gravity to a child."}],
+                                        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    new = 64
+    results: dict = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__}
+    t = time.perf_counter()
+    model = load_engine_model(folder, tokenizer=tokenizer, eos_token_ids=[], context_length=2048, loader="bench",
+                              device="cpu")
+    load_s = time.perf_counter() - t
+    runs = [collect(model.generate(ids, GenerationParams(max_new_tokens=new, temperature=0))) for _ in range(3)]
+    text, _, stats = sorted(runs, key=lambda r: r[2].tokens_per_second)[1]
+    results["hearth"] = {"decode_tok_s": round(stats.tokens_per_second, 1), "load_s": round(load_s, 1),
+                         "runtime": model.runtime}
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = torch.tensor([ids])
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        times.append(time.perf_counter() - t)
+    hf_text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    results["transformers_generate"] = {"tok_s": round(new / sorted(times)[1], 1), "note": "incl. prefill"}
+    results["speedup"] = round(results["hearth"]["decode_tok_s"] / results["transformers_generate"]["tok_s"], 2)
+    results["greedy_text_identical"] = text == hf_text
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--gpu", action="store_true")
+    mode.add_argument("--cpu", action="store_true")
+    mode.add_argument("--profile", action="store_true", help="GPU: where a decode token's time goes")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/hearth-bench"), help="where checkpoints are written")
+    ap.add_argument("--exllamav2", action="store_true", help="also run exllamav2 (must be importable)")
+    ap.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json for the random checkpoints")
+    args = ap.parse_args()
+    if args.tokenizer:
+        global TOKENIZER
+        TOKENIZER = args.tokenizer
+    results = gpu(args.work, args.exllamav2) if args.gpu else profile(args.work) if args.profile else cpu()
+    table = results.pop("eager_kernels", None)
+    text = json.dumps(results, indent=1)
+    print(table or "", text, sep="\n")
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "bench.json").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

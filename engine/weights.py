@@ -1,0 +1,180 @@
+"""Build an engine Transformer from a model folder's safetensors: fp32/fp16/bf16, GPTQ or AWQ.
+
+The weight format is read per linear layer from its tensor names (`.weight` dense, `.qweight` quantized),
+with the quantization settings from the folder's config (loaders.quant.formats.read_quant_spec). q/k/v and
+gate/up are fused into one matrix each when they are stored alike. Layers can be spread across GPUs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from engine.llama import ModelArgs, Rotary, Transformer
+from engine.quant_linear import DequantLinear, QuantWeight, exact_int4, make_quant_linear
+from loaders.quant.formats import QuantSpec, read_quant_spec, unpack_awq, unpack_gptq
+
+Progress = Callable[[float, str], None]
+
+
+class Checkpoint:
+    """Lazy access to the tensors of every *.safetensors file in a folder (sharded or not)."""
+
+    def __init__(self, model_dir: Path):
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {name: h for h in self._handles for name in h.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self._where[name].get_tensor(name).to(device)
+
+
+def layer_devices(n_layers: int, devices: list[torch.device], gpu_split: list[float] | None) -> list[torch.device]:
+    """The device of each layer: all on devices[0], or spread in proportion to gpu_split (GB per GPU)."""
+    if not gpu_split or len(devices) == 1:
+        return [devices[0]] * n_layers
+    shares = torch.tensor(gpu_split[: len(devices)], dtype=torch.float64)
+    bounds = (shares.cumsum(0) / shares.sum() * n_layers).round().long().tolist()         # end layer per GPU
+    return [devices[next(i for i, end in enumerate(bounds) if layer < end)] for layer in range(n_layers)]
+
+
+class SideBySide(nn.Module):
+    """Linears that read the same input, outputs concatenated: y = [l(x) for l in layers] along the last dim."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([layer(x) for layer in self.parts], dim=-1)
+
+
+class WeightLoader:
+    """Reads linear layers as dense tensors or QuantWeights and makes the matching nn.Module."""
+
+    def __init__(self, ckpt: Checkpoint, spec: QuantSpec | None, dtype: torch.dtype, repack_int4: bool,
+                 prefill_copy: bool):
+        self.ckpt, self.spec, self.dtype, self.repack_int4 = ckpt, spec, dtype, repack_int4
+        self.prefill_copy = prefill_copy
+        self.kinds: set[str] = set()   # what the linear layers became, for the runtime description
+
+    def read(self, prefix: str, device: torch.device) -> tuple[torch.Tensor | QuantWeight, torch.Tensor | None]:
+        """(weight [N, K] or QuantWeight, bias [N] or None) of the HF linear layer `prefix`."""
+        bias = self.ckpt.get(f"{prefix}.bias", device) if f"{prefix}.bias" in self.ckpt else None
+        if f"{prefix}.qweight" not in self.ckpt:
+            return self.ckpt.get(f"{prefix}.weight", device), bias
+        spec = self.spec
+        if spec is None:
+            raise ValueError(f"{prefix} is quantized but the folder has no quantization config")
+        qweight = self.ckpt.get(f"{prefix}.qweight", device)
+        qzeros = self.ckpt.get(f"{prefix}.qzeros", device)
+        scales = self.ckpt.get(f"{prefix}.scales", device)
+        if spec.method == "awq" and spec.awq_version == "gemv":
+            # GEMV stores [out, in/8] and pads the group axis of qzeros and scales.
+            groups = -(-qweight.shape[1] * 8 // spec.group_size_for(qweight.shape[1] * 8))
+            q, zeros = unpack_awq(qweight, qzeros, "gemv", groups)
+            scales = scales[:, :groups].t().contiguous()
+        elif spec.method == "awq":
+            q, zeros = unpack_awq(qweight, qzeros)
+        else:
+            q, zeros = unpack_gptq(qweight, qzeros, spec.bits, v1=spec.v1)
+        K = q.shape[0]
+        group_size = spec.group_size_for(K)
+        if f"{prefix}.g_idx" in self.ckpt:
+            g_idx = self.ckpt.get(f"{prefix}.g_idx", device).long()
+        else:
+            g_idx = torch.arange(K, device=device) // group_size
+        if bias is not None and not bias.any():  # AutoGPTQ writes all-zero biases for Llama: skip the add
+            bias = None
+        return QuantWeight(q=q, scales=scales, g_idx=g_idx, bits=spec.bits, group_size=group_size,
+                           zeros=zeros), bias
+
+    def linear(self, prefixes: list[str], device: torch.device) -> nn.Module:
+        """One module computing the listed HF linears side by side (their outputs concatenated): a single
+        fused matrix when they are stored alike, else one module each."""
+        parts = [self.read(p, device) for p in prefixes]
+        weights = [w for w, _ in parts]
+        dense = all(isinstance(w, torch.Tensor) for w in weights)
+        # Act-order files may give each matrix its own input order; those cannot share one kernel call.
+        quant = all(isinstance(w, QuantWeight) and weights[0].can_concat(w) for w in weights)
+        if len(parts) > 1 and (dense or quant):
+            parts = [self._fuse(parts, device)]
+        modules = [self.module(w, b, device) for w, b in parts]
+        return modules[0] if len(modules) == 1 else SideBySide(modules)
+
+    @staticmethod
+    def _fuse(parts, device: torch.device):
+        weights = [w for w, _ in parts]
+        dense = isinstance(weights[0], torch.Tensor)
+        weight = torch.cat(weights) if dense else QuantWeight.concat(weights)
+        bias = None
+        if any(b is not None for _, b in parts):
+            bias = torch.cat([b if b is not None else torch.zeros(w.shape[0] if dense else w.out_features,
+                                                                  device=device) for w, b in parts])
+        return weight, bias
+
+    def module(self, weight: torch.Tensor | QuantWeight, bias: torch.Tensor | None, device: torch.device):
+        if isinstance(weight, QuantWeight):
+            return self._quant(weight, None if bias is None else bias.to(self.dtype), device, f"{weight.bits}-bit")
+        if self.repack_int4 and (qw := exact_int4(weight)) is not None:
+            return self._quant(qw, bias, device, "int4 (lossless repack)")
+        self.kinds.add(str(self.dtype).removeprefix("torch."))
+        module = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        module.weight = nn.Parameter(weight.to(self.dtype), requires_grad=False)
+        if bias is not None:
+            module.bias = nn.Parameter(bias.to(self.dtype), requires_grad=False)
+        return module
+
+    def _quant(self, qw: QuantWeight, bias, device: torch.device, label: str) -> nn.Module:
+        module = make_quant_linear(qw, bias, device, self.dtype, self.prefill_copy)
+        kernel = "dequantized" if isinstance(module, DequantLinear) else "tinygemm"
+        self.kinds.add(f"{label} {kernel}")
+        return module
+
+
+def load_transformer(model_dir: Path, devices: list[torch.device], dtype: torch.dtype,
+                     gpu_split: list[float] | None = None, repack_int4: bool = False,
+                     prefill_copy: bool = False, progress: Progress | None = None) -> tuple[Transformer, set[str]]:
+    """An engine Transformer with the folder's weights on `devices`; also the kinds of linear layers made
+    (e.g. {"4-bit tinygemm"}). repack_int4: store float weights that already lie on a 4-bit grid as int4.
+    prefill_copy: keep plain 4-bit levels beside tinygemm's for cuBLAS prefill (engine.quant_linear)."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    args = ModelArgs.from_config(config)
+    ckpt = Checkpoint(model_dir)
+    loader = WeightLoader(ckpt, read_quant_spec(model_dir), dtype, repack_int4, prefill_copy)
+    per_layer = layer_devices(args.n_layers, devices, gpu_split)
+    first, last = per_layer[0], per_layer[-1]
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    # The embedding and norms stay in `dtype` on their layer's device; RoPE tables are rebuilt there.
+    model.tok_embeddings.weight = nn.Parameter(ckpt.get("model.embed_tokens.weight", first).to(dtype),
+                                               requires_grad=False)
+    for i, layer in enumerate(model.layers):
+        if progress:
+            progress(0.1 + 0.85 * i / args.n_layers, f"layer {i + 1}/{args.n_layers}")
+        dev, p = per_layer[i], f"model.layers.{i}"
+        layer.attention.wqkv = loader.linear([f"{p}.self_attn.{x}_proj" for x in "qkv"], dev)
+        layer.attention.wo = loader.linear([f"{p}.self_attn.o_proj"], dev)
+        layer.feed_forward.w13 = loader.linear([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], dev)
+        layer.feed_forward.w2 = loader.linear([f"{p}.mlp.down_proj"], dev)
+        for norm, name in ((layer.attention_norm, "input_layernorm"), (layer.ffn_norm, "post_attention_layernorm")):
+            norm.weight = nn.Parameter(ckpt.get(f"{p}.{name}.weight", dev).to(dtype), requires_grad=False)
+    model.norm.weight = nn.Parameter(ckpt.get("model.norm.weight", last).to(dtype), requires_grad=False)
+    if args.tie_word_embeddings or "lm_head.weight" not in ckpt:
+        head = model.tok_embeddings.weight if last == first else model.tok_embeddings.weight.to(last)
+    else:
+        head = ckpt.get("lm_head.weight", last).to(dtype)
+    model.output.weight = nn.Parameter(head, requires_grad=False)
+    model.rotary = Rotary(args).to(first)  # built on meta above: its frequency table needs real values
+    return model.eval(), loader.kinds

@@ -1,0 +1,11 @@
+"""The `gptq` loader: AutoGPTQ / GPTQ-for-LLaMa checkpoints (2/3/4/8-bit, any group size, act-order,
+sym/asym, checkpoint_format gptq and gptq_v2), read by Hearth itself and run on CPU."""
+from __future__ import annotations
+
+from loaders.quant.loader import QuantizedModelLoader
+
+
+class GPTQLoader(QuantizedModelLoader):
+    name = "gptq"
+    method = "gptq"
+    description = "GPTQ checkpoints (quantize_config.json or config.json quantization_config), on CPU."

@@ -1,0 +1,81 @@
+"""What the gptq and awq loaders share: options, detection from the quantization config, load on CPU."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loaders.base import Detection, LoadError, Progress, no_progress
+from loaders.folder import read_json, require_dir
+from loaders.metadata import context_from_config
+from loaders.options import option
+from loaders.quant.build import load_quantized
+from loaders.quant.formats import QuantSpec, read_quant_spec
+from loaders.quant.linear import KERNELS
+from loaders.safetensors_index import quantized_prefixes, tensor_index
+from loaders.transformers_loader import TransformersModel, load_tokenizer
+
+
+@dataclass
+class QuantOptions:
+    dtype: str = option("float32", "Compute dtype on CPU for activations and dequantized weights.",
+                        choices=["float32", "bfloat16"])
+    cpu_kernel: str = option("dequantize", "dequantize = unpack every layer once at load (exact, full-size "
+                                           "weights); int4 = torch's CPU int4 kernel for 4-bit layers with "
+                                           "group 32/64/128/256 (smaller, approximate: bf16 scales).",
+                             choices=list(KERNELS))
+    context_length: int = option(0, "Context length in tokens; 0 = the model's own (max_position_embeddings "
+                                    "times any rope scaling factor).", minimum=0, maximum=1048576, step=256)
+    trust_remote_code: bool = option(False, "Run Python code shipped with the model. Only for repos you trust.")
+
+
+class QuantizedModelLoader:
+    """A loader for one quantization method; subclasses set `name`, `method` and `description`."""
+    name = ""
+    method = ""
+    description = ""
+    options_type = QuantOptions
+    score = 0.9
+
+    def spec(self, model_dir: Path) -> QuantSpec | None:
+        spec = read_quant_spec(model_dir)
+        return spec if spec is not None and spec.method == self.method else None
+
+    def detect(self, model_dir: Path) -> Detection | None:
+        """LoadError for a malformed config or weight file: the registry reports it as the folder's problem."""
+        spec = self.spec(model_dir)
+        if spec is None:
+            return None
+        layers = quantized_prefixes(tensor_index(model_dir))
+        if not layers:
+            raise LoadError(f"{model_dir.name} says it is {spec.describe()} but its safetensors files hold no "
+                            "quantized (.qweight) tensors")
+        return Detection(self.name, self.score, spec.describe(),
+                         {"quantization": {**vars(spec), "quantized_layers": len(layers)}})
+
+    def load(self, model_dir: Path, options: QuantOptions, progress: Progress = no_progress):
+        require_dir(model_dir)
+        spec = self.spec(model_dir)
+        if spec is None:
+            raise LoadError(f"{model_dir.name} has no {self.method.upper()} quantization config "
+                            "(quantize_config.json, quant_config.json or config.json quantization_config)")
+        dtype = getattr(torch, options.dtype)
+        progress(0.05, "reading config and tokenizer")
+        tokenizer = load_tokenizer(model_dir, options.trust_remote_code)
+        try:
+            model = load_quantized(model_dir, spec, dtype, options.cpu_kernel, progress, options.trust_remote_code)
+        except torch.OutOfMemoryError:
+            raise LoadError(f"out of memory loading {model_dir.name}") from None
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise LoadError(f"could not load the weights of {model_dir.name}: {exc}") from None
+        progress(1.0, "ready")
+        config = read_json(model_dir / "config.json") or {}
+        context = options.context_length or context_from_config(config)[0] or 2048
+        loaded = TransformersModel(model_dir, model, tokenizer, torch.device("cpu"), dtype, context)
+        loaded.loader = self.name
+        kernels = sorted({m.kernel for m in model.modules() if hasattr(m, "kernel") and hasattr(m, "bits")})
+        loaded.runtime = (f"hearth {spec.method} on transformers (cpu, {options.dtype}, "
+                          f"{spec.bits}-bit, kernel {'/'.join(kernels)})")
+        loaded.quant_spec = spec
+        return loaded

@@ -1,0 +1,311 @@
+"""The "OpenAI-compatible endpoint" loader: chat through a model that another server runs.
+
+The server (vLLM, TGI, a llama.cpp server, another Hearth) owns the weights, the tokenizer and the chat
+template, so this loader reads no local folder: it never claims one in `detect`, the user picks it on the
+Model tab and gives it a base URL. Its Model streams from `/v1/chat/completions` (chat prompts) or
+`/v1/completions` (raw prompts) and turns the server's chunks into Hearth's generation events.
+
+Prompts still travel through the local prompt code (AppState.chat_prompt/raw_prompt -> Prompt -> generate),
+so the Model's `tokenizer` is a `WirePromptCodec`: its chat template writes the message list as JSON after a
+marker, and its "token ids" are the prompt's UTF-8 bytes. `generate` turns those bytes back into messages (a
+chat request, the server applies its own template) or text (a completion request).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import httpx
+
+from engine.generation import DoneEvent, GenerationEvent, StatsEvent, TextEvent
+from engine.sampling import GenerationParams
+from loaders.base import Detection, LoadError, Progress, no_progress
+from loaders.options import option
+
+# Starts the text of a chat prompt meant for a remote server; a raw prompt never starts with this control char.
+CHAT_MARKER = "\x1ehearth-messages:"
+FALLBACK_CONTEXT = 4096
+# Samplers outside OpenAI's list that vLLM, llama.cpp's server and Hearth accept as extra request fields.
+EXTRA_SAMPLERS = ("top_k", "min_p", "repetition_penalty")
+
+
+@dataclass
+class RemoteOptions:
+    base_url: str = option("http://127.0.0.1:5000/v1", "The server's OpenAI API root, ending in /v1 (vLLM: "
+                                                         "http://HOST:8000/v1, Hearth: http://HOST:5000/v1).")
+    api_key: str = option("", "API key sent as 'Authorization: Bearer ...' (empty: none).")
+    model: str = option("", "Model id on that server; empty = the first one its /v1/models lists.")
+    context_length: int = option(0, "Context length in tokens; 0 = what the server reports (4096 if it "
+                                    "reports none).", minimum=0, maximum=1048576, step=256)
+    timeout: float = option(30.0, "Seconds to wait for the server to connect or to send the next piece.",
+                            minimum=1.0, maximum=3600.0, step=1.0)
+    extra_samplers: bool = option(True, "Also send top_k, min_p and repetition_penalty (servers that reject "
+                                        "unknown fields need this off).")
+
+
+class WirePromptCodec:
+    """Stands where a tokenizer stands for a local model; the remote server does the real tokenizing.
+
+    - chat_template: a Jinja template writing the conversation as JSON after CHAT_MARKER, so whichever code
+      renders the template (transformers or plain Jinja) produces something `decode_prompt` can read back.
+    - ids are UTF-8 bytes, so a prompt's length in "tokens" is its length in bytes (an upper bound).
+    """
+
+    chat_template = "{{ '" + CHAT_MARKER + "' }}{{ messages | tojson }}"
+    eos_token_id = None
+    bos_token = None
+    eos_token = None
+
+    def apply_chat_template(self, messages: Sequence[dict], tokenize: bool = False,
+                            add_generation_prompt: bool = True, **_: Any):
+        text = CHAT_MARKER + json.dumps([{"role": m["role"], "content": m["content"]} for m in messages],
+                                        ensure_ascii=False)
+        return self.encode(text) if tokenize else text
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def __call__(self, text: str, add_special_tokens: bool = True, **_: Any) -> dict[str, list[int]]:
+        return {"input_ids": self.encode(text)}
+
+    def decode(self, ids: Sequence[int], **_: Any) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class WirePrompt:
+    """What one request sends: a message list (chat) or a text (completion)."""
+    messages: list[dict] | None
+    text: str | None
+    continue_final_message: bool = False
+
+
+def decode_prompt(text: str) -> WirePrompt:
+    """Undo WirePromptCodec: CHAT_MARKER + JSON messages [+ the start of a reply to continue], or raw text."""
+    if not text.startswith(CHAT_MARKER):
+        return WirePrompt(messages=None, text=text)
+    messages, end = json.JSONDecoder().raw_decode(text, len(CHAT_MARKER))
+    tail = text[end:]
+    if tail:  # AppState.continue_prompt appends the reply so far: ask the server to go on from it
+        return WirePrompt(messages=[*messages, {"role": "assistant", "content": tail}], text=None,
+                          continue_final_message=True)
+    return WirePrompt(messages=messages, text=None)
+
+
+def request_body(model: str, prompt: WirePrompt, params: GenerationParams, extra_samplers: bool) -> dict:
+    body: dict[str, Any] = {
+        "model": model, "stream": True, "stream_options": {"include_usage": True},
+        "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
+        "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
+    }
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed >= 0:
+        body["seed"] = params.seed
+    if extra_samplers:
+        body.update({name: getattr(params, name) for name in EXTRA_SAMPLERS})
+    if prompt.messages is not None:
+        body["messages"] = prompt.messages
+        if prompt.continue_final_message:  # vLLM and Hearth understand these two; others ignore them
+            body.update(continue_final_message=True, add_generation_prompt=False)
+    else:
+        body["prompt"] = prompt.text
+    return body
+
+
+def sse_payloads(lines: Iterator[str]) -> Iterator[dict]:
+    """The JSON objects of a server-sent-event stream, up to `data: [DONE]`."""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue  # blank separators, comments (": ping"), event names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's own words from an OpenAI error body, else the status line."""
+    try:
+        response.read()
+        err = response.json().get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return f"{response.status_code}: {err['message']}"
+        if isinstance(err, str):
+            return f"{response.status_code}: {err}"
+    except (ValueError, AttributeError, httpx.HTTPError):
+        pass
+    return f"{response.status_code} {response.reason_phrase}"
+
+
+class RemoteModel:
+    loader = "remote"
+
+    def __init__(self, client: httpx.Client, base_url: str, model: str, context_length: int,
+                 extra_samplers: bool):
+        self.client = client
+        self.base_url = base_url
+        self.name = model
+        self.runtime = f"remote ({base_url})"
+        self.tokenizer = WirePromptCodec()
+        self.context_length = context_length
+        self.eos_token_ids: list[int] = []   # the server stops at its own end of turn
+        self.model_dir: Path | None = None   # nothing on this disk
+        self.extra_samplers = extra_samplers
+
+    def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
+                 cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
+        t0 = time.perf_counter()
+        prompt = decode_prompt(self.tokenizer.decode(prompt_ids))
+        route = "/chat/completions" if prompt.messages is not None else "/completions"
+        parts: list[str] = []
+        usage: dict = {}
+        finish, stop_string, error, ttft, pieces = None, None, None, 0.0, 0
+        watcher = None
+        try:
+            with self.client.stream("POST", self.base_url + route,
+                                    json=request_body(self.name, prompt, params, self.extra_samplers)) as response:
+                if response.status_code != 200:
+                    raise LoadError(f"the server answered {error_message(response)}")
+                # A server still busy with others sends nothing for a while: closing the response from a
+                # watcher is what makes Stop immediate then (the read below ends with an error we expect).
+                watcher = _close_on_cancel(response, cancel)
+                for chunk in sse_payloads(response.iter_lines()):
+                    if "error" in chunk:
+                        raise LoadError(f"the server reported: {chunk['error'].get('message', chunk['error'])}")
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                        if piece:
+                            if not parts:
+                                ttft = time.perf_counter() - t0
+                            parts.append(piece)
+                            pieces += 1
+                            yield TextEvent(piece)
+                        if choice.get("finish_reason"):
+                            finish = choice["finish_reason"]
+                            if isinstance(choice.get("stop_reason"), str):
+                                stop_string = choice["stop_reason"]
+                    if cancel is not None and cancel.is_set():
+                        break
+        except (httpx.HTTPError, LoadError, ValueError) as exc:
+            if cancel is None or not cancel.is_set():
+                error = str(exc) if isinstance(exc, LoadError) else f"{type(exc).__name__}: {exc}"
+        finally:
+            if watcher is not None:
+                watcher.done.set()
+        if error is not None:
+            reason = "error"
+        elif cancel is not None and cancel.is_set() and finish is None:
+            reason = "cancelled"
+        elif finish == "length":
+            reason = "max_tokens"
+        else:
+            reason = "stop_string" if stop_string else "eos"
+        elapsed = time.perf_counter() - t0
+        new_tokens = int(usage.get("completion_tokens") or pieces)
+        yield StatsEvent(prompt_tokens=int(usage.get("prompt_tokens") or 0), new_tokens=new_tokens,
+                         seconds=elapsed, time_to_first_token=ttft,
+                         tokens_per_second=(new_tokens - 1) / (elapsed - ttft) if new_tokens > 1 and elapsed > ttft
+                         else 0.0)
+        yield DoneEvent(reason=reason, text="".join(parts), stop_string=stop_string, error=error,
+                        seed=params.seed if params.seed >= 0 else None)
+
+    def unload(self) -> None:
+        self.client.close()
+
+
+class _Watcher(threading.Thread):
+    def __init__(self, response: httpx.Response, cancel: threading.Event):
+        super().__init__(daemon=True, name="remote-cancel-watcher")
+        self.response, self.cancel, self.done = response, cancel, threading.Event()
+
+    def run(self) -> None:
+        # AppState.generate sets `cancel` when a generation ends for any reason, so this thread always ends.
+        while not self.done.is_set():
+            if self.cancel.wait(0.05):
+                if not self.done.is_set():
+                    self.response.close()
+                return
+
+
+def _close_on_cancel(response: httpx.Response, cancel: threading.Event | None) -> _Watcher | None:
+    if cancel is None:
+        return None
+    watcher = _Watcher(response, cancel)
+    watcher.start()
+    return watcher
+
+
+def server_models(client: httpx.Client, base_url: str) -> list[dict] | None:
+    """The server's /v1/models entries; None when it has no such route (some servers only serve completions)."""
+    try:
+        response = client.get(base_url + "/models")
+    except httpx.HTTPError as exc:
+        raise LoadError(f"cannot reach {base_url}: {type(exc).__name__}: {exc}") from None
+    if response.status_code == 404:
+        return None
+    if response.status_code != 200:
+        raise LoadError(f"{base_url}/models answered {error_message(response)}")
+    try:
+        data = response.json().get("data")
+    except (ValueError, AttributeError):
+        data = None
+    if not isinstance(data, list):
+        raise LoadError(f"{base_url}/models did not return an OpenAI model list; is this the /v1 root?")
+    return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def reported_context(entry: dict) -> int | None:
+    """vLLM says max_model_len, Hearth context_length, llama.cpp's server meta.n_ctx_train."""
+    for value in (entry.get("max_model_len"), entry.get("context_length"),
+                  (entry.get("meta") or {}).get("n_ctx_train")):
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class RemoteLoader:
+    name = "remote"
+    description = ("OpenAI-compatible endpoint: chat through a model that vLLM, TGI, a llama.cpp server or "
+                   "another Hearth serves. Needs no model folder: set base_url (and model) below.")
+    options_type = RemoteOptions
+    uses_model_folder = False   # AppState loads it from options alone
+
+    def detect(self, model_dir: Path) -> Detection | None:
+        return None   # a local folder is never a remote endpoint: this loader is only chosen by name
+
+    def load(self, model_dir: Path | None, options: RemoteOptions, progress: Progress = no_progress) -> RemoteModel:
+        base_url = options.base_url.strip().rstrip("/")
+        if not base_url.startswith(("http://", "https://")):
+            raise LoadError(f"base_url must start with http:// or https:// (got {options.base_url!r})")
+        headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+        client = httpx.Client(headers=headers, timeout=httpx.Timeout(options.timeout), trust_env=False)
+        try:
+            progress(0.3, f"asking {base_url} for its models")
+            models = server_models(client, base_url)
+            wanted = options.model.strip()
+            if models is None:
+                if not wanted:
+                    raise LoadError(f"{base_url}/models does not exist: check that base_url is the API root "
+                                    "(it usually ends in /v1), or set the model option for a server without it")
+                entry = {"id": wanted}   # trust the name; the first request will tell if it is wrong
+            elif not wanted:
+                if not models:
+                    raise LoadError(f"{base_url} serves no model right now")
+                entry = models[0]
+            else:
+                entry = next((m for m in models if m["id"] == wanted), None)
+                if entry is None:
+                    known = ", ".join(m["id"] for m in models) or "none"
+                    raise LoadError(f"{base_url} does not serve {wanted!r} (it serves: {known})")
+        except LoadError:
+            client.close()
+            raise
+        context = options.context_length or reported_context(entry) or FALLBACK_CONTEXT
+        progress(1.0, "ready")
+        return RemoteModel(client, base_url, entry["id"], context, options.extra_samplers)

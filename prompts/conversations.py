@@ -1,0 +1,135 @@
+"""Saved conversations: one JSON file per conversation in a folder, written atomically.
+
+A file that cannot be read is reported (in `problems`) and skipped, never fatal: one bad file must not hide
+the others. Ids are generated here and are the file names, so a title can be anything.
+"""
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prompts.presets import write_atomic
+
+ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyz-")
+
+
+@dataclass
+class Conversation:
+    id: str
+    title: str
+    messages: list[dict[str, str]] = field(default_factory=list)
+    system_message: str = ""
+    mode: str = "Chat"
+    template: str = ""
+    model: str = ""
+    created: float = 0.0
+    updated: float = 0.0
+
+
+def _valid_id(conversation_id: str) -> bool:
+    return bool(conversation_id) and len(conversation_id) <= 64 and set(conversation_id) <= ID_CHARS
+
+
+def title_from(messages: list[dict[str, str]]) -> str:
+    """The first user message, shortened: a readable default title."""
+    first = next((m["content"] for m in messages if m.get("role") == "user" and m.get("content")), "")
+    first = " ".join(first.split())
+    return (first[:60] + "…") if len(first) > 60 else (first or "New conversation")
+
+
+class ConversationStore:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.problems: list[str] = []
+
+    def _path(self, conversation_id: str) -> Path:
+        if not _valid_id(conversation_id):
+            raise ValueError(f"{conversation_id!r} is not a conversation id")
+        return self.folder / f"{conversation_id}.json"
+
+    def new(self, title: str = "", **fields: Any) -> Conversation:
+        now = time.time()
+        conversation_id = time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + "-" + secrets.token_hex(3)
+        conv = Conversation(id=conversation_id, title=title or "New conversation", created=now, updated=now,
+                            **fields)
+        return conv
+
+    def save(self, conv: Conversation) -> Conversation:
+        conv.updated = time.time()
+        if not conv.title or conv.title == "New conversation":
+            conv.title = title_from(conv.messages)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self._path(conv.id), json.dumps(asdict(conv), ensure_ascii=False, indent=1))
+        return conv
+
+    def save_messages(self, conversation_id: str | None, messages: list[dict[str, str]], **fields: Any) -> Conversation:
+        """Store `messages` (and fields like system_message, mode, template) under `conversation_id`, creating
+        the conversation when the id is empty or its file is gone."""
+        try:
+            conv = self.open(conversation_id) if conversation_id else self.new()
+        except ValueError:
+            conv = self.new()
+        conv.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        for key, value in fields.items():
+            setattr(conv, key, value)
+        return self.save(conv)
+
+    def open(self, conversation_id: str) -> Conversation:
+        """The conversation; ValueError (naming the file) when it is missing or corrupt."""
+        path = self._path(conversation_id)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"no saved conversation {conversation_id}") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ValueError(f"{path.name} is corrupt: {exc.__class__.__name__}") from None
+        conv = _from_dict(data, path.name)
+        conv.id = conversation_id  # the file name is the id, whatever the file says
+        return conv
+
+    def list(self) -> list[Conversation]:
+        """All readable conversations, newest first; unreadable files are listed in `self.problems`."""
+        self.problems = []
+        found = []
+        if not self.folder.is_dir():
+            return []
+        for path in self.folder.glob("*.json"):
+            try:
+                found.append(self.open(path.stem))
+            except ValueError as exc:
+                self.problems.append(str(exc))
+        return sorted(found, key=lambda c: c.updated, reverse=True)
+
+    def rename(self, conversation_id: str, title: str) -> Conversation:
+        title = " ".join(title.split())
+        if not title:
+            raise ValueError("a conversation title cannot be empty")
+        conv = self.open(conversation_id)
+        conv.title = title[:200]
+        return self.save(conv)
+
+    def delete(self, conversation_id: str) -> None:
+        self._path(conversation_id).unlink(missing_ok=True)
+
+
+def _from_dict(data: Any, where: str) -> Conversation:
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise ValueError(f"{where} is corrupt: not a conversation")
+    messages = []
+    for m in data["messages"]:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where} is corrupt: a message is not {{role, content}}")
+        messages.append({"role": m["role"], "content": m["content"]})
+    try:
+        return Conversation(id=str(data["id"]), title=str(data.get("title") or "Untitled"), messages=messages,
+                            system_message=str(data.get("system_message") or ""),
+                            mode=str(data.get("mode") or "Chat"), template=str(data.get("template") or ""),
+                            model=str(data.get("model") or ""), created=float(data.get("created") or 0),
+                            updated=float(data.get("updated") or 0))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{where} is corrupt: missing id or bad field") from None

@@ -1,0 +1,98 @@
+"""Sampler presets: presets/*.yaml with text-generation-webui's keys (temperature, top_p, min_p, ...).
+
+Keys Hearth does not implement (tfs, mirostat_mode, ...) are reported and ignored, so users can drop in the
+files they already have. A malformed file is reported and skipped; it never stops the others from loading.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.sampling import GenerationParams
+from loaders.options import OptionError, coerce, specs
+
+APP_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = APP_ROOT / "presets"
+PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,63}$")
+# The generation keys a preset may set (max_new_tokens and stop belong to the request, not to a preset).
+SAMPLER_KEYS = tuple(f.name for f in fields(GenerationParams) if f.name not in ("max_new_tokens", "stop"))
+_SPECS = {s.name: s for s in specs(GenerationParams)}
+
+
+@dataclass
+class PresetCatalog:
+    presets: dict[str, dict[str, Any]]    # name -> {key: value} of known sampler keys
+    problems: list[str]                   # one line per skipped file or ignored key
+
+    def names(self) -> list[str]:
+        return sorted(self.presets, key=str.lower)
+
+
+def parse_preset(text: str) -> tuple[dict[str, Any], list[str]]:
+    """(sampler values, ignored keys); ValueError when the text is not a mapping of valid values."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError("must be a mapping of sampler keys to values")
+    values: dict[str, Any] = {}
+    ignored = []
+    for key, raw in data.items():
+        if key not in SAMPLER_KEYS:
+            ignored.append(str(key))
+            continue
+        try:
+            values[key] = coerce(_SPECS[key], raw)
+        except OptionError as exc:
+            raise ValueError(str(exc)) from None
+    return values, ignored
+
+
+def load_presets(folder: Path = PRESETS_DIR) -> PresetCatalog:
+    presets: dict[str, dict[str, Any]] = {}
+    problems: list[str] = []
+    for path in sorted(folder.glob("*.yaml")):
+        try:
+            values, ignored = parse_preset(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problems.append(f"{path.name}: skipped, {exc}")
+            continue
+        if ignored:
+            problems.append(f"{path.name}: ignored keys Hearth does not implement: {', '.join(ignored)}")
+        presets[path.stem] = values
+    return PresetCatalog(presets, problems)
+
+
+def save_preset(folder: Path, name: str, values: dict[str, Any]) -> Path:
+    """Write presets/<name>.yaml atomically with the sampler keys of `values`; returns its path."""
+    name = name.strip()
+    if not PRESET_NAME.match(name):
+        raise ValueError("a preset name uses letters, digits, spaces and . _ + - (at most 64 characters)")
+    clean = {k: coerce(_SPECS[k], values[k]) for k in SAMPLER_KEYS if k in values}
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.yaml"
+    write_atomic(target, yaml.safe_dump(clean, sort_keys=False))
+    return target
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file in the same folder, then os.replace: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,54 @@
+"""A real browser on the Download tab: list branches, pick one, list files, download with live progress, see
+the model card summary, find the model on the Model tab. Hearth runs as `app.py serve` against the test Hub."""
+from __future__ import annotations
+
+import pytest
+
+from hub_fixtures import LLAMA2_CHAT_GPTQ, fake_hub, hub_environment  # noqa: F401
+from tests.browser import browser_page, open_tab
+from tests.conftest import start_app
+
+pytestmark = pytest.mark.browser
+
+BRANCH = "gptq-4bit-32g-actorder_True"
+FOLDER = f"TheBloke_Llama-2-7b-Chat-GPTQ_{BRANCH}"
+
+
+def test_download_a_branch_in_the_browser(fake_hub, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    env = hub_environment(fake_hub.url, tmp_path / "hf-home")
+    app = start_app(["--models-dir", str(models)], tmp_path / "app.log", env=env)
+    try:
+        with browser_page(tmp_path) as (page, shoot):
+            page.goto(app.url)
+            open_tab(page, "tab-download")
+            page.locator("#download-repo textarea, #download-repo input").first.fill(LLAMA2_CHAT_GPTQ)
+            page.locator("#download-list-branches").click()
+            page.locator("#download-status").get_by_text("4 branches").wait_for()
+            page.locator("#download-branch input").click()
+            page.get_by_role("option", name=BRANCH).click()
+            page.locator("#download-list-files").click()
+            files = page.locator("#download-files")
+            files.get_by_text("quantize_config.json").wait_for()
+            assert "Total (10 files)" in files.inner_text()
+            shoot("1-file-list")
+
+            fake_hub.faults.throttle(128 * 1024, "model.safetensors")     # about two seconds of live progress
+            page.locator("#download-start").click()
+            page.locator("#download-progress").get_by_text("ETA").first.wait_for()
+            shoot("2-progress")
+            status = page.locator("#download-status")
+            status.get_by_text("downloaded and verified").wait_for(timeout=120_000)
+            card = page.locator("#download-card")
+            card.get_by_text("Prompt template").wait_for()
+            assert "[INST]" in card.inner_text() and "GS: 32" in card.inner_text()
+            shoot("3-done")
+
+            open_tab(page, "tab-model")
+            page.locator("#model-select input").click()
+            page.get_by_role("option", name=FOLDER).wait_for()
+            shoot("4-model-listed")
+        assert (models / FOLDER / "hearth-download.json").is_file()
+    finally:
+        app.stop()

@@ -1,0 +1,144 @@
+"""The remote (OpenAI-compatible endpoint) loader: one Hearth (an AppState here, as the UI uses it) chats
+through a second Hearth's API running in another process."""
+import time
+
+import openai
+import pytest
+
+from api.server import ApiConfig, ApiServer
+from conftest import DEFAULT_MODEL, free_port, make_state, start_app
+from engine.generation import DoneEvent, TextEvent, collect
+from loaders.base import LoadError
+from loaders.remote_loader import RemoteLoader
+from prompts import chat_session
+
+KEY = "remote-test-key"
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, default_model_dir):
+    """Hearth A: `app.py serve --api` in its own process, serving the default model."""
+    models = tmp_path_factory.mktemp("upstream") / "models"
+    models.mkdir()
+    (models / DEFAULT_MODEL).symlink_to(default_model_dir, target_is_directory=True)
+    api_port = free_port()
+    app = start_app(["--models-dir", str(models), "--model", DEFAULT_MODEL, "--api", "--api-port", str(api_port),
+                     "--api-key", KEY], models.parent / "upstream.log")
+    yield f"http://127.0.0.1:{api_port}/v1"
+    app.stop()
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory, upstream):
+    """Hearth B: its own AppState (empty models folder) with the remote loader pointed at Hearth A."""
+    models = tmp_path_factory.mktemp("front") / "models"
+    models.mkdir()
+    state = make_state(models)
+    state.load_model("", "remote", {"base_url": upstream, "api_key": KEY})
+    yield state
+    state.unload_model()
+
+
+def greedy(state, **kw):
+    return state.generation_params(temperature=0.0, **kw)
+
+
+def test_remote_loader_never_claims_a_local_folder(default_model_dir, models_dir):
+    assert RemoteLoader().detect(default_model_dir) is None
+    state = make_state(models_dir)
+    assert [d.loader for d in state.detect(DEFAULT_MODEL)] == ["transformers"]
+    assert "remote" in state.registry.names() and not state.needs_model_folder("remote")
+
+
+def test_loading_reads_the_served_model_and_its_context(front, upstream):
+    model = front.model
+    assert model.name == DEFAULT_MODEL and model.loader == "remote"
+    assert model.context_length == 8192 and upstream in model.runtime
+
+
+def test_chat_streams_through_the_other_hearth(front):
+    updates = list(chat_session.send(front, [], QUESTION, greedy(front, max_new_tokens=24)))
+    history, status = updates[-1]
+    assert history[-1] == {"role": "assistant", "content": "The capital of France is Paris."}
+    assert status.done and status.error is None
+    assert len(updates) > 3, "the reply must arrive piece by piece"
+
+
+def test_raw_prompt_stop_string_and_continue(front):
+    text, done, stats = collect(front.generate(front.raw_prompt("1, 2, 3,"), greedy(front, max_new_tokens=6)))
+    assert text == " 4, 5," and done.reason == "max_tokens" and stats.new_tokens == 6
+    text, done, _ = collect(front.generate(front.raw_prompt("1, 2, 3,"),
+                                           greedy(front, max_new_tokens=12, stop=[" 6"])))
+    assert text == " 4, 5," and done.reason == "stop_string" and done.stop_string == " 6"
+    partial = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "The capital of France"}]
+    text, done, _ = collect(front.generate(front.continue_prompt(partial), greedy(front, max_new_tokens=12)))
+    assert text == " is Paris."
+
+
+def test_stop_ends_the_remote_generation_and_frees_the_other_hearth(front):
+    events = front.generate(front.raw_prompt("1, 2, 3,"), greedy(front, max_new_tokens=4000), key="remote-stop")
+    assert isinstance(next(events), TextEvent)
+    assert front.stop("remote-stop")
+    rest = list(events)
+    assert isinstance(rest[-1], DoneEvent) and rest[-1].reason == "cancelled"
+    started = time.monotonic()
+    text, _, _ = collect(front.generate(front.raw_prompt("1, 2, 3,"), greedy(front, max_new_tokens=6)))
+    assert text == " 4, 5,"
+    assert time.monotonic() - started < 60, "the upstream kept generating for the client that hung up"
+
+
+def test_the_front_hearth_serves_the_remote_model_through_its_own_api(front):
+    server = ApiServer(front, ApiConfig(port=free_port())).start()   # loopback, no key
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+        chunks = client.chat.completions.create(model=DEFAULT_MODEL, temperature=0, max_tokens=24, stream=True,
+                                                messages=[{"role": "user", "content": QUESTION}])
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "The capital of France is Paris."
+    finally:
+        server.stop()
+
+
+def test_load_errors_say_what_is_wrong(upstream, models_dir):
+    state = make_state(models_dir)
+    with pytest.raises(LoadError, match="401.*incorrect API key"):
+        state.load_model("", "remote", {"base_url": upstream, "api_key": "wrong"})
+    with pytest.raises(LoadError, match=f"does not serve 'gpt-4'.*{DEFAULT_MODEL}"):
+        state.load_model("", "remote", {"base_url": upstream, "api_key": KEY, "model": "gpt-4"})
+    with pytest.raises(LoadError, match="cannot reach"):
+        state.load_model("", "remote", {"base_url": f"http://127.0.0.1:{free_port()}/v1", "timeout": 2})
+    with pytest.raises(LoadError, match="must start with http"):
+        state.load_model("", "remote", {"base_url": "localhost:5000/v1"})
+    assert state.model is None
+
+
+def test_the_ui_of_another_hearth_loads_the_remote_model(upstream, tmp_path, models_dir):
+    """Hearth B (a second `app.py serve` process) picks the remote loader on its Model tab, driven through its
+    Gradio API, and then answers with the model that Hearth A serves (asked through B's own API)."""
+    from gradio_client import Client
+
+    front_api_port = free_port()
+    front_ui = start_app(["--models-dir", str(models_dir), "--api", "--api-port", str(front_api_port)],
+                         tmp_path / "front-ui.log")
+    try:
+        client = Client(front_ui.url, verbose=False)
+        load = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/load_model"]
+        by_label = {p["label"]: p["parameter_name"] for p in load["parameters"]}
+        # The Model tab still asks for a model pick; the remote loader ignores it (it has no folder).
+        status = client.predict(DEFAULT_MODEL, "remote", api_name="/load_model",
+                                **{by_label["base url"]: upstream, by_label["api key"]: KEY})
+        assert f"Loaded **{DEFAULT_MODEL}**" in status and f"remote ({upstream})" in status
+        front_api = openai.OpenAI(base_url=f"http://127.0.0.1:{front_api_port}/v1", api_key="unused",
+                                  max_retries=0, timeout=120)
+        assert front_api.get("/internal/model/info", cast_to=dict)["loader"] == "remote"
+        reply = front_api.chat.completions.create(model=DEFAULT_MODEL, temperature=0, max_tokens=24,
+                                                  messages=[{"role": "user", "content": QUESTION}])
+        assert reply.choices[0].message.content == "The capital of France is Paris."
+    finally:
+        front_ui.stop()
+
+
+def test_a_base_url_without_v1_is_explained(upstream, models_dir):
+    state = make_state(models_dir)
+    with pytest.raises(LoadError, match="usually ends in /v1"):
+        state.load_model("", "remote", {"base_url": upstream.removesuffix("/v1"), "api_key": KEY})
