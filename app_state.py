@@ -34,6 +34,8 @@ from prompts.chat import Message, Prompt, render_continue_with_template, render_
 from prompts.stop_strings import merge_stops  # [issue 6] template resolution, derived stops, truncation
 from prompts.templates import (TOKENIZER, ChatTemplate, TemplateLibrary, load_library, resolve_template,
                               saved_settings)
+from prompts.conversations import ConversationStore  # [issue 9] file_problems
+from prompts.presets import load_presets  # [issue 9] file_problems
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -41,6 +43,14 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def _is_model_folder(path: Path) -> bool:
     return (path.is_dir() and not path.name.startswith(".") and bool(MODEL_NAME.match(path.name))
             and (any(path.glob("*.json")) or any(path.glob("*.gguf"))))
+
+
+def loader_options(loader, values: dict[str, Any] | None):
+    """A loader's options from loose values; bad values become a LoadError naming the loader."""
+    try:
+        return build(loader.options_type, values or {})
+    except OptionError as exc:
+        raise LoadError(f"{loader.name} options: {exc}") from None
 
 
 def load_guarded(load, name: str):
@@ -216,14 +226,10 @@ class AppState:
             else:
                 hint = "".join(f": {p}" for p in self.registry.problems(folder)[:1])
             raise LoadError(f"the {loader} loader cannot read {name}{hint}")
-        try:
-            opts = build(chosen.options_type, options or {})
-        except OptionError as exc:
-            raise LoadError(f"{loader} options: {exc}") from None
+        opts = loader_options(chosen, options)
         with self.model_lock:
-            self.unload_model()
-            progress(0.0, f"loading {name} with {loader}")
-            self.model = load_guarded(lambda: chosen.load(folder, opts, progress), name)
+            self._swap_in(lambda: chosen.load(folder, opts, progress), name, f"loading {name} with {loader}",
+                          progress)
             self.model_settings = with_chosen_options(effective, opts)  # [loaders] issue 5
             return self.model
 
@@ -234,14 +240,16 @@ class AppState:
     def _load_without_folder(self, loader: str, options: dict[str, Any] | None, progress: Progress) -> Model:
         """[api] issue 8: loaders that reach a model elsewhere (an OpenAI-compatible server) take only options."""
         chosen = self.registry.get(loader)
-        try:
-            opts = build(chosen.options_type, options or {})
-        except OptionError as exc:
-            raise LoadError(f"{loader} options: {exc}") from None
+        opts = loader_options(chosen, options)
+        return self._swap_in(lambda: chosen.load(None, opts, progress), loader, f"connecting with {loader}",
+                             progress)
+
+    def _swap_in(self, load, name: str, message: str, progress: Progress) -> Model:
+        """Unload the current model, then load the new one; on failure no model stays loaded."""
         with self.model_lock:
             self.unload_model()
-            progress(0.0, f"connecting with {loader}")
-            self.model = chosen.load(None, opts, progress)
+            progress(0.0, message)
+            self.model = load_guarded(load, name)
             return self.model
 
     def unload_model(self) -> None:
@@ -353,3 +361,14 @@ class AppState:
     def queue_position(self, key: str = "default") -> int | None:  # [api] issue 8
         """0 while `key`'s generation runs, n when n generations are ahead of it, None when it has none."""
         return self.generation_queue.position(key)
+
+    def file_problems(self) -> list[str]:  # [issue 9]
+        """User files Hearth skipped or partly ignored (malformed presets, templates, saved conversations,
+        config-user.yaml), one line each naming the file; the app runs on without them."""
+        self.settings_store.names()   # reading config-user.yaml reports (and backs up) a malformed one
+        conversations = ConversationStore(self.conversations_dir)
+        conversations.list()
+        return [*(f"templates/{p}" for p in self.template_library.problems),
+                *(f"presets/{p}" for p in load_presets().problems),
+                *(f"conversations/{p}" for p in conversations.problems),
+                *self.settings_store.problems]

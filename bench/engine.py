@@ -329,47 +329,46 @@ def gpu(work: Path, with_exllamav2: bool) -> dict:
     return results
 
 
-def profile(work: Path) -> dict:
-    """Where a 7B GPTQ g128 decode token goes: graph replay alone, the stream's per-token overhead, the
-    eager step's top kernels, and tinygemm alone on the layer shapes (decode M=1, prefill M=2048)."""
-    from transformers import AutoTokenizer
+def graph_time(fn, calls: int = 20) -> float:
+    """Seconds per fn() replayed inside one CUDA graph of `calls` calls (no launch overhead)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return timed(graph.replay, 10) / calls
 
-    folder = work / "gptq_4bit_g128"
-    if not (folder / "model.safetensors").exists():
-        write_checkpoint(folder, LLAMA2_7B, "gptq", 128, False)
-    model = load_engine_model(folder, tokenizer=AutoTokenizer.from_pretrained(folder), eos_token_ids=[],
-                              context_length=4096, loader="bench")
-    engine, res = model.engine, {}
-    engine.prefill(prompt_ids(PROMPT))
-    tok = torch.tensor(5, device="cuda")
-    engine.decode(tok, PROMPT)
-    res["graph_replay_ms"] = round(timed(lambda: [engine.decode(tok, PROMPT + i) for i in range(100)]) * 10, 3)
-    engine.use_graphs = False
-    res["eager_step_ms"] = round(timed(lambda: [engine.decode(tok, PROMPT + i) for i in range(20)]) * 50, 3)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine.decode(tok, PROMPT)
-        torch.cuda.synchronize()
-    res["eager_kernels"] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
-    engine.use_graphs = True
+
+def profile(work: Path) -> dict:
+    """tinygemm alone on the 7B layer shapes at M=1 under a CUDA graph, for each inner-K tiling, against a
+    bf16 cuBLAS GEMV; and the act-order g32 checkpoint with the compiled decode step."""
+    res = {}
     shapes = {"wqkv": (4096, 12288), "wo": (4096, 4096), "w13": (4096, 22016), "w2": (11008, 4096)}
     for name, (k, n) in shapes.items():
-        qw = QuantWeight(q=torch.randint(0, 16, (k, n), dtype=torch.uint8, device="cuda"),
-                         scales=torch.rand(k // 128, n, device="cuda"), g_idx=torch.arange(k, device="cuda") // 128,
-                         bits=4, group_size=128, zeros=torch.full((k // 128, n), 8, dtype=torch.uint8, device="cuda"))
-        layer = Int4Linear(qw, None, torch.device("cuda"))
+        q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
+        sz = torch.rand(k // 128, n, 2, device="cuda").to(torch.bfloat16)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        for m in (1, 2048):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t = timed(lambda: [layer(x) for _ in range(20)]) / 20
-            tb = timed(lambda: [x @ w.t() for _ in range(20)]) / 20
-            res[f"{name}_M{m}"] = {"tinygemm_us": round(t * 1e6, 1), "tinygemm_tb_s": round(k * n / 2 / t / 1e12, 2),
-                                   "tinygemm_tflops": round(2 * m * k * n / t / 1e12, 1),
-                                   "cublas_bf16_us": round(tb * 1e6, 1)}
+        row = {"cublas_bf16_tb_s": round(k * n * 2 / graph_time(lambda: x @ w.t()) / 1e12, 2)}
+        for tiles in (2, 4, 8):
+            packed = torch.ops.aten._convert_weight_to_int4pack(q, tiles)
+            t = graph_time(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz))
+            row[f"tinygemm_k{tiles}_tb_s"] = round((k * n / 2 + sz.numel() * 2) / t / 1e12, 2)
+        res[name] = row
+    folder = work / "gptq_4bit_g32_actorder"
+    write_checkpoint(folder, LLAMA2_7B, "gptq", 32, True)
+    res["hearth_7b_gptq_4bit_g32_actorder_compiled"] = bench_folder(folder, compile_decode=True)
     return res
 
 
 def cpu() -> dict:
-    """The default model on this CPU: engine vs transformers generate(), greedy, same prompt."""
+    """The default model on this CPU: engine vs transformers generate(), greedy, same prompt. The runs
+    alternate (engine, transformers, ...) so that load from other processes hits both alike; both rates are
+    new tokens over the whole call, prompt included."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = REPO / "models" / "SmolLM2-135M-Instruct"
@@ -377,28 +376,28 @@ def cpu() -> dict:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Explain gravity to a child."}],
                                         add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     new = 64
-    results: dict = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__}
     t = time.perf_counter()
     model = load_engine_model(folder, tokenizer=tokenizer, eos_token_ids=[], context_length=2048, loader="bench",
                               device="cpu")
     load_s = time.perf_counter() - t
-    runs = [collect(model.generate(ids, GenerationParams(max_new_tokens=new, temperature=0))) for _ in range(3)]
-    text, _, stats = sorted(runs, key=lambda r: r[2].tokens_per_second)[1]
-    results["hearth"] = {"decode_tok_s": round(stats.tokens_per_second, 1), "load_s": round(load_s, 1),
-                         "runtime": model.runtime}
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompt = torch.tensor([ids])
-    times = []
+    engine_rates, hf_rates = [], []
     for _ in range(3):
+        text, _, stats = collect(model.generate(ids, GenerationParams(max_new_tokens=new, temperature=0)))
+        engine_rates.append(stats.new_tokens / stats.seconds)
         t = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        times.append(time.perf_counter() - t)
+        hf_rates.append(new / (time.perf_counter() - t))
     hf_text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
-    results["transformers_generate"] = {"tok_s": round(new / sorted(times)[1], 1), "note": "incl. prefill"}
-    results["speedup"] = round(results["hearth"]["decode_tok_s"] / results["transformers_generate"]["tok_s"], 2)
-    results["greedy_text_identical"] = text == hf_text
-    return results
+    median = lambda xs: sorted(xs)[len(xs) // 2]
+    return {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "load_average": os.getloadavg()[0],
+            "hearth": {"tok_s": round(median(engine_rates), 1), "load_s": round(load_s, 1), "runtime": model.runtime},
+            "transformers_generate": {"tok_s": round(median(hf_rates), 1)},
+            "speedup": round(median(engine_rates) / median(hf_rates), 2),
+            "greedy_text_identical": text == hf_text}
 
 
 def main() -> None:
@@ -406,18 +405,20 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--gpu", action="store_true")
     mode.add_argument("--cpu", action="store_true")
-    mode.add_argument("--profile", action="store_true", help="GPU: where a decode token's time goes")
+    mode.add_argument("--profile", action="store_true", help="GPU: tinygemm alone, and act-order compiled")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hearth-bench"), help="where checkpoints are written")
     ap.add_argument("--exllamav2", action="store_true", help="also run exllamav2 (must be importable)")
     ap.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json for the random checkpoints")
+    ap.add_argument("--threads", type=int, help="CPU mode: torch threads for both runtimes")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.tokenizer:
         global TOKENIZER
         TOKENIZER = args.tokenizer
     results = gpu(args.work, args.exllamav2) if args.gpu else profile(args.work) if args.profile else cpu()
-    table = results.pop("eager_kernels", None)
     text = json.dumps(results, indent=1)
-    print(table or "", text, sep="\n")
+    print(text)
     if os.environ.get("OUT"):
         (Path(os.environ["OUT"]) / "bench.json").write_text(text)
 

@@ -106,8 +106,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # transformers' exact order of operations
-            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        if x.dtype == torch.float32:  # transformers' order of operations; F.rms_norm is slower on CPU
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
         # bf16/fp16: one fused kernel (fp32 statistics inside). GPU decode is launch-bound, and the
         # eager form (cast, square, mean, rsqrt, scale, cast, weight) costs 7 launches a norm.
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

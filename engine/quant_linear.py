@@ -17,6 +17,7 @@ does the matmul. That doubles 4-bit weight memory in exchange for ~15x faster pr
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,7 @@ def _group_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
     return perm
 
 
+@functools.cache
 def _dequant_kernel():
     """The Triton kernel behind dequantize_int4 (imported late: CPU-only installs have no Triton)."""
     import triton
@@ -135,15 +137,9 @@ def _dequant_kernel():
     return triton, dequant_int4
 
 
-_KERNEL = None
-
-
 def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """packed uint8 [N, K/2] + tinygemm scales_and_zeros [G, N, 2] -> W bf16 [N, K], one pass on the GPU."""
-    global _KERNEL
-    if _KERNEL is None:
-        _KERNEL = _dequant_kernel()
-    triton, kernel = _KERNEL
+    triton, kernel = _dequant_kernel()
     N, K = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(N, K, dtype=torch.bfloat16, device=packed.device)
     grid = (triton.cdiv(N, 32), triton.cdiv(K // 2, 64))
@@ -164,11 +160,11 @@ class Int4Linear(nn.Module):
         perm = _group_order(qw.g_idx, qw.group_size)
         q = qw.q if perm is None else qw.q[perm]                                          # [K, N]
         q_nk = q.t().contiguous().to(device)                                              # [N, K]
+        plain = None  # [N, K/2] two levels a byte, the even k in the high nibble (CUDA only)
         if self.cpu:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_nk.to(torch.int32), 1)
         else:
-            # Two levels a byte, the even k in the high nibble, as _convert_weight_to_int4pack expects.
-            plain = (q_nk[:, 0::2] << 4) | q_nk[:, 1::2]                                  # [N, K/2]
+            plain = (q_nk[:, 0::2] << 4) | q_nk[:, 1::2]   # the layout _convert_weight_to_int4pack expects
             packed = torch.ops.aten._convert_weight_to_int4pack(plain, 8)
         scales = qw.scales.float()
         # tinygemm computes (q - 8) * scale + zero; ours is q * scale + offset.
@@ -177,7 +173,7 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros",
                              torch.stack([scales, zero], -1).to(device, torch.bfloat16).contiguous(),
                              persistent=False)                                            # [G, N, 2]
-        self.register_buffer("plain", plain if prefill_copy and not self.cpu else None, persistent=False)
+        self.register_buffer("plain", plain if prefill_copy else None, persistent=False)
         self.register_buffer("perm", None if perm is None else perm.to(device), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.to(device), persistent=False)
 
@@ -208,6 +204,25 @@ class DequantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+class RescoredHead(nn.Module):
+    """The output head on CPU: every logit from a bf16 copy of the weights (a third of the fp32 head's time
+    there), then the `k` best recomputed exactly in fp32, so the greedy pick equals the fp32 head's while
+    sampling sees bf16-accurate tail logits. weight: [V, D] fp32 (shared with the embedding when tied)."""
+
+    def __init__(self, weight: torch.Tensor, k: int = 64):
+        super().__init__()
+        self.k = k
+        self.weight = weight
+        self.register_buffer("weight_bf16", weight.to(torch.bfloat16), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, S, D] -> logits [B, S, V] fp32
+        logits = F.linear(x.to(torch.bfloat16), self.weight_bf16).float()
+        top = logits.topk(self.k, dim=-1).indices                                         # [B, S, k]
+        exact = torch.einsum("bsd,bskd->bsk", x.float(), self.weight[top])
+        return logits.scatter_(-1, top, exact)
 
 
 def make_quant_linear(qw: QuantWeight, bias: torch.Tensor | None, device: torch.device,

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.llama import ModelArgs, Rotary, Transformer
-from engine.quant_linear import DequantLinear, QuantWeight, exact_int4, make_quant_linear
+from engine.quant_linear import DequantLinear, QuantWeight, RescoredHead, exact_int4, make_quant_linear
 from loaders.quant.formats import QuantSpec, read_quant_spec, unpack_awq, unpack_gptq
 
 Progress = Callable[[float, str], None]
@@ -176,5 +176,9 @@ def load_transformer(model_dir: Path, devices: list[torch.device], dtype: torch.
     else:
         head = ckpt.get("lm_head.weight", last).to(dtype)
     model.output.weight = nn.Parameter(head, requires_grad=False)
+    if repack_int4 and any("lossless repack" in kind for kind in loader.kinds):
+        # Same CPU fast path: the fp32 head would now take as long as all the int4 layers together.
+        model.output = RescoredHead(model.output.weight)
+        loader.kinds.add("rescored bf16 head")
     model.rotary = Rotary(args).to(first)  # built on meta above: its frequency table needs real values
     return model.eval(), loader.kinds

@@ -16,6 +16,7 @@ Folders starting with '.' are never listed as models.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -270,6 +271,18 @@ def _check_disk_space(plan: DownloadPlan) -> None:
         raise DiskSpaceError(f"Not enough disk space in {plan.models_dir}: this download needs "
                              f"{human_size(needed)} more but only {human_size(free)} is free; free up space or "
                              f"choose another models folder.")
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(plan: DownloadPlan, exc: OSError) -> DiskSpaceError:
+    """The disk filled up mid-download (the up-front check passed, then something else took the space)."""
+    kept = sum(p.stat().st_size for p in plan.partial_dir.rglob("*") if p.is_file()) \
+        if plan.partial_dir.is_dir() else 0
+    return DiskSpaceError(f"The disk holding {plan.models_dir} filled up during the download "
+                          f"({exc.strerror or 'no space left'}); {human_size(kept)} already downloaded is kept in "
+                          f"{plan.partial_dir.name}: free up space and run the download again to resume.")
 
 
 def _already_complete(plan: DownloadPlan) -> bool:
@@ -616,6 +629,17 @@ def download_model(ref: RepoRef, models_dir: Path, *, specific_file: str | None 
         return DownloadResult(plan.dest, plan.ref, plan.listing.commit, files, already_present=True)
     _refuse_foreign_folder(plan)
     _check_disk_space(plan)
+    try:
+        return _download_locked(plan, cancel, progress, workers, max_retries, token)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:   # a write hit the true edge of the disk: bytes so far stay
+            raise _disk_full(plan, exc) from None
+        raise
+
+
+def _download_locked(plan: DownloadPlan, cancel: threading.Event, progress: ProgressCallback | None,
+                     workers: int, max_retries: int, token: str | None) -> DownloadResult:
+    files = plan.selection.files
     with _exclusive(plan):
         _prepare_partial_dir(plan)
         tracker = _Tracker(files, progress)

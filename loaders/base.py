@@ -53,6 +53,9 @@ class Loader(Protocol):
     name: str
     description: str
     options_type: type     # a dataclass declared with loaders.options.option
+    # False for loaders that reach their model elsewhere (an OpenAI-compatible endpoint): no folder to pick.
+    # Read with getattr(..., True), so loaders that read folders may leave it out.
+    uses_model_folder: bool
 
     def detect(self, model_dir: Path) -> Detection | None: ...
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.llama import ModelArgs
-from engine.quant_linear import DequantLinear, Int4Linear, QuantWeight, exact_int4
+from engine.quant_linear import DequantLinear, Int4Linear, QuantWeight, RescoredHead, exact_int4
 from engine.runtime import Engine
 from engine.weights import load_transformer
 from tests.quant_fixtures import quantize_model_dir
@@ -127,6 +127,16 @@ def test_exact_int4_recognises_a_4bit_grid_losslessly():
     qw = exact_int4(w)
     assert qw is not None and torch.equal(qw.dequantize(), w)
     assert exact_int4(torch.randn(8, 64)) is None
+
+
+def test_rescored_head_keeps_the_fp32_top_logits():
+    weight, x = torch.randn(4000, 64), torch.randn(1, 3, 64)
+    ref = x @ weight.t()
+    out = RescoredHead(weight, k=16)(x)
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    top = ref.topk(4, dim=-1).indices  # well inside the k=16 recomputed, whatever bf16 did to the order
+    torch.testing.assert_close(out.gather(-1, top), ref.gather(-1, top))
+    assert rel_err(out, ref) < 1e-2
 
 
 @pytest.mark.parametrize("method,bits,group_size,desc_act", [("gptq", 4, 32, True), ("gptq", 3, 32, False),

@@ -14,9 +14,12 @@ from ui.model_tab import build_model_tab
 def build_ui(state) -> gr.Blocks:
     with gr.Blocks(title="Hearth") as demo:
         gr.Markdown("# 🔥 Hearth")
-        build_chat_tab(state)
+        chat_tab = build_chat_tab(state)
         model_tab = build_model_tab(state)
         build_download_tab(state, on_models_changed=model_tab["model_dropdown"])
+        # A newly loaded model brings its own template, system message and saved preset to the chat tab.
+        for event in model_tab["model_changed"]:
+            event.then(chat_tab["refresh"], None, chat_tab["refresh_outputs"], queue=False)
     return demo
 
 

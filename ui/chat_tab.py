@@ -2,6 +2,8 @@
 conversations. Logic lives in prompts/ (chat_session, presets, conversations, templates); this file only wires
 widgets to it."""
 
+import sys
+
 import gradio as gr
 
 from engine.sampling import GenerationParams
@@ -23,6 +25,7 @@ def build_chat_tab(state) -> dict:
     template_names = [AUTO, *state.template_library.names()]
     with gr.Tab("Text Generation", elem_id="tab-chat") as tab:
         template_info = gr.Markdown("", elem_id="chat-template-info")
+        file_problems = gr.Markdown("", elem_id="chat-file-problems")  # [issue 9] skipped user files
         mode = gr.Radio(list(MODES), value="Chat", label="Mode", elem_id="chat-mode")
         with gr.Column(visible=True) as chat_area:
             chatbot = gr.Chatbot(elem_id="chatbot", height=420, label="Chat")
@@ -85,6 +88,10 @@ def build_chat_tab(state) -> dict:
         preset_note = f" · preset **{saved['preset']}** (saved)" if saved.get("preset") else ""
         return f"Model **{state.model.name}** · template **{info['name']}** ({info['source']}){preset_note}"
 
+    def describe_file_problems() -> str:  # [issue 9]
+        problems = state.file_problems()
+        return "".join(f"⚠️ skipped or partly ignored: {p}  \n" for p in problems)
+
     def conversation_choices():
         listed = conversations.list()
         return gr.update(choices=[(c.title, c.id) for c in listed])
@@ -104,9 +111,10 @@ def build_chat_tab(state) -> dict:
                 system = state.template_info()["system_message"]
             except USER_ERRORS:
                 system = ""
-        return describe_template(None), system, saved.get("preset"), AUTO, conversation_choices()
+        return (describe_template(None), system, saved.get("preset"), AUTO, conversation_choices(),
+                describe_file_problems())
 
-    refresh_outputs = [template_info, system_message, preset, template, conversation_list]
+    refresh_outputs = [template_info, system_message, preset, template, conversation_list, file_problems]
 
     # ---- generation -----------------------------------------------------------------------------------
     def stream_chat(action, history, conv_id, mode_name, system, template_name, request):
@@ -247,5 +255,8 @@ def build_chat_tab(state) -> dict:
     # The start-up model is loaded before the UI is built: show its template and saved choices right away.
     initial = refresh()
     template_info.value, system_message.value, preset.value = initial[0], initial[1], initial[2]
+    file_problems.value = initial[5]
+    for problem in state.file_problems():  # [issue 9] the log says it too, for users who read the terminal
+        print(f"warning: {problem}", file=sys.stderr)
     conversation_list.choices = [(c.title, c.id) for c in conversations.list()]
     return {"chatbot": chatbot, "refresh": refresh, "refresh_outputs": refresh_outputs}

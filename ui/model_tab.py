@@ -111,7 +111,7 @@ def build_model_tab(state) -> dict:
         return {}
 
     def on_load(name, loader, *values, progress=gr.Progress()):
-        if not name:
+        if not name and state.needs_model_folder(loader):  # the remote loader needs no local folder
             return "⚠️ Pick a model first."
         try:
             model = state.load_model(name, loader, options_of(loader, values),
@@ -146,13 +146,16 @@ def build_model_tab(state) -> dict:
                     api_name="select_model")
     loader_dd.change(on_loader, [loader_dd], list(option_groups.values()))
     refresh_btn.click(lambda: gr.update(choices=state.list_models()), None, [model_dd])
-    load_btn.click(on_load, [model_dd, loader_dd, *flat_widgets], [status_md], concurrency_id="model",
-                   api_name="load_model")
-    unload_btn.click(on_unload, None, [status_md], concurrency_id="model", api_name="unload_model")
-    reload_btn.click(on_reload, [loader_dd, *flat_widgets], [status_md], concurrency_id="model")
+    loaded = [
+        load_btn.click(on_load, [model_dd, loader_dd, *flat_widgets], [status_md], concurrency_id="model",
+                       api_name="load_model"),
+        unload_btn.click(on_unload, None, [status_md], concurrency_id="model", api_name="unload_model"),
+        reload_btn.click(on_reload, [loader_dd, *flat_widgets], [status_md], concurrency_id="model"),
+    ]
     save_btn.click(on_save, [model_dd, loader_dd, *flat_widgets, *settings_widgets], [save_md, sources_md],
                    api_name="save_model_settings")
-    return {"model_dropdown": model_dd, "status": status_md}
+    # `model_changed`: events after which the loaded model may differ (other tabs chain their refresh on them).
+    return {"model_dropdown": model_dd, "status": status_md, "model_changed": loaded}
 
 
 def _status(state) -> str:
