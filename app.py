@@ -137,7 +137,7 @@ def inspect_model(state, name: str) -> dict:
     """What Hearth would do with model `name`, without loading its weights."""
     from loaders.transformers_loader import load_tokenizer
     from loaders.folder import read_json
-    from loaders.transformers_loader import context_length_of
+    from loaders.metadata import context_length_of
 
     folder = state.model_dir(name)
     detections = state.detect(name)

@@ -365,6 +365,91 @@ def profile(work: Path) -> dict:
     return res
 
 
+GEMV_SHAPES = {"wo 4096x4096": (4096, 4096), "w2 11008x4096": (11008, 4096), "wqkv 4096x12288": (4096, 12288),
+               "w13 4096x22016": (4096, 22016), "w13 70b 8192x57344": (8192, 57344)}
+
+
+def rotating_graph_time(make_call, nbytes: int, calls: int = 24) -> float:
+    """Seconds per call of make_call(i) (i = which of several weight copies), replayed in one CUDA graph. The
+    copies together exceed the 50 MB L2, so every call streams its weights from memory as in a real step."""
+    copies = max(1, -(-256 * 2**20 // nbytes))
+    fns = [make_call(i) for i in range(copies)]
+    return graph_time(lambda: [fns[i % copies]() for i in range(calls)], 1) / calls
+
+
+def gemv_sweep() -> dict:
+    """Our int4 GEMV (engine.int4_gemv) over launch configs, against tinygemm and bf16 cuBLAS, at M=1 on the
+    7B/70B layer shapes; effective TB/s counts 4-bit weights plus scales. Checks every config's result.
+    The act-order g32 shapes try only the configs that were among the best on some g128 shape."""
+    from engine.int4_gemv import GemvConfig, GemvWorkspace, dequantize_columns, int4_gemv, pack_columns
+
+    configs = [GemvConfig(bn, sk, w, st) for bn in (32, 64, 128, 256) for sk in (1, 4, 8, 16) for w in (4, 8)
+               for st in (2, 4) if not (bn == 32 and w == 8)]
+    contenders: set[GemvConfig] = set()
+    res = {}
+    cases = [(name, shape, 128, False) for name, shape in GEMV_SHAPES.items()] + \
+            [("wo 4096x4096 g32 act", (4096, 4096), 32, True), ("w2 11008x4096 g32 act", (11008, 4096), 32, True)]
+    for name, (k, n), gs, act in cases:
+        copies = max(1, -(-256 * 2**20 // (k * n // 2)))
+        qs = [torch.randint(0, 16, (k, n), dtype=torch.uint8, device="cuda") for _ in range(copies)]
+        packed = [pack_columns(q) for q in qs]
+        scales = [(torch.rand(k // gs, n, device="cuda") * 0.01 + 0.001).half() for _ in qs]
+        perm = torch.randperm(k, device="cuda").int() if act else None
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        xp = x[:, perm.long()] if act else x
+        g = torch.arange(k, device="cuda") // gs
+        w_ref = (qs[0].double() - 8) * scales[0].double()[g]                                   # [K, N]
+        ref = xp.double() @ w_ref
+        deq_err = ((dequantize_columns(packed[0], scales[0], None, 8.0, gs).double() - w_ref).norm()
+                   / w_ref.norm()).item()
+        nbytes = k * n // 2 + scales[0].numel() * 2
+        row, ranked = {}, []
+        for cfg in (sorted(contenders, key=str) if act else configs):
+            try:
+                ws = [GemvWorkspace(n, cfg, x.device) for _ in packed]
+                out = int4_gemv(x, packed[0], scales[0], None, 8.0, perm, gs, cfg, ws[0])
+                out = int4_gemv(x, packed[0], scales[0], None, 8.0, perm, gs, cfg, ws[0])  # the workspace reset itself
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                t = rotating_graph_time(lambda i: (lambda: int4_gemv(x, packed[i], scales[i], None, 8.0, perm, gs,
+                                                                      cfg, ws[i])), nbytes)
+                if act:  # alternative: gather x by one index_select kernel, then the plain GEMV
+                    p64 = perm.long()
+                    t_sel = rotating_graph_time(lambda i: (lambda: int4_gemv(x.index_select(1, p64), packed[i],
+                                                scales[i], None, 8.0, None, gs, cfg, ws[i])), nbytes)
+                    row[f"{cfg.block_n}/{cfg.split_k}/{cfg.num_warps}/{cfg.num_stages} index_select"] = \
+                        round(nbytes / t_sel / 1e12, 2)
+            except Exception as exc:  # a config Triton cannot build: note it and go on
+                row[str(cfg)] = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            tbs = nbytes / t / 1e12
+            row[f"{cfg.block_n}/{cfg.split_k}/{cfg.num_warps}/{cfg.num_stages}"] = [round(tbs, 2), f"{err:.1e}"]
+            if err < 1e-2:
+                ranked.append((tbs, cfg))
+        ranked.sort(key=lambda r: -r[0])
+        contenders.update(cfg for _, cfg in ranked[:6])
+        entry = {"best_tb_s": round(ranked[0][0], 2), "best_config": ranked[0][1].__dict__, "dequant_err": deq_err,
+                 "top5": [[round(t, 2), c.__dict__] for t, c in ranked[:5]], "all": row}
+        if not act:
+            sz = torch.rand(k // gs, n, 2, device="cuda").to(torch.bfloat16)
+            tg = [torch.ops.aten._convert_weight_to_int4pack(((q.t()[:, 0::2] << 4) | q.t()[:, 1::2]).contiguous(), 8)
+                  for q in qs]
+            t = rotating_graph_time(lambda i: (lambda: torch.ops.aten._weight_int4pack_mm(x, tg[i], gs, sz)), nbytes)
+            entry["tinygemm_tb_s"] = round(nbytes / t / 1e12, 2)
+            del tg
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(-(-copies // 4))]
+            t = rotating_graph_time(lambda i: (lambda: x @ ws[i % len(ws)].t()), 2 * k * n)
+            entry["cublas_bf16_tb_s"] = round(2 * k * n / t / 1e12, 2)
+            del ws
+        res[name] = entry
+        entry["best_index_select_tb_s"] = max((v for key, v in row.items() if key.endswith("index_select")),
+                                              default=None)
+        print(name, entry["best_tb_s"], entry["top5"][:3], entry.get("tinygemm_tb_s"), entry.get("cublas_bf16_tb_s"),
+              entry["best_index_select_tb_s"], file=sys.stderr, flush=True)
+        del qs, packed, scales
+        torch.cuda.empty_cache()
+    return res
+
+
 def cpu() -> dict:
     """The default model on this CPU: engine vs transformers generate(), greedy, same prompt. The runs
     alternate (engine, transformers, ...) so that load from other processes hits both alike; both rates are
@@ -406,6 +491,7 @@ def main() -> None:
     mode.add_argument("--gpu", action="store_true")
     mode.add_argument("--cpu", action="store_true")
     mode.add_argument("--profile", action="store_true", help="GPU: tinygemm alone, and act-order compiled")
+    mode.add_argument("--gemv", action="store_true", help="GPU: our int4 GEMV's launch configs vs tinygemm")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hearth-bench"), help="where checkpoints are written")
     ap.add_argument("--exllamav2", action="store_true", help="also run exllamav2 (must be importable)")
     ap.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json for the random checkpoints")
@@ -416,7 +502,12 @@ def main() -> None:
     if args.tokenizer:
         global TOKENIZER
         TOKENIZER = args.tokenizer
-    results = gpu(args.work, args.exllamav2) if args.gpu else profile(args.work) if args.profile else cpu()
+    if args.gpu:
+        results = gpu(args.work, args.exllamav2)
+    elif args.profile:
+        results = profile(args.work)
+    else:
+        results = gemv_sweep() if args.gemv else cpu()
     text = json.dumps(results, indent=1)
     print(text)
     if os.environ.get("OUT"):

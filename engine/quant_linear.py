@@ -8,6 +8,10 @@ W[n, k] = s[g(k), n] * (q[k, n] - z[g(k), n]), or float offsets m (GGUF Q4_1-sty
 `_weight_int4pack_mm_for_cpu` on CPU), which wants bf16 activations, bf16 [G, N, 2] scales-and-zeros and
 computes (q - 8) * scale + zero with contiguous groups along K. Act-order checkpoints have non-contiguous
 groups; sorting K by group once at load makes them contiguous, and the forward gathers x in that order.
+On CUDA, act-order weights use Hearth's own GEMV instead (engine.int4_gemv): it gathers x itself and keeps
+the checkpoint's own fp16 scales (2 bytes a group against tinygemm's 4, which at g32 is 12% of the bytes
+read), and its one packed copy also feeds prefill. Measured at M=1 on an H100 it is 5-20% slower than
+tinygemm on g128 shapes, so plain-order weights stay on tinygemm.
 Shapes tinygemm cannot take (and 2/3/8-bit) use `DequantLinear`: the same weights dequantized once.
 
 tinygemm is built for few rows: measured on an H100 it reaches ~1.7 TB/s at M=1 but only ~30 TFLOP/s at
@@ -23,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.int4_gemv import GemvWorkspace, default_config, dequantize_columns, int4_gemv, pack_columns
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 PREFILL_ROWS = 64   # from this many rows, dequantize + cuBLAS beats tinygemm
@@ -148,8 +154,9 @@ def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_
 
 
 class Int4Linear(nn.Module):
-    """y = x @ W^T + b through tinygemm. x: [..., K] any float dtype -> y: [..., N] in x's dtype.
-    prefill_copy (CUDA): also keep plain packed levels so that many-row inputs go through cuBLAS."""
+    """y = x @ W^T + b through tinygemm, or on CUDA for act-order weights through Hearth's GEMV.
+    x: [..., K] any float dtype -> y: [..., N] in x's dtype.
+    prefill_copy (CUDA, tinygemm): also keep plain packed levels so that many-row inputs go through cuBLAS."""
 
     def __init__(self, qw: QuantWeight, bias: torch.Tensor | None, device: torch.device,
                  prefill_copy: bool = False):
@@ -159,6 +166,15 @@ class Int4Linear(nn.Module):
         self.cpu = device.type == "cpu"
         perm = _group_order(qw.g_idx, qw.group_size)
         q = qw.q if perm is None else qw.q[perm]                                          # [K, N]
+        self.register_buffer("perm", None if perm is None else perm.to(device), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.to(device), persistent=False)
+        self.gemv = not self.cpu and perm is not None
+        if self.gemv:
+            self._init_gemv(qw, q.to(device), device)
+        else:
+            self._init_tinygemm(qw, q, device, prefill_copy)
+
+    def _init_tinygemm(self, qw: QuantWeight, q: torch.Tensor, device: torch.device, prefill_copy: bool) -> None:
         q_nk = q.t().contiguous().to(device)                                              # [N, K]
         plain = None  # [N, K/2] two levels a byte, the even k in the high nibble (CUDA only)
         if self.cpu:
@@ -174,23 +190,44 @@ class Int4Linear(nn.Module):
                              torch.stack([scales, zero], -1).to(device, torch.bfloat16).contiguous(),
                              persistent=False)                                            # [G, N, 2]
         self.register_buffer("plain", plain if prefill_copy else None, persistent=False)
-        self.register_buffer("perm", None if perm is None else perm.to(device), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.to(device), persistent=False)
+
+    def _init_gemv(self, qw: QuantWeight, q: torch.Tensor, device: torch.device) -> None:
+        # fp16 scales stay fp16 (GPTQ and AWQ store them so); anything else runs in fp32.
+        dtype = torch.float16 if qw.scales.dtype == torch.float16 else torch.float32
+        self.register_buffer("qweight", pack_columns(q), persistent=False)                # [K/8, N]
+        self.register_buffer("scales", qw.scales.to(device, dtype).contiguous(), persistent=False)
+        uniform_zero = qw.zeros is not None and bool((qw.zeros == qw.zeros.flatten()[0]).all())
+        self.zero = float(qw.zeros.flatten()[0]) if uniform_zero else 0.0   # symmetric GPTQ: 8 everywhere
+        self.register_buffer("offsets", None if uniform_zero else qw.offset().to(device).contiguous(),
+                             persistent=False)                                            # [G, N] fp32
+        self.gemv_config = default_config(self.out_features, self.in_features, self.group_size)
+        self.workspace = GemvWorkspace(self.out_features, self.gemv_config, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)                           # [M, K]
+        if self.gemv:
+            y = self._gemv_forward(x2)
+        else:
+            y = self._tinygemm_forward(x2)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _gemv_forward(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] == 1:
+            return int4_gemv(x2, self.qweight, self.scales, self.offsets, self.zero, self.perm, self.group_size,
+                             self.gemv_config, self.workspace)
+        w_t = dequantize_columns(self.qweight, self.scales, self.offsets, self.zero, self.group_size)  # [K, N]
+        return x2.index_select(1, self.perm) @ w_t
+
+    def _tinygemm_forward(self, x2: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
         if self.plain is not None and x2.shape[0] >= PREFILL_ROWS:
-            y = F.linear(x2, dequantize_int4(self.plain, self.scales_and_zeros, self.group_size))
-        elif self.cpu:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size,
-                                                            self.scales_and_zeros)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
-        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+            return F.linear(x2, dequantize_int4(self.plain, self.scales_and_zeros, self.group_size))
+        if self.cpu:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+        return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
 
 
 class DequantLinear(nn.Module):

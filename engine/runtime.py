@@ -179,7 +179,8 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     repack_int4: on CPU, store float weights that already lie exactly on a 4-bit grid (GGUF Q4 conversions
         such as the default model) as int4 for tinygemm's CPU kernel: a quarter of the bytes per token.
     fast_prefill: on CUDA, keep a plain copy of 4-bit weights so prompts run through cuBLAS (~15x faster
-        prompt processing; 4-bit weight memory doubles).
+        prompt processing; 4-bit weight memory doubles). Act-order weights need no copy: their one layout
+        serves both.
     compile_decode: torch.compile the decode step before graph capture (fuses the small kernels; costs
         compile time at the first token of each context bucket).
     progress: callable(fraction, message) or None.

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.llama import ModelArgs, Rotary, Transformer
-from engine.quant_linear import DequantLinear, QuantWeight, RescoredHead, exact_int4, make_quant_linear
+from engine.quant_linear import (DequantLinear, Int4Linear, QuantWeight, RescoredHead, exact_int4,
+                                 make_quant_linear)
 from loaders.quant.formats import QuantSpec, read_quant_spec, unpack_awq, unpack_gptq
 
 Progress = Callable[[float, str], None]
@@ -136,7 +137,8 @@ class WeightLoader:
 
     def _quant(self, qw: QuantWeight, bias, device: torch.device, label: str) -> nn.Module:
         module = make_quant_linear(qw, bias, device, self.dtype, self.prefill_copy)
-        kernel = "dequantized" if isinstance(module, DequantLinear) else "tinygemm"
+        kernel = ("dequantized" if isinstance(module, DequantLinear)
+                  else "hearth gemv" if isinstance(module, Int4Linear) and module.gemv else "tinygemm")
         self.kinds.add(f"{label} {kernel}")
         return module
 

@@ -59,6 +59,11 @@ def context_from_config(config: dict[str, Any]) -> tuple[int | None, str]:
     return None, ""
 
 
+def context_length_of(config: dict[str, Any], override: int = 0) -> int:
+    """The context a loader uses: the user's override, else the config's (rope scaling included), else 2048."""
+    return override or context_from_config(config)[0] or 2048
+
+
 def read_metadata(model_dir: Path) -> ModelMetadata:
     """What config.json and generation_config.json say; missing files give empty metadata."""
     config = read_json(model_dir / "config.json") or {}

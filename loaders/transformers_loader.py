@@ -15,6 +15,8 @@ import torch
 from engine.generation import GenerationEvent, stream
 from engine.sampling import GenerationParams
 from loaders.base import Detection, LoadError, Progress, no_progress
+from loaders.engine_choice import RuntimeOptions, load_on_engine
+from loaders.metadata import context_length_of
 from loaders.folder import pickle_files, read_json, require_dir, safetensors_files
 from loaders.options import option
 
@@ -22,7 +24,7 @@ QUANTIZATION_FILES = ("quantize_config.json", "quant_config.json")
 
 
 @dataclass
-class TransformersOptions:
+class TransformersOptions(RuntimeOptions):
     dtype: str = option("auto", "Weight dtype; auto = bfloat16 on CUDA (float16 where bf16 is unsupported), "
                                 "float32 on CPU.", choices=["auto", "float32", "bfloat16", "float16"])
     device: str = option("auto", "Where to run; auto = the first CUDA GPU when one answers, else CPU.",
@@ -32,11 +34,6 @@ class TransformersOptions:
     allow_pickle: bool = option(False, "Allow loading pickled .bin/.pt weights. Pickles can run code: only "
                                        "for files you trust.")
     trust_remote_code: bool = option(False, "Run Python code shipped with the model. Only for repos you trust.")
-    runtime: str = option("auto", "What runs the model: auto = Hearth's engine when it supports the architecture "
-                                  "(Llama, Mistral, Qwen2), else transformers.",
-                          choices=["auto", "engine", "transformers"])
-    gpu_split: str = option("", "Engine only: GB to use on each GPU, e.g. 20,24, to spread layers over several "
-                                "GPUs; empty = one GPU.")
 
 
 def pick_device(choice: str) -> torch.device:
@@ -64,15 +61,6 @@ def eos_ids(model_dir: Path, tokenizer) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     return list(dict.fromkeys(ids))
-
-
-def context_length_of(config: dict, override: int = 0) -> int:
-    if override:
-        return override
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        if isinstance(config.get(key), int):
-            return config[key]
-    return 2048
 
 
 class HFStepper:
@@ -167,8 +155,13 @@ class TransformersLoader:
                                 "when loaded; enable allow_pickle for this model if you trust its source")
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
-        if options.runtime != "transformers" and use_safetensors and not options.trust_remote_code:
-            engine_model = self._load_engine(model_dir, config, options, device, progress)
+        if use_safetensors and not options.trust_remote_code:
+            progress(0.05, "reading tokenizer")
+            tokenizer = load_tokenizer(model_dir)
+            engine_model = load_on_engine(self.name, model_dir, config, options, device=device.type,
+                                          tokenizer=tokenizer, eos_token_ids=eos_ids(model_dir, tokenizer),
+                                          context_length=context_length_of(config, options.context_length),
+                                          progress=progress)
             if engine_model is not None:
                 return engine_model
         progress(0.05, "reading config and tokenizer")
@@ -191,25 +184,3 @@ class TransformersLoader:
         progress(1.0, "ready")
         return TransformersModel(model_dir, model, tokenizer, device, dtype,
                                  context_length_of(config, options.context_length))
-
-    def _load_engine(self, model_dir: Path, config: dict, options: TransformersOptions, device: torch.device,
-                     progress: Progress):
-        """The model on Hearth's engine, or None to fall back to transformers (runtime auto only)."""
-        from engine.runtime import load_engine_model, unsupported_reason
-
-        reason = unsupported_reason(config)
-        if reason:
-            if options.runtime == "engine":
-                raise LoadError(f"Hearth's engine cannot run {model_dir.name}: {reason}")
-            return None
-        progress(0.05, "reading tokenizer")
-        tokenizer = load_tokenizer(model_dir)
-        try:
-            return load_engine_model(model_dir, tokenizer=tokenizer, eos_token_ids=eos_ids(model_dir, tokenizer),
-                                     context_length=context_length_of(config, options.context_length),
-                                     loader=self.name, device=device.type, gpu_split=options.gpu_split,
-                                     progress=progress)
-        except torch.OutOfMemoryError:
-            raise LoadError(f"out of memory loading {model_dir.name}; try a smaller model or gpu_split") from None
-        except (OSError, ValueError, KeyError) as exc:
-            raise LoadError(f"could not load {model_dir.name} into Hearth's engine: {exc}") from None

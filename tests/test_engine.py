@@ -174,13 +174,39 @@ def test_default_model_greedy_golden_on_the_engine(default_model_dir):
 
 @needs_cuda
 @pytest.mark.parametrize("group_size,act_order", [(128, False), (32, True)])
-@pytest.mark.parametrize("rows", [5, 300])  # tinygemm (decode) and Triton dequantize + cuBLAS (prefill)
+# 1 row: tinygemm / Hearth's GEMV (act-order); 5: tinygemm / dequantize + cuBLAS; 300: dequantize + cuBLAS
+@pytest.mark.parametrize("rows", [1, 5, 300])
 def test_int4_cuda_matches_dequantized(group_size, act_order, rows):
     qw = random_quant(1024, 520, group_size, act_order)
     layer = Int4Linear(qw, None, torch.device("cuda"), prefill_copy=True)
+    assert layer.gemv == act_order
     x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ qw.dequantize().cuda().t()
     assert rel_err(layer(x), ref) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("uniform_zero", [True, False])   # symmetric GPTQ (one z) / per-group zeros (AWQ-like)
+@pytest.mark.parametrize("split_k", [1, 4, 16])
+def test_hearth_gemv_matches_reference_and_resets_its_workspace(uniform_zero, split_k):
+    from engine.int4_gemv import GemvConfig, GemvWorkspace, int4_gemv
+
+    K, N, gs = 2048, 1000, 32                     # N not a multiple of the 64-output block
+    qw = random_quant(K, N, gs, act_order=True)
+    if uniform_zero:
+        qw.zeros.fill_(8)
+    qw.scales = qw.scales.half()
+    layer = Int4Linear(qw, None, torch.device("cuda"))
+    assert (layer.offsets is None) == uniform_zero
+    cfg = GemvConfig(block_n=64, split_k=split_k, num_warps=4, num_stages=2)
+    workspace = GemvWorkspace(N, cfg, torch.device("cuda"))
+    w = qw.dequantize(torch.float64).cuda()                                               # [N, K]
+    for _ in range(3):  # fresh inputs each call: the split-K scratch must be back at zero every time
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+        y = int4_gemv(x, layer.qweight, layer.scales, layer.offsets, layer.zero, layer.perm, gs, cfg, workspace)
+        assert y.shape == (1, N) and torch.isfinite(y).all()
+        assert rel_err(y, x.double() @ w.t()) < 5e-3
+    assert not workspace.sums.any() and not workspace.arrivals.any()
 
 
 def cuda_tiny_gptq(tmp_path):
@@ -202,7 +228,7 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
     outs = []
     for graphs in (False, True):
         model, kinds = load_transformer(model_dir, [torch.device("cuda")], torch.bfloat16, prefill_copy=True)
-        assert kinds == {"4-bit tinygemm"}
+        assert kinds == {"4-bit hearth gemv"}  # act-order: Hearth's GEMV in the graph
         engine = Engine(model, 1024, use_graphs=graphs, prefill_chunk=128)
         with torch.no_grad():
             steps = [engine.prefill(ids[:30]).clone()]

@@ -37,6 +37,15 @@ def pick_model(page, name: str) -> None:
     page.get_by_role("option", name=name).click()
 
 
+def wait_for_status(page, text: str, shoot, timeout_ms: int = 60_000) -> None:
+    """Wait until the chat status line contains `text`; on timeout, fail with what it said instead."""
+    try:
+        page.locator("#chat-status").get_by_text(text).wait_for(timeout=timeout_ms)
+    except Exception:
+        shoot("status-timeout")
+        pytest.fail(f"chat status never said {text!r}; it says {page.locator('#chat-status').inner_text()!r}")
+
+
 def bot_messages(page):
     return page.locator("#chatbot [data-testid=bot]")
 
@@ -115,7 +124,7 @@ def test_download_load_save_restart_chat_stop_regenerate(tmp_path, hub_with_quan
                 " return b.length && b[b.length - 1].innerText.length > 40; }", timeout=120_000)
             shoot("07-streaming")
             page.locator("#chat-stop").click()
-            page.locator("#chat-status").get_by_text("stopped").wait_for(timeout=30_000)
+            wait_for_status(page, "stopped", shoot)
             stopped_reply = bot_messages(page).last.inner_text()
             shoot("08-stopped")
             assert 40 < len(stopped_reply)

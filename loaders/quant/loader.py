@@ -7,18 +7,19 @@ from pathlib import Path
 import torch
 
 from loaders.base import Detection, LoadError, Progress, no_progress
+from loaders.engine_choice import RuntimeOptions, load_on_engine
 from loaders.folder import read_json, require_dir
-from loaders.metadata import context_from_config
+from loaders.metadata import context_length_of
 from loaders.options import option
 from loaders.quant.build import load_quantized
 from loaders.quant.formats import QuantSpec, read_quant_spec
 from loaders.quant.linear import KERNELS
 from loaders.safetensors_index import quantized_prefixes, tensor_index
-from loaders.transformers_loader import TransformersModel, load_tokenizer
+from loaders.transformers_loader import TransformersModel, eos_ids, load_tokenizer
 
 
 @dataclass
-class QuantOptions:
+class QuantOptions(RuntimeOptions):
     dtype: str = option("float32", "Compute dtype on CPU for activations and dequantized weights.",
                         choices=["float32", "bfloat16"])
     cpu_kernel: str = option("dequantize", "dequantize = unpack every layer once at load (exact, full-size "
@@ -63,6 +64,18 @@ class QuantizedModelLoader:
         dtype = getattr(torch, options.dtype)
         progress(0.05, "reading config and tokenizer")
         tokenizer = load_tokenizer(model_dir, options.trust_remote_code)
+        config = read_json(model_dir / "config.json") or {}
+        context = context_length_of(config, options.context_length)
+        # On a GPU Hearth's engine runs the quantized weights with its int4 kernels; on CPU (runtime auto) the
+        # exact dequantize-once path below is the tested default, the engine only when asked for.
+        if torch.cuda.is_available() or options.runtime == "engine":
+            engine_model = load_on_engine(self.name, model_dir, config, options,
+                                          device="cuda" if torch.cuda.is_available() else "cpu",
+                                          tokenizer=tokenizer, eos_token_ids=eos_ids(model_dir, tokenizer),
+                                          context_length=context, progress=progress)
+            if engine_model is not None:
+                engine_model.quant_spec = spec
+                return engine_model
         try:
             model = load_quantized(model_dir, spec, dtype, options.cpu_kernel, progress, options.trust_remote_code)
         except torch.OutOfMemoryError:
@@ -70,8 +83,6 @@ class QuantizedModelLoader:
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise LoadError(f"could not load the weights of {model_dir.name}: {exc}") from None
         progress(1.0, "ready")
-        config = read_json(model_dir / "config.json") or {}
-        context = options.context_length or context_from_config(config)[0] or 2048
         loaded = TransformersModel(model_dir, model, tokenizer, torch.device("cpu"), dtype, context)
         loaded.loader = self.name
         kernels = sorted({m.kernel for m in model.modules() if hasattr(m, "kernel") and hasattr(m, "bits")})

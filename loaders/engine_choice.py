@@ -1,0 +1,46 @@
+"""Which runtime runs a model a loader has read: Hearth's engine or transformers.
+
+Shared by every loader whose folders the engine can run (plain, GPTQ and AWQ), so the choice is declared
+once and made the same way everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loaders.base import LoadError, Progress
+from loaders.options import option
+
+
+@dataclass
+class RuntimeOptions:
+    runtime: str = option("auto", "What runs the model: auto = Hearth's engine when it supports the architecture "
+                                  "(Llama, Mistral, Qwen2, SmolLM) and the device, else transformers.",
+                          choices=["auto", "engine", "transformers"])
+    gpu_split: str = option("", "Engine only: GB to use on each GPU, e.g. 20,24, to spread layers over several "
+                                "GPUs; empty = one GPU.")
+
+
+def load_on_engine(loader: str, model_dir: Path, config: dict, options: RuntimeOptions, *, device: str,
+                   tokenizer, eos_token_ids: list[int], context_length: int, progress: Progress):
+    """The model on Hearth's engine, or None when `runtime` is auto and the engine cannot run it (the caller
+    then uses transformers). `device` is "cuda" or "cpu"."""
+    from engine.runtime import load_engine_model, unsupported_reason
+
+    if options.runtime == "transformers":
+        return None
+    reason = unsupported_reason(config)
+    if reason:
+        if options.runtime == "engine":
+            raise LoadError(f"Hearth's engine cannot run {model_dir.name}: {reason}")
+        return None
+    try:
+        return load_engine_model(model_dir, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
+                                 context_length=context_length, loader=loader, device=device,
+                                 gpu_split=options.gpu_split or None, progress=progress)
+    except torch.OutOfMemoryError:
+        raise LoadError(f"out of memory loading {model_dir.name}; try a smaller model or gpu_split") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise LoadError(f"could not load {model_dir.name} into Hearth's engine: {exc}") from None
