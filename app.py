@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require a login from FILE (one user:pass per line or comma-separated)")
     serve.add_argument("--insecure-listen", action="store_true",
                        help="allow --listen without a UI login (anyone on the network can use Hearth)")
-    # [api] issue 8: the OpenAI-compatible API beside the UI (code in api/)
+    # the OpenAI-compatible API beside the UI (code in api/)
     serve.add_argument("--api", action="store_true", help="also serve the OpenAI-compatible API (/v1)")
     serve.add_argument("--api-port", type=int, default=5000, help="API port (default 5000)")
     serve.add_argument("--api-key", help="key clients must send as 'Authorization: Bearer KEY'; required "
@@ -135,15 +135,13 @@ def cmd_generate(args) -> int:
 
 def inspect_model(state, name: str) -> dict:
     """What Hearth would do with model `name`, without loading its weights."""
-    from loaders.transformers_loader import load_tokenizer
     from loaders.folder import read_json
     from loaders.metadata import context_length_of
 
     folder = state.model_dir(name)
     detections = state.detect(name)
     config = read_json(folder / "config.json") or {}
-    tokenizer_config = read_json(folder / "tokenizer_config.json") or {}
-    template = state.resolve_template(name=name)  # [issue 6] the resolution order of prompts/templates.py
+    template = state.resolve_template(name=name)  # the resolution order of prompts/templates.py
     return {
         "model": name,
         "path": str(folder),
@@ -152,15 +150,15 @@ def inspect_model(state, name: str) -> dict:
         "candidates": [{"loader": d.loader, "score": d.score, "reason": d.reason} for d in detections],
         "architecture": (config.get("architectures") or [config.get("model_type")])[0],
         "context_length": context_length_of(config),
-        "template": template.name,  # [issue 6]
+        "template": template.name,
         "template_source": template.source,
         "template_reason": template.reason,
-        **_loader_facts(state, name, detections),  # [loaders] issue 5
+        **_loader_facts(state, name, detections),
     }
 
 
 def _loader_facts(state, name: str, detections) -> dict:
-    """[loaders] issue 5: quantization parameters, metadata and every effective setting with its source."""
+    """quantization parameters, metadata and every effective setting with its source."""
     from loaders.metadata import read_metadata
     from loaders.model_settings import as_json
 
@@ -227,7 +225,7 @@ def cmd_serve(args) -> int:
               "--gradio-auth-path FILE), or --insecure-listen if you really want no login", file=sys.stderr)
         return 2
     state = make_state(args, host="0.0.0.0" if args.listen else None, port=args.port, model=args.model)
-    if args.api:  # [api] issue 8: the API shares the UI's AppState and host; it starts before the model loads
+    if args.api:  # the API shares the UI's AppState and host; it starts before the model loads
         from api.auth import ApiConfigError
         from api.server import ApiConfig, ApiServer
 

@@ -5,7 +5,7 @@ a browser; ui/ and api/ only translate widgets and HTTP into these calls.
 """
 from __future__ import annotations
 
-import dataclasses  # used by generate (dataclasses.replace); the import was missing
+import dataclasses
 import gc
 import itertools
 import re
@@ -20,22 +20,21 @@ import torch
 from app_settings import AppSettings
 from engine.generation import DoneEvent, GenerationEvent
 from engine.sampling import GenerationParams
+from loaders.awq_loader import AWQLoader
 from loaders.base import Detection, LoaderRegistry, LoadError, Model, Progress, no_progress
+from loaders.gguf_loader import GGUFLoader
+from loaders.gptq_loader import GPTQLoader
+from loaders.model_settings import effective_settings, loader_options_to_apply, sampler_values, with_chosen_options
 from loaders.options import OptionError, build
-from loaders.remote_loader import RemoteLoader  # [api] issue 8: the OpenAI-compatible endpoint loader
+from loaders.remote_loader import RemoteLoader
+from loaders.settings_store import SettingsStore
 from loaders.transformers_loader import TransformersLoader
-from loaders.awq_loader import AWQLoader  # [loaders] issue 5
-from loaders.gguf_loader import GGUFLoader  # [loaders] issue 5
-from loaders.gptq_loader import GPTQLoader  # [loaders] issue 5
-from loaders.model_settings import (effective_settings, loader_options_to_apply, sampler_values,  # [loaders] #5
-                                    with_chosen_options)
-from loaders.settings_store import SettingsStore  # [loaders] issue 5
 from prompts.chat import Message, Prompt, render_continue_with_template, render_raw, render_with_template
-from prompts.stop_strings import merge_stops  # [issue 6] template resolution, derived stops, truncation
+from prompts.conversations import ConversationStore
+from prompts.presets import load_presets
+from prompts.stop_strings import merge_stops
 from prompts.templates import (TOKENIZER, ChatTemplate, TemplateLibrary, load_library, resolve_template,
                               saved_settings)
-from prompts.conversations import ConversationStore  # [issue 9] file_problems
-from prompts.presets import load_presets  # [issue 9] file_problems
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -74,14 +73,14 @@ def default_registry() -> LoaderRegistry:
     """The built-in loaders, registered the way a plugin would register its own."""
     registry = LoaderRegistry()
     registry.register(TransformersLoader())
-    registry.register(RemoteLoader())  # [api] issue 8
-    registry.register(GPTQLoader())  # [loaders] issue 5
-    registry.register(AWQLoader())  # [loaders] issue 5
-    registry.register(GGUFLoader())  # [loaders] issue 5
+    registry.register(RemoteLoader())
+    registry.register(GPTQLoader())
+    registry.register(AWQLoader())
+    registry.register(GGUFLoader())
     return registry
 
 
-# [api] issue 8: a fair generation queue. threading.Lock wakes waiters in no particular order, so under load
+# a fair generation queue. threading.Lock wakes waiters in no particular order, so under load
 # one client could wait forever; tickets served in arrival order make waiting times predictable, and the
 # position of each key lets the UI and the API tell a waiting user where they stand.
 class FifoQueue:
@@ -131,16 +130,16 @@ class AppState:
     model: Model | None = None
     # One load/unload at a time; one generation at a time on the one loaded model, served first come first served.
     model_lock: threading.RLock = field(default_factory=threading.RLock)
-    generation_queue: FifoQueue = field(default_factory=FifoQueue)  # [api] issue 8: was a plain Lock
+    generation_queue: FifoQueue = field(default_factory=FifoQueue)  # was a plain Lock
     # Cancel flags of generations in flight, by the caller's key (a UI session or an API request).
     _cancels: dict[str, threading.Event] = field(default_factory=dict)
-    # [issue 6] built-in instruction templates (templates/*.yaml), read once per AppState.
+    # built-in instruction templates (templates/*.yaml), read once per AppState.
     template_library: TemplateLibrary = field(default_factory=load_library)
-    # [loaders] issue 5: the effective settings of the loaded model, {setting: Effective(value, source)}.
+    # the effective settings of the loaded model, {setting: Effective(value, source)}.
     model_settings: dict[str, Any] | None = None
     _settings_store: SettingsStore | None = None
 
-    # ---- per-model saved settings ([loaders] issue 5) --------------------------------------------------
+    # ---- per-model saved settings --------------------------------------------------
     @property
     def settings_store(self) -> SettingsStore:
         if self._settings_store is None or self._settings_store.path.parent != self.models_dir:
@@ -201,11 +200,11 @@ class AppState:
         """Load `name` with `loader` (detected when None), unloading the current model first.
         A loader that cannot read the folder is refused with a message naming the one that can.
         A loader that needs no folder (uses_model_folder = False, e.g. a remote endpoint) ignores `name`."""
-        if not self.needs_model_folder(loader):  # [api] issue 8
+        if not self.needs_model_folder(loader):
             return self._load_without_folder(loader, options, progress)
         folder = self.model_dir(name)
         detections = self.registry.detect_all(folder)
-        # [loaders] issue 5: without an explicit choice, the saved loader and options (then metadata) apply.
+        # without an explicit choice, the saved loader and options (then metadata) apply.
         effective = self.effective_settings(name, loader) if detections else None
         if effective is not None:
             if loader is None:
@@ -230,15 +229,15 @@ class AppState:
         with self.model_lock:
             self._swap_in(lambda: chosen.load(folder, opts, progress), name, f"loading {name} with {loader}",
                           progress)
-            self.model_settings = with_chosen_options(effective, opts)  # [loaders] issue 5
+            self.model_settings = with_chosen_options(effective, opts)
             return self.model
 
-    def needs_model_folder(self, loader: str | None) -> bool:  # [api] issue 8
+    def needs_model_folder(self, loader: str | None) -> bool:
         """False for loaders that reach their model elsewhere (the remote endpoint): no folder to pick."""
         return loader is None or getattr(self.registry.get(loader), "uses_model_folder", True)
 
     def _load_without_folder(self, loader: str, options: dict[str, Any] | None, progress: Progress) -> Model:
-        """[api] issue 8: loaders that reach a model elsewhere (an OpenAI-compatible server) take only options."""
+        """loaders that reach a model elsewhere (an OpenAI-compatible server) take only options."""
         chosen = self.registry.get(loader)
         opts = loader_options(chosen, options)
         return self._swap_in(lambda: chosen.load(None, opts, progress), loader, f"connecting with {loader}",
@@ -257,7 +256,7 @@ class AppState:
             if self.model is not None:
                 self.model.unload()
                 self.model = None
-                self.model_settings = None  # [loaders] issue 5
+                self.model_settings = None
                 gc.collect()
 
     def require_model(self) -> Model:
@@ -267,7 +266,7 @@ class AppState:
         return model
 
     # ---- prompts and generation -----------------------------------------------------------------------
-    # [issue 6] ---- templates: resolution order and source live in prompts/templates.py ----------------
+    # ---- templates: resolution order and source live in prompts/templates.py ----------------
     @property
     def conversations_dir(self) -> Path:
         """Saved conversations sit beside models/ (tests get their own through a tmp models dir)."""
@@ -322,7 +321,7 @@ class AppState:
     def generation_params(self, **overrides: Any) -> GenerationParams:
         """settings.yaml's generation defaults with `overrides` on top (declared bounds are enforced)."""
         base = {k: v for k, v in vars(self.settings.generation).items()}
-        if self.model_settings is not None:  # [loaders] issue 5: saved > generation_config.json > settings.yaml
+        if self.model_settings is not None:  # saved > generation_config.json > settings.yaml
             base = sampler_values(self.model_settings)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return build(GenerationParams, base)
@@ -330,12 +329,12 @@ class AppState:
     def generate(self, prompt: Prompt, params: GenerationParams, key: str = "default") -> Iterator[GenerationEvent]:
         """Stream a generation; `stop(key)` ends it within one token. One generation runs at a time."""
         model = self.require_model()
-        if prompt.stop:  # [issue 6] the template's own stop strings on top of the user's
+        if prompt.stop:  # the template's own stop strings on top of the user's
             params = dataclasses.replace(params, stop=merge_stops(params.stop, prompt.stop))
         cancel = threading.Event()
         self._cancels[key] = cancel  # registered before queueing, so Stop also works while waiting
         try:
-            if not self.generation_queue.acquire(key, cancel):  # [api] issue 8: fair queue
+            if not self.generation_queue.acquire(key, cancel):  # fair queue
                 yield DoneEvent(reason="cancelled", text="")
                 return
             try:
@@ -355,14 +354,14 @@ class AppState:
         if cancel is None:
             return False
         cancel.set()
-        self.generation_queue.wake()  # [api] issue 8: a request still waiting in line leaves it now
+        self.generation_queue.wake()  # a request still waiting in line leaves it now
         return True
 
-    def queue_position(self, key: str = "default") -> int | None:  # [api] issue 8
+    def queue_position(self, key: str = "default") -> int | None:
         """0 while `key`'s generation runs, n when n generations are ahead of it, None when it has none."""
         return self.generation_queue.position(key)
 
-    def file_problems(self) -> list[str]:  # [issue 9]
+    def file_problems(self) -> list[str]:
         """User files Hearth skipped or partly ignored (malformed presets, templates, saved conversations,
         config-user.yaml), one line each naming the file; the app runs on without them."""
         self.settings_store.names()   # reading config-user.yaml reports (and backs up) a malformed one

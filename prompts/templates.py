@@ -163,7 +163,7 @@ def resolve_template(model_dir: Path, library: TemplateLibrary, saved: dict[str,
     if saved_name:
         found = library.find(saved_name)
         if found:
-            return library.get(found, SAVED, f"saved for this model in config-user.yaml")
+            return library.get(found, SAVED, "saved for this model in config-user.yaml")
         notes.append(f"saved template {saved_name!r} is not in templates/")
     own = tokenizer_chat_template(model_dir)
     if own:

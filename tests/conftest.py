@@ -24,6 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 
+# The Hub-server fixtures, available to every test module (importing them here registers them).
+from hub_fixtures import fake_hub, hub_env  # noqa: E402,F401
+
 
 def free_port() -> int:
     with socket.socket() as s:

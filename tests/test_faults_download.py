@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from hub_fixtures import fake_hub, hub_environment, random_bytes  # noqa: F401
+from hub_fixtures import hub_environment, random_bytes
 from hub_server import SEND_CHUNK
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hub_fixtures import LLAMA2_CHAT_GPTQ, fake_hub, hub_environment  # noqa: F401
+from hub_fixtures import LLAMA2_CHAT_GPTQ, hub_environment
 from tests.browser import browser_page, open_tab
 from tests.conftest import start_app
 

@@ -11,8 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from hub_fixtures import (LLAMA2_CHAT_GPTQ, gptq_branch_files, fake_hub, hub_environment,  # noqa: F401
-                          random_bytes)
+from hub_fixtures import LLAMA2_CHAT_GPTQ, gptq_branch_files, hub_environment, random_bytes
 from hub_server import SEND_CHUNK
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,7 @@ from hub.errors import (DiskSpaceError, DownloadCancelled, GatedRepo, HubError, 
                         VerifyError)
 from hub.repo_id import parse_repo_spec
 from hub_server import SEND_CHUNK
-from hub_fixtures import GATED_REPO, GATED_TOKEN, LLAMA2_CHAT_GPTQ, fake_hub, hub_env, random_bytes  # noqa: F401
+from hub_fixtures import GATED_REPO, GATED_TOKEN, LLAMA2_CHAT_GPTQ, random_bytes
 
 BRANCH_32G = "gptq-4bit-32g-actorder_True"
 FOLDER_32G = f"TheBloke_Llama-2-7b-Chat-GPTQ_{BRANCH_32G}"

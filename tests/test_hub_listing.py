@@ -6,8 +6,7 @@ import pytest
 from hub.errors import ChoiceNeeded, EntryNotFound, GatedRepo, RepoNotFound, RevisionNotFound, UnsafePath
 from hub.listing import list_branches, list_files, select_files
 from hub.repo_id import parse_repo_spec
-from hub_fixtures import (AIROBOROS_AWQ, GATED_REPO, GATED_TOKEN, GPTQ_BRANCHES, LLAMA2_CHAT_GPTQ,  # noqa: F401
-                          fake_hub, hub_env, random_bytes)
+from hub_fixtures import AIROBOROS_AWQ, GATED_REPO, GATED_TOKEN, GPTQ_BRANCHES, LLAMA2_CHAT_GPTQ, random_bytes
 
 
 def paths(selection):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hub_fixtures import LLAMA2_CHAT_GPTQ, fake_hub, hub_env, random_bytes  # noqa: F401
+from hub_fixtures import LLAMA2_CHAT_GPTQ, random_bytes
 
 BRANCH = "gptq-4bit-32g-actorder_True"
 FOLDER = f"TheBloke_Llama-2-7b-Chat-GPTQ_{BRANCH}"

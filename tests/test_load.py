@@ -5,7 +5,6 @@ test instead of hanging it."""
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import openai

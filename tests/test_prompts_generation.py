@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.generation import TextEvent, collect
+from engine.generation import TextEvent
 from engine.sampling import GenerationParams
 from prompts import chat_session
-from prompts.chat import render_with_template
 from prompts.sandbox import TemplateRenderError, render_template
 from prompts.stop_strings import derive_stop_strings
 from prompts.stopping import StopStringFilter

@@ -6,12 +6,10 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
 from gradio_client import Client
 
 from engine.generation import TextEvent
 from prompts import chat_session
-from tests.conftest import DEFAULT_MODEL
 
 QUESTION = "What is the capital of France?"
 WAIT_S = 120   # every wait in this module is bounded: a deadlock fails the test instead of hanging it

@@ -25,7 +25,7 @@ def build_chat_tab(state) -> dict:
     template_names = [AUTO, *state.template_library.names()]
     with gr.Tab("Text Generation", elem_id="tab-chat") as tab:
         template_info = gr.Markdown("", elem_id="chat-template-info")
-        file_problems = gr.Markdown("", elem_id="chat-file-problems")  # [issue 9] skipped user files
+        file_problems = gr.Markdown("", elem_id="chat-file-problems")  # skipped user files
         mode = gr.Radio(list(MODES), value="Chat", label="Mode", elem_id="chat-mode")
         with gr.Column(visible=True) as chat_area:
             chatbot = gr.Chatbot(elem_id="chatbot", height=420, label="Chat")
@@ -88,7 +88,7 @@ def build_chat_tab(state) -> dict:
         preset_note = f" · preset **{saved['preset']}** (saved)" if saved.get("preset") else ""
         return f"Model **{state.model.name}** · template **{info['name']}** ({info['source']}){preset_note}"
 
-    def describe_file_problems() -> str:  # [issue 9]
+    def describe_file_problems() -> str:
         problems = state.file_problems()
         return "".join(f"⚠️ skipped or partly ignored: {p}  \n" for p in problems)
 
@@ -256,7 +256,7 @@ def build_chat_tab(state) -> dict:
     initial = refresh()
     template_info.value, system_message.value, preset.value = initial[0], initial[1], initial[2]
     file_problems.value = initial[5]
-    for problem in state.file_problems():  # [issue 9] the log says it too, for users who read the terminal
+    for problem in state.file_problems():  # the log says it too, for users who read the terminal
         print(f"warning: {problem}", file=sys.stderr)
     conversation_list.choices = [(c.title, c.id) for c in conversations.list()]
     return {"chatbot": chatbot, "refresh": refresh, "refresh_outputs": refresh_outputs}

@@ -46,7 +46,7 @@ def build_model_tab(state) -> dict:
             unload_btn = gr.Button("Unload", elem_id="model-unload")
             reload_btn = gr.Button("Reload", elem_id="model-reload")
         status_md = gr.Markdown(_status(state), elem_id="model-status")
-        # [loaders] issue 5: per-model settings, saved to models/config-user.yaml.
+        # per-model settings, saved to models/config-user.yaml.
         with gr.Accordion("Per-model settings", open=True, elem_id="model-settings"):
             with gr.Row():
                 context_nb = gr.Number(value=0, precision=0, minimum=0, label="Context length",
