@@ -13,9 +13,8 @@ from prompts.card_template import template_from_card
 from prompts.front_matter import read_front_matter
 from prompts.templates import load_library, resolve_template
 
-CARDS = Path("/work/shared/model-cards")
-if not CARDS.is_dir():
-    CARDS = Path(__file__).resolve().parents[2] / "shared" / "model-cards"
+from hub_fixtures import CARDS_DIR as CARDS  # copies of ../shared/model-cards, so the suite runs anywhere
+
 LLAMA2_SYSTEM = ("You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while "
                  "being safe.  Your answers should not include any harmful, unethical, racist, sexist, toxic, "
                  "dangerous, or illegal content. Please ensure that your responses are socially unbiased and positive "
