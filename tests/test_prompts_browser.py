@@ -30,6 +30,23 @@ def test_switching_modes_and_chatting(running_app, tmp_path):
             "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
         expect(page.locator("#prompt-tokens")).to_contain_text("tokens")
 
+        # Two more turns: each reply answers its own question and never writes the next user turn.
+        for turn, (question, answer) in enumerate([("What is the capital of Germany?", "Berlin"),
+                                                   ("What is the capital of Italy?", "Rome")], start=2):
+            page.locator("#chat-input textarea").fill(question)
+            page.click("#chat-send")
+            page.wait_for_function(
+                "(n) => document.querySelectorAll('#chatbot [data-testid=bot]').length === n"
+                " && document.querySelector('#chat-status').innerText.includes('tok/s')"
+                " && !document.querySelector('#chat-status').innerText.includes('generating')",
+                arg=turn, timeout=120000)
+            reply = page.locator("#chatbot [data-testid=bot]").last.inner_text()
+            assert answer in reply
+            for leak in ("<|im_start|>", "<|im_end|>", "user\n", "USER:"):
+                assert leak not in reply
+        assert page.locator("#prompt-view textarea").input_value().count("<|im_start|>user\n") == 3
+        page.screenshot(path=str(tmp_path / "three-turns.png"), full_page=True)
+
         page.get_by_label("Notebook").check()
         expect(page.locator("#notebook-text")).to_be_visible()
         expect(page.locator("#chatbot")).to_be_hidden()
