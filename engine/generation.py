@@ -94,13 +94,27 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
             if cancel is not None and cancel.is_set():
                 yield from finish("cancelled")
                 return
+            # On a GPU the next step is queued before the chosen id is read back, so the GPU computes it while
+            # Python turns the id into text (only the reply's last queued step is wasted). The id travels
+            # through pinned memory and an event, so the read waits for the sampler, not for that step.
+            overlap = torch.device(stepper.device).type == "cuda"
+            token_host = torch.empty((), dtype=torch.long, pin_memory=True) if overlap else None
             logits = stepper.start(prompt_ids)
             while True:
                 token = sampler(logits, history[: n_prompt + n_new])
-                token_id = int(token)  # the one host sync per token
+                history[n_prompt + n_new] = token
+                queued = overlap and n_new + 1 < max_new
+                if queued:
+                    token_host.copy_(token, non_blocking=True)
+                    chosen = torch.cuda.Event()
+                    chosen.record()
+                    logits = stepper.step(token)
+                    chosen.synchronize()
+                    token_id = int(token_host)  # the one host sync per token
+                else:
+                    token_id = int(token)  # the one host sync per token
                 if n_new == 0:
                     ttft = time.perf_counter() - t0
-                history[n_prompt + n_new] = token
                 n_new += 1
                 if token_id in eos:
                     reason = "eos"
@@ -118,7 +132,8 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
                 if cancel is not None and cancel.is_set():
                     reason = "cancelled"
                     break
-                logits = stepper.step(token)
+                if not queued:
+                    logits = stepper.step(token)
     except torch.OutOfMemoryError:
         yield from finish("error", "out of memory while generating: shorten the prompt or max_new_tokens")
         return

@@ -11,8 +11,8 @@ gather kernel per linear.
 The GEMV works one group at a time and applies the scale once per word row: for the 8 inputs of word row w,
 sum_j x_j (s q_j + m) = s * sum_j x_j q_j + m * sum_j x_j. The accumulator keeps the word rows apart and is
 reduced once at the end, so the loop does no cross-thread work. Batch-1 decode is bound by reading the
-weights, so the grid splits N (and, for few outputs, K: partial sums meet through fp32 atomics) until every
-SM has work.
+weights, so the grid splits both N and K (up to 16 ways; the partial sums meet through fp32 atomics) so
+that every SM has several programs in flight.
 """
 from __future__ import annotations
 

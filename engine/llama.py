@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import fused_ops
+
 # config.json model_type values this file implements; anything else falls back to transformers.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -181,12 +183,18 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, H_kv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, S, H + 2 * H_kv, self.head_dim)            # [B, S, H + 2 H_kv, D]
-        # Rotate q and k together: one set of kernels instead of two (decode is launch-bound on GPU).
-        qk = apply_rotary(qkv[:, :, : H + H_kv], cos, sin)
-        q = qk[:, :, :H].transpose(1, 2)                                      # [B, H, S, D]
-        k = qk[:, :, H:].transpose(1, 2)                                      # [B, H_kv, S, D]
-        v = qkv[:, :, H + H_kv:].transpose(1, 2)
-        k, v = self.kv_cache.update(input_pos, k, v, kv_len)                 # [B, H_kv, kv_len, D]
+        cache = self.kv_cache
+        if fused_ops.usable(qkv) and self.head_dim & (self.head_dim - 1) == 0:
+            # One kernel: RoPE on q and k, k and v into the cache (Triton wants a power-of-two head size).
+            q = fused_ops.rotary_into_cache(qkv, cos, sin, input_pos, cache.k, cache.v, H, H_kv).transpose(1, 2)
+            k, v = cache.k[:, :, :kv_len], cache.v[:, :, :kv_len]
+        else:
+            # Rotate q and k together: one set of kernels instead of two (decode is launch-bound on GPU).
+            qk = apply_rotary(qkv[:, :, : H + H_kv], cos, sin)
+            q = qk[:, :, :H].transpose(1, 2)                                  # [B, H, S, D]
+            k = qk[:, :, H:].transpose(1, 2)                                  # [B, H_kv, S, D]
+            v = qkv[:, :, H + H_kv:].transpose(1, 2)
+            k, v = cache.update(input_pos, k, v, kv_len)                     # [B, H_kv, kv_len, D]
         if self.n_kv_heads != self.n_heads:
             # GQA: each kv head serves n_heads / n_kv_heads query heads.
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -204,7 +212,10 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        gate_up = self.w13(x)
+        if fused_ops.usable(gate_up):
+            return self.w2(fused_ops.silu_mul(gate_up))                       # SwiGLU, one kernel
+        gate, up = gate_up.split(self.hidden, dim=-1)
         return self.w2(F.silu(gate) * up)                                     # SwiGLU
 
 
@@ -216,9 +227,22 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, mask, input_pos, kv_len: int):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos, kv_len)
-        return h + self.feed_forward(self.ffn_norm(h))
+    def forward(self, x, delta, cos, sin, mask, input_pos, kv_len: int):
+        """This layer's input is x + delta (delta: the previous layer's MLP output, or None): each residual
+        add is done together with the norm that follows it. Returns (h, mlp_out); h + mlp_out is the output."""
+        x, normed = add_norm(x, delta, self.attention_norm)
+        h, normed = add_norm(x, self.attention(normed, cos, sin, mask, input_pos, kv_len), self.ffn_norm)
+        return h, self.feed_forward(normed)
+
+
+def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, norm(h)) with h = x + delta (x itself when delta is None): on CUDA one kernel for both."""
+    if delta is None:
+        return x, norm(x)
+    if fused_ops.usable(x):
+        return fused_ops.add_rms_norm(x, delta, norm.weight, norm.eps)
+    h = x + delta
+    return h, norm(h)
 
 
 class Transformer(nn.Module):
@@ -256,12 +280,18 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)                                       # [B, S, dim]
         cos, sin = (t[:, None] for t in self.rotary(input_pos, x.dtype))     # [S, 1, D], broadcast over heads
         mask = self.mask(input_pos, kv_len)
+        if fused_ops.usable(x):
+            # SDPA turns a bool mask into an additive one in every call (kernels in every layer): once here.
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        delta = None  # the last layer's MLP output, added to x together with the next norm
         for layer in self.layers:
             device = layer.attention_norm.weight.device
             if x.device != device:  # layers split across GPUs: hand the activations on
                 x, cos, sin, mask, input_pos = (t.to(device) for t in (x, cos, sin, mask, input_pos))
-            x = layer(x, cos, sin, mask, input_pos, kv_len)
+                delta = None if delta is None else delta.to(device)
+            x, delta = layer(x, delta, cos, sin, mask, input_pos, kv_len)
         if last_only:
-            x = x[:, -1:]
-        x = self.norm(x.to(self.norm.weight.device))
+            x, delta = x[:, -1:], delta[:, -1:]
+        device = self.norm.weight.device
+        _, x = add_norm(x.to(device), delta.to(device), self.norm)
         return self.output(x).float()

@@ -10,7 +10,7 @@ computes (q - 8) * scale + zero with contiguous groups along K. Act-order checkp
 groups; sorting K by group once at load makes them contiguous, and the forward gathers x in that order.
 On CUDA, act-order weights use Hearth's own GEMV instead (engine.int4_gemv): it gathers x itself and keeps
 the checkpoint's own fp16 scales (2 bytes a group against tinygemm's 4, which at g32 is 12% of the bytes
-read), and its one packed copy also feeds prefill. Measured at M=1 on an H100 it is 5-20% slower than
+read), and its one packed copy also feeds prefill. Measured at M=1 on an H100 it is 2-18% slower than
 tinygemm on g128 shapes, so plain-order weights stay on tinygemm.
 Shapes tinygemm cannot take (and 2/3/8-bit) use `DequantLinear`: the same weights dequantized once.
 

@@ -209,6 +209,24 @@ def test_hearth_gemv_matches_reference_and_resets_its_workspace(uniform_zero, sp
     assert not workspace.sums.any() and not workspace.arrivals.any()
 
 
+@needs_cuda
+@pytest.mark.parametrize("kind", ["llama-gqa-tied-llama3", "mistral-gqa-window"])
+def test_cuda_bf16_engine_matches_cpu_fp32(tmp_path, kind):
+    # The CUDA path's fused kernels (RoPE + KV-cache write, SwiGLU, additive mask) against the CPU ops.
+    save_tiny(tmp_path, kind)
+    ids = torch.randint(0, 96, (SEQ,))
+    runs = []
+    for device, dtype in ((torch.device("cpu"), torch.float32), (torch.device("cuda"), torch.bfloat16)):
+        model, _ = load_transformer(tmp_path, [device], dtype)
+        engine = Engine(model, 64, use_graphs=device.type == "cuda", prefill_chunk=7)
+        with torch.no_grad():
+            steps = [engine.prefill(ids[:20].tolist()).float().cpu()]
+            steps += [engine.decode(ids[pos].to(device), pos).float().cpu() for pos in range(20, SEQ)]
+        runs.append(steps)
+    for got, ref in zip(runs[1], runs[0]):
+        assert rel_err(got, ref) < 3e-2
+
+
 def cuda_tiny_gptq(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

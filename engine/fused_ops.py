@@ -1,0 +1,113 @@
+"""Fused CUDA kernels (Triton) for the small steps between the matmuls of a decoder layer.
+
+Batch-1 decode replays a CUDA graph of the whole step; its tiny elementwise kernels each still cost ~2-3 us
+there, about as much as a small GEMV. Eager PyTorch spends seven on RoPE plus the KV-cache write (neg, cat,
+three multiply/adds, two index_copy_), two on SwiGLU (silu, mul) and two on each residual add followed by
+an RMSNorm; these replace them with one each.
+Used on CUDA outside torch.compile (which fuses the same steps itself); CPU keeps the plain ops.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def usable(x: torch.Tensor) -> bool:
+    """Whether the fused kernels apply to activations x: CUDA, half precision, not under torch.compile."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling()
+
+
+@functools.cache
+def _kernels():
+    """The Triton kernels (imported late: CPU-only installs have no Triton)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, H, H_KV, T,
+                            HALF: tl.constexpr):
+        # qkv: [S, H + 2 H_kv, D]; cos, sin: [S, D]; pos: [S]; q: [S, H, D]; caches: [H_kv, T, D]
+        s = tl.program_id(0)
+        h = tl.program_id(1)
+        D: tl.constexpr = 2 * HALF
+        d = tl.arange(0, HALF)
+        row = qkv_ptr + (s * (H + 2 * H_KV) + h).to(tl.int64) * D
+        pos = tl.load(pos_ptr + s)
+        if h < H + H_KV:
+            # HF's rotate-half RoPE: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in fp32
+            x1 = tl.load(row + d).to(tl.float32)
+            x2 = tl.load(row + HALF + d).to(tl.float32)
+            c1 = tl.load(cos_ptr + s * D + d).to(tl.float32)
+            c2 = tl.load(cos_ptr + s * D + HALF + d).to(tl.float32)
+            s1 = tl.load(sin_ptr + s * D + d).to(tl.float32)
+            s2 = tl.load(sin_ptr + s * D + HALF + d).to(tl.float32)
+            if h < H:
+                out = q_ptr + (s * H + h).to(tl.int64) * D
+            else:
+                out = k_cache_ptr + ((h - H) * T + pos).to(tl.int64) * D
+            tl.store(out + d, (x1 * c1 - x2 * s1).to(out.dtype.element_ty))
+            tl.store(out + HALF + d, (x2 * c2 + x1 * s2).to(out.dtype.element_ty))
+        else:
+            full = tl.arange(0, D)
+            tl.store(v_cache_ptr + ((h - H - H_KV) * T + pos).to(tl.int64) * D + full, tl.load(row + full))
+
+    @triton.jit
+    def silu_mul_kernel(gate_up_ptr, out_ptr, HIDDEN, BLOCK: tl.constexpr):
+        # gate_up: [M, 2 * HIDDEN] (gate first) -> out: [M, HIDDEN] = silu(gate) * up
+        m = tl.program_id(0).to(tl.int64)
+        i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < HIDDEN
+        gate = tl.load(gate_up_ptr + m * 2 * HIDDEN + i, mask=ok, other=0).to(tl.float32)
+        up = tl.load(gate_up_ptr + m * 2 * HIDDEN + HIDDEN + i, mask=ok, other=0).to(tl.float32)
+        tl.store(out_ptr + m * HIDDEN + i, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, h_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+        # one row: h = x + delta (rounded to the activation dtype, as the unfused add would), out = rms_norm(h)
+        row = tl.program_id(0).to(tl.int64) * D
+        i = tl.arange(0, BLOCK)
+        ok = i < D
+        h = (tl.load(x_ptr + row + i, mask=ok, other=0).to(tl.float32)
+             + tl.load(delta_ptr + row + i, mask=ok, other=0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row + i, h, mask=ok)
+        hf = h.to(tl.float32)
+        scale = tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
+        w = tl.load(w_ptr + i, mask=ok, other=0).to(tl.float32)
+        tl.store(out_ptr + row + i, (hf * scale * w).to(out_ptr.dtype.element_ty), mask=ok)
+
+    return triton, rotary_cache_kernel, silu_mul_kernel, add_rms_norm_kernel
+
+
+def rotary_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """Rotate q and k by RoPE, write k and v into the caches at input_pos; returns q [1, S, H, D].
+    qkv: [1, S, H + 2 H_kv, D] contiguous, D a power of two; cos, sin: [S, D] (or views of it);
+    caches: [1, H_kv, T, D]."""
+    triton, kernel, _, _ = _kernels()
+    _, S, heads, D = qkv.shape
+    q = torch.empty(1, S, n_heads, D, dtype=qkv.dtype, device=qkv.device)
+    kernel[(S, heads)](qkv, cos, sin, input_pos, q, k_cache, v_cache, n_heads, n_kv_heads, k_cache.shape[2],
+                       HALF=D // 2)
+    return q
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's silu(gate) * up from the fused gate-up projection [..., 2 * hidden] -> [..., hidden]."""
+    triton, _, kernel, _ = _kernels()
+    hidden = gate_up.shape[-1] // 2
+    rows = gate_up.numel() // gate_up.shape[-1]
+    out = torch.empty(*gate_up.shape[:-1], hidden, dtype=gate_up.dtype, device=gate_up.device)
+    kernel[(rows, triton.cdiv(hidden, 1024))](gate_up, out, hidden, BLOCK=1024)
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h) * weight) with h = x + delta, over the last dim; x, delta contiguous, same shape."""
+    triton, _, _, kernel = _kernels()
+    D = x.shape[-1]
+    h, out = torch.empty_like(x), torch.empty_like(x)
+    block = triton.next_power_of_2(D)
+    kernel[(x.numel() // D,)](x, delta, weight, h, out, D, eps, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    return h, out
