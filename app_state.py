@@ -5,6 +5,7 @@ a browser; ui/ and api/ only translate widgets and HTTP into these calls.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import itertools
@@ -42,6 +43,15 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def _is_model_folder(path: Path) -> bool:
     return (path.is_dir() and not path.name.startswith(".") and bool(MODEL_NAME.match(path.name))
             and (any(path.glob("*.json")) or any(path.glob("*.gguf"))))
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS after an unload. glibc keeps them in its arenas otherwise, so
+    resident memory would creep up over load/unload cycles although nothing leaks."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def loader_options(loader, values: dict[str, Any] | None):
@@ -258,6 +268,7 @@ class AppState:
                 self.model = None
                 self.model_settings = None
                 gc.collect()
+                release_freed_memory()
 
     def require_model(self) -> Model:
         model = self.model

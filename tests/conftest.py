@@ -94,11 +94,15 @@ def start_app(args: list[str], log: Path, env: dict | None = None, timeout: floa
     fh = open(log, "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "serve", "--port", str(port), *args],
                             cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    app = RunningApp(proc, port, log)
+    return wait_until_serving(RunningApp(proc, port, log), timeout)
+
+
+def wait_until_serving(app: RunningApp, timeout: float) -> RunningApp:
+    """Return `app` once Gradio answers on its port; fail with its log if it exits or stays silent."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited with {proc.returncode}:\n{app.output()}")
+        if app.proc.poll() is not None:
+            raise RuntimeError(f"app exited with {app.proc.returncode}:\n{app.output()}")
         try:
             with urllib.request.urlopen(app.url + "/gradio_api/info", timeout=2) as r:
                 if r.status == 200:

@@ -24,6 +24,8 @@ def test_load_and_chat_in_the_browser(tmp_path, models_dir):
             shoot("2-model-loaded")
 
             open_tab(page, "tab-chat")
+            page.locator("#preset input").fill("Deterministic")  # greedy, so the answer is known
+            page.locator("#preset input").press("Enter")
             # Record every distinct text the reply bubble shows, to see it stream rather than appear at once.
             page.evaluate("""() => {
                 window.__replyTexts = [];

@@ -16,7 +16,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 from gradio_client import Client
 
 from prompts.conversations import ConversationStore
-from tests.conftest import DEFAULT_MODEL, REPO, RunningApp, free_port
+from tests.conftest import DEFAULT_MODEL, REPO, RunningApp, free_port, wait_until_serving
 
 STARTUP_S = 180
 
@@ -48,19 +47,7 @@ def start_app_with_overlays(args: list[str], overlays: dict[Path, Path], log: Pa
     fh = open(log, "w")
     proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", *user_ns, "sh", "-c",
                              f"{mounts} && exec {serve}"], cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-    app = RunningApp(proc, port, log)
-    deadline = time.time() + STARTUP_S
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"Hearth exited with {proc.returncode}:\n{app.output()}")
-        try:
-            with urllib.request.urlopen(app.url + "/gradio_api/info", timeout=2) as r:
-                if r.status == 200:
-                    return app
-        except OSError:
-            time.sleep(0.5)
-    app.stop()
-    raise AssertionError(f"Hearth did not answer within {STARTUP_S} s:\n{app.output()}")
+    return wait_until_serving(RunningApp(proc, port, log), STARTUP_S)
 
 
 def folder_with(original: Path, copy: Path, extra: dict[str, str]) -> Path:
