@@ -116,13 +116,17 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
         model = state.model
         return model.context_length if model is not None else None
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def accepted(request: Request, schema):
+        """The steps every generation route takes first: key, body (bounded by the context), schema, model."""
         keys.require_user(request)
         data = await read_json(request, body_limit(context_length()))
-        req = parse(ChatCompletionRequest, data)
+        req = parse(schema, data)
         _check_single_choice(req)
-        model = loaded_model(state, req.model)
+        return data, req, loaded_model(state, req.model)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        data, req, model = await accepted(request, ChatCompletionRequest)
         messages = req.chat_messages()
         if req.continue_final_message and messages[-1]["role"] == "assistant":
             prompt = await _render(state.continue_prompt, messages)
@@ -134,11 +138,7 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        keys.require_user(request)
-        data = await read_json(request, body_limit(context_length()))
-        req = parse(CompletionRequest, data)
-        _check_single_choice(req)
-        model = loaded_model(state, req.model)
+        data, req, model = await accepted(request, CompletionRequest)
         if isinstance(req.prompt, list) and req.prompt and all(isinstance(t, int) for t in req.prompt):
             ids = list(req.prompt)   # token ids, as vLLM and OpenAI accept them
             vocab = len(model.tokenizer) if hasattr(model.tokenizer, "__len__") else None
