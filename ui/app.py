@@ -33,6 +33,8 @@ def launch(state, block: bool = True, auth: list[tuple[str, str]] | None = None)
             print(f"loaded {model.name} ({model.runtime})", file=sys.stderr)
         except LoadError as exc:  # the UI still starts, so the user can pick another model
             print(f"error: could not load {state.settings.model}: {exc}", file=sys.stderr)
+    for problem in state.file_problems():  # shown in the UI too; the log is for users who read the terminal
+        print(f"warning: {problem}", file=sys.stderr)
     demo = build_ui(state)
     # Generation is serialized by AppState; the queue lets many sessions wait without holding threads.
     demo.queue(default_concurrency_limit=4)

@@ -2,8 +2,6 @@
 conversations. Logic lives in prompts/ (chat_session, presets, conversations, templates); this file only wires
 widgets to it."""
 
-import sys
-
 import gradio as gr
 
 from engine.sampling import GenerationParams
@@ -256,7 +254,5 @@ def build_chat_tab(state) -> dict:
     initial = refresh()
     template_info.value, system_message.value, preset.value = initial[0], initial[1], initial[2]
     file_problems.value = initial[5]
-    for problem in state.file_problems():  # the log says it too, for users who read the terminal
-        print(f"warning: {problem}", file=sys.stderr)
     conversation_list.choices = [(c.title, c.id) for c in conversations.list()]
     return {"chatbot": chatbot, "refresh": refresh, "refresh_outputs": refresh_outputs}
