@@ -5,8 +5,9 @@
                                                              70B-shaped GPTQ model built on the GPU; side by side
                                                              HF transformers fp16 generate(), exllamav2 (its own
                                                              generator, same GPTQ folder) and the copy ceiling.
-  python bench/engine.py --gemv                             our int4 GEMV (engine.int4_gemv) over launch configs vs
-                                                             tinygemm and bf16 cuBLAS on the 7B/70B layer shapes.
+  python bench/engine.py --gemv                             our int4 matmul (engine.int4_mma) over launch configs vs
+                                                             tinygemm, bf16 cuBLAS and the Triton GEMV on the
+                                                             7B/70B layer shapes.
   python bench/engine.py --cpu                              the default model: engine vs transformers generate().
 
 Decode: 128-token prompt, 256 new tokens, greedy, through the same stream() the app uses (one host sync per
@@ -95,13 +96,19 @@ def write_checkpoint(out: Path, cfg: dict, method: str, group_size: int, act_ord
         p = f"model.layers.{i}"
         for name in ("input_layernorm", "post_attention_layernorm"):
             tensors[f"{p}.{name}.weight"] = torch.ones(d, dtype=torch.float16, device="cuda")
+        # GPTQ's act-order orders a matrix's inputs by its input's Hessian: q, k and v share one order, gate
+        # and up another (same input); o and down each have their own.
+        orders: dict[str, torch.Tensor] = {}
         for name, (k, n) in linears(cfg).items():
             g = k // group_size
             scales = (torch.rand(g, n, device="cuda") * SCALE + SCALE / 2).half()
             if method == "gptq":
                 g_idx = torch.arange(k, device="cuda", dtype=torch.int32) // group_size
                 if act_order:
-                    g_idx = g_idx[torch.randperm(k, device="cuda")]
+                    shared = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up",
+                              "up_proj": "gate_up"}.get(name.split(".")[-1], name)
+                    order = orders.setdefault(shared, torch.randperm(k, device="cuda"))
+                    g_idx = g_idx[order]
                 tensors.update({f"{p}.{name}.qweight": rand_int32(k // 8, n),
                                 # symmetric v1: every stored zero is 7 (true zero 8)
                                 f"{p}.{name}.qzeros": torch.full((g, n // 8), 0x77777777, dtype=torch.int32,
@@ -166,7 +173,7 @@ def bench_folder(folder: Path, **options) -> dict:
     return result
 
 
-def build_random_on_gpu(cfg: dict, group_size: int, tokenizer, prefill_copy: bool) -> EngineModel:
+def build_random_on_gpu(cfg: dict, group_size: int, tokenizer) -> EngineModel:
     """A GPTQ-4-bit-shaped engine model made on the GPU directly (too big to write to disk quickly)."""
     args = ModelArgs.from_config(cfg)
     with torch.device("meta"):
@@ -179,7 +186,7 @@ def build_random_on_gpu(cfg: dict, group_size: int, tokenizer, prefill_copy: boo
                          scales=torch.rand(g, n, device=dev) * SCALE + SCALE / 2,
                          g_idx=torch.arange(k, device=dev) // group_size, bits=4, group_size=group_size,
                          zeros=torch.full((g, n), 8, dtype=torch.uint8, device=dev))
-        return Int4Linear(qw, None, dev, prefill_copy)
+        return Int4Linear(qw, None, dev)
 
     d, kv, f = args.dim, args.n_kv_heads * args.head_dim, args.intermediate_size
     param = lambda t: torch.nn.Parameter(t, requires_grad=False)
@@ -194,7 +201,7 @@ def build_random_on_gpu(cfg: dict, group_size: int, tokenizer, prefill_copy: boo
     model.rotary = Rotary(args).to(dev)
     engine = Engine(model.eval(), 4096, use_graphs=True)
     return EngineModel(Path("llama-2-70b-shape"), engine, tokenizer, [], 4096, "bench",
-                       "hearth engine (cuda, 4-bit tinygemm, CUDA graph)")
+                       "hearth engine (cuda, 4-bit hearth tensor-core, CUDA graph)")
 
 
 def bench_hf_fp16(cfg: dict) -> dict:
@@ -297,17 +304,14 @@ def gpu(work: Path, with_exllamav2: bool) -> dict:
         if i == 0 and build is not None:
             build.wait()  # the extension build takes every CPU core: let it finish before timing anything
         section(results, f"hearth_7b_{name}", lambda: bench_folder(folder))
-        if name == "gptq_4bit_g128":
-            section(results, f"hearth_7b_{name}_compiled", lambda: bench_folder(folder, compile_decode=True))
-        else:
+        if name != "gptq_4bit_g128":
             shutil.rmtree(folder, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(work / "gptq_4bit_g128")
 
     def seventy():
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        # fast_prefill's second copy (+32 GiB) would not leave room on an 80 GB card: decode-only layout.
-        model = build_random_on_gpu(LLAMA2_70B, 128, tokenizer, prefill_copy=False)
+        model = build_random_on_gpu(LLAMA2_70B, 128, tokenizer)
         build_s = time.perf_counter() - t
         result = {"build_on_gpu_s": round(build_s, 1), **bench_engine_model(model)}
         model.unload()
@@ -315,16 +319,6 @@ def gpu(work: Path, with_exllamav2: bool) -> dict:
 
     section(results, "hearth_70b_gptq_4bit_g128", seventy)
 
-    def seventy_prefill():
-        model = build_random_on_gpu(LLAMA2_70B, 128, tokenizer, prefill_copy=True)  # ~69 GiB of weights
-        long = prompt_ids(PREFILL)
-        result = {"prefill_tok_s_2048": round(PREFILL / timed(lambda: model.engine.prefill(long)), 0),
-                  "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-        model.unload()
-        return result
-
-    torch.cuda.reset_peak_memory_stats()
-    section(results, "hearth_70b_gptq_4bit_g128_fast_prefill", seventy_prefill)
     section(results, "hf_transformers_fp16_7b", lambda: bench_hf_fp16(LLAMA2_7B))
     if with_exllamav2:
         section(results, "exllamav2_7b_gptq_4bit_g128", lambda: bench_exllamav2(work / "gptq_4bit_g128", build))
@@ -345,28 +339,6 @@ def graph_time(fn, calls: int = 20) -> float:
     return timed(graph.replay, 10) / calls
 
 
-def profile(work: Path) -> dict:
-    """tinygemm alone on the 7B layer shapes at M=1 under a CUDA graph, for each inner-K tiling, against a
-    bf16 cuBLAS GEMV; and the act-order g32 checkpoint with the compiled decode step."""
-    res = {}
-    shapes = {"wqkv": (4096, 12288), "wo": (4096, 4096), "w13": (4096, 22016), "w2": (11008, 4096)}
-    for name, (k, n) in shapes.items():
-        q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda")
-        sz = torch.rand(k // 128, n, 2, device="cuda").to(torch.bfloat16)
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        row = {"cublas_bf16_tb_s": round(k * n * 2 / graph_time(lambda: x @ w.t()) / 1e12, 2)}
-        for tiles in (2, 4, 8):
-            packed = torch.ops.aten._convert_weight_to_int4pack(q, tiles)
-            t = graph_time(lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz))
-            row[f"tinygemm_k{tiles}_tb_s"] = round((k * n / 2 + sz.numel() * 2) / t / 1e12, 2)
-        res[name] = row
-    folder = work / "gptq_4bit_g32_actorder"
-    write_checkpoint(folder, LLAMA2_7B, "gptq", 32, True)
-    res["hearth_7b_gptq_4bit_g32_actorder_compiled"] = bench_folder(folder, compile_decode=True)
-    return res
-
-
 GEMV_SHAPES = {"wo 4096x4096": (4096, 4096), "w2 11008x4096": (11008, 4096), "wqkv 4096x12288": (4096, 12288),
                "w13 4096x22016": (4096, 22016), "w13 70b 8192x57344": (8192, 57344)}
 
@@ -380,58 +352,67 @@ def rotating_graph_time(make_call, nbytes: int, calls: int = 24) -> float:
 
 
 def gemv_sweep() -> dict:
-    """Our int4 GEMV (engine.int4_gemv) over launch configs, against tinygemm and bf16 cuBLAS, at M=1 on the
-    7B/70B layer shapes; effective TB/s counts 4-bit weights plus scales. Checks every config's result.
-    The act-order g32 shapes try only the configs that were among the best on some g128 shape."""
-    from engine.int4_gemv import GemvConfig, GemvWorkspace, dequantize_columns, int4_gemv, pack_columns
+    """Hearth's tensor-core int4 matmul (engine.int4_mma) over launch configs, against tinygemm and bf16 cuBLAS,
+    at M=1 on the 7B/70B layer shapes (act-order: also with x gathered first); effective TB/s counts 4-bit
+    weights plus scales. Every config's result is checked against an fp64 reference, and the default config
+    also at 3 and 8 rows, with per-group zeros, and through `dequantize`."""
+    from engine import int4_mma
 
-    configs = [GemvConfig(bn, sk, w, st) for bn in (32, 64, 128, 256) for sk in (1, 4, 8, 16) for w in (4, 8)
-               for st in (2, 4) if not (bn == 32 and w == 8)]
-    contenders: set[GemvConfig] = set()
+    configs = [int4_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)]
     res = {}
     cases = [(name, shape, 128, False) for name, shape in GEMV_SHAPES.items()] + \
-            [("wo 4096x4096 g32 act", (4096, 4096), 32, True), ("w2 11008x4096 g32 act", (11008, 4096), 32, True)]
+            [("wo 4096x4096 g32 act", (4096, 4096), 32, True), ("w2 11008x4096 g32 act", (11008, 4096), 32, True),
+             ("w13 4096x22016 g32 act", (4096, 22016), 32, True), ("wqkv 4096x12288 g32 act", (4096, 12288), 32, True)]
     for name, (k, n), gs, act in cases:
         copies = max(1, -(-256 * 2**20 // (k * n // 2)))
         qs = [torch.randint(0, 16, (k, n), dtype=torch.uint8, device="cuda") for _ in range(copies)]
-        packed = [pack_columns(q) for q in qs]
         scales = [(torch.rand(k // gs, n, device="cuda") * 0.01 + 0.001).half() for _ in qs]
-        perm = torch.randperm(k, device="cuda").int() if act else None
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        xp = x[:, perm.long()] if act else x
+        perm = torch.randperm(k, device="cuda") if act else None
+        packed = [int4_mma.pack(q, s, None, gs) for q, s in zip(qs, scales)]
         g = torch.arange(k, device="cuda") // gs
         w_ref = (qs[0].double() - 8) * scales[0].double()[g]                                   # [K, N]
-        ref = xp.double() @ w_ref
-        deq_err = ((dequantize_columns(packed[0], scales[0], None, 8.0, gs).double() - w_ref).norm()
-                   / w_ref.norm()).item()
+        x8 = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
+        default = int4_mma.config_for(n)
+        xs = x8[:, perm] if act else x8
+        ref8 = xs.double() @ w_ref
+        err = lambda out, rows: ((out.double() - ref8[:rows]).norm() / ref8[:rows].norm()).item()
+        x = xs[:1].contiguous()
         nbytes = k * n // 2 + scales[0].numel() * 2
+        entry = {"checks": {
+            "rows3": f"{err(int4_mma.matmul(xs[:3].contiguous(), packed[0], default), 3):.1e}",
+            "rows8": f"{err(int4_mma.matmul(xs.contiguous(), packed[0], default), 8):.1e}",
+            "dequantize": f"{((int4_mma.dequantize(packed[0]).double().t() - w_ref).norm() / w_ref.norm()).item():.1e}",
+        }}
+        zeros = torch.randint(0, 16, (k // gs, n), dtype=torch.uint8, device="cuda")
+        pz = int4_mma.pack(qs[0], scales[0], zeros, gs)
+        wz = (qs[0].double() - zeros.double()[g]) * scales[0].double()[g]
+        entry["checks"]["zeros_rows1"] = f"{((int4_mma.matmul(x, pz, default).double() - xs[:1].double() @ wz).norm() / (xs[:1].double() @ wz).norm()).item():.1e}"
+        t_deq = rotating_graph_time(lambda i: (lambda: int4_mma.dequantize(packed[i])), nbytes, calls=8)
+        entry["dequantize_write_tb_s"] = round((nbytes + 2 * k * n) / t_deq / 1e12, 2)
+        entry["checks"]["zeros_dequantize"] = f"{((int4_mma.dequantize(pz).double().t() - wz).norm() / wz.norm()).item():.1e}"
+        del pz
         row, ranked = {}, []
-        for cfg in (sorted(contenders, key=str) if act else configs):
+        for cfg in configs:
             try:
-                ws = [GemvWorkspace(n, cfg, x.device) for _ in packed]
-                out = int4_gemv(x, packed[0], scales[0], None, 8.0, perm, gs, cfg, ws[0])
-                out = int4_gemv(x, packed[0], scales[0], None, 8.0, perm, gs, cfg, ws[0])  # the workspace reset itself
-                err = ((out.double() - ref).norm() / ref.norm()).item()
-                t = rotating_graph_time(lambda i: (lambda: int4_gemv(x, packed[i], scales[i], None, 8.0, perm, gs,
-                                                                      cfg, ws[i])), nbytes)
-                if act:  # alternative: gather x by one index_select kernel, then the plain GEMV
-                    p64 = perm.long()
-                    t_sel = rotating_graph_time(lambda i: (lambda: int4_gemv(x.index_select(1, p64), packed[i],
-                                                scales[i], None, 8.0, None, gs, cfg, ws[i])), nbytes)
-                    row[f"{cfg.block_n}/{cfg.split_k}/{cfg.num_warps}/{cfg.num_stages} index_select"] = \
-                        round(nbytes / t_sel / 1e12, 2)
-            except Exception as exc:  # a config Triton cannot build: note it and go on
-                row[str(cfg)] = f"{type(exc).__name__}: {exc}"[:200]
+                e = err(int4_mma.matmul(x, packed[0], cfg), 1)
+                t = rotating_graph_time(lambda i: (lambda: int4_mma.matmul(x, packed[i], cfg)), nbytes)
+            except Exception as exc:
+                row[f"{cfg.warps}/{cfg.unroll}"] = f"{type(exc).__name__}: {exc}"[:300]
                 continue
             tbs = nbytes / t / 1e12
-            row[f"{cfg.block_n}/{cfg.split_k}/{cfg.num_warps}/{cfg.num_stages}"] = [round(tbs, 2), f"{err:.1e}"]
-            if err < 1e-2:
+            row[f"{cfg.warps}/{cfg.unroll}"] = [round(tbs, 2), f"{e:.1e}", round(t * 1e6, 1)]
+            if e < 1e-2:
                 ranked.append((tbs, cfg))
         ranked.sort(key=lambda r: -r[0])
-        contenders.update(cfg for _, cfg in ranked[:6])
-        entry = {"best_tb_s": round(ranked[0][0], 2), "best_config": ranked[0][1].__dict__, "dequant_err": deq_err,
-                 "top5": [[round(t, 2), c.__dict__] for t, c in ranked[:5]], "all": row}
-        if not act:
+        entry.update(best_tb_s=round(ranked[0][0], 2) if ranked else None,
+                     best_config=ranked[0][1].__dict__ if ranked else None, all=row)
+        if act:  # as Int4Linear runs a weight whose order is not folded into the layer before: gather, then matmul
+            cfg = int4_mma.config_for(n)
+            x_orig = x8[:1].contiguous()
+            t = rotating_graph_time(lambda i: (lambda: int4_mma.matmul(x_orig.index_select(1, perm), packed[i], cfg)),
+                                    nbytes)
+            entry["with_index_select_tb_s"] = round(nbytes / t / 1e12, 2)
+        else:
             sz = torch.rand(k // gs, n, 2, device="cuda").to(torch.bfloat16)
             tg = [torch.ops.aten._convert_weight_to_int4pack(((q.t()[:, 0::2] << 4) | q.t()[:, 1::2]).contiguous(), 8)
                   for q in qs]
@@ -443,10 +424,8 @@ def gemv_sweep() -> dict:
             entry["cublas_bf16_tb_s"] = round(2 * k * n / t / 1e12, 2)
             del ws
         res[name] = entry
-        entry["best_index_select_tb_s"] = max((v for key, v in row.items() if key.endswith("index_select")),
-                                              default=None)
-        print(name, entry["best_tb_s"], entry["top5"][:3], entry.get("tinygemm_tb_s"), entry.get("cublas_bf16_tb_s"),
-              entry["best_index_select_tb_s"], file=sys.stderr, flush=True)
+        print(name, entry["best_tb_s"], entry["best_config"], entry.get("tinygemm_tb_s"), entry.get("cublas_bf16_tb_s"),
+              entry.get("with_index_select_tb_s"), entry["checks"], file=sys.stderr, flush=True)
         del qs, packed, scales
         torch.cuda.empty_cache()
     return res
@@ -492,8 +471,7 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--gpu", action="store_true")
     mode.add_argument("--cpu", action="store_true")
-    mode.add_argument("--profile", action="store_true", help="GPU: tinygemm alone, and act-order compiled")
-    mode.add_argument("--gemv", action="store_true", help="GPU: our int4 GEMV's launch configs vs tinygemm")
+    mode.add_argument("--gemv", action="store_true", help="GPU: our int4 kernel's launch configs vs tinygemm")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hearth-bench"), help="where checkpoints are written")
     ap.add_argument("--exllamav2", action="store_true", help="also run exllamav2 (must be importable)")
     ap.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json for the random checkpoints")
@@ -506,8 +484,6 @@ def main() -> None:
         TOKENIZER = args.tokenizer
     if args.gpu:
         results = gpu(args.work, args.exllamav2)
-    elif args.profile:
-        results = profile(args.work)
     else:
         results = gemv_sweep() if args.gemv else cpu()
     text = json.dumps(results, indent=1)

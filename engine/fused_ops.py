@@ -63,8 +63,10 @@ def _kernels():
         tl.store(out_ptr + m * HIDDEN + i, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, h_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
-        # one row: h = x + delta (rounded to the activation dtype, as the unfused add would), out = rms_norm(h)
+    def add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, order_ptr, h_ptr, out_ptr, D, eps, BLOCK: tl.constexpr,
+                            HAS_ORDER: tl.constexpr):
+        # one row: h = x + delta (rounded to the activation dtype, as the unfused add would), out = rms_norm(h),
+        # written in `order` when given (out[i] = rms_norm(h)[order[i]]: the next matmul's input order)
         row = tl.program_id(0).to(tl.int64) * D
         i = tl.arange(0, BLOCK)
         ok = i < D
@@ -73,7 +75,15 @@ def _kernels():
         tl.store(h_ptr + row + i, h, mask=ok)
         hf = h.to(tl.float32)
         scale = tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
-        w = tl.load(w_ptr + i, mask=ok, other=0).to(tl.float32)
+        if HAS_ORDER:
+            # the same sums read again in the output's order (x and delta are inputs: no race with h's store)
+            j = tl.load(order_ptr + i, mask=ok, other=0)
+            hf = (tl.load(x_ptr + row + j, mask=ok, other=0).to(tl.float32)
+                  + tl.load(delta_ptr + row + j, mask=ok, other=0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+            hf = hf.to(tl.float32)
+        else:
+            j = i
+        w = tl.load(w_ptr + j, mask=ok, other=0).to(tl.float32)
         tl.store(out_ptr + row + i, (hf * scale * w).to(out_ptr.dtype.element_ty), mask=ok)
 
     return triton, rotary_cache_kernel, silu_mul_kernel, add_rms_norm_kernel
@@ -102,12 +112,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, rms_norm(h) * weight) with h = x + delta, over the last dim; x, delta contiguous, same shape."""
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, rms_norm(h) * weight) with h = x + delta, over the last dim; x, delta contiguous, same shape.
+    order: the norm's output comes in this order of the last dim (h does not)."""
     triton, _, _, kernel = _kernels()
     D = x.shape[-1]
     h, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(D)
-    kernel[(x.numel() // D,)](x, delta, weight, h, out, D, eps, BLOCK=block, num_warps=8 if block >= 4096 else 4)
+    kernel[(x.numel() // D,)](x, delta, weight, order if order is not None else weight, h, out, D, eps,
+                              BLOCK=block, HAS_ORDER=order is not None, num_warps=8 if block >= 4096 else 4)
     return h, out

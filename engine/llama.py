@@ -102,17 +102,23 @@ class KVCache(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """out_order: when set, the output's last dim comes in that order (the next matmul's act-order input
+    order, engine.weights.fold_input_orders)."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("out_order", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:  # transformers' order of operations; F.rms_norm is slower on CPU
-            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
-        # bf16/fp16: one fused kernel (fp32 statistics inside). GPU decode is launch-bound, and the
-        # eager form (cast, square, mean, rsqrt, scale, cast, weight) costs 7 launches a norm.
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            y = self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        else:
+            # bf16/fp16: one fused kernel (fp32 statistics inside). GPU decode is launch-bound, and the
+            # eager form (cast, square, mean, rsqrt, scale, cast, weight) costs 7 launches a norm.
+            y = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return y if self.out_order is None else y.index_select(-1, self.out_order)
 
 
 class Rotary(nn.Module):
@@ -240,7 +246,7 @@ def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm) -> tupl
     if delta is None:
         return x, norm(x)
     if fused_ops.usable(x):
-        return fused_ops.add_rms_norm(x, delta, norm.weight, norm.eps)
+        return fused_ops.add_rms_norm(x, delta, norm.weight, norm.eps, norm.out_order)
     h = x + delta
     return h, norm(h)
 

@@ -41,12 +41,8 @@ def unsupported_reason(config: dict) -> str | None:
 class Engine:
     """A Transformer with its KV cache, the prefill/decode calls, and the decode graphs."""
 
-    def __init__(self, model: Transformer, max_seq_len: int, use_graphs: bool, prefill_chunk: int = 2048,
-                 compile_decode: bool = False):
+    def __init__(self, model: Transformer, max_seq_len: int, use_graphs: bool, prefill_chunk: int = 2048):
         self.model = model
-        self.compiled = compile_decode
-        # The decode step; compiled, its small kernels fuse (kv_len is static per bucket: one compile each).
-        self.step_fn = torch.compile(model, dynamic=False) if compile_decode else model
         self.device = model.tok_embeddings.weight.device
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk
@@ -94,11 +90,11 @@ class Engine:
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.step_fn(self.token, self.pos, kv_len=kv_len)
+                self.model(self.token, self.pos, kv_len=kv_len)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.step_fn(self.token, self.pos, kv_len=kv_len)
+            logits = self.model(self.token, self.pos, kv_len=kv_len)
         return graph, logits
 
 
@@ -162,8 +158,8 @@ def parse_gpu_split(value: str | Sequence[float] | None) -> list[float] | None:
 
 def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], context_length: int,
                       loader: str, device: str = "auto", gpu_split: str | Sequence[float] | None = None,
-                      cuda_graph: bool = True, repack_int4: bool = True, fast_prefill: bool = True,
-                      compile_decode: bool = False, progress=None) -> EngineModel:
+                      cuda_graph: bool = True, repack_int4: bool = True,
+                      progress=None) -> EngineModel:
     """Load a Llama-family folder (fp16/bf16/fp32, GPTQ or AWQ safetensors) into the engine.
 
     model_dir: folder with config.json and *.safetensors (quantization read from config.json's
@@ -178,11 +174,6 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     cuda_graph: capture the decode step as CUDA graphs (single GPU only).
     repack_int4: on CPU, store float weights that already lie exactly on a 4-bit grid (GGUF Q4 conversions
         such as the default model) as int4 for tinygemm's CPU kernel: a quarter of the bytes per token.
-    fast_prefill: on CUDA, keep a plain copy of 4-bit weights so prompts run through cuBLAS (~15x faster
-        prompt processing; 4-bit weight memory doubles). Act-order weights need no copy: their one layout
-        serves both.
-    compile_decode: torch.compile the decode step before graph capture (fuses the small kernels; costs
-        compile time at the first token of each context bucket).
     progress: callable(fraction, message) or None.
     Returns an EngineModel whose `runtime` names device, kernels and graph use.
     Raises ValueError for configs the engine cannot run (see unsupported_reason).
@@ -204,12 +195,11 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     else:
         split, devices, dtype = None, [torch.device("cpu")], torch.float32
     model, kinds = load_transformer(model_dir, devices, dtype, split, repack_int4=repack_int4 and device == "cpu",
-                                    prefill_copy=fast_prefill and device == "cuda", progress=progress)
+                                    progress=progress)
     graphs = cuda_graph and len(devices) == 1 and device == "cuda"
-    engine = Engine(model, context_length, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512,
-                    compile_decode=compile_decode and graphs)
+    engine = Engine(model, context_length, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512)
     where = f"cuda x{len(devices)}" if len(devices) > 1 else device
-    runtime = (f"hearth engine ({where}, {', '.join(sorted(kinds))}{', compiled' if engine.compiled else ''}"
+    runtime = (f"hearth engine ({where}, {', '.join(sorted(kinds))}"
                f"{', CUDA graph' if graphs else ''})")
     if progress:
         progress(1.0, "ready")

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.llama import ModelArgs, Rotary, Transformer
-from engine.quant_linear import (DequantLinear, Int4Linear, QuantWeight, RescoredHead, exact_int4,
+from engine.quant_linear import (DequantLinear, QuantWeight, RescoredHead, exact_int4,
                                  make_quant_linear)
 from loaders.quant.formats import QuantSpec, read_quant_spec, unpack_awq, unpack_gptq
 
@@ -62,10 +62,8 @@ class SideBySide(nn.Module):
 class WeightLoader:
     """Reads linear layers as dense tensors or QuantWeights and makes the matching nn.Module."""
 
-    def __init__(self, ckpt: Checkpoint, spec: QuantSpec | None, dtype: torch.dtype, repack_int4: bool,
-                 prefill_copy: bool):
+    def __init__(self, ckpt: Checkpoint, spec: QuantSpec | None, dtype: torch.dtype, repack_int4: bool):
         self.ckpt, self.spec, self.dtype, self.repack_int4 = ckpt, spec, dtype, repack_int4
-        self.prefill_copy = prefill_copy
         self.kinds: set[str] = set()   # what the linear layers became, for the runtime description
 
     def read(self, prefix: str, device: torch.device) -> tuple[torch.Tensor | QuantWeight, torch.Tensor | None]:
@@ -99,9 +97,9 @@ class WeightLoader:
         return QuantWeight(q=q, scales=scales, g_idx=g_idx, bits=spec.bits, group_size=group_size,
                            zeros=zeros), bias
 
-    def linear(self, prefixes: list[str], device: torch.device) -> nn.Module:
-        """One module computing the listed HF linears side by side (their outputs concatenated): a single
-        fused matrix when they are stored alike, else one module each."""
+    def parts(self, prefixes: list[str], device: torch.device) -> list[tuple]:
+        """The listed HF linears as [(weight, bias)]: one fused matrix (outputs side by side) when they are
+        stored alike, else one entry each."""
         parts = [self.read(p, device) for p in prefixes]
         weights = [w for w, _ in parts]
         dense = all(isinstance(w, torch.Tensor) for w in weights)
@@ -109,6 +107,10 @@ class WeightLoader:
         quant = all(isinstance(w, QuantWeight) and weights[0].can_concat(w) for w in weights)
         if len(parts) > 1 and (dense or quant):
             parts = [self._fuse(parts, device)]
+        return parts
+
+    def linear(self, parts: list[tuple], device: torch.device) -> nn.Module:
+        """One module computing `parts` (from `parts`) side by side."""
         modules = [self.module(w, b, device) for w, b in parts]
         return modules[0] if len(modules) == 1 else SideBySide(modules)
 
@@ -136,24 +138,55 @@ class WeightLoader:
         return module
 
     def _quant(self, qw: QuantWeight, bias, device: torch.device, label: str) -> nn.Module:
-        module = make_quant_linear(qw, bias, device, self.dtype, self.prefill_copy)
+        module = make_quant_linear(qw, bias, device, self.dtype)
         kernel = ("dequantized" if isinstance(module, DequantLinear)
-                  else "hearth gemv" if isinstance(module, Int4Linear) and module.gemv else "tinygemm")
+                  else "tinygemm" if module.cpu else "hearth tensor-core")
         self.kinds.add(f"{label} {kernel}")
         return module
 
 
+def sort_inputs(parts: list[tuple]) -> tuple[list[tuple], torch.Tensor | None]:
+    """For a single act-order QuantWeight: the parts with K sorted by group, and the input order the layer
+    now expects (x[..., order]), for the layer before to produce. Anything else: unchanged, None."""
+    if len(parts) != 1 or not isinstance(parts[0][0], QuantWeight):
+        return parts, None
+    weight, order = parts[0][0].sorted_by_group()
+    return [(weight, parts[0][1])], order
+
+
+def reorder_outputs(parts: list[tuple], order: torch.Tensor) -> list[tuple]:
+    """A single weight [N, K] (dense or QuantWeight) and its bias with outputs taken in `order`."""
+    (weight, bias), = parts
+    weight = weight.outputs_reordered(order) if isinstance(weight, QuantWeight) else weight[order]
+    return [(weight, None if bias is None else bias[order])]
+
+
+def fold_input_orders(layer, qkv: list[tuple], w13: list[tuple], w2: list[tuple]) -> tuple[list, list, list]:
+    """Act-order checkpoints quantize each matrix's inputs in their own order. Rather than gather x before
+    every matmul (a kernel launch, or slow scattered reads inside one), the order is produced by the step
+    before: the attention and MLP norms write their output in wqkv's and w13's order, and w13's gate and
+    up rows are stored in w2's order, so silu(gate) * up comes out ready for w2. wo keeps its own gather
+    (its input comes from attention over whole heads)."""
+    qkv, layer.attention_norm.out_order = sort_inputs(qkv)
+    w13, layer.ffn_norm.out_order = sort_inputs(w13)
+    if len(w13) == 1:
+        w2, order = sort_inputs(w2)
+        if order is not None:
+            hidden = order.numel()
+            w13 = reorder_outputs(w13, torch.cat([order, order + hidden]))
+    return qkv, w13, w2
+
+
 def load_transformer(model_dir: Path, devices: list[torch.device], dtype: torch.dtype,
                      gpu_split: list[float] | None = None, repack_int4: bool = False,
-                     prefill_copy: bool = False, progress: Progress | None = None) -> tuple[Transformer, set[str]]:
+                     progress: Progress | None = None) -> tuple[Transformer, set[str]]:
     """An engine Transformer with the folder's weights on `devices`; also the kinds of linear layers made
-    (e.g. {"4-bit tinygemm"}). repack_int4: store float weights that already lie on a 4-bit grid as int4.
-    prefill_copy: keep plain 4-bit levels beside tinygemm's for cuBLAS prefill (engine.quant_linear)."""
+    (e.g. {"4-bit tinygemm"}). repack_int4: store float weights that already lie on a 4-bit grid as int4."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     args = ModelArgs.from_config(config)
     ckpt = Checkpoint(model_dir)
-    loader = WeightLoader(ckpt, read_quant_spec(model_dir), dtype, repack_int4, prefill_copy)
+    loader = WeightLoader(ckpt, read_quant_spec(model_dir), dtype, repack_int4)
     per_layer = layer_devices(args.n_layers, devices, gpu_split)
     first, last = per_layer[0], per_layer[-1]
 
@@ -166,10 +199,12 @@ def load_transformer(model_dir: Path, devices: list[torch.device], dtype: torch.
         if progress:
             progress(0.1 + 0.85 * i / args.n_layers, f"layer {i + 1}/{args.n_layers}")
         dev, p = per_layer[i], f"model.layers.{i}"
-        layer.attention.wqkv = loader.linear([f"{p}.self_attn.{x}_proj" for x in "qkv"], dev)
-        layer.attention.wo = loader.linear([f"{p}.self_attn.o_proj"], dev)
-        layer.feed_forward.w13 = loader.linear([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], dev)
-        layer.feed_forward.w2 = loader.linear([f"{p}.mlp.down_proj"], dev)
+        qkv, w13, w2 = fold_input_orders(layer, loader.parts([f"{p}.self_attn.{x}_proj" for x in "qkv"], dev),
+                                         loader.parts([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], dev),
+                                         loader.parts([f"{p}.mlp.down_proj"], dev))
+        layer.attention.wqkv, layer.feed_forward.w13 = loader.linear(qkv, dev), loader.linear(w13, dev)
+        layer.feed_forward.w2 = loader.linear(w2, dev)
+        layer.attention.wo = loader.linear(loader.parts([f"{p}.self_attn.o_proj"], dev), dev)
         for norm, name in ((layer.attention_norm, "input_layernorm"), (layer.ffn_norm, "post_attention_layernorm")):
             norm.weight = nn.Parameter(ckpt.get(f"{p}.{name}.weight", dev).to(dtype), requires_grad=False)
     model.norm.weight = nn.Parameter(ckpt.get("model.norm.weight", last).to(dtype), requires_grad=False)

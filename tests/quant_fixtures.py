@@ -41,19 +41,24 @@ class QuantizedTensor:
         return deq.t().contiguous()
 
 
-def act_order_permutation(weight: torch.Tensor) -> np.ndarray:
-    """A desc_act-like processing order: input columns by descending weight norm (GPTQ uses the Hessian
-    diagonal; any fixed non-monotonic order exercises the same file layout)."""
+def act_order_permutation(weight: torch.Tensor, by_input: bool = False) -> np.ndarray:
+    """A desc_act-like processing order. GPTQ orders a matrix's inputs by its input's Hessian diagonal, so
+    matrices reading the same input (q, k, v; gate, up) share one order: by_input=True mimics that with an
+    order fixed by the input width alone. by_input=False: each matrix's own order (columns by descending
+    weight norm), which files may also carry."""
+    if by_input:
+        return np.random.RandomState(weight.shape[1]).permutation(weight.shape[1])
     norms = weight.float().norm(dim=0)
     return torch.argsort(norms, descending=True, stable=True).numpy()
 
 
-def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool, desc_act: bool) -> QuantizedTensor:
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, sym: bool, desc_act: bool,
+                    order_by_input: bool = False) -> QuantizedTensor:
     """Round-to-nearest quantize W [out, in] in groups of `group_size` inputs (-1 = all inputs)."""
     w = weight.detach().float()
     out_features, in_features = w.shape
     gs = in_features if group_size == -1 else group_size
-    order = act_order_permutation(w) if desc_act else np.arange(in_features)
+    order = act_order_permutation(w, order_by_input) if desc_act else np.arange(in_features)
     g_idx = np.empty(in_features, dtype=np.int32)
     g_idx[order] = np.arange(in_features) // gs          # the k-th processed column joins group k // gs
     groups = int(g_idx.max()) + 1
@@ -171,9 +176,10 @@ class PackedModel:
 def quantize_model_dir(src_dir: Path, out_dir: Path, method: str = "gptq", bits: int = 4, group_size: int = 128,
                        desc_act: bool = False, sym: bool = True, checkpoint_format: str = "gptq",
                        config_in: str = "quantize_config.json", weight_name: str = "model.safetensors",
-                       shards: int = 1, keep_reference: bool = False) -> PackedModel:
+                       shards: int = 1, keep_reference: bool = False, order_by_input: bool = False) -> PackedModel:
     """Write a GPTQ or AWQ (GEMM) copy of the fp model in `src_dir` to `out_dir`.
 
+    order_by_input (desc_act): matrices sharing an input share its act-order order, as GPTQ's own files do.
     config_in: where the quantization config goes: "quantize_config.json" (AutoGPTQ), "quant_config.json"
     (old AWQ repos) or "config.json" (a `quantization_config` entry, as newer repos carry).
     """
@@ -188,7 +194,7 @@ def quantize_model_dir(src_dir: Path, out_dir: Path, method: str = "gptq", bits:
         if is_quantizable(name, tensor):
             prefix = name.removesuffix(".weight")
             if method == "gptq":
-                qt = quantize_weight(tensor, bits, group_size, sym, desc_act)
+                qt = quantize_weight(tensor, bits, group_size, sym, desc_act, order_by_input)
                 tensors.update(gptq_tensors(prefix, qt, bits, checkpoint_format))
             else:
                 qt = quantize_weight(tensor, 4, group_size, sym=False, desc_act=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.llama import ModelArgs
-from engine.quant_linear import DequantLinear, Int4Linear, QuantWeight, RescoredHead, exact_int4
+from engine.quant_linear import DequantLinear, Int4Linear, QuantWeight, RescoredHead, exact_int4, make_quant_linear
 from engine.runtime import Engine
 from engine.weights import load_transformer
 from tests.quant_fixtures import quantize_model_dir
@@ -139,20 +139,31 @@ def test_rescored_head_keeps_the_fp32_top_logits():
     assert rel_err(out, ref) < 1e-2
 
 
-@pytest.mark.parametrize("method,bits,group_size,desc_act", [("gptq", 4, 32, True), ("gptq", 3, 32, False),
-                                                             ("gptq", 8, -1, False), ("awq", 4, 32, False)])
-def test_quantized_checkpoint_matches_its_dequantized_reference(tmp_path, method, bits, group_size, desc_act):
+@pytest.mark.parametrize("method,bits,group_size,desc_act,order_by_input", [
+    ("gptq", 4, 32, True, False),   # each matrix its own order: q/k/v and gate/up stay separate layers
+    ("gptq", 4, 32, True, True),    # GPTQ's own: one order per input, folded into the norms and into w13
+    ("gptq", 3, 32, False, False), ("gptq", 8, -1, False, False), ("awq", 4, 32, False, False)])
+def test_quantized_checkpoint_matches_its_dequantized_reference(tmp_path, method, bits, group_size, desc_act,
+                                                                order_by_input):
     from transformers import AutoModelForCausalLM
+
+    from engine.weights import SideBySide
 
     save_tiny(tmp_path / "fp", "llama-gqa-tied-llama3")
     packed = quantize_model_dir(tmp_path / "fp", tmp_path / "q", method=method, bits=bits, group_size=group_size,
-                                desc_act=desc_act, keep_reference=True)
+                                desc_act=desc_act, keep_reference=True, order_by_input=order_by_input)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fp").eval()
     hf.load_state_dict({k: v for k, v in packed.reference.items()}, strict=False)
     ids = torch.randint(0, 96, (SEQ,))
     ref = hf_logits(hf, ids)
     model, kinds = load_transformer(tmp_path / "q", CPU, torch.float32)
     assert kinds == ({f"{bits}-bit tinygemm"} if bits == 4 else {f"{bits}-bit dequantized"})
+    layer = model.layers[0]
+    folded = desc_act and order_by_input
+    assert (layer.attention_norm.out_order is not None) == folded and (layer.ffn_norm.out_order is not None) == folded
+    assert isinstance(layer.feed_forward.w13, SideBySide) == (desc_act and not order_by_input)
+    if folded:  # w2's order is in w13's rows now, and only wo gathers its input itself
+        assert layer.feed_forward.w2.perm is None and layer.attention.wo.perm is not None
     model.setup_caches(64, torch.float32)
     with torch.no_grad():
         out = model(ids[None], torch.arange(SEQ), kv_len=SEQ)[0]
@@ -173,40 +184,46 @@ def test_default_model_greedy_golden_on_the_engine(default_model_dir):
 
 
 @needs_cuda
-@pytest.mark.parametrize("group_size,act_order", [(128, False), (32, True)])
-# 1 row: tinygemm / Hearth's GEMV (act-order); 5: tinygemm / dequantize + cuBLAS; 300: dequantize + cuBLAS
+@pytest.mark.parametrize("group_size,act_order", [(128, False), (32, True), (64, True)])
+# 1 and 5 rows: the tensor-core kernel on the packed weights; 300: dequantize + cuBLAS
 @pytest.mark.parametrize("rows", [1, 5, 300])
 def test_int4_cuda_matches_dequantized(group_size, act_order, rows):
-    qw = random_quant(1024, 520, group_size, act_order)
-    layer = Int4Linear(qw, None, torch.device("cuda"), prefill_copy=True)
-    assert layer.gemv == act_order
+    qw = random_quant(1024, 528, group_size, act_order)
+    layer = make_quant_linear(qw, None, torch.device("cuda"), torch.bfloat16)
+    assert isinstance(layer, Int4Linear) and (layer.perm is not None) == act_order
     x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
-    ref = x.float() @ qw.dequantize().cuda().t()
-    assert rel_err(layer(x), ref) < 1e-2
+    ref = x.double() @ qw.dequantize(torch.float64).cuda().t()
+    assert rel_err(layer(x), ref) < 5e-3
+
+
+@needs_cuda
+def test_int4_cuda_falls_back_to_dequantized_for_shapes_the_kernel_does_not_take():
+    for qw in (random_quant(1024, 520, 128, False),            # N not whole 16-row tiles
+               random_quant(96, 64, 32, False),                # K not whole 64-input chunks
+               random_quant(256, 64, 32, False, bits=3)):
+        assert isinstance(make_quant_linear(qw, None, torch.device("cuda"), torch.bfloat16), DequantLinear)
 
 
 @needs_cuda
 @pytest.mark.parametrize("uniform_zero", [True, False])   # symmetric GPTQ (one z) / per-group zeros (AWQ-like)
-@pytest.mark.parametrize("split_k", [1, 4, 16])
-def test_hearth_gemv_matches_reference_and_resets_its_workspace(uniform_zero, split_k):
-    from engine.int4_gemv import GemvConfig, GemvWorkspace, int4_gemv
+@pytest.mark.parametrize("warps,unroll", [(8, 1), (16, 2), (32, 1)])
+def test_int4_mma_matches_reference_for_every_launch_shape(uniform_zero, warps, unroll):
+    from engine import int4_mma
 
-    K, N, gs = 2048, 1000, 32                     # N not a multiple of the 64-output block
+    K, N, gs = 2048, 1008, 32
     qw = random_quant(K, N, gs, act_order=True)
     if uniform_zero:
         qw.zeros.fill_(8)
-    qw.scales = qw.scales.half()
-    layer = Int4Linear(qw, None, torch.device("cuda"))
-    assert (layer.offsets is None) == uniform_zero
-    cfg = GemvConfig(block_n=64, split_k=split_k, num_warps=4, num_stages=2)
-    workspace = GemvWorkspace(N, cfg, torch.device("cuda"))
-    w = qw.dequantize(torch.float64).cuda()                                               # [N, K]
-    for _ in range(3):  # fresh inputs each call: the split-K scratch must be back at zero every time
-        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-        y = int4_gemv(x, layer.qweight, layer.scales, layer.offsets, layer.zero, layer.perm, gs, cfg, workspace)
-        assert y.shape == (1, N) and torch.isfinite(y).all()
-        assert rel_err(y, x.double() @ w.t()) < 5e-3
-    assert not workspace.sums.any() and not workspace.arrivals.any()
+    qw, order = qw.sorted_by_group()
+    packed = int4_mma.pack(qw.q.cuda(), qw.scales.cuda(), qw.zeros.cuda(), gs)
+    assert (packed.zero_bias is None) == uniform_zero
+    w = qw.dequantize(torch.float64).cuda()                                               # [N, K], sorted K
+    torch.testing.assert_close(int4_mma.dequantize(packed).double(), w, rtol=1e-2, atol=1e-6)
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+        y = int4_mma.matmul(x, packed, int4_mma.MmaConfig(warps, unroll))
+        assert y.shape == (rows, N) and torch.isfinite(y).all()
+        assert rel_err(y, x[:, order.cuda()].double() @ w.t()) < 5e-3
 
 
 @needs_cuda
@@ -231,11 +248,12 @@ def cuda_tiny_gptq(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    # Dimensions tinygemm takes on CUDA (K a multiple of 128).
+    # Dimensions the tensor-core kernel takes (N in 16-row tiles, K in 64-input chunks).
     LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
                      ).save_pretrained(tmp_path / "fp")
-    quantize_model_dir(tmp_path / "fp", tmp_path / "q", method="gptq", bits=4, group_size=32, desc_act=True)
+    quantize_model_dir(tmp_path / "fp", tmp_path / "q", method="gptq", bits=4, group_size=32, desc_act=True,
+                       order_by_input=True)
     return tmp_path / "q"
 
 
@@ -245,8 +263,9 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
     ids = torch.randint(0, 256, (40,)).tolist()
     outs = []
     for graphs in (False, True):
-        model, kinds = load_transformer(model_dir, [torch.device("cuda")], torch.bfloat16, prefill_copy=True)
-        assert kinds == {"4-bit hearth gemv"}  # act-order: Hearth's GEMV in the graph
+        model, kinds = load_transformer(model_dir, [torch.device("cuda")], torch.bfloat16)
+        assert kinds == {"4-bit hearth tensor-core"}
+        assert model.layers[0].attention_norm.out_order is not None  # act-order folded into the norms
         engine = Engine(model, 1024, use_graphs=graphs, prefill_chunk=128)
         with torch.no_grad():
             steps = [engine.prefill(ids[:30]).clone()]
@@ -257,6 +276,15 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
         outs.append(torch.stack(steps))
     assert len(engine.graphs) == 2
     torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=1e-3)
+    # The CUDA path (fused norm writing act-order's order, kernel gathers) against the CPU one (plain ops).
+    cpu_model, _ = load_transformer(model_dir, CPU, torch.float32)
+    cpu_engine = Engine(cpu_model, 1024, use_graphs=False, prefill_chunk=128)
+    with torch.no_grad():
+        ref = cpu_engine.prefill(ids[:30])
+        assert rel_err(outs[0][0].cpu(), ref) < 3e-2
+        for pos in range(30, 40):
+            ref = cpu_engine.decode(torch.tensor(ids[pos]), pos)
+        assert rel_err(outs[1][11].cpu(), ref) < 3e-2
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")

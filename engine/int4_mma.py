@@ -1,0 +1,342 @@
+"""Hearth's 4-bit matmul for few rows on CUDA: the weights stream through the tensor cores.
+
+Batch-1 decode is bound by reading the weights, and the work per weight decides whether a kernel keeps up
+with memory: a plain GEMV spends ~4 instructions a weight (extract, convert, subtract, multiply-add), and at
+~3 TB/s that is most of what an H100 can issue. Here each 16-byte load per lane is dequantized two weights
+per instruction into bf16 pairs (the level is OR-ed into the mantissa of 128.0, then 128 + z is subtracted
+by one bf16x2 FMA: exact, since q - z is a small integer) and fed to `mma.sync m16n8k16` as the A operand,
+16 output rows at a time; x (up to 8 rows, one per B column) is the B operand. The tensor core does the
+multiply-adds in fp32, and each group's partial sums are scaled by that group's fp32 scale, so the result
+equals the dequantized reference's up to fp32 summation order. Measured on an H100: bench/NOTES-engine.md.
+
+Layout (made once at load, `pack`): 16 output rows form a tile; K is cut in chunks of 64. For tile T, chunk
+c and lane L = 4 r + t, the lane's 16 bytes hold four words, word i for mma i (inputs c*64 + 16 i + 4 t
+.. + 3), so that a warp reads 512 contiguous bytes a chunk. Each word's nibbles, by position:
+0: (row r, k) 1: (row r+8, k) 2: (r, k+2) 3: (r+8, k+2) 4: (r, k+1) 5: (r+8, k+1) 6: (r, k+3) 7: (r+8, k+3)
+with k = c*64 + 16 i + 4 t. Shifting a word right by 4 p puts the pair for A register p in bits 0-3 and
+16-19. (mma's fragment k order is a fixed permutation of the physical one, the same for A and B.)
+Scales (fp16) and zero biases (bf16 -(128 + z)) are [N/16, G, 16]: the 16 rows of one group together.
+
+Compiled at first use by NVRTC, the runtime compiler CUDA builds of torch ship and load: no nvcc or CUDA
+toolkit is needed where Hearth runs. Needs compute capability 8.0+ (bf16 mma).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+MAX_ROWS = 8          # the B operand's 8 columns: inputs with more rows dequantize and use cuBLAS
+TILE, CHUNK = 16, 64  # output rows per mma tile; inputs per 16-byte lane load
+
+SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+struct __align__(16) Words { u32 w[4]; };
+struct __align__(8) Pair { u32 lo, hi; };
+
+__device__ __forceinline__ float bits_to_float(u32 u) {
+    float f;
+    asm("mov.b32 %0, %1;" : "=f"(f) : "r"(u));
+    return f;
+}
+
+__device__ __forceinline__ Words load_streaming(const Words* p) {
+    // Weights are read once a step: keep them out of L1 so x and the scales stay there.
+    Words v;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3]) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ float half_to_float(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 float_to_bf16(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// bf16 pair (q_lo - z, q_hi - z) from the levels in bits 0-3 and 16-19 of w. bias = bf16x2 -(128 + z).
+__device__ __forceinline__ u32 levels(u32 w, u32 bias) {
+    u32 v = (w & 0x000F000Fu) | 0x43004300u;  // 128 + q, exactly (bf16 steps by 1 in [128, 256))
+    u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(0x3F803F80u), "r"(bias));
+    return r;
+}
+
+__device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// y[M, N] = x[M, K] @ W^T for M <= 8. One block per 16-row tile; its WARPS warps take every WARPS-th chunk
+// of 64 inputs, U chunks in flight per lane, and meet in shared memory at the end.
+// SEG = mmas per scale (group / 16, at most 4): one group's partial sums are scaled together.
+template <int WARPS, int U, int SEG, bool ZEROS>
+__global__ void __launch_bounds__(WARPS * 32)
+int4_mma(const u16* __restrict__ x, const Words* __restrict__ w,
+         const u16* __restrict__ scales, const u16* __restrict__ zero_bias, u16* __restrict__ y,
+         int M, int N, int K, int group, u32 uniform_bias) {
+    __shared__ float partial[WARPS][8][16];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x;
+    const int chunks = K >> 6, G = K / group;
+    const u16* xr = x + (size_t)min(r, M - 1) * K;          // B column r: x row r (unused columns repeat row 0)
+    const Words* wt = w + (size_t)tile * chunks * 32 + lane;
+    const u16* st = scales + (size_t)tile * G * 16;
+    const u16* zt = zero_bias + (size_t)tile * G * 16;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
+        Words q[U];
+        float s[U][4 / SEG][2];
+        u32 bias[U][4 / SEG][2];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * WARPS;
+            if (c < chunks) {
+                q[u] = load_streaming(wt + (size_t)c * 32);
+#pragma unroll
+                for (int seg = 0; seg < 4 / SEG; ++seg) {
+                    const int g = (c * 64 + seg * SEG * 16) / group;
+                    s[u][seg][0] = half_to_float(st[g * 16 + r]);
+                    s[u][seg][1] = half_to_float(st[g * 16 + r + 8]);
+                    if (ZEROS) {
+                        const u32 b0 = zt[g * 16 + r], b1 = zt[g * 16 + r + 8];
+                        bias[u][seg][0] = b0 | (b0 << 16);
+                        bias[u][seg][1] = b1 | (b1 << 16);
+                    } else {
+                        bias[u][seg][0] = bias[u][seg][1] = uniform_bias;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * WARPS;
+            if (c < chunks) {
+#pragma unroll
+                for (int seg = 0; seg < 4 / SEG; ++seg) {
+                    float part[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+                    for (int i = seg * SEG; i < (seg + 1) * SEG; ++i) {
+                        const u32 wd = q[u].w[i];
+                        const u32 b_r = bias[u][seg][0], b_r8 = bias[u][seg][1];
+                        // B: this lane's x row at inputs k .. k+3 (the fragment's k order, see the layout)
+                        const Pair b = *reinterpret_cast<const Pair*>(xr + c * 64 + 16 * i + 4 * t);
+                        mma(part, levels(wd, b_r), levels(wd >> 4, b_r8), levels(wd >> 8, b_r),
+                            levels(wd >> 12, b_r8), b.lo, b.hi);
+                    }
+                    acc[0] += s[u][seg][0] * part[0];
+                    acc[1] += s[u][seg][0] * part[1];
+                    acc[2] += s[u][seg][1] * part[2];
+                    acc[3] += s[u][seg][1] * part[3];
+                }
+            }
+        }
+    }
+    // C fragment: (row r, columns 2t and 2t+1) in acc[0..1], row r + 8 in acc[2..3]; a column is an x row.
+    partial[warp][2 * t][r] = acc[0];
+    partial[warp][2 * t + 1][r] = acc[1];
+    partial[warp][2 * t][r + 8] = acc[2];
+    partial[warp][2 * t + 1][r + 8] = acc[3];
+    __syncthreads();
+    if (threadIdx.x < 8 * 16) {
+        const int m = threadIdx.x >> 4, row = threadIdx.x & 15;
+        float sum = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) sum += partial[v][m][row];
+        const int n = tile * 16 + row;
+        if (m < M && n < N) y[(size_t)m * N + n] = float_to_bf16(sum);
+    }
+}
+
+// W [N, K] bf16 from the packed layout (prompts then run through cuBLAS). One warp a (tile, chunk): each
+// lane dequantizes its 16 bytes into shared memory, then the warp writes the 16 x 64 block row by row
+// (16-byte stores, 128 contiguous bytes a row: stores straight from the fragment layout would scatter).
+template <bool ZEROS>
+__global__ void __launch_bounds__(256)
+int4_dequant(const Words* __restrict__ w, const u16* __restrict__ scales, const u16* __restrict__ zero_bias,
+             Words* __restrict__ out, int N, int K, int group, u32 uniform_bias) {
+    __shared__ u32 block[8][16][33];                    // [warp][row][k pair], padded against bank conflicts
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunks = K >> 6, G = K / group;
+    const long long unit = (long long)blockIdx.x * 8 + warp;     // tile * chunks + chunk
+    if (unit >= (long long)(N / 16) * chunks) return;
+    const int c = (int)(unit % chunks), tile = (int)(unit / chunks);
+    const int r = lane >> 2, t = lane & 3;
+    const Words q = w[unit * 32 + lane];
+#pragma unroll
+    for (int word = 0; word < 4; ++word) {
+        const int k = 16 * word + 4 * t;                // within the chunk
+        const int g = (c * 64 + k) / group;
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {                   // A register p: row r or r+8, inputs k, k+1 or k+2, k+3
+            const int h = p & 1;
+            const size_t at = ((size_t)tile * G + g) * 16 + r + 8 * h;
+            const u32 zb = ZEROS ? (u32)zero_bias[at] : (uniform_bias & 0xFFFFu);
+            const u32 lv = levels(q.w[word] >> (4 * p), zb | (zb << 16));
+            const float sc = half_to_float(scales[at]);
+            const float lo = bits_to_float(lv << 16) * sc, hi = bits_to_float(lv & 0xFFFF0000u) * sc;
+            block[warp][r + 8 * h][(k >> 1) + (p >> 1)] = (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16);
+        }
+    }
+    __syncwarp();
+    // 16 rows x 32 pairs = 128 stores of 16 bytes: lane writes rows lane/8 + 4 j, pairs 4 (lane % 8) .. + 3
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const int row = (lane >> 3) + 4 * j, pair = 4 * (lane & 7);
+        Words v;
+        v.w[0] = block[warp][row][pair];
+        v.w[1] = block[warp][row][pair + 1];
+        v.w[2] = block[warp][row][pair + 2];
+        v.w[3] = block[warp][row][pair + 3];
+        out[(((size_t)tile * 16 + row) * K + c * 64) / 8 + (pair >> 2)] = v;
+    }
+}
+"""
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    warps: int   # warps a block (one 16-row tile), splitting K between them
+    unroll: int  # 16-byte loads in flight per lane
+
+
+def config_for(n: int) -> MmaConfig:
+    """Launch shape for N outputs. From `bench/engine.py --gemv` on an H100: one 16-byte load in flight per
+    lane was best on every 7B/70B shape (more warps hide the latency better than unrolling); 16 warps a tile
+    when there are few tiles (N = 4096: 256 of them), 8 from N = 8192 up."""
+    return MmaConfig(warps=16 if n < 8192 else 8, unroll=1)
+
+
+def supported(device: torch.device) -> bool:
+    """bf16 mma needs compute capability 8.0+ (Ampere, Ada, Hopper, Blackwell)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def fits(k: int, n: int, group_size: int) -> bool:
+    """Shapes the kernel takes: whole 16-row tiles, K in chunks of 64, groups of 16-input mma steps that
+    either divide a chunk or are whole chunks."""
+    return (n % TILE == 0 and k % CHUNK == 0 and k % group_size == 0 and group_size % 16 == 0
+            and (group_size <= CHUNK and CHUNK % group_size == 0 or group_size % CHUNK == 0))
+
+
+@functools.cache
+def _kernel(name: str):
+    """One instantiation of SOURCE's templates, compiled for this GPU. torch.cuda._compile_kernel would do
+    the same but insists on a CUDA toolkit's include folder, which pip-installed torch lacks; SOURCE needs no
+    header, so NVRTC is called directly (through torch's own handle to it)."""
+    from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library
+
+    nvrtc = _get_gpu_rtc_library()
+    major, minor = torch.cuda.get_device_capability()
+    options = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-std=c++17"]
+    prog = ctypes.c_void_p()
+
+    def check(status: int, what: str) -> None:
+        if status != 0:
+            log = b""
+            size = ctypes.c_size_t()
+            if nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size)) == 0 and size.value > 1:
+                buf = ctypes.create_string_buffer(size.value)
+                nvrtc.nvrtcGetProgramLog(prog, buf)
+                log = buf.value
+            raise RuntimeError(f"NVRTC {what} failed ({status}) for {name}: {log.decode(errors='replace')}")
+
+    check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"int4_mma.cu", 0, None, None), "create")
+    try:
+        check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), "name")
+        check(nvrtc.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options)), "compile")
+        size = ctypes.c_size_t()
+        check(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "size")
+        cubin = ctypes.create_string_buffer(size.value)
+        check(nvrtc.nvrtcGetCUBIN(prog, cubin), "cubin")
+        lowered = ctypes.c_char_p()
+        check(nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(lowered)), "lowered name")
+        mangled = lowered.value.decode()
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+    return _cuda_load_module(cubin.raw, [mangled])[mangled]
+
+
+def _bf16_bits(value: float) -> int:
+    return int(torch.tensor(value, dtype=torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+
+
+def _as_int32(u: int) -> int:
+    return u - (1 << 32) if u >= 1 << 31 else u
+
+
+@dataclass
+class PackedInt4:
+    """A 4-bit weight [N, K] in this module's layout, ready for `matmul` and `dequantize`."""
+    words: torch.Tensor              # int32 [N/16 * K/64 * 32 * 4]
+    scales: torch.Tensor             # fp16 [N/16, G, 16]
+    zero_bias: torch.Tensor | None   # bf16 bits int16 [N/16, G, 16], or None with one zero for all groups
+    uniform_zero: float
+    n: int
+    k: int
+    group_size: int
+
+    @property
+    def uniform_bias(self) -> int:
+        b = _bf16_bits(-(128.0 + self.uniform_zero))
+        return _as_int32(b | (b << 16))
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int) -> PackedInt4:
+    """q: levels uint8 [K, N] with groups contiguous along K (act-order: sorted, and x gathered to match by
+    the caller), scales [G, N], zeros [G, N] integer zero points (None: 8, symmetric GPTQ)."""
+    K, N = q.shape
+    G = K // group_size
+    T, C = N // TILE, K // CHUNK
+    # [N, K] -> [T, h, r, C, i, t, kk] with row = 16 T + 8 h + r and k = 64 C + 16 i + 4 t + kk
+    levels = q.t().reshape(T, 2, 8, C, 4, 4, 4).permute(0, 3, 2, 5, 4, 1, 6).to(torch.int64)  # [T,C,r,t,i,h,kk]
+    h = torch.arange(2, device=q.device)[:, None]
+    kk = torch.arange(4, device=q.device)[None, :]
+    shifts = 4 * (h + 2 * (kk >> 1) + 4 * (kk & 1))                                           # [2, 4]
+    words = (levels << shifts).sum((-2, -1))                                                  # [T,C,r,t,i]
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(-1)
+    tiled = lambda a: a.t().reshape(T, 16, G).transpose(1, 2).contiguous()                   # [G,N] -> [T,G,16]
+    uniform = zeros is None or bool((zeros == zeros.flatten()[0]).all())
+    zero = 8.0 if zeros is None else float(zeros.flatten()[0])
+    bias = None
+    if not uniform:
+        bias = tiled((-(128.0 + zeros.float())).to(torch.bfloat16).view(torch.int16))
+    return PackedInt4(words=words, scales=tiled(scales.to(torch.float16)), zero_bias=bias, uniform_zero=zero,
+                      n=N, k=K, group_size=group_size)
+
+
+def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig) -> torch.Tensor:
+    """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]."""
+    M = x.shape[0]
+    seg = min(4, w.group_size // 16)
+    zeros = w.zero_bias is not None
+    name = f"int4_mma<{config.warps},{config.unroll},{seg},{str(zeros).lower()}>"
+    y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
+    _kernel(name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
+                  args=[x, w.words, w.scales,
+                        w.zero_bias if zeros else w.scales, y, M, w.n, w.k, w.group_size, w.uniform_bias])
+    return y
+
+
+def dequantize(w: PackedInt4) -> torch.Tensor:
+    """W bf16 [N, K] (in the packed weight's input order: act-order's sorted K)."""
+    zeros = w.zero_bias is not None
+    out = torch.empty(w.n, w.k, dtype=torch.bfloat16, device=w.words.device)
+    units = w.n // TILE * (w.k // CHUNK)                                                  # a warp each
+    _kernel(f"int4_dequant<{str(zeros).lower()}>")(
+        grid=(-(-units // 8), 1, 1), block=(256, 1, 1),
+        args=[w.words, w.scales, w.zero_bias if zeros else w.scales, out, w.n, w.k, w.group_size,
+              w.uniform_bias])
+    return out
