@@ -6,8 +6,7 @@
                                                              HF transformers fp16 generate(), exllamav2 (its own
                                                              generator, same GPTQ folder) and the copy ceiling.
   python bench/engine.py --gemv                             our int4 matmul (engine.int4_mma) over launch configs vs
-                                                             tinygemm, bf16 cuBLAS and the Triton GEMV on the
-                                                             7B/70B layer shapes.
+                                                             tinygemm and bf16 cuBLAS on the 7B/70B layer shapes.
   python bench/engine.py --cpu                              the default model: engine vs transformers generate().
 
 Decode: 128-token prompt, 256 new tokens, greedy, through the same stream() the app uses (one host sync per

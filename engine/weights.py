@@ -17,7 +17,7 @@ from torch import nn
 from engine.llama import ModelArgs, Rotary, Transformer
 from engine.quant_linear import (DequantLinear, QuantWeight, RescoredHead, exact_int4,
                                  make_quant_linear)
-from loaders.quant.formats import QuantSpec, read_quant_spec, unpack_awq, unpack_gptq
+from loaders.quant.formats import LAYER_PARTS, QuantSpec, read_quant_spec, read_quant_weight
 
 Progress = Callable[[float, str], None]
 
@@ -68,34 +68,14 @@ class WeightLoader:
 
     def read(self, prefix: str, device: torch.device) -> tuple[torch.Tensor | QuantWeight, torch.Tensor | None]:
         """(weight [N, K] or QuantWeight, bias [N] or None) of the HF linear layer `prefix`."""
-        bias = self.ckpt.get(f"{prefix}.bias", device) if f"{prefix}.bias" in self.ckpt else None
         if f"{prefix}.qweight" not in self.ckpt:
+            bias = self.ckpt.get(f"{prefix}.bias", device) if f"{prefix}.bias" in self.ckpt else None
             return self.ckpt.get(f"{prefix}.weight", device), bias
-        spec = self.spec
-        if spec is None:
+        if self.spec is None:
             raise ValueError(f"{prefix} is quantized but the folder has no quantization config")
-        qweight = self.ckpt.get(f"{prefix}.qweight", device)
-        qzeros = self.ckpt.get(f"{prefix}.qzeros", device)
-        scales = self.ckpt.get(f"{prefix}.scales", device)
-        if spec.method == "awq" and spec.awq_version == "gemv":
-            # GEMV stores [out, in/8] and pads the group axis of qzeros and scales.
-            groups = -(-qweight.shape[1] * 8 // spec.group_size_for(qweight.shape[1] * 8))
-            q, zeros = unpack_awq(qweight, qzeros, "gemv", groups)
-            scales = scales[:, :groups].t().contiguous()
-        elif spec.method == "awq":
-            q, zeros = unpack_awq(qweight, qzeros)
-        else:
-            q, zeros = unpack_gptq(qweight, qzeros, spec.bits, v1=spec.v1)
-        K = q.shape[0]
-        group_size = spec.group_size_for(K)
-        if f"{prefix}.g_idx" in self.ckpt:
-            g_idx = self.ckpt.get(f"{prefix}.g_idx", device).long()
-        else:
-            g_idx = torch.arange(K, device=device) // group_size
-        if bias is not None and not bias.any():  # AutoGPTQ writes all-zero biases for Llama: skip the add
-            bias = None
-        return QuantWeight(q=q, scales=scales, g_idx=g_idx, bits=spec.bits, group_size=group_size,
-                           zeros=zeros), bias
+        tensors = {part: self.ckpt.get(f"{prefix}.{part}", device) for part in LAYER_PARTS
+                   if f"{prefix}.{part}" in self.ckpt}
+        return read_quant_weight(tensors, self.spec)
 
     def parts(self, prefixes: list[str], device: torch.device) -> list[tuple]:
         """The listed HF linears as [(weight, bias)]: one fused matrix (outputs side by side) when they are

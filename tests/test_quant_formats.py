@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from loaders.base import LoadError
-from loaders.quant.formats import QuantSpec, read_quant_spec, unpack_gptq
-from loaders.quant.linear import QuantizedWeight, QuantLinear
+from engine.quant_linear import DequantLinear, Int4Linear, make_quant_linear
+from loaders.quant.formats import QuantSpec, read_quant_spec, read_quant_weight, unpack_gptq
 from tests.quant_fixtures import (awq_gemv_tensors, awq_tensors, gptq_tensors, pack_bit_stream,
                                   quantize_weight)
 
@@ -42,9 +42,10 @@ def test_gptq_dequantizes_to_the_source_within_quantization_error(bits, group_si
     source = source_weight()
     qt = quantize_weight(source, bits, group_size, sym, desc_act)
     spec = QuantSpec("gptq", bits, group_size, desc_act=desc_act, sym=sym, checkpoint_format=checkpoint_format)
-    weight = QuantizedWeight.from_gptq(layer(gptq_tensors("p", qt, bits, checkpoint_format)), spec)
-    assert weight.bias is None   # AutoGPTQ's all-zero bias is dropped
-    assert weight.act_order == (desc_act and group_size != -1)   # one group: the order cannot show
+    weight, bias = read_quant_weight(layer(gptq_tensors("p", qt, bits, checkpoint_format)), spec)
+    assert bias is None   # AutoGPTQ's all-zero bias is dropped
+    # one group: the order cannot show
+    assert (weight.sorted_by_group()[1] is not None) == (desc_act and group_size != -1)
     w = weight.dequantize()
     assert torch.equal(w, qt.dequantized)
     assert_within_quantization_error(w, source, qt, sym)
@@ -55,8 +56,8 @@ def test_gptq_partial_last_group_like_576_inputs_with_group_128(bits):
     source = source_weight(out_features=96, in_features=576)
     qt = quantize_weight(source, bits, 128, sym=True, desc_act=True)
     assert qt.scales.shape == (5, 96)     # 4 full groups and one of 64
-    weight = QuantizedWeight.from_gptq(layer(gptq_tensors("p", qt, bits, "gptq")),
-                                       QuantSpec("gptq", bits, 128, desc_act=True))
+    weight, _ = read_quant_weight(layer(gptq_tensors("p", qt, bits, "gptq")),
+                                  QuantSpec("gptq", bits, 128, desc_act=True))
     assert torch.equal(weight.dequantize(), qt.dequantized)
     assert_within_quantization_error(weight.dequantize(), source, qt, sym=True)
 
@@ -91,7 +92,7 @@ def test_v1_packer_bug_words_decode_as_stored():
 def test_awq_gemm_dequantizes_to_the_source(group_size):
     source = source_weight(out_features=64, in_features=384)
     qt = quantize_weight(source, 4, group_size, sym=False, desc_act=False)
-    weight = QuantizedWeight.from_awq(layer(awq_tensors("p", qt)), QuantSpec("awq", 4, group_size, sym=False))
+    weight, _ = read_quant_weight(layer(awq_tensors("p", qt)), QuantSpec("awq", 4, group_size, sym=False))
     assert torch.equal(weight.dequantize(), qt.dequantized)
     assert_within_quantization_error(weight.dequantize(), source, qt, sym=False)
 
@@ -110,17 +111,18 @@ def test_awq_gemv_dequantizes_to_the_source(group_size):
     source = source_weight(out_features=64, in_features=256)
     qt = quantize_weight(source, 4, group_size, sym=False, desc_act=False)
     spec = QuantSpec("awq", 4, group_size, sym=False, awq_version="gemv")
-    weight = QuantizedWeight.from_awq(layer(awq_gemv_tensors("p", qt, group_size)), spec)
+    weight, _ = read_quant_weight(layer(awq_gemv_tensors("p", qt, group_size)), spec)
     assert torch.equal(weight.dequantize(), qt.dequantized)
 
 
 @pytest.mark.parametrize("desc_act", [False, True])
 def test_cpu_int4_kernel_matches_dequantized_linear(desc_act):
     qt = quantize_weight(source_weight(), 4, 64, sym=False, desc_act=desc_act)
-    weight = QuantizedWeight.from_gptq(layer(gptq_tensors("p", qt, 4, "gptq")),
-                                       QuantSpec("gptq", 4, 64, desc_act=desc_act, sym=False))
-    exact, fast = QuantLinear(weight, kernel="dequantize"), QuantLinear(weight, kernel="int4")
-    assert fast.kernel == "int4" and not hasattr(fast, "weight")
+    weight, _ = read_quant_weight(layer(gptq_tensors("p", qt, 4, "gptq")),
+                                  QuantSpec("gptq", 4, 64, desc_act=desc_act, sym=False))
+    cpu = torch.device("cpu")
+    exact, fast = DequantLinear(weight, None, cpu, torch.float32), make_quant_linear(weight, None, cpu, torch.float32)
+    assert isinstance(fast, Int4Linear) and not hasattr(fast, "weight")
     assert fast.packed.numel() * fast.packed.element_size() < exact.weight.numel() * 4 / 4
     x = torch.randn(3, 256)
     reference = exact(x)
@@ -129,8 +131,8 @@ def test_cpu_int4_kernel_matches_dequantized_linear(desc_act):
 
 def test_int4_kernel_falls_back_to_dequantize_where_it_does_not_apply():
     qt = quantize_weight(source_weight(), 3, 32, sym=True, desc_act=False)
-    weight = QuantizedWeight.from_gptq(layer(gptq_tensors("p", qt, 3, "gptq")), QuantSpec("gptq", 3, 32))
-    assert QuantLinear(weight, kernel="int4").kernel == "dequantize"
+    weight, _ = read_quant_weight(layer(gptq_tensors("p", qt, 3, "gptq")), QuantSpec("gptq", 3, 32))
+    assert isinstance(make_quant_linear(weight, None, torch.device("cpu"), torch.float32), DequantLinear)
 
 
 # ---- configs ---------------------------------------------------------------------------------------------

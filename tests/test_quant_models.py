@@ -10,7 +10,7 @@ from loaders.awq_loader import AWQLoader
 from loaders.gptq_loader import GPTQLoader
 from loaders.quant.build import load_quantized
 from loaders.quant.formats import read_quant_spec
-from loaders.quant.linear import QuantLinear
+from engine.quant_linear import DequantLinear, Int4Linear
 from loaders.quant.loader import QuantOptions
 from tests.conftest import make_state
 from tests.quant_fixtures import quantize_model_dir, tiny_llama_dir
@@ -49,7 +49,7 @@ def test_tiny_llama_logits_match_its_dequantized_fp32_twin(tmp_path, tiny_source
     packed = quantize_model_dir(tiny_source, tmp_path / name, keep_reference=True, **FORMATS[name])
     spec = read_quant_spec(packed.out_dir)
     model = load_quantized(packed.out_dir, spec, torch.float32)
-    swapped = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    swapped = [m for m in model.modules() if isinstance(m, DequantLinear)]
     assert len(swapped) == 2 * 7                       # q, k, v, o, gate, up, down in each of 2 layers
     with torch.no_grad():
         got = model(PROMPT_IDS).logits
@@ -64,7 +64,8 @@ def test_int4_kernel_model_stays_close_to_dequantized(tmp_path, tiny_source):
         exact = load_quantized(packed.out_dir, spec, torch.float32, "dequantize")(PROMPT_IDS).logits
         fast_model = load_quantized(packed.out_dir, spec, torch.float32, "int4")
         fast = fast_model(PROMPT_IDS).logits
-    assert {m.kernel for m in fast_model.modules() if isinstance(m, QuantLinear)} == {"int4"}
+    assert len([m for m in fast_model.modules() if isinstance(m, Int4Linear)]) == 2 * 7
+    assert not any(isinstance(m, DequantLinear) for m in fast_model.modules())
     assert torch.allclose(fast, exact, atol=0.02 * exact.abs().max().item())
 
 

@@ -1,8 +1,10 @@
 """Build a transformers model from config.json and fill it from a GPTQ/AWQ checkpoint on CPU.
 
-The model skeleton is created with empty (meta) parameters, each quantized nn.Linear is replaced by a
-QuantLinear built from its checkpoint tensors, and the remaining fp tensors (embeddings, norms, lm_head)
-are assigned in place, so peak memory stays near the size of the finished model.
+The model skeleton is created with empty (meta) parameters, each quantized nn.Linear is replaced by the
+engine's quantized layer for its checkpoint tensors (engine.quant_linear: "dequantize" = the weights unpacked
+once in the compute dtype, exact; "int4" = torch's CPU int4 kernel where it fits, smaller and approximate),
+and the remaining fp tensors (embeddings, norms, lm_head) are assigned in place, so peak memory stays near
+the size of the finished model.
 """
 from __future__ import annotations
 
@@ -13,12 +15,11 @@ import torch
 from torch import nn
 
 from loaders.base import LoadError, Progress, no_progress
-from loaders.quant.formats import QuantSpec
-from loaders.quant.linear import QuantizedWeight, QuantLinear
+from engine.quant_linear import DequantLinear, make_quant_linear
+from loaders.quant.formats import LAYER_PARTS, QuantSpec, read_quant_weight
 from loaders.safetensors_index import quantized_prefixes, tensor_index
 
-GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")
-AWQ_PARTS = ("qweight", "qzeros", "scales", "bias")
+KERNELS = ("dequantize", "int4")
 
 
 class CheckpointReader:
@@ -67,7 +68,10 @@ def _swap_module(model: nn.Module, prefix: str, new: nn.Module) -> None:
 
 def load_quantized(model_dir: Path, spec: QuantSpec, dtype: torch.dtype, kernel: str = "dequantize",
                    progress: Progress = no_progress, trust_remote_code: bool = False) -> nn.Module:
-    """A ready-to-run (eval) transformers model with every quantized Linear replaced by a QuantLinear."""
+    """A ready-to-run (eval) transformers model with every quantized Linear replaced by the engine's layer
+    for `kernel` (one of KERNELS)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     model = build_hf_skeleton(model_dir, dtype, trust_remote_code)
     with ExitStack() as stack:
         reader = CheckpointReader(model_dir, stack)
@@ -75,7 +79,6 @@ def load_quantized(model_dir: Path, spec: QuantSpec, dtype: torch.dtype, kernel:
         if not prefixes:
             raise LoadError(f"{model_dir.name} says it is {spec.method.upper()} ({spec.source}) but its weight "
                             f"files hold no quantized (.qweight) tensors")
-        parts = GPTQ_PARTS if spec.method == "gptq" else AWQ_PARTS
         consumed: set[str] = set()
         for i, prefix in enumerate(prefixes):
             try:
@@ -85,18 +88,20 @@ def load_quantized(model_dir: Path, spec: QuantSpec, dtype: torch.dtype, kernel:
                                 f"{type(model).__name__} built from config.json does not have") from None
             if not isinstance(target, nn.Linear):
                 raise LoadError(f"{model_dir.name}: {prefix} is quantized but is not a Linear layer")
-            names = {p: f"{prefix}.{p}" for p in parts if f"{prefix}.{p}" in reader.index}
+            names = {p: f"{prefix}.{p}" for p in LAYER_PARTS if f"{prefix}.{p}" in reader.index}
             missing = {"qweight", "qzeros", "scales"} - set(names)
             if missing:
                 raise LoadError(f"{model_dir.name}: layer {prefix} lacks {', '.join(sorted(missing))}")
             tensors = {p: reader.get(n) for p, n in names.items()}
             consumed.update(names.values())
-            weight = (QuantizedWeight.from_gptq(tensors, spec) if spec.method == "gptq"
-                      else QuantizedWeight.from_awq(tensors, spec))
+            weight, bias = read_quant_weight(tensors, spec)
             if (weight.in_features, weight.out_features) != (target.in_features, target.out_features):
                 raise LoadError(f"{model_dir.name}: {prefix} is {weight.in_features}x{weight.out_features} in the "
                                 f"checkpoint but {target.in_features}x{target.out_features} in config.json")
-            _swap_module(model, prefix, QuantLinear(weight, dtype, kernel))
+            bias = None if bias is None else bias.to(dtype)
+            cpu = torch.device("cpu")
+            _swap_module(model, prefix, make_quant_linear(weight, bias, cpu, dtype) if kernel == "int4"
+                         else DequantLinear(weight, bias, cpu, dtype))
             progress(0.1 + 0.8 * (i + 1) / len(prefixes), f"unpacked {prefix}")
         plain = {name: reader.get(name).to(dtype) if reader.index[name].dtype.startswith(("F", "BF")) else
                  reader.get(name) for name in reader.index if name not in consumed}

@@ -1,4 +1,4 @@
-"""GPTQ and AWQ checkpoint layouts: unpack the int32 words, dequantize, and read the quantization config.
+"""GPTQ and AWQ checkpoint layouts: unpack the int32 words into a QuantWeight, and read the quantization config.
 
 Device-agnostic torch only (the GPU engine imports these too). Layout facts: ../shared/FORMATS.md.
 Shapes: `in` = in_features (K), `out` = out_features (N), `G` = number of groups.
@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from engine.quant_linear import QuantWeight
 from loaders.base import LoadError
 from loaders.folder import read_json
 
 GPTQ_BITS = (2, 3, 4, 8)
+LAYER_PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")   # a quantized layer's tensors (AWQ: no g_idx)
 # AWQ GEMM stores output column 8c + [0,2,4,6,1,3,5,7][i] in nibble i; reading nibbles in this order
 # puts the columns back in sequence.
 AWQ_UNPACK_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
@@ -113,23 +115,36 @@ def default_g_idx(in_features: int, group_size: int, device: torch.device | str 
     return torch.arange(in_features, dtype=torch.int32, device=device) // group_size
 
 
-def dequantize(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
-               group_size: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """W [out, in] = scales[g] * (q - zeros[g]) per input row i with g = g_idx[i].
+def read_quant_weight(tensors: dict[str, torch.Tensor], spec: "QuantSpec") -> tuple[QuantWeight, torch.Tensor | None]:
+    """One layer of a GPTQ or AWQ checkpoint as the format-neutral QuantWeight that every runtime takes,
+    and its bias. tensors: by LAYER_PARTS name (without the layer's prefix), those the file has. The bias is None when absent or all zeros (AutoGPTQ writes zeros)."""
+    bias = tensors.get("bias")
+    if bias is not None and not torch.any(bias):
+        bias = None
+    scales = tensors["scales"]
+    if spec.method == "gptq":
+        q, zeros = unpack_gptq(tensors["qweight"], tensors["qzeros"], spec.bits, spec.v1)
+        group_size = spec.group_size_for(q.shape[0])
+        g_idx = tensors.get("g_idx")
+        g_idx = default_g_idx(q.shape[0], group_size, q.device) if g_idx is None else g_idx
+        zeros = zeros[: scales.shape[0]]   # the packed zeros may carry padding columns' worth of rows
+        bits = spec.bits
+    else:
+        if spec.awq_version == "gemv":
+            # GEMV stores [out, in/8] and pads the group axis of qzeros and scales.
+            in_features = tensors["qweight"].shape[1] * 8
+            group_size = spec.group_size_for(in_features)
+            groups = -(-in_features // group_size)
+            q, zeros = unpack_awq(tensors["qweight"], tensors["qzeros"], "gemv", groups)
+            scales = scales[:, :groups].t().contiguous()
+        else:
+            q, zeros = unpack_awq(tensors["qweight"], tensors["qzeros"], "gemm")
+            group_size = spec.group_size_for(q.shape[0])
+        if not spec.zero_point:
+            zeros = torch.full_like(zeros, 8)
+        g_idx, bits = default_g_idx(q.shape[0], group_size, q.device), 4
+    return QuantWeight(q=q, scales=scales, g_idx=g_idx.long(), bits=bits, group_size=group_size, zeros=zeros), bias
 
-    q uint8 [in, out]; zeros uint8 [G, out]; scales [G, out]; g_idx int [in], or None to use
-    i // group_size (group_size required then; -1 means one group).
-    """
-    if g_idx is None:
-        if group_size is None:
-            raise ValueError("dequantize needs g_idx or group_size")
-        g_idx = default_g_idx(q.shape[0], group_size, q.device)
-    g = g_idx.long()
-    w = (q.to(torch.float32) - zeros.to(torch.float32)[g]) * scales.to(torch.float32)[g]   # [in, out]
-    return w.t().contiguous().to(dtype)
-
-
-# ---- quantization config -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class QuantSpec:

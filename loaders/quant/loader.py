@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
+from engine.quant_linear import DequantLinear, Int4Linear
 from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.engine_choice import RuntimeOptions, load_on_engine
 from loaders.folder import read_json, require_dir
 from loaders.metadata import context_length_of
 from loaders.options import option
-from loaders.quant.build import load_quantized
+from loaders.quant.build import KERNELS, load_quantized
 from loaders.quant.formats import QuantSpec, read_quant_spec
-from loaders.quant.linear import KERNELS
 from loaders.safetensors_index import quantized_prefixes, tensor_index
 from loaders.transformers_loader import TransformersModel, eos_ids, load_tokenizer
 
@@ -85,7 +85,9 @@ class QuantizedModelLoader:
         progress(1.0, "ready")
         loaded = TransformersModel(model_dir, model, tokenizer, torch.device("cpu"), dtype, context)
         loaded.loader = self.name
-        kernels = sorted({m.kernel for m in model.modules() if hasattr(m, "kernel") and hasattr(m, "bits")})
+        # The cpu_kernel option's names for what each layer became (int4 falls back where it does not fit).
+        kernels = sorted({"int4" if isinstance(m, Int4Linear) else "dequantize" for m in model.modules()
+                          if isinstance(m, (Int4Linear, DequantLinear))})
         loaded.runtime = (f"hearth {spec.method} on transformers (cpu, {options.dtype}, "
                           f"{spec.bits}-bit, kernel {'/'.join(kernels)})")
         loaded.quant_spec = spec
