@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from app_settings import AppSettings
-from engine.generation import DoneEvent, GenerationEvent
+from engine.generation import DoneEvent, GenerationEvent, QueuedEvent
 from engine.sampling import GenerationParams
 from loaders.awq_loader import AWQLoader
 from loaders.base import Detection, LoaderRegistry, LoadError, Model, Progress, no_progress
@@ -94,29 +94,42 @@ def default_registry() -> LoaderRegistry:
 # one client could wait forever; tickets served in arrival order make waiting times predictable, and the
 # position of each key lets the UI and the API tell a waiting user where they stand.
 class FifoQueue:
-    """A lock granted in arrival order. The holder is the head of the line; the others wait behind it."""
+    """A lock granted in arrival order. The head of the line holds it; the others wait behind it.
+    A place in line is `join`ed, `wait`ed on (which reports each move up the line) and `leave`n."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._line: deque[tuple[int, str]] = deque()   # (ticket, key); line[0] holds the lock
         self._tickets = itertools.count()
 
-    def acquire(self, key: str, cancel: threading.Event) -> bool:
-        """Wait for our turn; False (and out of the line) when `cancel` is set before it comes."""
+    def join(self, key: str) -> tuple[int, str]:
+        """Take a place at the end of the line; returns it (for wait and leave)."""
         with self._cond:
             entry = (next(self._tickets), key)
             self._line.append(entry)
-            while self._line[0] is not entry:
-                if cancel.is_set():
-                    self._line.remove(entry)
-                    self._cond.notify_all()
-                    return False
-                self._cond.wait()
-            return True
+            return entry
 
-    def release(self) -> None:
+    def wait(self, entry: tuple[int, str], cancel: threading.Event, last: int | None = None) -> int | None:
+        """Block until the number ahead of `entry` differs from `last` or its turn comes; returns that number
+        (0: it holds the lock now). None, and out of the line, when `cancel` is set first."""
         with self._cond:
-            self._line.popleft()
+            while True:
+                if cancel.is_set():
+                    self._remove(entry)
+                    return None
+                ahead = self._line.index(entry)
+                if ahead == 0 or ahead != last:
+                    return ahead
+                self._cond.wait()
+
+    def leave(self, entry: tuple[int, str]) -> None:
+        """Give up the place (or the lock, from the head); those behind move up. No-op once gone."""
+        with self._cond:
+            self._remove(entry)
+
+    def _remove(self, entry: tuple[int, str]) -> None:
+        if entry in self._line:
+            self._line.remove(entry)
             self._cond.notify_all()
 
     def wake(self) -> None:
@@ -338,23 +351,32 @@ class AppState:
         return build(GenerationParams, base)
 
     def generate(self, prompt: Prompt, params: GenerationParams, key: str = "default") -> Iterator[GenerationEvent]:
-        """Stream a generation; `stop(key)` ends it within one token. One generation runs at a time."""
+        """Stream a generation; `stop(key)` ends it within one token. One generation runs at a time: while
+        this one waits for the model it yields QueuedEvent(ahead) each time the number ahead changes, and
+        QueuedEvent(0) when its turn comes after a wait. Closing the iterator gives up its place."""
         model = self.require_model()
         if prompt.stop:  # the template's own stop strings on top of the user's
             params = dataclasses.replace(params, stop=merge_stops(params.stop, prompt.stop))
         cancel = threading.Event()
         self._cancels[key] = cancel  # registered before queueing, so Stop also works while waiting
+        place = self.generation_queue.join(key)
         try:
-            if not self.generation_queue.acquire(key, cancel):  # fair queue
+            ahead = self.generation_queue.wait(place, cancel)
+            waited = bool(ahead)
+            while ahead:
+                yield QueuedEvent(ahead)
+                ahead = self.generation_queue.wait(place, cancel, ahead)
+            if ahead is None:
                 yield DoneEvent(reason="cancelled", text="")
                 return
+            if waited:
+                yield QueuedEvent(0)
             try:
                 yield from model.generate(prompt.ids, params, cancel)
             except Exception as exc:  # a backend bug must not take the app down; end the reply with it
                 yield DoneEvent(reason="error", text="", error=f"{type(exc).__name__}: {exc}")
-            finally:
-                self.generation_queue.release()
         finally:
+            self.generation_queue.leave(place)
             cancel.set()
             if self._cancels.get(key) is cancel:
                 del self._cancels[key]

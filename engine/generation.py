@@ -18,6 +18,13 @@ from prompts.stopping import IncrementalDecoder, StopStringFilter
 
 
 @dataclass(frozen=True)
+class QueuedEvent:
+    """The generation waits for the model: `ahead` generations before it; 0 once its turn came after a wait.
+    (Yielded by app_state.AppState.generate, which runs one generation at a time.)"""
+    ahead: int
+
+
+@dataclass(frozen=True)
 class TextEvent:
     """A piece of generated text, safe to show (never part of a stop string)."""
     text: str
@@ -42,7 +49,7 @@ class DoneEvent:
     seed: int | None = None
 
 
-GenerationEvent = Union[TextEvent, StatsEvent, DoneEvent]
+GenerationEvent = Union[QueuedEvent, TextEvent, StatsEvent, DoneEvent]
 
 
 class Stepper(Protocol):

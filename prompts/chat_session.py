@@ -5,12 +5,10 @@ Each action is a generator of (history, status) pairs, so a UI can stream them a
 """
 from __future__ import annotations
 
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from engine.generation import DoneEvent, StatsEvent, TextEvent
+from engine.generation import DoneEvent, QueuedEvent, StatsEvent, TextEvent
 from engine.sampling import GenerationParams
 from prompts.chat import Prompt
 
@@ -61,71 +59,8 @@ def _prompt_line(prompt: Prompt) -> str:
     return f"{line} · ⚠️ {prompt.notice}" if prompt.notice else line
 
 
-QUEUE_POLL_S = 0.2   # how often a reply waiting for the model re-reads its place in line
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """`ahead` generations are in line before this one; 0 once its turn has come after a wait."""
-    ahead: int
-
-
 def waiting_line(ahead: int) -> str:
     return f"waiting: {ahead} ahead"
-
-
-def events_with_queue_position(state, prompt: Prompt, params: GenerationParams, key: str,
-                               poll_s: float = QUEUE_POLL_S) -> Iterator[Any]:
-    """state.generate's events, plus a Waiting(ahead) each time the number ahead changes while `key` waits.
-
-    state.generate blocks inside its first step until the model is free, so it runs in a helper thread and
-    this generator polls state.queue_position(key) while no event arrives. If the consumer goes away (a
-    closed browser tab), the generation is stopped so it does not hold the line."""
-    # One event in flight, as when the caller iterated state.generate itself: the model runs at the pace
-    # the consumer (a browser stream) takes the text.
-    events: queue.Queue = queue.Queue(maxsize=1)
-    finished = object()
-
-    def pump() -> None:
-        try:
-            for event in state.generate(prompt, params, key):
-                events.put(event)
-        except BaseException as exc:  # handed to the consumer, which raises it where the caller can see it
-            events.put(exc)
-        finally:
-            events.put(finished)
-
-    worker = threading.Thread(target=pump, name=f"hearth-reply-{key}", daemon=True)
-    worker.start()
-    shown = None
-    ended = False
-    try:
-        while True:
-            try:
-                item = events.get(timeout=poll_s)
-            except queue.Empty:
-                ahead = state.queue_position(key)
-                # Report changes only, and a turn coming (0) only after a wait was shown.
-                if ahead is not None and ahead != shown and (ahead or shown):
-                    shown = ahead
-                    yield Waiting(ahead)
-                continue
-            if item is finished:
-                ended = True
-                return
-            if isinstance(item, BaseException):
-                ended = True
-                raise item
-            ended = isinstance(item, DoneEvent)   # consumers may stop reading after the last event
-            yield item
-    finally:
-        if not ended:   # the consumer left early: stop the generation (or its wait) under this key
-            state.stop(key)
-        while worker.is_alive():   # take what it still hands over, so it is never stuck on a full queue
-            try:
-                events.get(timeout=0.05)
-            except queue.Empty:
-                pass
 
 
 def _stream(state, prompt: Prompt, params: GenerationParams, key: str,
@@ -135,19 +70,23 @@ def _stream(state, prompt: Prompt, params: GenerationParams, key: str,
     head = _prompt_line(prompt)
     yield snapshot(), ReplyStatus(f"{head} · generating…", prompt=prompt)
     stats = None
-    for event in events_with_queue_position(state, prompt, params, key):
-        if isinstance(event, Waiting):
-            line = waiting_line(event.ahead) if event.ahead else "generating…"
-            yield snapshot(), ReplyStatus(f"{head} · {line}", prompt=prompt)
-        elif isinstance(event, TextEvent):
-            append(event.text)
-            yield snapshot(), ReplyStatus(f"{head} · generating…", prompt=prompt)
-        elif isinstance(event, StatsEvent):
-            stats = event
-        elif isinstance(event, DoneEvent):
-            notice = f" · ⚠️ {prompt.notice}" if prompt.notice else ""
-            yield snapshot(), ReplyStatus(stats_line(stats, event) + notice, done=True, error=event.error,
-                                          prompt=prompt)
+    events = state.generate(prompt, params, key)
+    try:
+        for event in events:
+            if isinstance(event, QueuedEvent):
+                line = waiting_line(event.ahead) if event.ahead else "generating…"
+                yield snapshot(), ReplyStatus(f"{head} · {line}", prompt=prompt)
+            elif isinstance(event, TextEvent):
+                append(event.text)
+                yield snapshot(), ReplyStatus(f"{head} · generating…", prompt=prompt)
+            elif isinstance(event, StatsEvent):
+                stats = event
+            elif isinstance(event, DoneEvent):
+                notice = f" · ⚠️ {prompt.notice}" if prompt.notice else ""
+                yield snapshot(), ReplyStatus(stats_line(stats, event) + notice, done=True, error=event.error,
+                                              prompt=prompt)
+    finally:
+        events.close()   # a consumer that left early (a closed tab) stops the reply, or gives up its place
 
 
 def _stream_into(state, history: History, system_message: str | None, params: GenerationParams, key: str,

@@ -12,15 +12,26 @@ def _wait_until(predicate, timeout=5.0):
         time.sleep(0.01)
 
 
+def _acquire(queue: FifoQueue, key: str, cancel: threading.Event):
+    """Join the line and wait for the lock; the place, or None when cancelled first."""
+    place = queue.join(key)
+    ahead = queue.wait(place, cancel)
+    while ahead:
+        ahead = queue.wait(place, cancel, ahead)
+    return place if ahead == 0 else None
+
+
 def test_waiters_are_served_in_arrival_order_and_report_their_position():
     queue = FifoQueue()
-    assert queue.acquire("first", threading.Event())
+    first = _acquire(queue, "first", threading.Event())
+    assert first is not None
     served: list[str] = []
 
     def wait_turn(key):
-        assert queue.acquire(key, threading.Event())
+        place = _acquire(queue, key, threading.Event())
+        assert place is not None
         served.append(key)
-        queue.release()
+        queue.leave(place)
 
     threads = []
     for i, key in enumerate(["a", "b", "c", "d", "e"]):
@@ -30,7 +41,7 @@ def test_waiters_are_served_in_arrival_order_and_report_their_position():
         _wait_until(lambda: queue.position(key) == i + 1)   # arrivals are spaced so their order is known
     assert queue.position("first") == 0
     assert queue.position("nobody") is None
-    queue.release()
+    queue.leave(first)
     for t in threads:
         t.join(5)
     assert served == ["a", "b", "c", "d", "e"]
@@ -39,11 +50,11 @@ def test_waiters_are_served_in_arrival_order_and_report_their_position():
 
 def test_a_cancelled_waiter_leaves_the_line_and_the_rest_move_up():
     queue = FifoQueue()
-    assert queue.acquire("running", threading.Event())
+    running = _acquire(queue, "running", threading.Event())
     cancel = threading.Event()
     results = {}
-    leaver = threading.Thread(target=lambda: results.setdefault("leaver", queue.acquire("leaver", cancel)))
-    stayer = threading.Thread(target=lambda: results.setdefault("stayer", queue.acquire("stayer", threading.Event())))
+    leaver = threading.Thread(target=lambda: results.setdefault("leaver", _acquire(queue, "leaver", cancel)))
+    stayer = threading.Thread(target=lambda: results.setdefault("stayer", _acquire(queue, "stayer", threading.Event())))
     leaver.start()
     _wait_until(lambda: queue.position("leaver") == 1)
     stayer.start()
@@ -51,12 +62,12 @@ def test_a_cancelled_waiter_leaves_the_line_and_the_rest_move_up():
     cancel.set()
     queue.wake()
     leaver.join(5)
-    assert results["leaver"] is False
+    assert results["leaver"] is None
     assert queue.position("leaver") is None and queue.position("stayer") == 1
-    queue.release()
+    queue.leave(running)
     stayer.join(5)
-    assert results["stayer"] is True and queue.position("stayer") == 0
-    queue.release()
+    assert results["stayer"] is not None and queue.position("stayer") == 0
+    queue.leave(results["stayer"])
 
 
 def test_state_stop_releases_a_request_still_waiting_for_the_model(loaded_state):
@@ -72,7 +83,9 @@ def test_state_stop_releases_a_request_still_waiting_for_the_model(loaded_state)
     assert loaded_state.queue_position("queue-test-running") == 0
     assert loaded_state.stop("queue-test-wait")
     waiter.join(5)
-    assert [type(e).__name__ for e in events] == ["DoneEvent"] and events[0].reason == "cancelled"
+    # it reported its place in line, then ended without running
+    assert [type(e).__name__ for e in events] == ["QueuedEvent", "DoneEvent"]
+    assert events[0].ahead == 1 and events[1].reason == "cancelled"
     assert loaded_state.stop("queue-test-running")
     rest = list(running)
     assert rest[-1].reason == "cancelled"
