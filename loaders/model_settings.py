@@ -108,18 +108,25 @@ def with_chosen_options(effective: dict[str, Any] | None, options: Any) -> dict[
     return {**effective, "loader_options": chosen}
 
 
-def settings_to_save(loader: str | None, loader_options: dict[str, Any], context_length: Any,
-                     instruction_template: str | None, preset: str | None, system_message: str | None,
-                     previous: dict[str, Any]) -> dict[str, Any]:
+def settings_to_save(loader: str | None, loader_options: dict[str, Any], instruction_template: str | None,
+                     preset: str | None, system_message: str | None, previous: dict[str, Any],
+                     current_context: Effective | None = None) -> dict[str, Any]:
     """The entry "Save settings for this model" writes, from the Model tab's values.
 
-    Blank fields mean "not saved" (the model's metadata or settings.yaml applies); context length lives at
-    the top level only; sampler overrides saved earlier (from the API or by hand) are kept.
+    Blank fields mean "not saved" (the model's metadata or settings.yaml applies). The context length is the
+    loader's own context_length option (the one widget for it) and is stored at the top level only; it is
+    saved unless it is 0 or simply the model's own value the widget was showing (`current_context`, not
+    saved before), so that saving a template does not pin the context. Sampler overrides saved earlier
+    (from the API or by hand) are kept.
     """
-    context = int(context_length) if context_length not in (None, "", 0) else None
+    options = dict(loader_options)
+    context = options.pop("context_length", None)
+    context = int(context) if context not in (None, "") else None
+    if current_context is not None and current_context.source != SAVED and context == current_context.value:
+        context = None
     return {
         "loader": loader or None,
-        "loader_options": {k: v for k, v in loader_options.items() if k != "context_length"},
+        "loader_options": options,
         "context_length": context if context and context > 0 else None,
         "instruction_template": (instruction_template or "").strip() or None,
         "preset": (preset or "").strip() or None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from gradio_client import Client
 
+from app_state import default_registry
+from loaders.options import specs
 from loaders.settings_store import SettingsStore
 from tests.conftest import start_app
 from tests.quant_fixtures import tiny_llama_dir
@@ -29,7 +31,9 @@ def test_saved_settings_apply_at_start_and_the_model_tab_saves_new_ones(tmp_path
             "/save_model_settings"]["parameters"]
         values = [p.get("parameter_default") for p in params]
         values[0], values[1] = "tiny-chat", "transformers"
-        values[-4:] = [64, "ChatML", "", "Be brief."]
+        context_at = 2 + option_index("transformers", "context_length")   # the loader's own widget
+        values[context_at] = 64
+        values[-3:] = ["ChatML", "", "Be brief."]
         message, sources = client.predict(*values, api_name="/save_model_settings")
         # Selecting the model again puts the saved values back into the widgets, with their sources.
         selected = client.predict("tiny-chat", api_name="/select_model")
@@ -42,11 +46,25 @@ def test_saved_settings_apply_at_start_and_the_model_tab_saves_new_ones(tmp_path
                                                                                                  "Be brief.")
     assert saved["loader"] == "transformers" and "context_length" not in saved["loader_options"]
     loader, reason, *rest = [value_of(output) for output in selected]
-    context, template, preset, system, table = rest[-5:]
+    context = rest[context_at - 2]
+    template, preset, system, table = rest[-4:]
     assert loader == "transformers" and "unquantized" in reason
     assert (context, template, preset, system) == (64, "ChatML", "", "Be brief.")
     assert "| instruction_template | ChatML | saved (config-user.yaml) |" in table
     assert f"| loader_options.dtype | {saved['loader_options']['dtype']} | saved (config-user.yaml) |" in table
+
+
+def option_index(loader: str, option: str) -> int:
+    """Where a loader's option widget stands among the Model tab's option widgets (every loader's, in
+    registry order, each in its options' declared order)."""
+    registry = default_registry()
+    offset = 0
+    for name in registry.names():
+        fields = [spec.name for spec in specs(registry.get(name).options_type)]
+        if name == loader:
+            return offset + fields.index(option)
+        offset += len(fields)
+    raise KeyError(loader)
 
 
 def value_of(output):

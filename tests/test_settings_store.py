@@ -142,22 +142,31 @@ def test_malformed_settings_file_does_not_stop_a_load(tiny_models):
 def test_model_tab_save_entry_drops_blanks_and_keeps_saved_sampler():
     from loaders.model_settings import settings_to_save
 
-    entry = settings_to_save("gptq", {"cpu_kernel": "int4", "context_length": 4096}, 0, " ", "", "",
+    from loaders.model_settings import Effective
+
+    entry = settings_to_save("gptq", {"cpu_kernel": "int4", "context_length": 0}, " ", "", "",
                              {"sampler": {"temperature": 0.1}})
     assert entry == {"loader": "gptq", "loader_options": {"cpu_kernel": "int4"}, "context_length": None,
                      "instruction_template": None, "preset": None, "system_message": None,
                      "sampler": {"temperature": 0.1}}
-    entry = settings_to_save("gptq", {}, 8192.0, "ChatML", "Deterministic", "Be brief.", {})
+    entry = settings_to_save("gptq", {"context_length": 8192.0}, "ChatML", "Deterministic", "Be brief.", {})
     assert (entry["context_length"], entry["instruction_template"], entry["preset"]) == (8192, "ChatML",
                                                                                          "Deterministic")
+    # The context option as the model's own metadata filled it in is not pinned; a changed one, or one
+    # saved before, is kept.
+    own = Effective(4096, "model (config.json max_position_embeddings)")
+    assert settings_to_save("gptq", {"context_length": 4096}, "", "", "", {}, own)["context_length"] is None
+    assert settings_to_save("gptq", {"context_length": 2048}, "", "", "", {}, own)["context_length"] == 2048
+    saved = Effective(4096, "saved (config-user.yaml)")
+    assert settings_to_save("gptq", {"context_length": 4096}, "", "", "", {}, saved)["context_length"] == 4096
 
 
 def test_model_tab_entry_saved_and_shown_with_sources(tiny_models):
     from loaders.model_settings import describe_sources, settings_to_save
 
     state = make_state(tiny_models)
-    state.save_model_settings("tiny-chat", settings_to_save("transformers", {"dtype": "float32"}, 64, "ChatML", "",
-                                                            "Be brief.", {}))
+    state.save_model_settings("tiny-chat", settings_to_save("transformers", {"dtype": "float32", "context_length": 64},
+                                                            "ChatML", "", "Be brief.", {}))
     rows = {key: (value, source) for key, value, source in describe_sources(state.effective_settings("tiny-chat"))}
     assert rows["context_length"] == (64, f"saved ({FILE_NAME})")
     assert rows["instruction_template"] == ("ChatML", f"saved ({FILE_NAME})")

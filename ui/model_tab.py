@@ -48,10 +48,8 @@ def build_model_tab(state) -> dict:
         status_md = gr.Markdown(_status(state), elem_id="model-status")
         # per-model settings, saved to models/config-user.yaml.
         with gr.Accordion("Per-model settings", open=True, elem_id="model-settings"):
+            gr.Markdown("Context length is the loader option above; saving stores it for this model too.")
             with gr.Row():
-                context_nb = gr.Number(value=0, precision=0, minimum=0, label="Context length",
-                                       info="0 = the model's own (max_position_embeddings x rope scaling)",
-                                       elem_id="model-context-length")
                 template_dd = gr.Dropdown(choices=[""] + _template_names(), value="", allow_custom_value=True,
                                           label="Instruction template",
                                           info="empty = the model's own chat template", elem_id="model-template")
@@ -64,7 +62,7 @@ def build_model_tab(state) -> dict:
             sources_md = gr.Markdown("", elem_id="model-settings-sources")
 
     flat_widgets = [w for name in loader_names for w in option_widgets[name].values()]
-    settings_widgets = [context_nb, template_dd, preset_dd, system_tb]
+    settings_widgets = [template_dd, preset_dd, system_tb]
 
     def sources_table(name: str) -> str:
         rows = describe_sources(state.effective_settings(name))
@@ -94,7 +92,7 @@ def build_model_tab(state) -> dict:
                           for n in loader_names for opt in option_widgets[n]]
         saved = state.settings_store.get(name)
         return [gr.update(value=chosen), f"**{best.loader}** picked: {best.reason}{others}", *option_updates,
-                gr.update(value=saved.get("context_length", 0)), gr.update(value=saved.get("instruction_template", "")),
+                gr.update(value=saved.get("instruction_template", "")),
                 gr.update(value=saved.get("preset", "")), gr.update(value=saved.get("system_message", "")),
                 sources_table(name)]
 
@@ -133,10 +131,10 @@ def build_model_tab(state) -> dict:
     def on_save(name, loader, *values):
         if not name:
             return "⚠️ Pick a model first.", gr.update()
-        option_values, (context, template, preset, system) = values[:len(flat_widgets)], values[len(flat_widgets):]
+        option_values, (template, preset, system) = values[:len(flat_widgets)], values[len(flat_widgets):]
         try:
-            entry = settings_to_save(loader, options_of(loader, option_values), context, template, preset, system,
-                                     state.settings_store.get(name))
+            entry = settings_to_save(loader, options_of(loader, option_values), template, preset, system,
+                                     state.settings_store.get(name), state.effective_settings(name)["context_length"])
             state.save_model_settings(name, entry)
         except (LoadError, ValueError, OSError) as exc:
             return f"⚠️ could not save: {exc}", gr.update()
