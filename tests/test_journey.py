@@ -106,7 +106,7 @@ def test_download_load_save_restart_chat_stop_regenerate(tmp_path, hub_with_quan
             open_tab(page, "tab-model")
             pick_model(page, FOLDER)
             page.wait_for_function(
-                "() => document.querySelector('#opt-gptq-context_length input').value === '2048'", timeout=30_000)
+                "() => document.querySelector('#opt-gptq-context_length input')?.value === '2048'", timeout=30_000)
             assert page.locator("#model-template input").input_value() == "ChatML"
             shoot("06-after-restart-saved-values")
             page.locator("#model-load").click()
