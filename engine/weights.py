@@ -11,32 +11,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from engine.llama import ModelArgs, Rotary, Transformer
 from engine.quant_linear import (DequantLinear, QuantWeight, RescoredHead, exact_int4,
                                  make_quant_linear)
 from loaders.quant.formats import LAYER_PARTS, QuantSpec, read_quant_spec, read_quant_weight
+from loaders.safetensors_index import CheckpointTensors
 
 Progress = Callable[[float, str], None]
-
-
-class Checkpoint:
-    """Lazy access to the tensors of every *.safetensors file in a folder (sharded or not)."""
-
-    def __init__(self, model_dir: Path):
-        files = sorted(Path(model_dir).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {name: h for h in self._handles for name in h.keys()}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def get(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self._where[name].get_tensor(name).to(device)
 
 
 def layer_devices(n_layers: int, devices: list[torch.device], gpu_split: list[float] | None) -> list[torch.device]:
@@ -62,7 +45,7 @@ class SideBySide(nn.Module):
 class WeightLoader:
     """Reads linear layers as dense tensors or QuantWeights and makes the matching nn.Module."""
 
-    def __init__(self, ckpt: Checkpoint, spec: QuantSpec | None, dtype: torch.dtype, repack_int4: bool):
+    def __init__(self, ckpt: CheckpointTensors, spec: QuantSpec | None, dtype: torch.dtype, repack_int4: bool):
         self.ckpt, self.spec, self.dtype, self.repack_int4 = ckpt, spec, dtype, repack_int4
         self.kinds: set[str] = set()   # what the linear layers became, for the runtime description
 
@@ -165,37 +148,37 @@ def load_transformer(model_dir: Path, devices: list[torch.device], dtype: torch.
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     args = ModelArgs.from_config(config)
-    ckpt = Checkpoint(model_dir)
-    loader = WeightLoader(ckpt, read_quant_spec(model_dir), dtype, repack_int4)
-    per_layer = layer_devices(args.n_layers, devices, gpu_split)
-    first, last = per_layer[0], per_layer[-1]
+    with CheckpointTensors(model_dir) as ckpt:
+        loader = WeightLoader(ckpt, read_quant_spec(model_dir), dtype, repack_int4)
+        per_layer = layer_devices(args.n_layers, devices, gpu_split)
+        first, last = per_layer[0], per_layer[-1]
 
-    with torch.device("meta"):
-        model = Transformer(args)
-    # The embedding and norms stay in `dtype` on their layer's device; RoPE tables are rebuilt there.
-    model.tok_embeddings.weight = nn.Parameter(ckpt.get("model.embed_tokens.weight", first).to(dtype),
-                                               requires_grad=False)
-    for i, layer in enumerate(model.layers):
-        if progress:
-            progress(0.1 + 0.85 * i / args.n_layers, f"layer {i + 1}/{args.n_layers}")
-        dev, p = per_layer[i], f"model.layers.{i}"
-        qkv, w13, w2 = fold_input_orders(layer, loader.parts([f"{p}.self_attn.{x}_proj" for x in "qkv"], dev),
-                                         loader.parts([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], dev),
-                                         loader.parts([f"{p}.mlp.down_proj"], dev))
-        layer.attention.wqkv, layer.feed_forward.w13 = loader.linear(qkv, dev), loader.linear(w13, dev)
-        layer.feed_forward.w2 = loader.linear(w2, dev)
-        layer.attention.wo = loader.linear(loader.parts([f"{p}.self_attn.o_proj"], dev), dev)
-        for norm, name in ((layer.attention_norm, "input_layernorm"), (layer.ffn_norm, "post_attention_layernorm")):
-            norm.weight = nn.Parameter(ckpt.get(f"{p}.{name}.weight", dev).to(dtype), requires_grad=False)
-    model.norm.weight = nn.Parameter(ckpt.get("model.norm.weight", last).to(dtype), requires_grad=False)
-    if args.tie_word_embeddings or "lm_head.weight" not in ckpt:
-        head = model.tok_embeddings.weight if last == first else model.tok_embeddings.weight.to(last)
-    else:
-        head = ckpt.get("lm_head.weight", last).to(dtype)
-    model.output.weight = nn.Parameter(head, requires_grad=False)
-    if repack_int4 and any("lossless repack" in kind for kind in loader.kinds):
-        # Same CPU fast path: the fp32 head would now take as long as all the int4 layers together.
-        model.output = RescoredHead(model.output.weight)
-        loader.kinds.add("rescored bf16 head")
-    model.rotary = Rotary(args).to(first)  # built on meta above: its frequency table needs real values
-    return model.eval(), loader.kinds
+        with torch.device("meta"):
+            model = Transformer(args)
+        # The embedding and norms stay in `dtype` on their layer's device; RoPE tables are rebuilt there.
+        model.tok_embeddings.weight = nn.Parameter(ckpt.get("model.embed_tokens.weight", first).to(dtype),
+                                                   requires_grad=False)
+        for i, layer in enumerate(model.layers):
+            if progress:
+                progress(0.1 + 0.85 * i / args.n_layers, f"layer {i + 1}/{args.n_layers}")
+            dev, p = per_layer[i], f"model.layers.{i}"
+            qkv, w13, w2 = fold_input_orders(layer, loader.parts([f"{p}.self_attn.{x}_proj" for x in "qkv"], dev),
+                                             loader.parts([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], dev),
+                                             loader.parts([f"{p}.mlp.down_proj"], dev))
+            layer.attention.wqkv, layer.feed_forward.w13 = loader.linear(qkv, dev), loader.linear(w13, dev)
+            layer.feed_forward.w2 = loader.linear(w2, dev)
+            layer.attention.wo = loader.linear(loader.parts([f"{p}.self_attn.o_proj"], dev), dev)
+            for norm, name in ((layer.attention_norm, "input_layernorm"), (layer.ffn_norm, "post_attention_layernorm")):
+                norm.weight = nn.Parameter(ckpt.get(f"{p}.{name}.weight", dev).to(dtype), requires_grad=False)
+        model.norm.weight = nn.Parameter(ckpt.get("model.norm.weight", last).to(dtype), requires_grad=False)
+        if args.tie_word_embeddings or "lm_head.weight" not in ckpt:
+            head = model.tok_embeddings.weight if last == first else model.tok_embeddings.weight.to(last)
+        else:
+            head = ckpt.get("lm_head.weight", last).to(dtype)
+        model.output.weight = nn.Parameter(head, requires_grad=False)
+        if repack_int4 and any("lossless repack" in kind for kind in loader.kinds):
+            # Same CPU fast path: the fp32 head would now take as long as all the int4 layers together.
+            model.output = RescoredHead(model.output.weight)
+            loader.kinds.add("rescored bf16 head")
+        model.rotary = Rotary(args).to(first)  # built on meta above: its frequency table needs real values
+        return model.eval(), loader.kinds

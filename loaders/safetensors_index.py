@@ -66,6 +66,38 @@ def tensor_index(model_dir: Path) -> dict[str, TensorInfo]:
     return found
 
 
+class CheckpointTensors:
+    """A checkpoint's tensors by name, each read when asked for (files opened on first use, memory-mapped
+    by safetensors). A context manager: leaving it closes the files; tensors already read stay valid."""
+
+    def __init__(self, model_dir: Path):
+        self.index = tensor_index(Path(model_dir))
+        self._open: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.index
+
+    def get(self, name: str, device="cpu"):
+        from safetensors import safe_open
+
+        info = self.index[name]
+        handle = self._open.get(info.file)
+        if handle is None:
+            handle = self._open[info.file] = safe_open(str(info.file), framework="pt").__enter__()
+        return handle.get_tensor(name).to(device)
+
+    def close(self) -> None:
+        for handle in self._open.values():
+            handle.__exit__(None, None, None)
+        self._open.clear()
+
+    def __enter__(self) -> "CheckpointTensors":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def quantized_prefixes(names: dict[str, TensorInfo] | list[str]) -> list[str]:
     """Layer prefixes that carry a `.qweight` (GPTQ and AWQ both name their packed weights so)."""
     return sorted(n.removesuffix(".qweight") for n in names if n.endswith(".qweight"))

@@ -8,7 +8,6 @@ the size of the finished model.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -17,29 +16,9 @@ from torch import nn
 from loaders.base import LoadError, Progress, no_progress
 from engine.quant_linear import DequantLinear, make_quant_linear
 from loaders.quant.formats import LAYER_PARTS, QuantSpec, read_quant_weight
-from loaders.safetensors_index import quantized_prefixes, tensor_index
+from loaders.safetensors_index import CheckpointTensors, quantized_prefixes
 
 KERNELS = ("dequantize", "int4")
-
-
-class CheckpointReader:
-    """Tensors by name across all weight files, opened lazily (memory-mapped by safetensors)."""
-
-    def __init__(self, model_dir: Path, stack: ExitStack):
-        from safetensors import safe_open
-
-        self.index = tensor_index(model_dir)
-        self._open = {}
-        self._stack = stack
-        self._safe_open = safe_open
-
-    def get(self, name: str) -> torch.Tensor:
-        info = self.index[name]
-        handle = self._open.get(info.file)
-        if handle is None:
-            handle = self._stack.enter_context(self._safe_open(str(info.file), framework="pt"))
-            self._open[info.file] = handle
-        return handle.get_tensor(name)
 
 
 def build_hf_skeleton(model_dir: Path, dtype: torch.dtype, trust_remote_code: bool = False):
@@ -73,8 +52,7 @@ def load_quantized(model_dir: Path, spec: QuantSpec, dtype: torch.dtype, kernel:
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     model = build_hf_skeleton(model_dir, dtype, trust_remote_code)
-    with ExitStack() as stack:
-        reader = CheckpointReader(model_dir, stack)
+    with CheckpointTensors(model_dir) as reader:
         prefixes = quantized_prefixes(reader.index)
         if not prefixes:
             raise LoadError(f"{model_dir.name} says it is {spec.method.upper()} ({spec.source}) but its weight "
