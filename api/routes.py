@@ -35,7 +35,7 @@ def loaded_model(state, requested: str):
 
 def generation_params(state, model, prompt: Prompt, data: dict) -> GenerationParams:
     """The request's samplers over the app defaults, with max_tokens bounded by what the context has left."""
-    n_prompt, context = len(prompt.ids), model.context_length
+    n_prompt, context = prompt.n_tokens, model.context_length
     if n_prompt >= context:
         raise ApiError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
                             f"{n_prompt} tokens: shorten the messages or the prompt",
@@ -133,7 +133,7 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
         else:
             prompt = await _render(state.chat_prompt, messages)
         params = generation_params(state, model, prompt, data)
-        reply = Reply("chat", model.name, len(prompt.ids), req.include_usage)
+        reply = Reply("chat", model.name, prompt.n_tokens, req.include_usage)
         return await _respond(request, state, prompt, params, reply, req.stream)
 
     @app.post("/v1/completions")
@@ -152,7 +152,7 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
                                param="prompt")
             prompt = await _render(state.raw_prompt, texts[0])
         params = generation_params(state, model, prompt, data)
-        reply = Reply("text", model.name, len(prompt.ids), req.include_usage)
+        reply = Reply("text", model.name, prompt.n_tokens, req.include_usage)
         return await _respond(request, state, prompt, params, reply, req.stream,
                               echo=prompt.text if req.echo else "")
 
@@ -186,7 +186,7 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
             prompt = await _render(state.chat_prompt, req.chat_messages())
         else:
             prompt = await _render(state.raw_prompt, req.text)
-        return {"length": len(prompt.ids), "context_length": state.model.context_length}
+        return {"length": prompt.n_tokens, "context_length": state.model.context_length}
 
     @app.get("/v1/internal/model/info")
     async def model_info(request: Request):

@@ -8,7 +8,9 @@ Model tab and gives it a base URL. Its Model streams from `/v1/chat/completions`
 Prompts still travel through the local prompt code (AppState.chat_prompt/raw_prompt -> Prompt -> generate),
 so the Model's `tokenizer` is a `WirePromptCodec`: its chat template writes the message list as JSON after a
 marker, and its "token ids" are the prompt's UTF-8 bytes. `generate` turns those bytes back into messages (a
-chat request, the server applies its own template) or text (a completion request).
+chat request, the server applies its own template) or text (a completion request). How many tokens a prompt
+is (for context checks and dropping old turns) the server says where it has a route for it (Hearth's
+/v1/internal/token-count, vLLM's /tokenize); elsewhere the byte count stands in, an upper bound.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import httpx
 
@@ -52,8 +54,13 @@ class WirePromptCodec:
 
     - chat_template: a Jinja template writing the conversation as JSON after CHAT_MARKER, so whichever code
       renders the template (transformers or plain Jinja) produces something `decode_prompt` can read back.
-    - ids are UTF-8 bytes, so a prompt's length in "tokens" is its length in bytes (an upper bound).
+    - ids are UTF-8 bytes; `count_tokens` gives the server's count of a prompt where `counter` (from
+      `server_token_counter`) can ask it, else the byte count (an upper bound).
     """
+
+    def __init__(self, counter: Callable[[WirePrompt], int] | None = None):
+        self.counter = counter
+        self._counts: dict[str, int] = {}   # the same text is counted more than once while turns are dropped
 
     chat_template = "{{ '" + CHAT_MARKER + "' }}{{ messages | tojson }}"
     eos_token_id = None
@@ -68,6 +75,17 @@ class WirePromptCodec:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def count_tokens(self, text: str) -> int:
+        if text not in self._counts:
+            count = None
+            if self.counter is not None:
+                try:
+                    count = self.counter(decode_prompt(text))
+                except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                    count = None   # the server could not count this one: the byte count is still safe
+            self._counts[text] = count if count is not None else len(text.encode("utf-8"))
+        return self._counts[text]
 
     def __call__(self, text: str, add_special_tokens: bool = True, **_: Any) -> dict[str, list[int]]:
         return {"input_ids": self.encode(text)}
@@ -146,12 +164,12 @@ class RemoteModel:
     loader = "remote"
 
     def __init__(self, client: httpx.Client, base_url: str, model: str, context_length: int,
-                 extra_samplers: bool):
+                 extra_samplers: bool, counter: Callable[[WirePrompt], int] | None = None):
         self.client = client
         self.base_url = base_url
         self.name = model
         self.runtime = f"remote ({base_url})"
-        self.tokenizer = WirePromptCodec()
+        self.tokenizer = WirePromptCodec(counter)
         self.context_length = context_length
         self.eos_token_ids: list[int] = []   # the server stops at its own end of turn
         self.model_dir: Path | None = None   # nothing on this disk
@@ -260,6 +278,33 @@ def server_models(client: httpx.Client, base_url: str) -> list[dict] | None:
     return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
+def server_token_counter(client: httpx.Client, base_url: str, model: str) -> Callable[[WirePrompt], int] | None:
+    """A function counting a wire prompt's tokens with the server's own tokenizer and template, from the
+    first route that answers a probe: Hearth's /v1/internal/token-count ({"length"}), vLLM's /tokenize beside
+    /v1 ({"count"}); None when neither does (llama.cpp's and TGI's routes count text without the template)."""
+    root = base_url.removesuffix("/v1")
+    routes = [
+        (base_url + "/internal/token-count", "length",
+         lambda p: {"messages": p.messages} if p.messages is not None else {"text": p.text}),
+        (root + "/tokenize", "count",
+         lambda p: {"model": model, **({"messages": p.messages} if p.messages is not None else {"prompt": p.text})}),
+    ]
+    probe = WirePrompt(messages=[{"role": "user", "content": "Hello"}], text=None)
+    for url, field, body in routes:
+        try:
+            response = client.post(url, json=body(probe))
+            works = response.status_code == 200 and isinstance(response.json().get(field), int)
+        except (httpx.HTTPError, ValueError, AttributeError):
+            works = False
+        if works:
+            def count(prompt: WirePrompt, url=url, field=field, body=body) -> int:
+                response = client.post(url, json=body(prompt))
+                response.raise_for_status()
+                return int(response.json()[field])
+            return count
+    return None
+
+
 def reported_context(entry: dict) -> int | None:
     """vLLM says max_model_len, Hearth context_length, llama.cpp's server meta.n_ctx_train."""
     for value in (entry.get("max_model_len"), entry.get("context_length"),
@@ -307,5 +352,10 @@ class RemoteLoader:
             client.close()
             raise
         context = options.context_length or reported_context(entry) or FALLBACK_CONTEXT
+        progress(0.7, "asking whether the server counts tokens")
+        counter = server_token_counter(client, base_url, entry["id"])
         progress(1.0, "ready")
-        return RemoteModel(client, base_url, entry["id"], context, options.extra_samplers)
+        model = RemoteModel(client, base_url, entry["id"], context, options.extra_samplers, counter)
+        if counter is None:
+            model.runtime += ", prompt length counted in bytes"
+        return model

@@ -20,6 +20,19 @@ class Prompt:
     stop: tuple[str, ...] = ()     # stop strings the template implies (added to the user's at generation)
     dropped_turns: int = 0         # oldest turns left out to fit the context
     notice: str = ""               # a line for the user when something was dropped or does not fit
+    counted: int | None = None     # the model's token count where `ids` are not its tokens (remote models)
+
+    @property
+    def n_tokens(self) -> int:
+        """How many tokens the model sees: what context checks and truncation count."""
+        return len(self.ids) if self.counted is None else self.counted
+
+
+def count_tokens(tokenizer, text: str) -> int | None:
+    """The model's own count for a prompt whose ids are not its tokens: a remote model's codec asks the
+    server (WirePromptCodec.count_tokens); None for a local tokenizer, whose ids are the tokens."""
+    counter = getattr(tokenizer, "count_tokens", None)
+    return counter(text) if counter is not None else None
 
 
 def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> Prompt:
@@ -41,7 +54,7 @@ def render_chat_continue(tokenizer, messages: Sequence[Message]) -> Prompt:
 def render_raw(tokenizer, text: str) -> Prompt:
     """Raw text with the tokenizer's usual special tokens (e.g. Llama's BOS) added."""
     return Prompt(text=text, ids=list(tokenizer(text)["input_ids"]), template_source="raw text",
-                  template_name="none")
+                  template_name="none", counted=count_tokens(tokenizer, text))
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -84,15 +97,20 @@ def render_with_template(template: ChatTemplate, tokenizer, messages: Sequence[M
 
     messages = list(messages)
     notice, dropped = "", 0
+    def tokens_of(kept: list[Message]) -> int:
+        text = text_of(kept)
+        counted = count_tokens(tokenizer, text)
+        return len(encode_for(template, tokenizer, text)) if counted is None else counted
+
     if budget is not None:
-        fitted = fit_messages(messages, lambda kept: len(encode_for(template, tokenizer, text_of(kept))),
-                              max(budget, 1))
+        fitted = fit_messages(messages, tokens_of, max(budget, 1))
         messages, dropped, notice = fitted.messages, fitted.dropped_turns, fitted.notice()
     text = text_of(messages)
     # A codec standing in for a remote model's tokenizer writes wire data, not turns: no stops to derive.
     stops = derive_stop_strings(template, eos_texts(tokenizer, eos_token_ids)) if derive_stops else []
     return Prompt(text=text, ids=encode_for(template, tokenizer, text), template_source=template.source,
-                  template_name=template.name, stop=tuple(stops), dropped_turns=dropped, notice=notice)
+                  template_name=template.name, stop=tuple(stops), dropped_turns=dropped, notice=notice,
+                  counted=count_tokens(tokenizer, text))
 
 
 def render_continue_with_template(template: ChatTemplate, tokenizer, messages: Sequence[Message],

@@ -55,7 +55,7 @@ def stats_line(stats: StatsEvent | None, done: DoneEvent | None) -> str:
 
 
 def _prompt_line(prompt: Prompt) -> str:
-    line = f"prompt {len(prompt.ids)} tokens ({prompt.template_name}, {prompt.template_source})"
+    line = f"prompt {prompt.n_tokens} tokens ({prompt.template_name}, {prompt.template_source})"
     return f"{line} · ⚠️ {prompt.notice}" if prompt.notice else line
 
 

@@ -142,3 +142,43 @@ def test_a_base_url_without_v1_is_explained(upstream, models_dir):
     state = make_state(models_dir)
     with pytest.raises(LoadError, match="usually ends in /v1"):
         state.load_model("", "remote", {"base_url": upstream.removesuffix("/v1"), "api_key": KEY})
+
+
+def server_count(upstream: str, messages: list[dict]) -> int:
+    import httpx
+
+    response = httpx.post(upstream + "/internal/token-count", json={"messages": messages},
+                          headers={"Authorization": f"Bearer {KEY}"}, trust_env=False)
+    response.raise_for_status()
+    return response.json()["length"]
+
+
+def test_prompt_length_is_the_servers_token_count_so_long_chats_keep_their_turns(front, upstream):
+    assert "counted in bytes" not in front.model.runtime
+    one = [{"role": "user", "content": QUESTION}]
+    prompt = front.chat_prompt(one)
+    assert prompt.n_tokens == server_count(upstream, one) < len(prompt.ids)   # ids are the wire bytes
+    # A history of ~12 000 bytes but ~3 000 tokens, with room for 4 096: counting bytes would drop turns.
+    history = []
+    for i in range(40):
+        history += [{"role": "user", "content": f"Question {i}: tell me one fact about the number {i}."},
+                    {"role": "assistant", "content": f"The number {i} is an integer, and it comes after {i - 1}."}]
+    history.append({"role": "user", "content": QUESTION})
+    budget_fill = front.model.context_length - 4096
+    prompt = front.chat_prompt(history, max_new_tokens=budget_fill)
+    assert len(prompt.ids) > 4096 >= prompt.n_tokens == server_count(upstream, history)
+    assert prompt.dropped_turns == 0 and not prompt.notice
+
+
+def test_without_a_server_count_the_prompt_length_is_its_byte_count():
+    import httpx
+
+    from loaders.remote_loader import WirePromptCodec
+
+    def unreachable(prompt):
+        raise httpx.ConnectError("the server went away")
+
+    text = "Grüße, 世界"   # a raw prompt: 15 bytes
+    assert WirePromptCodec().count_tokens(text) == len(text.encode("utf-8"))
+    assert WirePromptCodec(unreachable).count_tokens(text) == len(text.encode("utf-8"))
+    assert WirePromptCodec(lambda prompt: 3).count_tokens(text) == 3

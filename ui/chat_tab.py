@@ -97,7 +97,7 @@ def build_chat_tab(state) -> dict:
     def prompt_outputs(reply):
         if reply.prompt is None:
             return gr.skip(), gr.skip()
-        return reply.prompt.text, f"**{len(reply.prompt.ids)} tokens** · {reply.prompt.template_name} " \
+        return reply.prompt.text, f"**{reply.prompt.n_tokens} tokens** · {reply.prompt.template_name} " \
                                   f"({reply.prompt.template_source})"
 
     def refresh():
