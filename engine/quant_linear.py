@@ -10,7 +10,7 @@ pass and use cuBLAS, so one packed copy serves both) and through torch's tinygem
 (`_weight_int4pack_mm_for_cpu`, bf16 activations, bf16 [G, N, 2] scales-and-zeros, (q - 8) * scale + zero).
 Act-order checkpoints have non-contiguous groups; sorting K by group once at load makes them contiguous,
 and x is gathered in that order: by the caller where the order can be folded into the layer before
-(engine.weights), else by this layer (CUDA: inside the kernel).
+(engine.weights), else by this layer (an index_select before the kernel).
 Shapes neither kernel takes (and 2/3/8-bit) use `DequantLinear`: the same weights dequantized once.
 """
 from __future__ import annotations
@@ -65,6 +65,12 @@ class QuantWeight:
         return QuantWeight(q=cat("q"), scales=cat("scales"), g_idx=first.g_idx, bits=first.bits,
                            group_size=first.group_size, zeros=cat("zeros"), offsets=cat("offsets"))
 
+    def regular_groups(self) -> bool:
+        """Whether each group holds group_size input rows (the last may hold fewer), so that sorting K by
+        group makes them contiguous. Checkpoints are so; a hand-edited g_idx may not be."""
+        K = self.in_features
+        return torch.equal(torch.sort(self.g_idx).values, torch.arange(K, device=self.g_idx.device) // self.group_size)
+
     def sorted_by_group(self) -> tuple["QuantWeight", torch.Tensor | None]:
         """This weight with K reordered so that each group's rows are contiguous, and that order (the layer
         then expects x[..., order]); (self, None) when the groups already are contiguous."""
@@ -109,7 +115,7 @@ def int4_kernel_fits(qw: QuantWeight, device: torch.device) -> bool:
     """Whether Int4Linear takes this weight on `device`: 4 bits with integer zero points (GPTQ, AWQ) for the
     CUDA kernel's shapes, or tinygemm's CPU shapes (which also take float offsets)."""
     K, N = qw.in_features, qw.out_features
-    if qw.bits != 4 or K % qw.group_size:
+    if qw.bits != 4 or K % qw.group_size or not qw.regular_groups():
         return False
     if device.type == "cuda":
         return (qw.offsets is None and int4_mma.supported(device)

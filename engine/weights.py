@@ -111,7 +111,7 @@ class WeightLoader:
 def sort_inputs(parts: list[tuple]) -> tuple[list[tuple], torch.Tensor | None]:
     """For a single act-order QuantWeight: the parts with K sorted by group, and the input order the layer
     now expects (x[..., order]), for the layer before to produce. Anything else: unchanged, None."""
-    if len(parts) != 1 or not isinstance(parts[0][0], QuantWeight):
+    if len(parts) != 1 or not isinstance(parts[0][0], QuantWeight) or not parts[0][0].regular_groups():
         return parts, None
     weight, order = parts[0][0].sorted_by_group()
     return [(weight, parts[0][1])], order

@@ -301,3 +301,13 @@ def test_gpu_split_spreads_layers_and_matches_one_gpu(tmp_path):
         with torch.no_grad():
             outs.append(model(ids[None].cuda(), torch.arange(20, device="cuda"), kv_len=20)[0].cpu())
     torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=1e-3)
+
+
+def test_irregular_act_order_groups_fall_back_to_the_dequantized_layer():
+    qw = random_quant(256, 64, 32, act_order=True)
+    qw.g_idx[:40] = 0            # group 0 holds 40+ rows, another fewer: no sort makes them contiguous
+    assert not qw.regular_groups()
+    layer = make_quant_linear(qw, None, torch.device("cpu"), torch.float32)
+    assert isinstance(layer, DequantLinear)
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(layer(x), x @ qw.dequantize().t())
