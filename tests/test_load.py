@@ -106,6 +106,10 @@ def test_eight_api_streams_and_a_browser_chat_all_finish_correctly(app_with_api,
             number = page.locator(f"#{elem_id} input[type=number]")
             number.fill(value)
             number.press("Tab")                                      # Gradio takes a slider's value on blur
+            # The slider's range input follows the component's value: once it shows ours, a send uses it
+            # (under load the blur was once not taken before the click, and the reply was sampled).
+            page.wait_for_function(f"() => document.querySelector('#{elem_id} input[type=range]')?.value === '{value}'",
+                                   timeout=30_000)
         page.locator("#chat-input textarea").fill(QUESTION)
         futures, first_chunk = start_api_streams(pool, app_with_api.api_url)
         assert first_chunk.wait(DEADLINE_S), "no API stream ever started"
