@@ -176,7 +176,9 @@ def build_chat_tab(state) -> dict:
             yield text, f"⚠️ {exc}", gr.skip(), gr.skip()
 
     def on_stop(request: gr.Request):
-        return "stopping…" if state.stop(request.session_hash) else "nothing is generating"
+        # A stopped reply ends within one token and its own last status says "stopped"; writing "stopping…"
+        # here could land after that and stay on screen, so the status is left to the reply.
+        return gr.skip() if state.stop(request.session_hash) else "nothing is generating"
 
     def on_mode(mode_name):
         chat_like = mode_name != "Notebook"
