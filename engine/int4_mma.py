@@ -15,7 +15,8 @@ c and lane L = 4 r + t, the lane's 16 bytes hold four words, word i for mma i (i
 0: (row r, k) 1: (row r+8, k) 2: (r, k+2) 3: (r+8, k+2) 4: (r, k+1) 5: (r+8, k+1) 6: (r, k+3) 7: (r+8, k+3)
 with k = c*64 + 16 i + 4 t. Shifting a word right by 4 p puts the pair for A register p in bits 0-3 and
 16-19. (mma's fragment k order is a fixed permutation of the physical one, the same for A and B.)
-Scales (fp16) and zero biases (bf16 -(128 + z)) are [N/16, G, 16]: the 16 rows of one group together.
+Scales (fp16) and zero biases (bf16 -(128 + z)) are [N/16, G, 8, 2]: a tile's rows r and r + 8 of one group
+side by side, so that a lane reads both of its rows' values in one 32-bit load.
 
 Compiled at first use by NVRTC, the runtime compiler CUDA builds of torch ship and load: no nvcc or CUDA
 toolkit is needed where Hearth runs. Needs compute capability 8.0+ (bf16 mma).
@@ -78,23 +79,34 @@ __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// fp32 values of the fp16 pair (row r, row r + 8) in one 32-bit word.
+__device__ __forceinline__ void half_pair(u32 v, float& lo, float& hi) {
+    lo = half_to_float((u16)(v & 0xFFFFu));
+    hi = half_to_float((u16)(v >> 16));
+}
+
 // y[M, N] = x[M, K] @ W^T for M <= 8. One block per 16-row tile; its WARPS warps take every WARPS-th chunk
 // of 64 inputs, U chunks in flight per lane, and meet in shared memory at the end.
 // SEG = mmas per scale (group / 16, at most 4): one group's partial sums are scaled together.
-template <int WARPS, int U, int SEG, bool ZEROS>
+// PERM (act-order whose order the layer before could not produce): x[m, perm[k]] is read instead of x[m, k];
+// each warp gathers a chunk's 64 inputs once into shared memory (2 a lane), and the lanes read their B
+// values from there.
+template <int WARPS, int U, int SEG, bool ZEROS, bool PERM>
 __global__ void __launch_bounds__(WARPS * 32)
-int4_mma(const u16* __restrict__ x, const Words* __restrict__ w,
-         const u16* __restrict__ scales, const u16* __restrict__ zero_bias, u16* __restrict__ y,
-         int M, int N, int K, int group, u32 uniform_bias) {
+int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* __restrict__ w,
+         const u32* __restrict__ scales, const u32* __restrict__ zero_bias, u16* __restrict__ y,
+         int M, int N, int K, int G, int group_shift, u32 uniform_bias) {
     __shared__ float partial[WARPS][8][16];
+    __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][32];   // [warp][u][x row][input pair]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x;
-    const int chunks = K >> 6, G = K / group;
-    const u16* xr = x + (size_t)min(r, M - 1) * K;          // B column r: x row r (unused columns repeat row 0)
+    const int chunks = K >> 6;
+    const int xrow = min(r, M - 1);                          // B column r: x row r (unused columns repeat)
+    const u16* xr = x + (size_t)xrow * K;
     const Words* wt = w + (size_t)tile * chunks * 32 + lane;
-    const u16* st = scales + (size_t)tile * G * 16;
-    const u16* zt = zero_bias + (size_t)tile * G * 16;
+    const u32* st = scales + (size_t)tile * G * 8 + r;       // [G][8] pairs (row r, row r + 8)
+    const u32* zt = zero_bias + (size_t)tile * G * 8 + r;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
         Words q[U];
@@ -107,19 +119,25 @@ int4_mma(const u16* __restrict__ x, const Words* __restrict__ w,
                 q[u] = load_streaming(wt + (size_t)c * 32);
 #pragma unroll
                 for (int seg = 0; seg < 4 / SEG; ++seg) {
-                    const int g = (c * 64 + seg * SEG * 16) / group;
-                    s[u][seg][0] = half_to_float(st[g * 16 + r]);
-                    s[u][seg][1] = half_to_float(st[g * 16 + r + 8]);
+                    const int g = (c * 64 + seg * SEG * 16) >> group_shift;   // a shift: a division costs ~20 instructions
+                    half_pair(st[g * 8], s[u][seg][0], s[u][seg][1]);
                     if (ZEROS) {
-                        const u32 b0 = zt[g * 16 + r], b1 = zt[g * 16 + r + 8];
-                        bias[u][seg][0] = b0 | (b0 << 16);
-                        bias[u][seg][1] = b1 | (b1 << 16);
+                        const u32 b = zt[g * 8];
+                        bias[u][seg][0] = (b & 0xFFFFu) * 0x10001u;
+                        bias[u][seg][1] = (b >> 16) * 0x10001u;
                     } else {
                         bias[u][seg][0] = bias[u][seg][1] = uniform_bias;
                     }
                 }
+                if (PERM) {
+                    const int k0 = perm[c * 64 + 2 * lane], k1 = perm[c * 64 + 2 * lane + 1];
+                    for (int m = 0; m < M; ++m)
+                        gathered[PERM ? warp : 0][u][m][lane] = (u32)x[(size_t)m * K + k0]
+                                                               | ((u32)x[(size_t)m * K + k1] << 16);
+                }
             }
         }
+        if (PERM) __syncwarp();
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * WARPS;
@@ -132,7 +150,9 @@ int4_mma(const u16* __restrict__ x, const Words* __restrict__ w,
                         const u32 wd = q[u].w[i];
                         const u32 b_r = bias[u][seg][0], b_r8 = bias[u][seg][1];
                         // B: this lane's x row at inputs k .. k+3 (the fragment's k order, see the layout)
-                        const Pair b = *reinterpret_cast<const Pair*>(xr + c * 64 + 16 * i + 4 * t);
+                        const Pair b = PERM
+                            ? *reinterpret_cast<const Pair*>(&gathered[PERM ? warp : 0][u][xrow][8 * i + 2 * t])
+                            : *reinterpret_cast<const Pair*>(xr + c * 64 + 16 * i + 4 * t);
                         mma(part, levels(wd, b_r), levels(wd >> 4, b_r8), levels(wd >> 8, b_r),
                             levels(wd >> 12, b_r8), b.lo, b.hi);
                     }
@@ -143,6 +163,7 @@ int4_mma(const u16* __restrict__ x, const Words* __restrict__ w,
                 }
             }
         }
+        if (PERM) __syncwarp();   // every lane has read this round's gathered x before the next overwrites it
     }
     // C fragment: (row r, columns 2t and 2t+1) in acc[0..1], row r + 8 in acc[2..3]; a column is an x row.
     partial[warp][2 * t][r] = acc[0];
@@ -166,10 +187,10 @@ int4_mma(const u16* __restrict__ x, const Words* __restrict__ w,
 template <bool ZEROS>
 __global__ void __launch_bounds__(256)
 int4_dequant(const Words* __restrict__ w, const u16* __restrict__ scales, const u16* __restrict__ zero_bias,
-             Words* __restrict__ out, int N, int K, int group, u32 uniform_bias) {
+             Words* __restrict__ out, int N, int K, int G, int group_shift, u32 uniform_bias) {
     __shared__ u32 block[8][16][33];                    // [warp][row][k pair], padded against bank conflicts
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int chunks = K >> 6, G = K / group;
+    const int chunks = K >> 6;
     const long long unit = (long long)blockIdx.x * 8 + warp;     // tile * chunks + chunk
     if (unit >= (long long)(N / 16) * chunks) return;
     const int c = (int)(unit % chunks), tile = (int)(unit / chunks);
@@ -178,11 +199,11 @@ int4_dequant(const Words* __restrict__ w, const u16* __restrict__ scales, const 
 #pragma unroll
     for (int word = 0; word < 4; ++word) {
         const int k = 16 * word + 4 * t;                // within the chunk
-        const int g = (c * 64 + k) / group;
+        const int g = (c * 64 + k) >> group_shift;
 #pragma unroll
         for (int p = 0; p < 4; ++p) {                   // A register p: row r or r+8, inputs k, k+1 or k+2, k+3
             const int h = p & 1;
-            const size_t at = ((size_t)tile * G + g) * 16 + r + 8 * h;
+            const size_t at = (((size_t)tile * G + g) * 8 + r) * 2 + h;   // pairs (row r, row r + 8)
             const u32 zb = ZEROS ? (u32)zero_bias[at] : (uniform_bias & 0xFFFFu);
             const u32 lv = levels(q.w[word] >> (4 * p), zb | (zb << 16));
             const float sc = half_to_float(scales[at]);
@@ -214,9 +235,10 @@ class MmaConfig:
 
 def config_for(n: int) -> MmaConfig:
     """Launch shape for N outputs. From `bench/engine.py --gemv` on an H100: one 16-byte load in flight per
-    lane was best on every 7B/70B shape (more warps hide the latency better than unrolling); 16 warps a tile
-    when there are few tiles (N = 4096: 256 of them), 8 from N = 8192 up."""
-    return MmaConfig(warps=16 if n < 8192 else 8, unroll=1)
+    lane was best (more warps hide the latency better than unrolling); 32 warps a tile when there are few
+    tiles (N = 4096: 256 of them), 16 from N = 8192 up (best or within 9% of the best on every 7B/70B shape;
+    the ranking between 8 and 16 warps moved from run to run)."""
+    return MmaConfig(warps=32 if n < 8192 else 16, unroll=1)
 
 
 def supported(device: torch.device) -> bool:
@@ -226,9 +248,10 @@ def supported(device: torch.device) -> bool:
 
 def fits(k: int, n: int, group_size: int) -> bool:
     """Shapes the kernel takes: whole 16-row tiles, K in chunks of 64, groups of 16-input mma steps that
-    either divide a chunk or are whole chunks."""
+    either divide a chunk or are whole chunks, found by a shift (a power of two, or one group for all of K)."""
     return (n % TILE == 0 and k % CHUNK == 0 and k % group_size == 0 and group_size % 16 == 0
-            and (group_size <= CHUNK and CHUNK % group_size == 0 or group_size % CHUNK == 0))
+            and (group_size <= CHUNK and CHUNK % group_size == 0 or group_size % CHUNK == 0)
+            and (group_size & (group_size - 1) == 0 or group_size == k))
 
 
 @functools.cache
@@ -281,12 +304,17 @@ def _as_int32(u: int) -> int:
 class PackedInt4:
     """A 4-bit weight [N, K] in this module's layout, ready for `matmul` and `dequantize`."""
     words: torch.Tensor              # int32 [N/16 * K/64 * 32 * 4]
-    scales: torch.Tensor             # fp16 [N/16, G, 16]
-    zero_bias: torch.Tensor | None   # bf16 bits int16 [N/16, G, 16], or None with one zero for all groups
+    scales: torch.Tensor             # fp16 [N/16, G, 8, 2]
+    zero_bias: torch.Tensor | None   # bf16 bits int16 [N/16, G, 8, 2], or None with one zero for all groups
     uniform_zero: float
     n: int
     k: int
     group_size: int
+
+    @property
+    def group_shift(self) -> int:
+        """k >> group_shift is k's group: log2 of a power-of-two group size, 31 (always 0) for one group."""
+        return 31 if self.group_size == self.k else self.group_size.bit_length() - 1
 
     @property
     def uniform_bias(self) -> int:
@@ -307,7 +335,8 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
     shifts = 4 * (h + 2 * (kk >> 1) + 4 * (kk & 1))                                           # [2, 4]
     words = (levels << shifts).sum((-2, -1))                                                  # [T,C,r,t,i]
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(-1)
-    tiled = lambda a: a.t().reshape(T, 16, G).transpose(1, 2).contiguous()                   # [G,N] -> [T,G,16]
+    # [G, N] -> [T, G, 8, 2]: row 16 T + 8 h + r at [T, g, r, h]
+    tiled = lambda a: a.t().reshape(T, 2, 8, G).permute(0, 3, 2, 1).contiguous()
     uniform = zeros is None or bool((zeros == zeros.flatten()[0]).all())
     zero = 8.0 if zeros is None else float(zeros.flatten()[0])
     bias = None
@@ -317,16 +346,17 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
                       n=N, k=K, group_size=group_size)
 
 
-def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig) -> torch.Tensor:
-    """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]."""
+def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
     seg = min(4, w.group_size // 16)
     zeros = w.zero_bias is not None
-    name = f"int4_mma<{config.warps},{config.unroll},{seg},{str(zeros).lower()}>"
+    flag = lambda b: str(b).lower()
+    name = f"int4_mma<{config.warps},{config.unroll},{seg},{flag(zeros)},{flag(perm is not None)}>"
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     _kernel(name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
-                  args=[x, w.words, w.scales,
-                        w.zero_bias if zeros else w.scales, y, M, w.n, w.k, w.group_size, w.uniform_bias])
+                  args=[x, perm if perm is not None else w.words, w.words, w.scales,
+                        w.zero_bias if zeros else w.scales, y, M, w.n, w.k, w.k // w.group_size, w.group_shift, w.uniform_bias])
     return y
 
 
@@ -337,6 +367,6 @@ def dequantize(w: PackedInt4) -> torch.Tensor:
     units = w.n // TILE * (w.k // CHUNK)                                                  # a warp each
     _kernel(f"int4_dequant<{str(zeros).lower()}>")(
         grid=(-(-units // 8), 1, 1), block=(256, 1, 1),
-        args=[w.words, w.scales, w.zero_bias if zeros else w.scales, out, w.n, w.k, w.group_size,
+        args=[w.words, w.scales, w.zero_bias if zeros else w.scales, out, w.n, w.k, w.k // w.group_size, w.group_shift,
               w.uniform_bias])
     return out

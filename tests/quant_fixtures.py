@@ -278,6 +278,20 @@ def tiny_llama_dir(out_dir: Path, seed: int = 0, hidden: int = 64, intermediate:
     return out_dir
 
 
+def write_word_tokenizer(out_dir: Path, vocab_size: int) -> Path:
+    """A word-level tokenizer ("w3 w4 ..." -> [3, 4]) built in code, for tiny models that must load through
+    a loader where the default model's tokenizer is not at hand (the GPU machine)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return out_dir
+
+
 def write_gguf_header_only(path: Path, architecture: str = "llama", file_type: int = 3,
                            context_length: int = 2048) -> Path:
     """A GGUF file with metadata and one small tensor: enough for detection, not for running."""

@@ -196,6 +196,26 @@ def test_int4_cuda_matches_dequantized(group_size, act_order, rows):
     assert rel_err(layer(x), ref) < 5e-3
 
 
+def test_int4_mma_takes_groups_it_can_find_by_a_shift():
+    from engine import int4_mma
+
+    assert int4_mma.fits(4096, 4096, 32) and int4_mma.fits(4096, 4096, 128)
+    assert int4_mma.fits(11008, 4096, 11008)          # one group for all inputs (GPTQ group_size -1)
+    assert not int4_mma.fits(1152, 64, 192)           # a group size that is neither
+    assert not int4_mma.fits(1024, 64, 48)            # groups that split a 16-input mma step's chunk unevenly
+
+
+@needs_cuda
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int4_cuda_one_group_for_all_inputs(act_order):
+    qw = random_quant(1088, 64, 1088, act_order)      # K = 17 chunks: not a power of two
+    layer = make_quant_linear(qw, None, torch.device("cuda"), torch.bfloat16)
+    assert isinstance(layer, Int4Linear)
+    for rows in (1, 300):
+        x = torch.randn(rows, 1088, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(layer(x), x.double() @ qw.dequantize(torch.float64).cuda().t()) < 5e-3
+
+
 @needs_cuda
 def test_int4_cuda_falls_back_to_dequantized_for_shapes_the_kernel_does_not_take():
     for qw in (random_quant(1024, 520, 128, False),            # N not whole 16-row tiles
@@ -219,11 +239,14 @@ def test_int4_mma_matches_reference_for_every_launch_shape(uniform_zero, warps, 
     assert (packed.zero_bias is None) == uniform_zero
     w = qw.dequantize(torch.float64).cuda()                                               # [N, K], sorted K
     torch.testing.assert_close(int4_mma.dequantize(packed).double(), w, rtol=1e-2, atol=1e-6)
+    order = order.cuda()
     for rows in (1, 3, 8):
-        x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)[:, order.cuda()].contiguous()  # sorted K
-        y = int4_mma.matmul(x, packed, int4_mma.MmaConfig(warps, unroll))
-        assert y.shape == (rows, N) and torch.isfinite(y).all()
-        assert rel_err(y, x.double() @ w.t()) < 5e-3
+        x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+        ref = x[:, order].double() @ w.t()
+        for y in (int4_mma.matmul(x[:, order].contiguous(), packed, int4_mma.MmaConfig(warps, unroll)),
+                  int4_mma.matmul(x, packed, int4_mma.MmaConfig(warps, unroll), order.to(torch.int32))):
+            assert y.shape == (rows, N) and torch.isfinite(y).all()
+            assert rel_err(y, ref) < 5e-3
 
 
 @needs_cuda
@@ -285,6 +308,36 @@ def test_cuda_graph_decode_equals_eager(tmp_path):
         for pos in range(30, 40):
             ref = cpu_engine.decode(torch.tensor(ids[pos]), pos)
         assert rel_err(outs[1][11].cpu(), ref) < 3e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quant_loaders_run_cuda_models_on_the_engine(tmp_path, method):
+    # The hand-off a user gets: the gptq/awq loader on a CUDA machine picks Hearth's engine by itself, and its
+    # logits agree with the exact dequantized transformers path (the loader with runtime=transformers, on CPU).
+    from engine.generation import collect
+    from engine.sampling import GenerationParams
+    from loaders.awq_loader import AWQLoader
+    from loaders.gptq_loader import GPTQLoader
+    from loaders.quant.loader import QuantOptions
+    from tests.quant_fixtures import tiny_llama_dir, write_word_tokenizer
+
+    src = write_word_tokenizer(tiny_llama_dir(tmp_path / "src", hidden=128, intermediate=256, vocab_size=256), 256)
+    out = quantize_model_dir(src, tmp_path / method, method=method, group_size=32, desc_act=method == "gptq",
+                             order_by_input=True).out_dir
+    loader = GPTQLoader() if method == "gptq" else AWQLoader()
+    on_gpu = loader.load(out, QuantOptions())
+    assert on_gpu.runtime.startswith("hearth engine (cuda") and "tensor-core" in on_gpu.runtime, on_gpu.runtime
+    exact = loader.load(out, QuantOptions(runtime="transformers"))
+    assert "on transformers (cpu" in exact.runtime, exact.runtime
+    ids = torch.randint(3, 256, (24,)).tolist()
+    with torch.no_grad():
+        ref = exact.hf_model(torch.tensor([ids])).logits[0, -1].double()
+        got = on_gpu.engine.prefill(ids).reshape(-1).double().cpu()
+    assert rel_err(got, ref) < 3e-2
+    text, done, _ = collect(on_gpu.generate(ids, GenerationParams(max_new_tokens=12, temperature=0)))
+    assert done.error is None and text.strip()
+    on_gpu.unload()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
