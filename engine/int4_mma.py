@@ -119,7 +119,8 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
                 q[u] = load_streaming(wt + (size_t)c * 32);
 #pragma unroll
                 for (int seg = 0; seg < 4 / SEG; ++seg) {
-                    const int g = (c * 64 + seg * SEG * 16) >> group_shift;   // a shift: a division costs ~20 instructions
+                    // A shift, not a division: dividing by a runtime value costs ~20 instructions a chunk.
+                    const int g = (c * 64 + seg * SEG * 16) >> group_shift;
                     half_pair(st[g * 8], s[u][seg][0], s[u][seg][1]);
                     if (ZEROS) {
                         const u32 b = zt[g * 8];
@@ -356,7 +357,8 @@ def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     _kernel(name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
                   args=[x, perm if perm is not None else w.words, w.words, w.scales,
-                        w.zero_bias if zeros else w.scales, y, M, w.n, w.k, w.k // w.group_size, w.group_shift, w.uniform_bias])
+                        w.zero_bias if zeros else w.scales, y, M, w.n, w.k, w.k // w.group_size, w.group_shift,
+                        w.uniform_bias])
     return y
 
 

@@ -74,11 +74,13 @@ class QuantWeight:
     def sorted_by_group(self) -> tuple["QuantWeight", torch.Tensor | None]:
         """This weight with K reordered so that each group's rows are contiguous, and that order (the layer
         then expects x[..., order]); (self, None) when the groups already are contiguous."""
-        order = _group_order(self.g_idx, self.group_size)
-        if order is None:
+        contiguous = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
+        if torch.equal(self.g_idx, contiguous):
             return self, None
-        g_idx = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
-        return replace(self, q=self.q[order], g_idx=g_idx), order
+        if not self.regular_groups():
+            raise ValueError("act-order groups must each hold exactly group_size rows")
+        order = torch.argsort(self.g_idx, stable=True)
+        return replace(self, q=self.q[order], g_idx=contiguous), order
 
     def outputs_reordered(self, order: torch.Tensor) -> "QuantWeight":
         """This weight with its output columns taken in `order` (y[..., order] of the original)."""
@@ -121,17 +123,6 @@ def int4_kernel_fits(qw: QuantWeight, device: torch.device) -> bool:
         return (qw.offsets is None and int4_mma.supported(device)
                 and int4_mma.fits(K, N, qw.group_size))
     return qw.group_size in TINYGEMM_GROUP_SIZES and K % 16 == 0 and N % 8 == 0
-
-
-def _group_order(g_idx: torch.Tensor, group_size: int) -> torch.Tensor | None:
-    """The permutation of K that makes groups contiguous, or None when they already are."""
-    K = g_idx.numel()
-    if torch.equal(g_idx, torch.arange(K, device=g_idx.device) // group_size):
-        return None
-    perm = torch.argsort(g_idx, stable=True)
-    if not torch.equal(g_idx[perm], torch.arange(K, device=g_idx.device) // group_size):
-        raise ValueError("act-order groups must each hold exactly group_size rows")
-    return perm
 
 
 class Int4Linear(nn.Module):
