@@ -32,12 +32,20 @@ class QuantOptions(RuntimeOptions):
 
 
 class QuantizedModelLoader:
-    """A loader for one quantization method; subclasses set `name`, `method` and `description`."""
+    """A loader for one quantization method; subclasses set `name`, `method` and `config_file` (the method's own
+    config file; config.json's quantization_config is read for every method). On a GPU the model runs on
+    Hearth's engine (4-bit layers on its tensor-core kernel); on CPU it is dequantized once at load, or uses
+    torch's int4 kernel."""
     name = ""
     method = ""
-    description = ""
+    config_file = ""
     options_type = QuantOptions
     score = 0.9
+
+    @property
+    def description(self) -> str:
+        return (f"{self.method.upper()} checkpoints ({self.config_file} or config.json quantization_config); "
+                "Hearth's engine on a GPU, transformers on CPU.")
 
     def spec(self, model_dir: Path) -> QuantSpec | None:
         spec = read_quant_spec(model_dir)
