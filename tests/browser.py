@@ -45,3 +45,30 @@ def browser_page(tmp_path: Path):
 def open_tab(page, elem_id: str) -> None:
     """Gradio renders gr.Tab(elem_id=X) as a button #X-button; its panel exists only once clicked."""
     page.locator(f"#{elem_id}-button").click()
+
+
+def wait_for_chat(page, condition_js: str, arg=None, timeout_ms: int = 120_000, app=None) -> None:
+    """page.wait_for_function(condition_js, arg), but a timeout fails with what the chat showed (status line,
+    bot messages) and the tail of the app's log, so that a slow or stuck reply can be told apart."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(condition_js, arg=arg, timeout=timeout_ms)
+    except PlaywrightTimeout:
+        seen = page.evaluate("""() => ({
+            status: document.querySelector('#chat-status')?.innerText,
+            bots: [...document.querySelectorAll('#chatbot [data-testid=bot]')].map(b => b.innerText)})""")
+        log = app.output()[-3000:] if app is not None else ""
+        raise AssertionError(f"chat condition not met in {timeout_ms} ms (arg={arg!r}): status "
+                             f"{seen['status']!r}, bot messages {seen['bots']!r}\napp log tail:\n{log}") from None
+
+
+def choose_preset(page, name: str, temperature: str) -> None:
+    """Pick a sampler preset in the Text Generation tab and wait until the temperature slider shows its value:
+    the preset fills the sliders by its own event, and a Send clicked before that lands samples with the old
+    values (seen once as a sampled reply in a test that expected the greedy one)."""
+    page.locator("#preset input").fill(name)
+    page.locator("#preset input").press("Enter")
+    page.get_by_text("Generation parameters").click()   # the accordion holding the sliders
+    page.wait_for_function("(v) => document.querySelector('#gen-temperature input[type=range]')?.value === v",
+                           arg=temperature, timeout=30_000)

@@ -1,7 +1,7 @@
 """A real browser: open Hearth, load the default model on the Model tab, chat, watch the reply stream."""
 import pytest
 
-from tests.browser import browser_page, open_tab
+from tests.browser import browser_page, choose_preset, open_tab
 from tests.conftest import DEFAULT_MODEL, start_app
 
 pytestmark = pytest.mark.browser
@@ -24,8 +24,7 @@ def test_load_and_chat_in_the_browser(tmp_path, models_dir):
             shoot("2-model-loaded")
 
             open_tab(page, "tab-chat")
-            page.locator("#preset input").fill("Deterministic")  # greedy, so the answer is known
-            page.locator("#preset input").press("Enter")
+            choose_preset(page, "Deterministic", "0")  # greedy, so the answers are known
             # Record every distinct text the reply bubble shows, to see it stream rather than appear at once.
             page.evaluate("""() => {
                 window.__replyTexts = [];

@@ -31,21 +31,24 @@ def first(result):
 
 
 def final(outputs):
-    """The last (history, textbox, status) a streamed chat event produced; later updates may skip fields."""
+    """The last (history, status) a streamed chat event produced; later updates may skip fields."""
     history = next(o[0] for o in reversed(outputs) if isinstance(o[0], list))
     status = next(o[2] for o in reversed(outputs) if isinstance(o[2], str))
-    return history, outputs[-1][1], status
+    return history, status
 
 
 def test_chat_streams_reply_in_several_updates(client):
     job = client.submit(text="What is the capital of France?", api_name="/send", **greedy(client))
     job.result()
     updates = job.outputs()
-    history, textbox, status = final(updates)
+    history, status = final(updates)
     assert "Paris" in last_reply(history)
     assert len(updates) > 2, "the reply must stream in several updates"
     assert "tok/s" in status
-    assert textbox == ""
+    # The box is cleared by the first update and left alone after it, so that what the user types for the
+    # next turn while this reply streams survives.
+    assert updates[0][1] == ""
+    assert all(update[1] == {"__type__": "update"} for update in updates[1:]), [u[1] for u in updates]
 
 
 def test_stop_ends_a_long_reply(client):
@@ -55,7 +58,7 @@ def test_stop_ends_a_long_reply(client):
         time.sleep(0.05)
     assert "nothing is generating" not in str(client.predict(api_name="/stop"))
     job.result(timeout=60)
-    history, _, status = final(job.outputs())
+    history, status = final(job.outputs())
     assert "stopped" in status
     assert 0 < len(last_reply(history)) < 2000
 
@@ -73,7 +76,7 @@ def test_model_load_errors_are_shown_and_the_app_keeps_serving(tmp_path, models_
         assert f"Loaded **{DEFAULT_MODEL}**" in status
         job = client.submit(text="What is the capital of France?", api_name="/send", **greedy(client))
         job.result()
-        history, _, _ = final(job.outputs())
+        history, _ = final(job.outputs())
         assert "Paris" in last_reply(history)
         assert app.proc.poll() is None
     finally:

@@ -150,9 +150,11 @@ def build_chat_tab(state) -> dict:
             action = lambda key: chat_session.instruct(state, text, params, key, system or None, choice)
         else:
             action = lambda key: chat_session.send(state, history, text, params, key, system or None, choice)
+        # The input box is cleared once, here: clearing it on every streamed update would wipe what the user
+        # types for the next turn while this reply is still coming.
         yield history + [{"role": "user", "content": text}], "", "queued…", gr.skip(), gr.skip(), conv_id, gr.skip()
         for out in stream_chat(action, history, conv_id, mode_name, system, template_name, request):
-            yield out[0], "", *out[1:]
+            yield out[0], gr.skip(), *out[1:]
 
     def on_regenerate(request: gr.Request, history, conv_id, mode_name, system, template_name, *values):
         params = params_of(values)
