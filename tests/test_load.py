@@ -11,7 +11,7 @@ import openai
 import pytest
 from gradio_client import Client
 
-from tests.browser import browser_page
+from tests.browser import browser_page, set_slider
 from tests.conftest import DEFAULT_MODEL, free_port, start_app
 
 QUESTION = "What is the capital of France?"
@@ -102,14 +102,8 @@ def test_eight_api_streams_and_a_browser_chat_all_finish_correctly(app_with_api,
             }).observe(status, {subtree: true, childList: true, characterData: true});
         }""")
         page.get_by_text("Generation parameters").click()          # the accordion holds the sampler widgets
-        for elem_id, value in (("gen-temperature", "0"), ("gen-max_new_tokens", str(MAX_TOKENS))):
-            number = page.locator(f"#{elem_id} input[type=number]")
-            number.fill(value)
-            number.press("Tab")                                      # Gradio takes a slider's value on blur
-            # The slider's range input follows the component's value: once it shows ours, a send uses it
-            # (under load the blur was once not taken before the click, and the reply was sampled).
-            page.wait_for_function(f"() => document.querySelector('#{elem_id} input[type=range]')?.value === '{value}'",
-                                   timeout=30_000)
+        set_slider(page, "gen-temperature", "0")
+        set_slider(page, "gen-max_new_tokens", str(MAX_TOKENS))
         page.locator("#chat-input textarea").fill(QUESTION)
         futures, first_chunk = start_api_streams(pool, app_with_api.api_url)
         assert first_chunk.wait(DEADLINE_S), "no API stream ever started"

@@ -230,8 +230,10 @@ def build_chat_tab(state) -> dict:
 
     # ---- wiring ---------------------------------------------------------------------------------------------
     common_in = [conversation_id, mode, system_message, template, *params_in]
+    # always_last: a Send pressed while the previous reply is still finishing (its status already says done,
+    # the conversation is being saved) runs right after it; Gradio's default for clicks drops it silently.
     send_args = dict(inputs=[message, chatbot, *common_in], outputs=[chatbot, message, *chat_outputs[1:]],
-                     concurrency_id="generate", concurrency_limit=None)
+                     concurrency_id="generate", concurrency_limit=None, trigger_mode="always_last")
     message.submit(on_send, **send_args, api_name=False)
     send_btn.click(on_send, **send_args, api_name="send")
     regen_btn.click(on_regenerate, [chatbot, *common_in], chat_outputs, concurrency_id="generate",
