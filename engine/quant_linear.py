@@ -136,10 +136,10 @@ class Int4Linear(nn.Module):
         self.group_size = qw.group_size
         self.cpu = device.type == "cpu"
         qw, perm = qw.sorted_by_group()
-        self.register_buffer("perm", None if perm is None else perm.to(device), persistent=False)
-        # The CUDA kernel gathers x itself through shared memory: on an H100 (wo 4096^2 g32, M=1) 1.25 TB/s
-        # effective against 0.82 with an index_select before the kernel. It reads int32 indices.
-        self.perm32 = None if perm is None or self.cpu else self.perm.to(torch.int32)
+        # int32: the CUDA kernel gathers x itself through shared memory (on an H100, wo 4096^2 g32, M=1: 1.25
+        # TB/s effective against 0.82 with an index_select before the kernel) and reads int32 indices;
+        # index_select (prompts, CPU) takes them too.
+        self.register_buffer("perm", None if perm is None else perm.to(device, torch.int32), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.to(device), persistent=False)
         if self.cpu:
             self._init_tinygemm(qw)
@@ -161,7 +161,7 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)                           # [M, K]
         if not self.cpu and x2.shape[0] <= int4_mma.MAX_ROWS:
-            y = int4_mma.matmul(x2.contiguous(), self.packed, self.config, self.perm32)
+            y = int4_mma.matmul(x2.contiguous(), self.packed, self.config, self.perm)
         else:
             if self.perm is not None:
                 x2 = x2.index_select(1, self.perm)
