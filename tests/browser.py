@@ -70,24 +70,27 @@ def choose_preset(page, name: str, temperature: str) -> None:
     page.locator("#preset input").fill(name)
     page.locator("#preset input").press("Enter")
     page.get_by_text("Generation parameters").click()   # the accordion holding the sliders
-    page.wait_for_function("(v) => document.querySelector('#gen-temperature input[type=range]')?.value === v",
-                           arg=temperature, timeout=30_000)
+    wait_for_slider(page, "gen-temperature", temperature, 30_000)
+
+
+def wait_for_slider(page, elem_id: str, value: str, timeout_ms: int) -> None:
+    """Until the Gradio slider `elem_id` itself (its range input) shows `value`: only then does an event read it."""
+    page.wait_for_function("([id, v]) => document.querySelector(`#${id} input[type=range]`)?.value === v",
+                           arg=[elem_id, value], timeout=timeout_ms)
 
 
 def set_slider(page, elem_id: str, value: str, attempts: int = 3) -> None:
-    """Type `value` into a Gradio slider's number box and wait until the slider itself shows it (only then does
-    an event read it). Under load the box's blur was once not taken at all, so typing is retried."""
+    """Type `value` into a Gradio slider's number box and wait until the slider shows it. Under load the box's
+    blur was once not taken at all, so typing is retried."""
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     number = page.locator(f"#{elem_id} input[type=number]")
-    shown = f"() => document.querySelector('#{elem_id} input[type=range]')?.value"
     for _ in range(attempts):
         number.fill(value)
         number.press("Tab")                                   # Gradio takes a slider's value on blur
         try:
-            page.wait_for_function(f"() => ({shown})() === {value!r}", timeout=10_000)
-            return
+            return wait_for_slider(page, elem_id, value, 10_000)
         except PlaywrightTimeout:
             continue
-    raise AssertionError(f"slider {elem_id} shows {page.evaluate(shown)!r} after typing {value!r} "
-                         f"{attempts} times")
+    shown = page.locator(f"#{elem_id} input[type=range]").input_value()
+    raise AssertionError(f"slider {elem_id} shows {shown!r} after typing {value!r} {attempts} times")
