@@ -23,6 +23,8 @@ PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+-]{0,63}$")
 # The generation keys a preset may set (max_new_tokens and stop belong to the request, not to a preset).
 SAMPLER_KEYS = tuple(f.name for f in fields(GenerationParams) if f.name not in ("max_new_tokens", "stop"))
 _SPECS = {s.name: s for s in specs(GenerationParams)}
+# The presets Hearth ships in presets/: read-only, so an update of Hearth never meets a user's edit of them.
+SHIPPED_PRESETS = ("Creative", "Default", "Deterministic", "min_p")
 
 
 @dataclass
@@ -73,26 +75,42 @@ def load_presets(folder: Path = PRESETS_DIR) -> PresetCatalog:
 
 
 def save_preset(folder: Path, name: str, values: dict[str, Any]) -> Path:
-    """Write presets/<name>.yaml atomically with the sampler keys of `values`; returns its path."""
+    """Write presets/<name>.yaml atomically with the sampler keys of `values`; returns its path.
+
+    Saving never replaces a preset: a name already taken (compared case-insensitively, so no case-twins)
+    or one of the shipped presets is refused with a message saying so."""
     name = name.strip()
     if not PRESET_NAME.match(name):
         raise ValueError("a preset name uses letters, digits, spaces and . _ + - (at most 64 characters)")
+    taken = name.casefold()
+    shipped = next((p for p in SHIPPED_PRESETS if p.casefold() == taken), None)
+    if shipped:
+        raise ValueError(f"{shipped!r} is a preset shipped with Hearth and is read-only; choose another name")
+    existing = next((p.stem for p in folder.glob("*.yaml") if p.stem.casefold() == taken), None)
+    if existing:
+        raise ValueError(f"a preset named {existing!r} already exists; choose another name")
     clean = {k: coerce(_SPECS[k], values[k]) for k in SAMPLER_KEYS if k in values}
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{name}.yaml"
-    write_atomic(target, yaml.safe_dump(clean, sort_keys=False))
+    try:
+        write_atomic(target, yaml.safe_dump(clean, sort_keys=False), replace=False)
+    except FileExistsError:
+        raise ValueError(f"a preset named {name!r} already exists; choose another name") from None
     return target
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then os.replace: readers never see half a file."""
+def write_atomic(path: Path, text: str, replace: bool = True) -> None:
+    """Write to a temporary file in the same folder, then move it into place: readers never see half a file.
+    With replace=False the move is a hard link, which fails (FileExistsError) if `path` appeared meanwhile."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise

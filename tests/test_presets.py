@@ -35,3 +35,26 @@ def test_save_as_new_preset_round_trips_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["My preset.yaml"]   # no temp files left
     with pytest.raises(ValueError):
         save_preset(tmp_path, "../escape", {"temperature": 0.3})
+
+
+@pytest.mark.parametrize("name", ["Default", "default", "DETERMINISTIC", " min_P "])
+def test_a_user_preset_never_replaces_a_shipped_one(tmp_path, name):
+    shipped = tmp_path / "Default.yaml"
+    shipped.write_text("temperature: 0.7\n")
+    with pytest.raises(ValueError, match="shipped with Hearth and is read-only"):
+        save_preset(tmp_path, name, {"temperature": 1.9})
+    assert shipped.read_text() == "temperature: 0.7\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["Default.yaml"]   # no case-twin, no temp file
+
+
+def test_the_shipped_presets_are_the_read_only_ones():
+    from prompts.presets import SHIPPED_PRESETS
+    assert all((PRESETS_DIR / f"{name}.yaml").is_file() for name in SHIPPED_PRESETS)
+
+
+def test_saving_never_replaces_a_user_preset_or_makes_a_case_twin(tmp_path):
+    save_preset(tmp_path, "Mine", {"temperature": 0.3})
+    for name in ("Mine", "mine", "MINE"):
+        with pytest.raises(ValueError, match="'Mine' already exists"):
+            save_preset(tmp_path, name, {"temperature": 1.5})
+    assert load_presets(tmp_path).presets == {"Mine": {"temperature": 0.3}}

@@ -196,7 +196,7 @@ def build_chat_tab(state) -> dict:
     def on_save_preset(name, *values):
         try:
             path = save_preset(PRESETS_DIR, name or "", values_from(GenerationParams, list(values)))
-        except (ValueError, OptionError) as exc:
+        except (ValueError, OptionError, OSError) as exc:
             return gr.skip(), f"⚠️ {exc}"
         return gr.update(choices=load_presets().names(), value=path.stem), f"saved preset {path.stem}"
 
