@@ -153,6 +153,7 @@ def inspect_model(state, name: str) -> dict:
         "template": template.name,
         "template_source": template.source,
         "template_reason": template.reason,
+        **({"template_warning": template.warning} if template.warning else {}),
         **_loader_facts(state, name, detections),
     }
 

@@ -315,7 +315,7 @@ class AppState:
         template = self.resolve_template(choice)
         saved_system = self.saved_model_settings().get("system_message") or ""
         return {"name": template.name, "source": template.source, "reason": template.reason,
-                "system_message": saved_system or template.system_message}
+                "system_message": saved_system or template.system_message, "warning": template.warning}
 
     def _budget(self, max_new_tokens: int | None) -> int | None:
         model = self.require_model()

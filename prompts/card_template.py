@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prompts.front_matter import read_front_matter as read_front_matter_here
+from prompts.front_matter import read_front_matter
 from prompts.sandbox import TemplateRenderError
 from prompts.templates import CARD, ChatTemplate, TemplateLibrary
 
@@ -31,23 +31,10 @@ GENERIC_JINJA = """\
 {%- endfor -%}"""
 
 
-def front_matter(text: str) -> dict[str, Any]:
-    """Front matter via hub.model_card when the hub package provides it, else this package's reader (which
-    also reads cards whose whitespace was collapsed)."""
-    try:
-        from hub.model_card import read_front_matter
-        data = read_front_matter(text) or {}
-    except ImportError:
-        data = {}
-    if not isinstance(data, dict) or "prompt_template" not in data:
-        data = read_front_matter_here(text)
-    return data
-
-
 def stated_template(text: str) -> tuple[str | None, str | None, str]:
     """(template text, stated name, where) from a card: front matter `prompt_template`, else the body's
     "Prompt template: NAME" section and the block under it."""
-    meta = front_matter(text)
+    meta = read_front_matter(text)
     template = meta.get("prompt_template")
     section = _SECTION.search(text)
     name = section.group("name").strip() if section else None

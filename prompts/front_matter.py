@@ -17,22 +17,37 @@ KNOWN_KEYS = ("prompt_template", "model_type", "model_name", "model_creator", "b
 _SCALAR = r"('(?:[^']|'')*'|\"(?:[^\"\\]|\\.)*\"|[^\s]+)"
 
 
+class FrontMatterError(ValueError):
+    """The card has a front matter block that is not a YAML mapping; the message is one line for the user."""
+
+
 def read_front_matter(text: str) -> dict[str, Any]:
-    """The front matter of a model card as a dict ({} when there is none or it cannot be read)."""
+    """The front matter of a model card as a dict ({} when there is none).
+
+    Raises FrontMatterError when a front matter block is present but is not a YAML mapping, so the caller can
+    say so and fall back to the next template source instead of silently using none."""
     text = text.lstrip("\ufeff")
     if not text.startswith("---"):
         return {}
-    block = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, re.S)
-    if block:
-        try:
-            data = yaml.safe_load(block.group(1))
-        except yaml.YAMLError:
-            data = None
-        if isinstance(data, dict):
-            return data
     first_line = text.split("\n", 1)[0]
     collapsed = re.match(r"---\s(.*)\s---\s*$", first_line)
-    return _scan_collapsed(collapsed.group(1)) if collapsed else {}
+    if collapsed:
+        return _scan_collapsed(collapsed.group(1))
+    block = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, re.S)
+    if not block:
+        return {}        # an opening '---' with no closing one is a horizontal rule, not front matter
+    try:
+        data = yaml.safe_load(block.group(1))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 2}" if mark is not None else ""   # +2: 0-based, after the '---' line
+        problem = getattr(exc, "problem", None) or "cannot be parsed"
+        raise FrontMatterError(f"README.md front matter is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FrontMatterError("README.md front matter is not a YAML mapping of keys to values")
+    return data
 
 
 def _scan_collapsed(body: str) -> dict[str, Any]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
+from prompts.front_matter import FrontMatterError
 from prompts.sandbox import TemplateRenderError, render_template
 
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +37,7 @@ class ChatTemplate:
     reason: str = ""     # one human line: why this template was chosen
     system_message: str = ""   # default system message (e.g. the preamble a model card states)
     variables: dict[str, str] = field(default_factory=dict)   # literals a converted card template needs
+    warning: str = ""    # one line for the user when a source was unreadable and the next one was used
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True,
                special_tokens: dict[str, str] | None = None) -> str:
@@ -171,16 +173,20 @@ def resolve_template(model_dir: Path, library: TemplateLibrary, saved: dict[str,
             else "chat_template.jinja"
         return ChatTemplate(name="tokenizer", source=TOKENIZER, jinja=own, reason=f"from {where}")
     readme = model_dir / "README.md"
+    warning = ""
     if readme.is_file():
-        card = template_from_card(readme.read_text(encoding="utf-8", errors="replace"), library)
+        try:
+            card = template_from_card(readme.read_text(encoding="utf-8", errors="replace"), library)
+        except FrontMatterError as exc:
+            card, warning = None, f"{exc}; its prompt_template was not used"
         if card is not None:
             return card
     config = _read_json(model_dir / "config.json")
     matched = match_builtin(library, model_dir.name, config.get("model_type"))
     if matched:
-        return library.get(matched[0], MATCHED, matched[1])
+        return replace(library.get(matched[0], MATCHED, matched[1]), warning=warning)
     reason = "nothing else names a template; " + (notes[0] if notes else f"{MATCH_FILE} default")
-    return library.get(library.default, DEFAULT, reason)
+    return replace(library.get(library.default, DEFAULT, reason), warning=warning)
 
 
 def check_renders(template: ChatTemplate) -> str | None:

@@ -137,3 +137,39 @@ def test_inspect_names_the_cards_template_and_source(tmp_path, card_file, templa
 def test_inspect_default_model_uses_its_tokenizer_template(default_model_dir):
     report = inspect_model(make_state(default_model_dir.parent), default_model_dir.name)
     assert (report["template"], report["template_source"]) == ("tokenizer", "tokenizer chat_template")
+
+
+def copy_without_tokenizer_template(default_model_dir: Path, models: Path, name: str) -> Path:
+    """The default model with its tokenizer's chat_template removed, so the model card is the next source."""
+    folder = models / name
+    folder.mkdir(parents=True)
+    for f in default_model_dir.iterdir():
+        if f.name != "tokenizer_config.json":
+            (folder / f.name).symlink_to(f)
+    config = json.loads((default_model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_malformed_front_matter_is_one_warning_and_the_next_template_serves(tmp_path, default_model_dir):
+    """issue 15: `prompt_template: [unclosed` made `inspect` print a traceback and chat fail."""
+    import subprocess
+    import sys
+
+    models = tmp_path / "models"
+    folder = copy_without_tokenizer_template(default_model_dir, models, "broken-card")
+    (folder / "README.md").unlink(missing_ok=True)
+    (folder / "README.md").write_text("---\nprompt_template: [unclosed\n---\n# A model\n")
+    run = lambda *args: subprocess.run([sys.executable, "app.py", *args, "--model", "broken-card", "--models-dir",
+                                        str(models)], capture_output=True, text=True, timeout=300,
+                                       cwd=Path(__file__).resolve().parent.parent)
+    inspected = run("inspect")
+    assert inspected.returncode == 0 and "Traceback" not in inspected.stderr, inspected.stderr
+    report = json.loads(inspected.stdout)
+    assert report["template_source"] in ("built-in match", "default")
+    assert "README.md front matter is not valid YAML at line 2" in report["template_warning"]
+    assert "\n" not in report["template_warning"]
+    chatted = run("generate", "--chat", "What is the capital of France?", "--temperature", "0",
+                  "--max-new-tokens", "16")
+    assert chatted.returncode == 0 and chatted.stdout.strip(), chatted.stderr

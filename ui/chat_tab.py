@@ -84,7 +84,9 @@ def build_chat_tab(state) -> dict:
             return f"⚠️ template: {exc}"
         saved = state.saved_model_settings()
         preset_note = f" · preset **{saved['preset']}** (saved)" if saved.get("preset") else ""
-        return f"Model **{state.model.name}** · template **{info['name']}** ({info['source']}){preset_note}"
+        warning = f" · ⚠️ {info['warning']}" if info["warning"] else ""
+        return (f"Model **{state.model.name}** · template **{info['name']}** ({info['source']}){preset_note}"
+                f"{warning}")
 
     def describe_file_problems() -> str:
         problems = state.file_problems()
