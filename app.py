@@ -57,7 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gradio-auth-path", type=Path, metavar="FILE",
                        help="require a login from FILE (one user:pass per line or comma-separated)")
     serve.add_argument("--insecure-listen", action="store_true",
-                       help="allow --listen without a UI login (anyone on the network can use Hearth)")
+                       help="allow --listen (or a non-loopback host in settings.yaml) without a UI login "
+                            "(anyone on the network can use Hearth)")
+    serve.add_argument("--allowed-hosts", metavar="NAME[,NAME...]",
+                       help="host names the UI and API answer besides localhost, 127.0.0.1, ::1 and the bound "
+                            "address (e.g. mybox.local); requests naming any other Host get 403")
+    serve.add_argument("--cors-origins", metavar="ORIGIN[,ORIGIN...]",
+                       help="web pages (origins such as http://localhost:3000; '*' wildcards) allowed to call "
+                            "the UI and API from a browser; default none: only Hearth's own page")
     # the OpenAI-compatible API beside the UI (code in api/)
     serve.add_argument("--api", action="store_true", help="also serve the OpenAI-compatible API (/v1)")
     serve.add_argument("--api-port", type=int, default=5000, help="API port (default 5000)")
@@ -110,10 +117,15 @@ def cmd_generate(args) -> int:
 
     state = make_state(args)
     state.load_model(args.model, args.loader)
-    if args.chat is not None:
-        prompt = state.chat_prompt([{"role": "user", "content": args.chat}])
-    else:
-        prompt = state.raw_prompt(args.prompt)
+    try:
+        if args.chat is not None:
+            prompt = state.chat_prompt([{"role": "user", "content": args.chat}])
+        else:
+            prompt = state.raw_prompt(args.prompt)
+    except ValueError as exc:  # e.g. an empty --prompt: nothing for the model to continue from
+        state.unload_model()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     params = state.generation_params(**option_values(args, GenerationParams))
     done = None
     for event in state.generate(prompt, params):
@@ -217,22 +229,33 @@ def parse_auth(args) -> list[tuple[str, str]] | None:
     return logins or None
 
 
+def exposure_problem(host: str, listen: bool, source: Path | None) -> str:
+    """Why serving on `host` without a login is refused, naming where that host came from."""
+    where = "--listen" if listen else f"host: {host} in {source}"
+    return (f"error: {where} exposes Hearth to your network; add --gradio-auth USER:PASS (or --gradio-auth-path "
+            "FILE), or --insecure-listen if you really want no login"
+            + ("" if listen else " (or set host: 127.0.0.1)"))
+
+
 def cmd_serve(args) -> int:
     from ui.app import launch
+    from web.guard import is_loopback
 
     auth = parse_auth(args)
-    if args.listen and auth is None and not args.insecure_listen:
-        print("error: --listen exposes Hearth to your network; add --gradio-auth USER:PASS (or "
-              "--gradio-auth-path FILE), or --insecure-listen if you really want no login", file=sys.stderr)
+    state = make_state(args, host="0.0.0.0" if args.listen else None, port=args.port, model=args.model,
+                       allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins)
+    # The rule follows the address actually bound, whether --listen or settings.yaml chose it.
+    if not is_loopback(state.settings.host) and auth is None and not args.insecure_listen:
+        print(exposure_problem(state.settings.host, args.listen, state.settings.source), file=sys.stderr)
         return 2
-    state = make_state(args, host="0.0.0.0" if args.listen else None, port=args.port, model=args.model)
-    if args.api:  # the API shares the UI's AppState and host; it starts before the model loads
+    if args.api:  # the API shares the UI's AppState, host and Host/Origin rules; it starts before the model loads
         from api.auth import ApiConfigError
         from api.server import ApiConfig, ApiServer
 
+        settings = state.settings
         try:
-            api = ApiServer(state, ApiConfig(state.settings.host, args.api_port, args.api_key,
-                                             args.api_admin_key)).start()
+            api = ApiServer(state, ApiConfig(settings.host, args.api_port, args.api_key, args.api_admin_key,
+                                             settings.allowed_hosts, settings.cors_origins)).start()
         except ApiConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -13,6 +13,7 @@ import yaml
 
 from engine.sampling import GenerationParams
 from loaders.options import OptionError, build
+from web.guard import normalize_host, normalize_origin
 
 APP_ROOT = Path(__file__).resolve().parent
 DEFAULT_SETTINGS_FILE = APP_ROOT / "settings.yaml"
@@ -28,8 +29,23 @@ class AppSettings:
     port: int = 7860
     models_dir: Path = APP_ROOT / "models"
     model: str | None = None
+    allowed_hosts: tuple[str, ...] = ()   # Host names the servers answer besides loopback and `host`
+    cors_origins: tuple[str, ...] = ()    # browser origins allowed to use them (web/guard.py)
     generation: GenerationParams = field(default_factory=GenerationParams)
     source: Path | None = None   # the file these came from, for messages
+
+
+def _entries(path: Path, key: str, value: Any, normalize) -> tuple[str, ...]:
+    """A list setting (or flag): a YAML list or one comma-separated string, each entry checked."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise SettingsError(f"{path}: {key} must be a list of strings")
+    try:
+        return tuple(normalize(item) for item in items if item.strip())
+    except ValueError as exc:
+        raise SettingsError(f"{path}: {key}: {exc}") from None
 
 
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> AppSettings:
@@ -63,4 +79,6 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     except (TypeError, ValueError):
         raise SettingsError(f"{path}: port must be a number") from None
     return AppSettings(host=str(raw.get("host", "127.0.0.1")), port=port, models_dir=models_dir.resolve(),
-                       model=raw.get("model"), generation=generation, source=path)
+                       model=raw.get("model"), generation=generation, source=path,
+                       allowed_hosts=_entries(path, "allowed_hosts", raw.get("allowed_hosts"), normalize_host),
+                       cors_origins=_entries(path, "cors_origins", raw.get("cors_origins"), normalize_origin))

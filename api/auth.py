@@ -2,20 +2,12 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 
 from fastapi import Request
 
 from api.errors import ApiError
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False   # a host name other than localhost may resolve to anything: treat it as public
+from web.guard import is_loopback
+from web.throttle import FailureThrottle, client_address
 
 
 class ApiConfigError(ValueError):
@@ -41,30 +33,50 @@ def _same(given: str | None, expected: str) -> bool:
 
 class KeyCheck:
     """api_key guards every route; admin_key (defaults to api_key) guards loading and unloading models.
-    With no keys at all (loopback only, see check_exposure) everything is open, as the UI is."""
+    With no keys at all (loopback only, see check_exposure) everything is open, as the UI is, except what
+    would let a caller run code or redirect chats (see require_configured_admin). Wrong keys are throttled
+    per client address (web/throttle.py)."""
 
     def __init__(self, api_key: str | None, admin_key: str | None):
         self.api_key = api_key or None
         self.admin_key = admin_key or self.api_key
+        self.throttle = FailureThrottle("API key")
 
-    def require_user(self, request: Request) -> None:
+    async def require_user(self, request: Request) -> None:
         if self.api_key is None:
             return
         token = bearer_token(request)
         if token is None:
             raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY' (the key given to --api-key)",
                            code="invalid_api_key")
-        if not (_same(token, self.api_key) or (self.admin_key and _same(token, self.admin_key))):
-            raise ApiError(401, "incorrect API key", code="invalid_api_key")
+        async with self.throttle.attempt(client_address(request.scope)) as attempt:
+            if not (_same(token, self.api_key) or (self.admin_key and _same(token, self.admin_key))):
+                attempt.failed()
+                raise ApiError(401, "incorrect API key", code="invalid_api_key")
+            attempt.succeeded()
 
-    def require_admin(self, request: Request) -> None:
+    async def require_admin(self, request: Request) -> None:
         if self.admin_key is None:
             return
         token = bearer_token(request)
         if token is None:
             raise ApiError(401, "missing admin key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-        if not _same(token, self.admin_key):
+        async with self.throttle.attempt(client_address(request.scope)) as attempt:
+            if _same(token, self.admin_key):
+                attempt.succeeded()
+                return
             if self.api_key and _same(token, self.api_key):
+                attempt.succeeded()   # a valid key, just not this one: no guess to slow down
                 raise ApiError(403, "this key may generate but not load or unload models: use the admin key",
                                code="admin_key_required")
+            attempt.failed()
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
+
+    async def require_configured_admin(self, request: Request, what: str) -> None:
+        """`what` (a loader that sends chats elsewhere, an option that runs a model's code) needs the admin key,
+        and so an admin key must exist: a keyless API on loopback can be reached by any local program."""
+        if self.admin_key is None:
+            raise ApiError(403, f"{what} can be set over the API only with an admin key: start Hearth with "
+                                "--api-admin-key KEY and send it as 'Authorization: Bearer KEY', or load the model "
+                                "in the UI", code="admin_key_required")
+        await self.require_admin(request)

@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "invalid_request_error",
-               500: "server_error", 503: "server_error"}
+               415: "invalid_request_error", 500: "server_error", 503: "server_error"}
 
 
 class ApiError(Exception):
@@ -56,3 +56,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_crash)
+
+
+def refusal(status: int, message: str) -> JSONResponse:
+    """web.guard's answer to a request from a Host or Origin it refuses, in the same shape as every error."""
+    return error_response(ApiError(status, message, code="forbidden_origin"))

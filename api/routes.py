@@ -9,16 +9,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import KeyCheck
-from api.errors import ApiError, install_error_handlers
+from api.errors import ApiError, install_error_handlers, refusal
 from api.generation_run import GenerationRun
 from api.openai_format import SSE_DONE, Reply, finish_reason, model_card, sse
 from api.schemas import (ChatCompletionRequest, CompletionRequest, LoadModelRequest, TokenCountRequest,
-                         body_limit, parse, read_json, requested_max_tokens, sampler_values)
+                         body_limit, parse, read_json, require_json_type, requested_max_tokens, sampler_values)
 from engine.generation import DoneEvent, StatsEvent, TextEvent
 from engine.sampling import GenerationParams
 from loaders.base import LoadError
 from loaders.options import OptionError
 from prompts.chat import Prompt
+from web.guard import OriginPolicy, guard_middleware
+
+# Load options that make a model folder run code on this machine (only an admin may set them over the API).
+CODE_RUNNING_OPTIONS = ("trust_remote_code", "allow_pickle")
 
 
 def loaded_model(state, requested: str):
@@ -107,8 +111,22 @@ async def _stream(request: Request, run: GenerationRun, reply: Reply, echo: str)
     yield SSE_DONE
 
 
-def create_app(state, keys: KeyCheck) -> FastAPI:
-    app = FastAPI(title="Hearth OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+def _admin_only_choices(state, req: LoadModelRequest) -> str | None:
+    """What in a load request needs the admin key even on a keyless API: a loader that sends every chat to
+    another server (it could be anyone's), or an option that runs code shipped with the model."""
+    try:
+        elsewhere = not state.needs_model_folder(req.loader)
+    except LoadError as exc:   # an unknown loader
+        raise ApiError(400, str(exc), param="loader", code="load_failed") from None
+    choices = ([f"the {req.loader} loader"] if elsewhere else []) + \
+        [name for name in CODE_RUNNING_OPTIONS if req.args.get(name)]
+    return " and ".join(choices) or None
+
+
+def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
+    """The API behind web.guard: requests from Hosts and browser Origins the policy refuses never reach it."""
+    app = FastAPI(title="Hearth OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None,
+                  middleware=guard_middleware(policy, refusal, credentials=False))
     install_error_handlers(app)
     started = int(time.time())
 
@@ -118,7 +136,7 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
 
     async def accepted(request: Request, schema):
         """The steps every generation route takes first: key, body (bounded by the context), schema, model."""
-        keys.require_user(request)
+        await keys.require_user(request)
         data = await read_json(request, body_limit(context_length()))
         req = parse(schema, data)
         _check_single_choice(req)
@@ -150,6 +168,9 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
             if len(texts) != 1:
                 raise ApiError(400, "send one prompt per request (batches of prompts are not supported)",
                                param="prompt")
+            if not texts[0]:
+                raise ApiError(400, "prompt is empty: send the text to continue", param="prompt",
+                               code="invalid_prompt")
             prompt = await _render(state.raw_prompt, texts[0])
         params = generation_params(state, model, prompt, data)
         reply = Reply("text", model.name, prompt.n_tokens, req.include_usage)
@@ -158,13 +179,13 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models(request: Request):
-        keys.require_user(request)
+        await keys.require_user(request)
         model = state.model
         return {"object": "list", "data": [model_card(model, started)] if model is not None else []}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request):
-        keys.require_user(request)
+        await keys.require_user(request)
         model = state.model
         if model is None or model.name != model_id:
             raise ApiError(404, f"the model {model_id!r} does not exist or is not loaded", param="model",
@@ -174,7 +195,7 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
     # ---- Hearth extras -----------------------------------------------------------------------------------
     @app.post("/v1/internal/token-count")
     async def token_count(request: Request):
-        keys.require_user(request)
+        await keys.require_user(request)
         req = parse(TokenCountRequest, await read_json(request, body_limit(context_length())))
         if (req.text is None) == (req.messages is None):
             raise ApiError(400, "send either text (counted as a raw prompt) or messages (counted through the "
@@ -190,7 +211,7 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
 
     @app.get("/v1/internal/model/info")
     async def model_info(request: Request):
-        keys.require_user(request)
+        await keys.require_user(request)
         model = state.model
         if model is None:
             return {"model_name": None, "loader": None, "runtime": None, "context_length": None}
@@ -199,13 +220,16 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
 
     @app.get("/v1/internal/model/list")
     async def model_list(request: Request):
-        keys.require_user(request)
+        await keys.require_user(request)
         return {"model_names": state.list_models()}
 
     @app.post("/v1/internal/model/load")
     async def load_model(request: Request):
-        keys.require_admin(request)
+        await keys.require_admin(request)
         req = parse(LoadModelRequest, await read_json(request, body_limit(None)))
+        admin_only = _admin_only_choices(state, req)
+        if admin_only is not None:
+            await keys.require_configured_admin(request, admin_only)
         try:
             await run_in_threadpool(state.load_model, req.model_name, req.loader, req.args)
         except LoadError as exc:
@@ -214,9 +238,10 @@ def create_app(state, keys: KeyCheck) -> FastAPI:
 
     @app.post("/v1/internal/model/unload")
     async def unload_model(request: Request):
-        keys.require_admin(request)
+        await keys.require_admin(request)
+        require_json_type(request, body_expected=False)
         was_loaded = state.model is not None
-        await run_in_threadpool(state.unload_model)
-        return {"unloaded": was_loaded}
+        stopped = await run_in_threadpool(state.unload_model)   # generations on the model end first
+        return {"unloaded": was_loaded, "stopped_generations": stopped}
 
     return app

@@ -7,10 +7,10 @@ things (max_tokens, max_completion_tokens). Bounds come from that one declaratio
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from api.errors import ApiError
 from engine.sampling import GenerationParams
@@ -20,6 +20,22 @@ SAMPLER_FIELDS = {s.name for s in specs(GenerationParams)} - {"max_new_tokens"}
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")   # OpenAI's names for max_new_tokens
 BYTES_PER_TOKEN_BOUND = 32   # generous: real text averages ~4 bytes per token
 BODY_SLACK_BYTES = 64 * 1024  # JSON overhead and sampler fields
+MAX_JSON_DEPTH = 64           # OpenAI's bodies nest a few levels; deeper is an attack on the parser
+MAX_NAME_BYTES = 255          # the longest file name on common file systems, so the longest model name
+
+
+def _plain_name(value: str) -> str:
+    """Model names are folder names or a remote server's ids: printable, and short enough to be a file name."""
+    if not value.strip():
+        raise ValueError("must not be empty")
+    if len(value.encode("utf-8")) > MAX_NAME_BYTES:
+        raise ValueError(f"must be at most {MAX_NAME_BYTES} bytes long")
+    if any(not ch.isprintable() for ch in value):
+        raise ValueError("must not contain control characters such as newlines")
+    return value
+
+
+ModelName = Annotated[str, AfterValidator(_plain_name)]
 
 
 class StreamOptions(BaseModel):
@@ -50,7 +66,7 @@ def as_chat(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: str
+    model: ModelName
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -87,7 +103,7 @@ class TokenCountRequest(BaseModel):
 
 class LoadModelRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model_name: str
+    model_name: ModelName
     loader: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)   # the loader's declared options
 
@@ -97,8 +113,43 @@ def body_limit(context_length: int | None) -> int:
     return (context_length or 32768) * BYTES_PER_TOKEN_BOUND + BODY_SLACK_BYTES
 
 
+def require_json_type(request: Request, body_expected: bool = True) -> None:
+    """415 unless the body is declared as JSON. A browser can send text/plain or form bodies to any site
+    without asking it first (a "simple" request); application/json it cannot, so this refuses those."""
+    content_type = request.headers.get("content-type")
+    if content_type is None and not body_expected and request.headers.get("content-length", "0") == "0" \
+            and "transfer-encoding" not in request.headers:
+        return   # a POST with no body at all
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise ApiError(415, "send the request body as JSON with 'Content-Type: application/json' (got "
+                            f"{content_type or 'no Content-Type'})", code="unsupported_media_type")
+
+
+def check_json_values(data: Any) -> None:
+    """400 for bodies the parser accepts but the rest of Hearth cannot use: nesting deeper than
+    MAX_JSON_DEPTH, and lone UTF-16 surrogates (JSON's "\\ud800"), which are not text and fail in tokenizers."""
+    pending = [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "the request contains a lone UTF-16 surrogate (such as \\ud800), which is "
+                                    "not text: send valid Unicode", code="invalid_json") from None
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ApiError(400, f"the request body nests more than {MAX_JSON_DEPTH} levels deep",
+                               code="invalid_json")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            pending.extend((item, depth + 1) for item in items)
+
+
 async def read_json(request: Request, limit: int) -> Any:
-    """The JSON body, refusing (400) bodies over `limit` bytes before reading them whole."""
+    """The JSON body, refusing (400) bodies over `limit` bytes before reading them whole, and (415) bodies
+    not declared as JSON before reading them at all."""
+    require_json_type(request)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ApiError(400, f"request body of {int(declared)} bytes is larger than this model's context can "
@@ -111,9 +162,14 @@ async def read_json(request: Request, limit: int) -> Any:
                                 "most)", code="request_too_large")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
+        data = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"the request body nests more than {MAX_JSON_DEPTH} levels deep",
+                       code="invalid_json") from None
+    check_json_values(data)
+    return data
 
 
 def parse(model_type: type[BaseModel], data: Any) -> Any:

@@ -10,6 +10,7 @@ import uvicorn
 
 from api.auth import ApiConfigError, KeyCheck, check_exposure
 from api.routes import create_app
+from web.guard import OriginPolicy
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,8 @@ class ApiConfig:
     port: int = 5000
     api_key: str | None = None
     admin_key: str | None = None    # loads and unloads models; defaults to api_key
+    allowed_hosts: tuple[str, ...] = ()   # Host names besides loopback and `host` (web/guard.py)
+    cors_origins: tuple[str, ...] = ()    # browser origins that may call the API
 
 
 class ApiServer:
@@ -26,7 +29,11 @@ class ApiServer:
     def __init__(self, state, config: ApiConfig):
         check_exposure(config.host, config.api_key)
         self.config = config
-        app = create_app(state, KeyCheck(config.api_key, config.admin_key))
+        try:
+            policy = OriginPolicy.build(config.host, config.allowed_hosts, config.cors_origins)
+        except ValueError as exc:
+            raise ApiConfigError(str(exc)) from None
+        app = create_app(state, KeyCheck(config.api_key, config.admin_key), policy)
         # Each streaming request ends with a client that may idle; the short keep-alive frees its socket soon.
         self._server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                                      access_log=False, timeout_keep_alive=5, lifespan="off"))
