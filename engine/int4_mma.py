@@ -32,7 +32,8 @@ import torch
 MAX_ROWS = 8          # the B operand's 8 columns: inputs with more rows dequantize and use cuBLAS
 TILE, CHUNK = 16, 64  # output rows per mma tile; inputs per 16-byte lane load
 
-SOURCE = r"""
+# Types and device functions the kernels here and in engine.lowbit_mma share.
+DEVICE_HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 struct __align__(16) Words { u32 w[4]; };
@@ -84,6 +85,9 @@ __device__ __forceinline__ void half_pair(u32 v, float& lo, float& hi) {
     lo = half_to_float((u16)(v & 0xFFFFu));
     hi = half_to_float((u16)(v >> 16));
 }
+"""
+
+SOURCE = DEVICE_HELPERS + r"""
 
 // y[M, N] = x[M, K] @ W^T for M <= 8. One block per 16-row tile; its WARPS warps take every WARPS-th chunk
 // of 64 inputs, U chunks in flight per lane, and meet in shared memory at the end.
@@ -247,19 +251,30 @@ def supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
+def refusal(k: int, n: int, group_size: int, chunk: int = CHUNK) -> str | None:
+    """Why the kernel cannot take a [n, k] weight with this group size (None: it can). It needs whole 16-row
+    tiles, K in whole chunks, and groups of 16-input mma steps that either divide a chunk or are whole
+    chunks, found by a shift (a power of two, or one group for all of K)."""
+    if n % TILE:
+        return f"{n} outputs are not whole {TILE}-row tiles"
+    if k % chunk:
+        return f"{k} inputs are not whole {chunk}-input chunks"
+    if (k % group_size or group_size % 16
+            or not (group_size <= chunk and chunk % group_size == 0 or group_size % chunk == 0)
+            or not (group_size & (group_size - 1) == 0 or group_size == k)):
+        return f"group size {group_size} is not a power of two dividing {chunk}-input chunks or made of them"
+    return None
+
+
 def fits(k: int, n: int, group_size: int) -> bool:
-    """Shapes the kernel takes: whole 16-row tiles, K in chunks of 64, groups of 16-input mma steps that
-    either divide a chunk or are whole chunks, found by a shift (a power of two, or one group for all of K)."""
-    return (n % TILE == 0 and k % CHUNK == 0 and k % group_size == 0 and group_size % 16 == 0
-            and (group_size <= CHUNK and CHUNK % group_size == 0 or group_size % CHUNK == 0)
-            and (group_size & (group_size - 1) == 0 or group_size == k))
+    return refusal(k, n, group_size) is None
 
 
 @functools.cache
-def _kernel(name: str):
-    """One instantiation of SOURCE's templates, compiled for this GPU. torch.cuda._compile_kernel would do
-    the same but insists on a CUDA toolkit's include folder, which pip-installed torch lacks; SOURCE needs no
-    header, so NVRTC is called directly (through torch's own handle to it)."""
+def compiled(source: str, name: str):
+    """One instantiation `name` of `source`'s templates, compiled for this GPU. torch.cuda._compile_kernel
+    would do the same but insists on a CUDA toolkit's include folder, which pip-installed torch lacks; the
+    sources need no header, so NVRTC is called directly (through torch's own handle to it)."""
     from torch.cuda._utils import _cuda_load_module, _get_gpu_rtc_library
 
     nvrtc = _get_gpu_rtc_library()
@@ -277,7 +292,7 @@ def _kernel(name: str):
                 log = buf.value
             raise RuntimeError(f"NVRTC {what} failed ({status}) for {name}: {log.decode(errors='replace')}")
 
-    check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), SOURCE.encode(), b"int4_mma.cu", 0, None, None), "create")
+    check(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"hearth.cu", 0, None, None), "create")
     try:
         check(nvrtc.nvrtcAddNameExpression(prog, name.encode()), "name")
         check(nvrtc.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options)), "compile")
@@ -291,6 +306,10 @@ def _kernel(name: str):
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
     return _cuda_load_module(cubin.raw, [mangled])[mangled]
+
+
+def _kernel(name: str):
+    return compiled(SOURCE, name)
 
 
 def _bf16_bits(value: float) -> int:

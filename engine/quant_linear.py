@@ -11,7 +11,10 @@ pass and use cuBLAS, so one packed copy serves both) and through torch's tinygem
 Act-order checkpoints have non-contiguous groups; sorting K by group once at load makes them contiguous,
 and x is gathered in that order: by the caller where the order can be folded into the layer before
 (engine.weights), else by this layer (an index_select before the kernel).
-Shapes neither kernel takes (and 2/3/8-bit) use `DequantLinear`: the same weights dequantized once.
+`LowBitLinear` does the same for GPTQ's 2, 3 and 8-bit weights on CUDA (engine.lowbit_mma), and
+`Int8Linear` keeps 8-bit weights with one scale per output row packed on CPU (torch's int8 weight-only
+matmul). Whatever no kernel takes uses `DequantLinear`: the weights dequantized once, with the reason kept
+for the runtime line. Every layer names its kernel in `kernel`.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import int4_mma
+from engine import int4_mma, lowbit_mma
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 
@@ -113,16 +116,26 @@ def exact_int4(w: torch.Tensor, group_size: int = 32) -> QuantWeight | None:
                        bits=4, group_size=group_size, offsets=lo.reshape(N, G).t().contiguous())
 
 
-def int4_kernel_fits(qw: QuantWeight, device: torch.device) -> bool:
-    """Whether Int4Linear takes this weight on `device`: 4 bits with integer zero points (GPTQ, AWQ) for the
-    CUDA kernel's shapes, or tinygemm's CPU shapes (which also take float offsets)."""
-    K, N = qw.in_features, qw.out_features
-    if qw.bits != 4 or K % qw.group_size or not qw.regular_groups():
-        return False
+def kernel_refusal(qw: QuantWeight, device: torch.device) -> str | None:
+    """Why no packed kernel takes this weight on `device` (None: one does). CUDA: the tensor-core kernels
+    (4-bit engine.int4_mma, 2/3/8-bit engine.lowbit_mma) for integer zero points (GPTQ, AWQ). CPU: tinygemm
+    for 4 bits (also with float offsets), torch's int8 kernel for 8 bits with one group for all inputs."""
+    K, N, gs, bits = qw.in_features, qw.out_features, qw.group_size, qw.bits
+    if K % gs or not qw.regular_groups():
+        return "act-order groups of unequal size"
     if device.type == "cuda":
-        return (qw.offsets is None and int4_mma.supported(device)
-                and int4_mma.fits(K, N, qw.group_size))
-    return qw.group_size in TINYGEMM_GROUP_SIZES and K % 16 == 0 and N % 8 == 0
+        if not int4_mma.supported(device):
+            return "the tensor-core kernels need compute capability 8.0+"
+        if qw.offsets is not None:
+            return "float offsets have no CUDA kernel"
+        return int4_mma.refusal(K, N, gs) if bits == 4 else lowbit_mma.refusal(K, N, gs, bits)
+    if bits == 4:
+        if gs not in TINYGEMM_GROUP_SIZES or K % 16 or N % 8:
+            return f"tinygemm takes groups of {'/'.join(map(str, TINYGEMM_GROUP_SIZES))}, K % 16 and N % 8 = 0"
+        return None
+    if bits == 8:
+        return None if gs == K else f"torch's int8 kernel takes one scale per output row, not groups of {gs}"
+    return f"no CPU kernel for {bits}-bit weights"
 
 
 class Int4Linear(nn.Module):
@@ -141,6 +154,7 @@ class Int4Linear(nn.Module):
         # index_select (prompts, CPU) takes them too.
         self.register_buffer("perm", None if perm is None else perm.to(device, torch.int32), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.to(device), persistent=False)
+        self.kernel = "tinygemm" if self.cpu else "hearth tensor-core"
         if self.cpu:
             self._init_tinygemm(qw)
         else:
@@ -174,11 +188,74 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-class DequantLinear(nn.Module):
-    """Any bit width, any shape: the weights dequantized once at load into `dtype`, then F.linear."""
+class LowBitLinear(nn.Module):
+    """y = x @ W^T + b for GPTQ 2, 3 and 8-bit weights on CUDA through engine.lowbit_mma: up to MAX_ROWS
+    rows read the packed weights directly; longer inputs dequantize them into a bf16 scratch for cuBLAS (no
+    bf16 copy is kept). Act-order as in Int4Linear."""
 
-    def __init__(self, qw: QuantWeight, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype):
+    kernel = "hearth tensor-core"
+
+    def __init__(self, qw: QuantWeight, bias: torch.Tensor | None, device: torch.device):
         super().__init__()
+        self.in_features, self.out_features = qw.in_features, qw.out_features
+        qw, perm = qw.sorted_by_group()
+        self.register_buffer("perm", None if perm is None else perm.to(device, torch.int32), persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.to(device), persistent=False)
+        self.packed = lowbit_mma.pack(qw.q.to(device), qw.scales.to(device),
+                                      None if qw.zeros is None else qw.zeros.to(device), qw.group_size, qw.bits)
+        self.config = lowbit_mma.config_for(self.out_features, qw.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)                           # [M, K]
+        if x2.shape[0] <= lowbit_mma.MAX_ROWS:
+            y = lowbit_mma.matmul(x2.contiguous(), self.packed, self.config, self.perm)
+        else:
+            if self.perm is not None:
+                x2 = x2.index_select(1, self.perm)
+            y = F.linear(x2, lowbit_mma.dequantize(self.packed))
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class Int8Linear(nn.Module):
+    """y = x @ W^T + b on CPU for 8-bit weights with one group for all inputs (GPTQ group_size -1), through
+    torch's int8 weight-only matmul (`_weight_int8pack_mm`: int8 [N, K], one bf16 scale per output row):
+    a quarter of fp32's bytes. It has no zero point, so the int8 values are q - 128 and the rest of the
+    zero, s * (128 - z) (or the float offset m + 128 s), is added as sum(x) times it."""
+
+    kernel = "int8 weight-only"
+
+    def __init__(self, qw: QuantWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = qw.in_features, qw.out_features
+        scales = qw.scales[0].float()                                                      # [N]
+        self.register_buffer("weight_int8", (qw.q.t().to(torch.int16) - 128).to(torch.int8).contiguous(),
+                             persistent=False)                                             # [N, K]
+        self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
+        offset = qw.offset()[0] + 128 * scales                                             # [N] fp32
+        self.register_buffer("offset", None if not torch.any(offset) else offset, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)                           # [M, K]
+        # bf16 activations: torch's fp32 path of this kernel measured ~3x slower here
+        y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales).float()
+        if self.offset is not None:
+            y = y + x2.float().sum(-1, keepdim=True) * self.offset
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+class DequantLinear(nn.Module):
+    """Any bit width, any shape: the weights dequantized once at load into `dtype`, then F.linear. `reason`:
+    why no packed kernel took them, shown in the runtime line."""
+
+    def __init__(self, qw: QuantWeight, bias: torch.Tensor | None, device: torch.device, dtype: torch.dtype,
+                 reason: str = ""):
+        super().__init__()
+        self.kernel = f"dequantized ({reason})" if reason else "dequantized"
         self.in_features, self.out_features = qw.in_features, qw.out_features
         self.register_buffer("weight", qw.dequantize(dtype).to(device), persistent=False)  # [N, K]
         self.register_buffer("bias", None if bias is None else bias.to(device, dtype), persistent=False)
@@ -208,7 +285,11 @@ class RescoredHead(nn.Module):
 
 def make_quant_linear(qw: QuantWeight, bias: torch.Tensor | None, device: torch.device,
                       dtype: torch.dtype) -> nn.Module:
-    """The fastest layer that computes this weight: Int4Linear where its kernel fits, else dequantized."""
-    if int4_kernel_fits(qw, device):
+    """The fastest layer that computes this weight: a packed kernel where one fits, else dequantized (and
+    the layer's `kernel` says why)."""
+    reason = kernel_refusal(qw, device)
+    if reason is not None:
+        return DequantLinear(qw, bias, device, dtype, reason)
+    if qw.bits == 4:
         return Int4Linear(qw, bias, device)
-    return DequantLinear(qw, bias, device, dtype)
+    return LowBitLinear(qw, bias, device) if device.type == "cuda" else Int8Linear(qw, bias)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engine.llama import ModelArgs, Rotary, Transformer
-from engine.quant_linear import (DequantLinear, QuantWeight, RescoredHead, exact_int4,
+from engine.quant_linear import (QuantWeight, RescoredHead, exact_int4,
                                  make_quant_linear)
 from loaders.quant.formats import LAYER_PARTS, QuantSpec, read_quant_spec, read_quant_weight
 from loaders.safetensors_index import CheckpointTensors
@@ -102,9 +102,7 @@ class WeightLoader:
 
     def _quant(self, qw: QuantWeight, bias, device: torch.device, label: str) -> nn.Module:
         module = make_quant_linear(qw, bias, device, self.dtype)
-        kernel = ("dequantized" if isinstance(module, DequantLinear)
-                  else "tinygemm" if module.cpu else "hearth tensor-core")
-        self.kinds.add(f"{label} {kernel}")
+        self.kinds.add(f"{label} {module.kernel}")   # e.g. "3-bit hearth tensor-core", "8-bit dequantized (why)"
         return module
 
 

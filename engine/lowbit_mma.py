@@ -1,0 +1,365 @@
+"""Hearth's 2, 3 and 8-bit matmul on CUDA: GPTQ weights of those widths stay packed on the GPU.
+
+The same scheme as engine.int4_mma (read it first): each lane loads its share of a 16-row tile's chunk of
+inputs, turns the levels into bf16 pairs (q - z) with a few instructions per pair, and feeds them to
+`mma.sync m16n8k16` as the A operand with x (up to 8 rows) as B; each group's fp32 partial sums are scaled
+by that group's scale. What changes with the width is how many inputs a chunk holds and how a pair of
+levels is made:
+
+- 2-bit: a chunk is 128 inputs, one 16-byte load per lane (word j holds mma steps 2j and 2j + 1). The pair
+  for A register p of step i sits in bits 2p + 8(i % 2) and 16 + 2p + 8(i % 2); OR-ed into the mantissa of
+  128.0 and shifted by one bf16x2 FMA, as at 4 bits.
+- 3-bit: the 2-bit plane of the low two bits, plus an 8-byte plane of third bits (word i / 4, bits
+  4(i % 4) + p and + 16), moved to bit 2 by one shift and OR-ed in: 128 + q is still exact in bf16.
+- 8-bit: a chunk is 64 inputs, two 16-byte loads per lane (plane i / 2, word 2(i % 2) + p / 2, the pair's
+  levels in bytes p % 2 and 2 + p % 2). 128 + q needs 8 mantissa bits, which bf16 lacks, so each level is
+  placed in the mantissa of 2^23 as an fp32 (one byte permute), 2^23 + z is subtracted (exact), and the
+  two results' upper halves are the bf16 pair (q - z is an integer of at most 8 significant bits: exact).
+
+Wider chunks for 2/3 bits keep as many bytes in flight a lane as the 4-bit kernel (16-24 bytes a load
+round), which is what its speed was found to depend on (bench/NOTES-engine.md). Scales (fp16) and zeros
+are [N/16, G, 8, 2] as at 4 bits; the zeros are bf16 -(128 + z) for 2/3 bits and fp16 z for 8 bits.
+Prompts longer than MAX_ROWS dequantize the packed weight into a bf16 scratch for cuBLAS; no bf16 copy is
+kept. Needs compute capability 8.0+.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from engine.int4_mma import DEVICE_HELPERS, MAX_ROWS, TILE, MmaConfig, compiled, refusal as shape_refusal
+
+BITS = (2, 3, 8)
+CHUNK = {2: 128, 3: 128, 8: 64}                # inputs a chunk
+CHUNK_BYTES = {2: 512, 3: 768, 8: 1024}        # bytes of one 16-row tile's chunk
+
+__all__ = ["BITS", "MAX_ROWS", "MmaConfig", "PackedLowBit", "config_for", "dequantize", "matmul", "pack",
+           "refusal"]
+
+SOURCE = DEVICE_HELPERS + r"""
+__device__ __forceinline__ Pair load_streaming_pair(const Pair* p) {
+    Pair v;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.lo), "=r"(v.hi) : "l"(p));
+    return v;
+}
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+__device__ __forceinline__ u32 float_bits(float f) {
+    u32 u;
+    asm("mov.b32 %0, %1;" : "=r"(u) : "f"(f));
+    return u;
+}
+
+template <int BITS> struct Width {
+    static constexpr int inputs = BITS == 8 ? 64 : 128;                 // a chunk
+    static constexpr int steps = inputs / 16;                           // mma k-steps a chunk
+    static constexpr int planes = BITS == 8 ? 2 : 1;                    // 16-byte lane loads a chunk
+    static constexpr int bytes = 512 * planes + (BITS == 3 ? 256 : 0);  // a tile's chunk
+};
+
+// One lane's share of a tile's chunk: `planes` 16-byte loads, and for 3 bits the 8-byte plane of third bits.
+template <int BITS> struct Chunk {
+    Words w[Width<BITS>::planes];
+    Pair hi;
+};
+
+template <int BITS> __device__ __forceinline__ Chunk<BITS> load_chunk(const char* base, int lane) {
+    Chunk<BITS> d;
+#pragma unroll
+    for (int j = 0; j < Width<BITS>::planes; ++j)
+        d.w[j] = load_streaming(reinterpret_cast<const Words*>(base + 512 * j) + lane);
+    if (BITS == 3) d.hi = load_streaming_pair(reinterpret_cast<const Pair*>(base + 512) + lane);
+    return d;
+}
+
+// A row's per-group bias from its stored zero: bf16x2 -(128 + z) for 2/3 bits, fp32 2^23 + z for 8 bits.
+template <int BITS> __device__ __forceinline__ u32 row_bias(u32 stored) {
+    if (BITS == 8) return float_bits(8388608.f + half_to_float((u16)stored));
+    return stored * 0x10001u;
+}
+
+// A register p of mma step i as the bf16 pair (q - z): row r + 8 (p & 1), inputs k + 2 (p >> 1) and + 1
+// (k = chunk start + 16 i + 4 t). The bit positions are the layout described in the module docstring.
+template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, int i, int p, u32 bias) {
+    if (BITS == 8) {
+        const u32 w = d.w[i >> 1].w[2 * (i & 1) + (p >> 1)];
+        const u32 sel = 0x7650u + (p & 1);          // byte p & 1 (and 2 + p & 1) into the mantissa of 2^23
+        const float z = bits_to_float(bias);
+        const float lo = bits_to_float(prmt(w, 0x4B000000u, sel)) - z;
+        const float hi = bits_to_float(prmt(w, 0x4B000000u, sel + 2)) - z;
+        return prmt(float_bits(lo), float_bits(hi), 0x7632u);   // the upper halves: exact bf16
+    }
+    u32 v = (d.w[0].w[i >> 1] >> (2 * p + 8 * (i & 1))) & 0x00030003u;
+    if (BITS == 3) {
+        const int at = 4 * (i & 3) + p;             // third bits at `at` and at + 16 of word i / 4
+        const u32 h = (i >> 2) ? d.hi.hi : d.hi.lo;
+        v |= (at >= 2 ? h >> (at - 2) : h << (2 - at)) & 0x00040004u;
+    }
+    return levels(v, bias);                         // levels masks 4 bits: the pair is already in bits 0-2
+}
+
+// y[M, N] = x[M, K] @ W^T for M <= 8, as int4_mma (one block a 16-row tile, WARPS warps splitting the
+// chunks, U chunks in flight a lane, SEG mma steps a scale, PERM: x read through perm).
+template <int BITS, int WARPS, int U, int SEG, bool ZEROS, bool PERM>
+__global__ void __launch_bounds__(WARPS * 32)
+lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* __restrict__ w,
+           const u32* __restrict__ scales, const u32* __restrict__ zeros, u16* __restrict__ y,
+           int M, int N, int K, int G, int group_shift, u32 uniform_bias) {
+    constexpr int CH = Width<BITS>::inputs, STEPS = Width<BITS>::steps, SEGS = STEPS / SEG;
+    __shared__ float partial[WARPS][8][16];
+    __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][PERM ? CH / 2 : 1];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r = lane >> 2, t = lane & 3;
+    const int tile = blockIdx.x;
+    const int chunks = K / CH;
+    const int xrow = min(r, M - 1);
+    const u16* xr = x + (size_t)xrow * K;
+    const char* wt = w + (size_t)tile * chunks * Width<BITS>::bytes;
+    const u32* st = scales + (size_t)tile * G * 8 + r;
+    const u32* zt = zeros + (size_t)tile * G * 8 + r;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
+        Chunk<BITS> q[U];
+        float s[U][SEGS][2];
+        u32 bias[U][SEGS][2];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * WARPS;
+            if (c < chunks) {
+                q[u] = load_chunk<BITS>(wt + (size_t)c * Width<BITS>::bytes, lane);
+#pragma unroll
+                for (int seg = 0; seg < SEGS; ++seg) {
+                    const int g = (c * CH + seg * SEG * 16) >> group_shift;
+                    half_pair(st[g * 8], s[u][seg][0], s[u][seg][1]);
+                    if (ZEROS) {
+                        const u32 b = zt[g * 8];
+                        bias[u][seg][0] = row_bias<BITS>(b & 0xFFFFu);
+                        bias[u][seg][1] = row_bias<BITS>(b >> 16);
+                    } else {
+                        bias[u][seg][0] = bias[u][seg][1] = uniform_bias;
+                    }
+                }
+                if (PERM) {
+#pragma unroll
+                    for (int j = 0; j < CH / 64; ++j) {
+                        const int pair = lane + 32 * j;
+                        const int k0 = perm[c * CH + 2 * pair], k1 = perm[c * CH + 2 * pair + 1];
+                        for (int m = 0; m < M; ++m)
+                            gathered[PERM ? warp : 0][u][m][PERM ? pair : 0] =
+                                (u32)x[(size_t)m * K + k0] | ((u32)x[(size_t)m * K + k1] << 16);
+                    }
+                }
+            }
+        }
+        if (PERM) __syncwarp();
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * WARPS;
+            if (c < chunks) {
+#pragma unroll
+                for (int seg = 0; seg < SEGS; ++seg) {
+                    float part[4] = {0.f, 0.f, 0.f, 0.f};
+                    const u32 b_r = bias[u][seg][0], b_r8 = bias[u][seg][1];
+#pragma unroll
+                    for (int i = seg * SEG; i < (seg + 1) * SEG; ++i) {
+                        const Pair b = PERM
+                            ? *reinterpret_cast<const Pair*>(&gathered[PERM ? warp : 0][u][xrow][PERM ? 8 * i + 2 * t : 0])
+                            : *reinterpret_cast<const Pair*>(xr + c * CH + 16 * i + 4 * t);
+                        mma(part, a_pair<BITS>(q[u], i, 0, b_r), a_pair<BITS>(q[u], i, 1, b_r8),
+                            a_pair<BITS>(q[u], i, 2, b_r), a_pair<BITS>(q[u], i, 3, b_r8), b.lo, b.hi);
+                    }
+                    acc[0] += s[u][seg][0] * part[0];
+                    acc[1] += s[u][seg][0] * part[1];
+                    acc[2] += s[u][seg][1] * part[2];
+                    acc[3] += s[u][seg][1] * part[3];
+                }
+            }
+        }
+        if (PERM) __syncwarp();
+    }
+    partial[warp][2 * t][r] = acc[0];
+    partial[warp][2 * t + 1][r] = acc[1];
+    partial[warp][2 * t][r + 8] = acc[2];
+    partial[warp][2 * t + 1][r + 8] = acc[3];
+    __syncthreads();
+    if (threadIdx.x < 8 * 16) {
+        const int m = threadIdx.x >> 4, row = threadIdx.x & 15;
+        float sum = 0.f;
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) sum += partial[v][m][row];
+        const int n = tile * 16 + row;
+        if (m < M && n < N) y[(size_t)m * N + n] = float_to_bf16(sum);
+    }
+}
+
+// W [N, K] bf16 from the packed layout, one warp a (tile, chunk), written row by row through shared memory
+// in 16-byte stores (as int4_dequant).
+template <int BITS, bool ZEROS>
+__global__ void __launch_bounds__(256)
+lowbit_dequant(const char* __restrict__ w, const u16* __restrict__ scales, const u16* __restrict__ zeros,
+               Words* __restrict__ out, int N, int K, int G, int group_shift, u32 uniform_bias) {
+    constexpr int CH = Width<BITS>::inputs;
+    __shared__ u32 block[8][16][CH / 2 + 1];            // [warp][row][k pair], padded against bank conflicts
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int chunks = K / CH;
+    const long long unit = (long long)blockIdx.x * 8 + warp;     // tile * chunks + chunk
+    if (unit >= (long long)(N / 16) * chunks) return;
+    const int c = (int)(unit % chunks), tile = (int)(unit / chunks);
+    const int r = lane >> 2, t = lane & 3;
+    const Chunk<BITS> d = load_chunk<BITS>(w + unit * Width<BITS>::bytes, lane);
+#pragma unroll
+    for (int i = 0; i < Width<BITS>::steps; ++i) {
+        const int k = 16 * i + 4 * t;                   // within the chunk
+        const int g = (c * CH + k) >> group_shift;
+#pragma unroll
+        for (int p = 0; p < 4; ++p) {
+            const int h = p & 1;
+            const size_t at = (((size_t)tile * G + g) * 8 + r) * 2 + h;
+            const u32 bias = ZEROS ? row_bias<BITS>(zeros[at]) : uniform_bias;
+            const u32 lv = a_pair<BITS>(d, i, p, bias);
+            const float sc = half_to_float(scales[at]);
+            const float lo = bits_to_float(lv << 16) * sc, hi = bits_to_float(lv & 0xFFFF0000u) * sc;
+            block[warp][r + 8 * h][(k >> 1) + (p >> 1)] = (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16);
+        }
+    }
+    __syncwarp();
+    // 16 rows x CH / 8 stores of 16 bytes: CH / 16 a lane
+#pragma unroll
+    for (int j = 0; j < CH / 16; ++j) {
+        const int idx = lane + 32 * j, row = idx / (CH / 8), q16 = idx % (CH / 8);
+        Words v;
+        v.w[0] = block[warp][row][4 * q16];
+        v.w[1] = block[warp][row][4 * q16 + 1];
+        v.w[2] = block[warp][row][4 * q16 + 2];
+        v.w[3] = block[warp][row][4 * q16 + 3];
+        out[(((size_t)tile * 16 + row) * K + (size_t)c * CH) / 8 + q16] = v;
+    }
+}
+"""
+
+
+def config_for(n: int, bits: int) -> MmaConfig:
+    """Launch shape for N outputs. 8 bits has int4's chunk count (64 inputs a chunk) and takes its rule (32
+    warps a tile below N = 8192, 16 above); 2/3 bits have half as many chunks (128 inputs), so half the warps.
+    A PERM launch of 128-input chunks keeps warps x unroll <= 16 (its gathered x must fit 48 KB of shared
+    memory)."""
+    warps = 32 if n < 8192 else 16
+    return MmaConfig(warps=warps if bits == 8 else warps // 2, unroll=1)
+
+
+def refusal(k: int, n: int, group_size: int, bits: int) -> str | None:
+    """Why the kernel cannot take this weight (None: it can)."""
+    if bits not in BITS:
+        return f"{bits}-bit weights have no kernel here"
+    return shape_refusal(k, n, group_size, CHUNK[bits])
+
+
+@dataclass
+class PackedLowBit:
+    """A 2, 3 or 8-bit weight [N, K] in this module's layout, ready for `matmul` and `dequantize`."""
+    words: torch.Tensor              # int32 [N/16, K/chunk, CHUNK_BYTES/4]
+    scales: torch.Tensor             # fp16 [N/16, G, 8, 2]
+    zeros: torch.Tensor | None       # int16 bits [N/16, G, 8, 2] (see the module docstring), None: uniform_zero
+    uniform_zero: int
+    bits: int
+    n: int
+    k: int
+    group_size: int
+
+    @property
+    def group_shift(self) -> int:
+        return 31 if self.group_size == self.k else self.group_size.bit_length() - 1
+
+    @property
+    def uniform_bias(self) -> int:
+        """The kernel's bias for every row when there are no per-group zeros."""
+        if self.bits == 8:
+            u = struct.unpack("<I", struct.pack("<f", 2.0**23 + self.uniform_zero))[0]
+        else:
+            b = int(torch.tensor(-(128.0 + self.uniform_zero), dtype=torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+            u = b | (b << 16)
+        return u - (1 << 32) if u >= 1 << 31 else u
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zeros) if t is not None)
+
+
+def _words(levels: torch.Tensor, shifts: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Sum of levels << shifts over `dims` (the bit fields never overlap, so the sum is their OR)."""
+    return (levels << shifts).sum(dims)
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, bits: int
+         ) -> PackedLowBit:
+    """q: levels uint8 [K, N] with groups contiguous along K (act-order: sorted, x gathered by the caller),
+    scales [G, N], zeros [G, N] integer zero points (None: 2^(bits-1), symmetric GPTQ)."""
+    K, N = q.shape
+    G, CH = K // group_size, CHUNK[bits]
+    T, C, S = N // TILE, K // CH, CH // 16
+    dev = q.device
+    # [N, K] -> [T, C, r, t, i, pk, pb, h]: row = 16 T + 8 pb + r, k = CH C + 16 i + 4 t + 2 pk + h, and
+    # A register p = pb + 2 pk of mma step i holds the pair h = 0, 1.
+    v = q.t().reshape(T, 2, 8, C, S, 4, 2, 2).permute(0, 3, 2, 5, 4, 6, 1, 7).to(torch.int64)
+    ar = lambda n, *shape: torch.arange(n, device=dev).view(*shape)
+    if bits == 8:
+        v = v.reshape(T, C, 8, 4, 2, 2, 2, 2, 2)                 # i -> (plane, i % 2)
+        shifts = 8 * (ar(2, 2, 1) + 2 * ar(2, 1, 2))              # [pb, h]: byte pb + 2 h
+        words = _words(v, shifts, (-2, -1))                       # [T, C, r, t, plane, i % 2, pk]
+        words = words.permute(0, 1, 4, 2, 3, 5, 6).reshape(T, C, -1)
+    else:
+        low = v & 3 if bits == 3 else v
+        low = low.reshape(T, C, 8, 4, S // 2, 2, 2, 2, 2)         # i -> (word, i % 2)
+        # [i % 2, pk, pb, h]: bit 2 p + 8 (i % 2) + 16 h
+        shifts = 2 * (ar(2, 1, 1, 2, 1) + 2 * ar(2, 1, 2, 1, 1)) + 8 * ar(2, 2, 1, 1, 1) + 16 * ar(2, 1, 1, 1, 2)
+        words = _words(low, shifts, (-4, -3, -2, -1)).reshape(T, C, -1)      # [T, C, 32 lanes x 4 words]
+        if bits == 3:
+            high = (v >> 2).reshape(T, C, 8, 4, 2, 4, 2, 2, 2)   # i -> (word, i % 4)
+            # [i % 4, pk, pb, h]: bit 4 (i % 4) + p + 16 h
+            shifts = 4 * ar(4, 4, 1, 1, 1) + ar(2, 1, 1, 2, 1) + 2 * ar(2, 1, 2, 1, 1) + 16 * ar(2, 1, 1, 1, 2)
+            words = torch.cat([words, _words(high, shifts, (-4, -3, -2, -1)).reshape(T, C, -1)], -1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    tiled = lambda a: a.t().reshape(T, 2, 8, G).permute(0, 3, 2, 1).contiguous()   # [G, N] -> [T, G, r, h]
+    z0 = 1 << (bits - 1)
+    uniform = zeros is None or bool((zeros == zeros.flatten()[0]).all())
+    stored = None
+    if not uniform:
+        z = zeros.float()
+        stored = tiled((z.half() if bits == 8 else (-(128.0 + z)).to(torch.bfloat16)).view(torch.int16))
+    return PackedLowBit(words=words, scales=tiled(scales.to(torch.float16)), zeros=stored,
+                        uniform_zero=z0 if zeros is None else int(zeros.flatten()[0]), bits=bits, n=N, k=K,
+                        group_size=group_size)
+
+
+def matmul(x: torch.Tensor, w: PackedLowBit, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
+    M = x.shape[0]
+    seg = min(CHUNK[w.bits] // 16, w.group_size // 16)
+    zeros = w.zeros is not None
+    flag = lambda b: str(b).lower()
+    name = (f"lowbit_mma<{w.bits},{config.warps},{config.unroll},{seg},{flag(zeros)},"
+            f"{flag(perm is not None)}>")
+    y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
+    compiled(SOURCE, name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
+                           args=[x, perm if perm is not None else w.words, w.words, w.scales,
+                                 w.zeros if zeros else w.scales, y, M, w.n, w.k, w.k // w.group_size,
+                                 w.group_shift, w.uniform_bias])
+    return y
+
+
+def dequantize(w: PackedLowBit) -> torch.Tensor:
+    """W bf16 [N, K] (in the packed weight's input order: act-order's sorted K)."""
+    zeros = w.zeros is not None
+    out = torch.empty(w.n, w.k, dtype=torch.bfloat16, device=w.words.device)
+    units = w.n // TILE * (w.k // CHUNK[w.bits])                                          # a warp each
+    compiled(SOURCE, f"lowbit_dequant<{w.bits},{str(zeros).lower()}>")(
+        grid=(-(-units // 8), 1, 1), block=(256, 1, 1),
+        args=[w.words, w.scales, w.zeros if zeros else w.scales, out, w.n, w.k, w.k // w.group_size,
+              w.group_shift, w.uniform_bias])
+    return out

@@ -1,0 +1,223 @@
+"""GPTQ 2, 3 and 8-bit weights kept packed: engine.lowbit_mma's layout (on CPU, by reading the packed words
+back exactly as the CUDA kernel does), its kernels against an fp64 reference at every launch shape (GPU,
+skipped without CUDA), the layers make_quant_linear picks, and the CPU int8 path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import lowbit_mma
+from engine.quant_linear import DequantLinear, Int8Linear, LowBitLinear, QuantWeight, make_quant_linear
+from engine.weights import load_transformer
+from tests.quant_fixtures import quantize_model_dir, tiny_llama_dir
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CPU = torch.device("cpu")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def random_quant(K: int, N: int, group_size: int, bits: int, act_order: bool = False, uniform_zero: bool = False,
+                 device: str = "cpu") -> QuantWeight:
+    G = K // group_size
+    g_idx = torch.arange(K) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(K)]
+    zeros = (torch.full((G, N), 1 << (bits - 1), dtype=torch.uint8) if uniform_zero
+             else torch.randint(0, 2**bits, (G, N), dtype=torch.uint8))
+    return QuantWeight(q=torch.randint(0, 2**bits, (K, N), dtype=torch.uint8).to(device),
+                       scales=(torch.rand(G, N) * 0.02 + 0.001).half().to(device), g_idx=g_idx.to(device),
+                       bits=bits, group_size=group_size, zeros=zeros.to(device))
+
+
+def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [K, N], z [K, N]) read out of the packed tensors the way lowbit_mma's CUDA code reads them
+    (a_pair's bit positions, row_bias's zeros): a CPU emulation of the kernel's dequantization."""
+    bits, K, N = packed.bits, packed.k, packed.n
+    CH = lowbit_mma.CHUNK[bits]
+    T, C, S = N // 16, K // CH, CH // 16
+    words = packed.words.to(torch.int64) & 0xFFFFFFFF                                   # [T, C, bytes/4]
+    lane = torch.arange(32)
+    q = torch.empty(N, K, dtype=torch.int64)
+    rows, cols = torch.arange(T)[:, None, None] * 16, torch.arange(C)[None, :, None] * CH
+    for i in range(S):
+        for p in range(4):
+            if bits == 8:
+                w = words[:, :, (i >> 1) * 128 + 4 * lane + 2 * (i & 1) + (p >> 1)]
+                pair = [(w >> 8 * ((p & 1) + 2 * h)) & 255 for h in (0, 1)]
+            else:
+                w = words[:, :, 4 * lane + (i >> 1)]
+                shift = 2 * p + 8 * (i & 1)
+                pair = [(w >> (shift + 16 * h)) & 3 for h in (0, 1)]
+                if bits == 3:
+                    hw, at = words[:, :, 128 + 2 * lane + (i >> 2)], 4 * (i & 3) + p
+                    pair = [v | (((hw >> (at + 16 * h)) & 1) << 2) for h, v in enumerate(pair)]
+            row = rows + (lane >> 2) + 8 * (p & 1)                                        # [T, 1, 32]
+            for h in (0, 1):
+                k = cols + 16 * i + 4 * (lane & 3) + 2 * (p >> 1) + h                      # [1, C, 32]
+                q[row.expand(T, C, 32), k.expand(T, C, 32)] = pair[h]
+    G = packed.scales.shape[1]
+    if packed.zeros is None:
+        z = torch.full((G, N), float(packed.uniform_zero))
+    else:
+        stored = packed.zeros.view(torch.float16 if bits == 8 else torch.bfloat16).float()   # [T, G, r, h]
+        stored = stored.permute(1, 0, 3, 2).reshape(G, N)
+        z = stored if bits == 8 else -stored - 128
+    g = torch.arange(K) // packed.group_size if packed.group_size != K else torch.zeros(K, dtype=torch.long)
+    return q.t(), z[g]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("uniform_zero", [True, False])
+def test_packed_layout_reads_back_every_level_and_zero(bits, uniform_zero):
+    qw = random_quant(256, 48, 32, bits, uniform_zero=uniform_zero)
+    packed = lowbit_mma.pack(qw.q, qw.scales, None if uniform_zero else qw.zeros, 32, bits)
+    assert (packed.zeros is None) == uniform_zero
+    q, z = kernel_view(packed)
+    assert torch.equal(q, qw.q.long())
+    assert torch.equal(z, qw.zeros[qw.g_idx].float())
+    # At rest: the packed bits plus fp16 scales, nothing wider.
+    assert packed.words.numel() * 4 == 256 * 48 * bits // 8
+    scales = packed.scales.float().permute(1, 0, 3, 2).reshape(8, 48)
+    assert torch.equal(scales, qw.scales.float())
+    torch.testing.assert_close(((q.double() - z.double()) * scales[qw.g_idx].double()).t(),
+                               qw.dequantize(torch.float64), rtol=0, atol=0)
+
+
+def test_uniform_bias_is_what_the_kernel_subtracts():
+    import struct
+
+    assert lowbit_mma.pack(torch.zeros(128, 16, dtype=torch.uint8), torch.ones(1, 16), None, 128, 8).uniform_bias \
+        == struct.unpack("<i", struct.pack("<f", 2.0**23 + 128))[0]
+    b3 = lowbit_mma.pack(torch.zeros(128, 16, dtype=torch.uint8), torch.ones(1, 16), None, 128, 3).uniform_bias
+    assert torch.tensor([b3 & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.bfloat16).item() == -(128 + 4)
+
+
+def test_refusals_name_the_shape():
+    assert lowbit_mma.refusal(4096, 4096, 128, 3) is None and lowbit_mma.refusal(11008, 4096, 11008, 2) is None
+    assert lowbit_mma.refusal(4096, 4096, 32, 8) is None and lowbit_mma.refusal(4096, 12288, 4096, 8) is None
+    assert "128-input chunks" in lowbit_mma.refusal(192, 64, 32, 3)
+    assert "16-row tiles" in lowbit_mma.refusal(256, 40, 32, 2)
+    assert "group size 192" in lowbit_mma.refusal(1152, 64, 192, 8)
+    assert "no kernel" in lowbit_mma.refusal(256, 64, 32, 5)
+
+
+@pytest.mark.parametrize("zeros", ["sym", "asym", "offsets"])
+def test_cpu_8bit_one_group_stays_int8(zeros):
+    qw = random_quant(256, 96, 256, 8, uniform_zero=zeros == "sym")
+    if zeros == "offsets":      # W = s * q + m, as GGUF-style weights give it
+        qw = QuantWeight(q=qw.q, scales=qw.scales.float(), g_idx=qw.g_idx, bits=8, group_size=256,
+                         offsets=torch.randn(1, 96) * 0.1)
+    bias = torch.randn(96)
+    layer = make_quant_linear(qw, bias, CPU, torch.float32)
+    assert isinstance(layer, Int8Linear) and layer.kernel == "int8 weight-only"
+    assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8.numel() == 256 * 96
+    assert (layer.offset is None) == (zeros == "sym")
+    x = torch.randn(2, 3, 256)
+    ref = x.double() @ qw.dequantize(torch.float64).t() + bias.double()
+    assert layer(x).shape == (2, 3, 96) and rel_err(layer(x), ref) < 1e-2    # bf16 activations and scales
+
+
+def test_cpu_layers_that_no_kernel_takes_say_why():
+    grouped8 = make_quant_linear(random_quant(256, 64, 128, 8), None, CPU, torch.float32)
+    assert isinstance(grouped8, DequantLinear) and "one scale per output row" in grouped8.kernel
+    three = make_quant_linear(random_quant(256, 64, 32, 3), None, CPU, torch.float32)
+    assert three.kernel == "dequantized (no CPU kernel for 3-bit weights)"
+
+
+def test_cpu_engine_runs_a_gptq_8bit_folder_on_the_int8_kernel(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_llama_dir(tmp_path / "fp", hidden=64, intermediate=128, vocab_size=96)
+    packed = quantize_model_dir(src, tmp_path / "q", bits=8, group_size=-1, sym=False, keep_reference=True)
+    hf = AutoModelForCausalLM.from_pretrained(src).eval()
+    hf.load_state_dict(packed.reference, strict=False)
+    ids = torch.randint(0, 96, (12,))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    model, kinds = load_transformer(tmp_path / "q", [CPU], torch.float32)
+    assert kinds == {"8-bit int8 weight-only"}
+    model.setup_caches(32, torch.float32)
+    with torch.no_grad():
+        out = model(ids[None], torch.arange(12), kv_len=12)[0]
+    assert rel_err(out, ref) < 2e-2
+
+
+# --- CUDA ---------------------------------------------------------------------------------------------
+
+LAUNCH_SHAPES = [(8, 1), (16, 1), (16, 2), (32, 1)]
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("warps,unroll", LAUNCH_SHAPES)
+@pytest.mark.parametrize("uniform_zero", [True, False])     # symmetric GPTQ (one z) / asym (a z per group)
+def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, uniform_zero):
+    K, N = 1024, 1008
+    config = lowbit_mma.MmaConfig(warps, unroll)
+    # Gathering x in the kernel needs warps x unroll x 128-input chunks of shared memory: 2/3 bits cap it at 16.
+    gather = bits == 8 or warps * unroll <= 16
+    for group_size in (32, 64, 128, K):                     # K: GPTQ group_size -1
+        qw = random_quant(K, N, group_size, bits, act_order=True, uniform_zero=uniform_zero)
+        qw, order = qw.sorted_by_group()
+        packed = lowbit_mma.pack(qw.q.cuda(), qw.scales.cuda(), qw.zeros.cuda(), group_size, bits)
+        w = qw.dequantize(torch.float64).cuda()                                           # [N, K], sorted K
+        torch.testing.assert_close(lowbit_mma.dequantize(packed).double(), w, rtol=1e-2, atol=1e-6)
+        order = order.cuda()
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+            ref = x[:, order].double() @ w.t()
+            outs = [lowbit_mma.matmul(x[:, order].contiguous(), packed, config)]
+            if gather:
+                outs.append(lowbit_mma.matmul(x, packed, config, order.to(torch.int32)))
+            for y in outs:
+                assert y.shape == (rows, N) and torch.isfinite(y).all()
+                assert rel_err(y, ref) < 5e-3, (group_size, rows)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("rows", [1, 5, 300])               # 300: dequantize into a scratch + cuBLAS
+def test_lowbit_linear_on_cuda_stays_packed(bits, act_order, rows):
+    K, N = 1152, 528
+    qw = random_quant(K, N, 128 if bits != 8 else 64, bits, act_order=act_order)
+    layer = make_quant_linear(qw, torch.randn(N), torch.device("cuda"), torch.bfloat16)
+    assert isinstance(layer, LowBitLinear) and layer.kernel == "hearth tensor-core"
+    assert (layer.perm is not None) == act_order
+    # At rest: packed levels + fp16 scales + the zeros, no bf16 copy of W.
+    assert layer.packed.words.numel() * 4 == K * N * bits // 8
+    assert sum(b.numel() for b in layer.buffers()) < K * N // 64
+    x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ qw.dequantize(torch.float64).cuda().t() + layer.bias.double()
+    assert rel_err(layer(x), ref) < 5e-3
+
+
+@needs_cuda
+def test_cuda_shapes_the_lowbit_kernel_cannot_take_fall_back_with_the_reason():
+    layer = make_quant_linear(random_quant(192, 64, 32, 3), None, torch.device("cuda"), torch.bfloat16)
+    assert isinstance(layer, DequantLinear) and "128-input chunks" in layer.kernel
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits,group_size,sym,fmt", [(2, 32, False, "gptq"), (3, 128, True, "gptq"),
+                                                     (3, -1, False, "gptq_v2"), (8, 32, True, "gptq")])
+def test_gptq_lowbit_folders_run_packed_on_the_cuda_engine(tmp_path, bits, group_size, sym, fmt):
+    # The load path a user gets: the folder's 2/3/8-bit layers become LowBitLinear, act-order folded as at
+    # 4 bits, and the logits agree with the exact dequantized model on CPU.
+    src = tiny_llama_dir(tmp_path / "fp", hidden=256, intermediate=512, vocab_size=128)
+    quantize_model_dir(src, tmp_path / "q", bits=bits, group_size=group_size, sym=sym, checkpoint_format=fmt,
+                       desc_act=True, order_by_input=True)
+    model, kinds = load_transformer(tmp_path / "q", [torch.device("cuda")], torch.bfloat16)
+    assert kinds == {f"{bits}-bit hearth tensor-core"}
+    ref_model, _ = load_transformer(tmp_path / "q", [CPU], torch.float32)
+    ids = torch.randint(0, 128, (20,))
+    model.setup_caches(32, torch.bfloat16)
+    ref_model.setup_caches(32, torch.float32)
+    with torch.no_grad():
+        for rows in (20, 1):    # a prompt (dequantize + cuBLAS: more than 8 rows), then a decode-sized input
+            got = model(ids[None, :rows].cuda(), torch.arange(rows, device="cuda"), kv_len=rows)[0]
+            ref = ref_model(ids[None, :rows], torch.arange(rows), kv_len=rows)[0]
+            assert rel_err(got.float().cpu(), ref) < 3e-2
