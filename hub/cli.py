@@ -101,6 +101,8 @@ def run_download(args: argparse.Namespace, models_dir: Path | None = None) -> in
     if error is not None:
         raise error   # a bug, not a user error: keep the traceback
     result: DownloadResult = outcome["result"]  # type: ignore[assignment]
+    if result.note:
+        print(f"note: {result.note}")
     state = "already complete" if result.already_present else "downloaded and verified"
     size = human_size(sum(f.size for f in result.files))
     print(f"{result.ref} {state}: {len(result.files)} files, {size}, commit {result.commit[:12]} -> {result.path}")

@@ -8,11 +8,16 @@ and the byte transfer is done here with httpx:
 
     models/.partial-<dest>/<path>.incomplete   bytes so far; a rerun asks for `Range: bytes=<size on disk>-`
     models/.partial-<dest>/<path>              complete and verified (sha256 = LFS oid, or git blob sha1)
-    models/.partial-<dest>/.hearth-partial.json  which commit/hashes those bytes belong to
+    models/.partial-<dest>/.hearth-partial.json  which repo/branch/commit/hashes those bytes belong to
     models/.partial-<dest>.lock                 held (flock) while a process downloads into that folder
     models/<dest>/                              appears only by one rename once every file is verified,
                                                 with hearth-download.json (repo, branch, commit, sha256s)
-Folders starting with '.' are never listed as models.
+Folders starting with '.' are never listed as models. <dest> is chosen by hub/folders.py: never a folder that
+belongs to another repo or branch.
+
+What a failed download leaves: names that cannot be stored are refused before anything is written; a file
+the server sends with the wrong size or hash loses its bytes; a partial folder left with no bytes at all is
+removed; everything else stays in models/.partial-<dest>/ for the next run to resume from.
 """
 from __future__ import annotations
 
@@ -35,13 +40,14 @@ from typing import Callable, Iterator
 from urllib.parse import quote
 
 from hub.errors import (TOKEN_HINT, DiskSpaceError, DownloadCancelled, EntryNotFound, GatedRepo, HubError,
-                        NetworkError, RepoNotFound, RevisionNotFound, UnsafePath, VerifyError)
+                        NetworkError, RepoNotFound, RevisionNotFound, SizeMismatch, UnsafePath, UnstorableName,
+                        VerifyError)
+from hub.folders import NAME_MAX, PARTIAL_PREFIX, PARTIAL_STATE_FILE, PROVENANCE_FILE, choose_folder
 from hub.listing import RemoteFile, RepoListing, Selection, endpoint, human_size, list_files, select_files
 from hub.repo_id import RepoRef
 
-PROVENANCE_FILE = "hearth-download.json"
-PARTIAL_STATE_FILE = ".hearth-partial.json"
 INCOMPLETE_SUFFIX = ".incomplete"
+PATH_MAX = 4095      # bytes in a whole path on Linux, the terminating NUL not counted
 HASH_BLOCK = 8 << 20
 PROGRESS_INTERVAL_S = 0.1
 ALREADY_PRESENT = "already downloaded and verified"
@@ -182,6 +188,7 @@ class DownloadResult:
     commit: str
     files: list[RemoteFile]
     already_present: bool = False
+    note: str = ""            # why the folder is not the usual <owner>_<name>[_<branch>], for the user
 
 
 @dataclass
@@ -190,15 +197,17 @@ class DownloadPlan:
     listing: RepoListing
     selection: Selection
     models_dir: Path
+    folder: str                # under models_dir, from hub.folders.choose_folder
+    note: str = ""
     partial_files: dict[str, int] = field(default_factory=dict)   # bytes already on disk per path
 
     @property
     def dest(self) -> Path:
-        return self.models_dir / self.ref.folder_name
+        return self.models_dir / self.folder
 
     @property
     def partial_dir(self) -> Path:
-        return self.models_dir / f".partial-{self.ref.folder_name}"
+        return self.models_dir / f"{PARTIAL_PREFIX}{self.folder}"
 
     @property
     def bytes_needed(self) -> int:
@@ -207,10 +216,13 @@ class DownloadPlan:
 
 def plan_download(ref: RepoRef, models_dir: Path, *, specific_file: str | None = None,
                   token: str | None = None) -> DownloadPlan:
-    """List the branch and choose its files (network), and see what is on disk already (no writes)."""
+    """List the branch and choose its files (network), pick the folder, refuse names that cannot be stored,
+    and see what is on disk already (no writes)."""
     listing = list_files(ref, token=token)
     selection = select_files(listing, specific_file=specific_file)
-    plan = DownloadPlan(ref, listing, selection, Path(models_dir))
+    destination = choose_folder(ref, Path(models_dir))
+    plan = DownloadPlan(ref, listing, selection, Path(models_dir), destination.name, destination.note)
+    _check_storable(plan)
     for f in selection.files:
         target = _target(plan.partial_dir, f.path)
         for candidate in (target, target.with_name(target.name + INCOMPLETE_SUFFIX)):
@@ -232,6 +244,39 @@ def _target(root: Path, repo_path: str) -> Path:
     return target
 
 
+def _shorten(name: str) -> str:
+    return f"{name[:40]}…{name[-12:]}" if len(name) > 60 else name
+
+
+def _check_storable(plan: DownloadPlan) -> None:
+    """Refuse, before a byte is written, names this disk cannot hold side by side: a name too long (with
+    the '.incomplete' a partial file adds), a path too long, or a name that is a file and a folder at once
+    (a real git tree cannot list both; a hostile or broken server can)."""
+    paths = [f.path for f in plan.selection.files]
+    most = NAME_MAX - len(INCOMPLETE_SUFFIX)
+    for path in paths:
+        for part in path.split("/"):
+            if len(part.encode()) > most:
+                raise UnstorableName(f"{plan.ref} lists a file name too long to store, {_shorten(part)!r} "
+                                     f"({len(part.encode())} bytes; at most {most} fit); nothing was downloaded.")
+        if len(str(plan.partial_dir / path).encode()) + len(INCOMPLETE_SUFFIX) > PATH_MAX:
+            raise UnstorableName(f"{plan.ref} lists a file whose path is too long to store under "
+                                 f"{plan.models_dir}, {_shorten(path)!r}; nothing was downloaded.")
+    files = set(paths)
+    partials = {p + INCOMPLETE_SUFFIX: p for p in paths}
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in files:
+                raise UnstorableName(f"{plan.ref} lists {folder!r} both as a file and as a folder (holding "
+                                     f"{_shorten(path)!r}); a disk cannot store both, so nothing was downloaded.")
+            if folder in partials:
+                raise UnstorableName(f"{plan.ref} lists a folder {folder!r} (holding {_shorten(path)!r}), the name "
+                                     f"Hearth gives the partial download of the file {partials[folder]!r}; "
+                                     f"nothing was downloaded.")
+
+
 def _refuse_foreign_folder(plan: DownloadPlan) -> None:
     """A full download replaces models/<dest>; never do that to a folder Hearth did not download."""
     if plan.ref.file is None and plan.dest.exists() and not (plan.dest / PROVENANCE_FILE).is_file():
@@ -240,11 +285,24 @@ def _refuse_foreign_folder(plan: DownloadPlan) -> None:
 
 
 @contextmanager
+def _drop_partial_dir_if_empty_on_failure(plan: DownloadPlan) -> Iterator[None]:
+    """A failed or cancelled download keeps its partial folder only if it holds bytes to resume from."""
+    try:
+        yield
+    except BaseException:
+        if plan.partial_dir.is_dir() and not any(
+                p.is_file() and p.name != PARTIAL_STATE_FILE and p.stat().st_size
+                for p in plan.partial_dir.rglob("*")):
+            shutil.rmtree(plan.partial_dir, ignore_errors=True)
+        raise
+
+
+@contextmanager
 def _exclusive(plan: DownloadPlan) -> Iterator[None]:
     """One download per destination at a time, across processes (two UI sessions, or the UI and the CLI),
     so two writers never append to the same partial file."""
     plan.models_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = plan.models_dir / f".partial-{plan.ref.folder_name}.lock"
+    lock_path = plan.models_dir / f"{PARTIAL_PREFIX}{plan.folder}.lock"
     with open(lock_path, "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -294,7 +352,8 @@ def _already_complete(plan: DownloadPlan) -> bool:
         recorded = {e["path"]: e for e in record["files"]}
     except (ValueError, KeyError, TypeError):
         return False
-    if record.get("commit") != plan.listing.commit:
+    if (record.get("repo"), record.get("branch"), record.get("commit")) != (
+            plan.ref.repo_id, plan.ref.branch, plan.listing.commit):
         return False
     for f in plan.selection.files:
         entry = recorded.get(f.path)
@@ -499,30 +558,56 @@ class _Fetcher:
         try:
             with self.client.stream("GET", self.url(f), headers=headers) as r:
                 self._check_status(f, r)
+                self._check_announced_size(f, r, partial)
                 if r.status_code == 416:
                     partial.unlink(missing_ok=True)   # our bytes do not fit the file any more: start over
                     raise _Transient("range not satisfiable")
                 mode = "ab"
                 if offset and r.status_code == 200:   # server ignored the Range header: take the full body
-                    mode = "wb"
+                    mode, offset = "wb", 0
                     self.tracker.set(f.path, done=0)
                     digest.reset()
                 elif offset and not r.headers.get("Content-Range", "").startswith(f"bytes {offset}-"):
                     raise _Transient(f"server answered an unexpected range {r.headers.get('Content-Range')!r}")
                 else:
                     digest.catch_up(partial, offset, self.cancel)   # resumed: hash what an earlier run kept
+                # The listing's size is the most this file may take on disk (the free-space check added up
+                # those sizes): a server sending more is cut off at the first byte too many.
+                room, overflow = f.size - offset, False
                 with open(partial, mode) as out:
                     for chunk in r.iter_raw():
                         if self.cancel.is_set():
                             raise DownloadCancelled("Download cancelled; run it again to resume where it stopped.")
+                        if len(chunk) > room:
+                            overflow = True
+                            break
                         out.write(chunk)
                         digest.update(chunk)
                         self.tracker.add(f.path, len(chunk))
+                        room -= len(chunk)
+                if overflow:
+                    partial.unlink()
+                    raise _size_mismatch(f, "kept sending past that size")
                 received = partial.stat().st_size
                 if received < f.size:
                     raise _Transient(f"connection closed at byte {received} of {f.size}")
+        except httpx.TooManyRedirects:
+            raise NetworkError(f"The server redirected {f.path} in a loop (more than {self.client.max_redirects} "
+                               f"redirects); nothing of that file was kept. Try again later or check "
+                               f"HF_ENDPOINT.") from None
         except httpx.TransportError as e:   # drops, timeouts, resets: resume from what reached the disk
             raise _Transient(type(e).__name__) from None
+
+    def _check_announced_size(self, f: RemoteFile, r, partial: Path) -> None:
+        """Believe a server that announces another size than the listing at once, before any byte: those
+        bytes could only fail verification, and a retry would fetch them again."""
+        if r.status_code in (206, 416):     # Content-Range: bytes <start>-<end>/<size> or bytes */<size>
+            size = r.headers.get("Content-Range", "").rpartition("/")[2]
+        else:
+            size = r.headers.get("Content-Length", "")
+        if size.isdigit() and int(size) != f.size:
+            partial.unlink(missing_ok=True)
+            raise _size_mismatch(f, f"announced {human_size(int(size))}")
 
     def _check_status(self, f: RemoteFile, r) -> None:
         status = r.status_code
@@ -542,6 +627,12 @@ class _Fetcher:
         if status == 429 or status >= 500:
             raise _Transient(f"HTTP {status}")
         raise NetworkError(f"The server answered HTTP {status} for {f.path}; try again later.")
+
+
+def _size_mismatch(f: RemoteFile, what: str) -> SizeMismatch:
+    return SizeMismatch(f"The server {what} for {f.path}, which the repo lists at {human_size(f.size)}; the "
+                        f"file's bytes were dropped. The listing and the file disagree (a broken mirror, or the "
+                        f"repo changed): try again later.")
 
 
 # ----------------------------------------------------------------------------------------------- finish
@@ -598,7 +689,7 @@ def _publish(plan: DownloadPlan, sha256s: dict[str, str]) -> None:
     _prune_partial_dir(plan)
     _write_provenance(plan, sha256s, plan.partial_dir, merge_with=None)
     if dest.exists():   # an older version: swap it out so no stale files linger in the new folder
-        old = plan.models_dir / f".old-{plan.ref.folder_name}-{os.getpid()}"
+        old = plan.models_dir / f".old-{plan.folder}-{os.getpid()}"
         os.replace(dest, old)
         os.replace(plan.partial_dir, dest)
         shutil.rmtree(old, ignore_errors=True)
@@ -626,7 +717,7 @@ def download_model(ref: RepoRef, models_dir: Path, *, specific_file: str | None 
             tracker.set(f.path, done=f.size, state="done")
         tracker.callback = progress
         tracker.emit(force=True, message=ALREADY_PRESENT)
-        return DownloadResult(plan.dest, plan.ref, plan.listing.commit, files, already_present=True)
+        return DownloadResult(plan.dest, plan.ref, plan.listing.commit, files, already_present=True, note=plan.note)
     _refuse_foreign_folder(plan)
     _check_disk_space(plan)
     try:
@@ -634,13 +725,17 @@ def download_model(ref: RepoRef, models_dir: Path, *, specific_file: str | None 
     except OSError as exc:
         if exc.errno in DISK_FULL_ERRNOS:   # a write hit the true edge of the disk: bytes so far stay
             raise _disk_full(plan, exc) from None
-        raise
+        # Anything else the file system refuses (e.g. a folder where a file should go): one line, no trace.
+        where = f" ({exc.filename})" if exc.filename else ""
+        kept = (f"; the bytes downloaded so far stay in {plan.partial_dir.name} for the next run"
+                if plan.partial_dir.exists() else "")
+        raise HubError(f"Could not store {plan.ref} in {plan.dest}: {exc.strerror or exc}{where}{kept}.") from None
 
 
 def _download_locked(plan: DownloadPlan, cancel: threading.Event, progress: ProgressCallback | None,
                      workers: int, max_retries: int, token: str | None) -> DownloadResult:
     files = plan.selection.files
-    with _exclusive(plan):
+    with _exclusive(plan), _drop_partial_dir_if_empty_on_failure(plan):
         _prepare_partial_dir(plan)
         tracker = _Tracker(files, progress)
         for path, size in plan.partial_files.items():
@@ -665,5 +760,5 @@ def _download_locked(plan: DownloadPlan, cancel: threading.Event, progress: Prog
         tracker.emit(force=True, message="verified; moving into place")
         _publish(plan, fetcher.sha256s)
     tracker.emit(force=True, message="done")
-    return DownloadResult(plan.dest, plan.ref, plan.listing.commit, files)
+    return DownloadResult(plan.dest, plan.ref, plan.listing.commit, files, note=plan.note)
 

@@ -42,6 +42,14 @@ class UnsafePath(HubError):
     """A Hub-supplied file name would write outside the model folder."""
 
 
+class UnstorableName(HubError):
+    """A file name the repo lists cannot be stored here (too long, or a file that is also a folder)."""
+
+
+class SizeMismatch(HubError):
+    """The server sent (or announced) a different number of bytes than the repo listing gives for a file."""
+
+
 class ChoiceNeeded(HubError):
     """The repo holds several candidates (e.g. GGUF files) and the user has to pick one."""
 

@@ -14,6 +14,7 @@ from typing import Iterator
 
 from hub.errors import (TOKEN_HINT, ChoiceNeeded, EntryNotFound, GatedRepo, HubError, InvalidRepoSpec, NetworkError,
                         RepoNotFound, RevisionNotFound, UnsafePath)
+from hub.folders import PARTIAL_STATE_FILE, PROVENANCE_FILE
 from hub.repo_id import RepoRef, validate_file_path
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -21,8 +22,9 @@ PYTORCH_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Small files a model folder needs besides its weights: configs, tokenizers, generation settings, chat
 # templates, the card. `.model` is a sentencepiece tokenizer (tokenizer.model).
 ALWAYS_SUFFIXES = (".json", ".txt", ".md", ".jinja", ".model", ".tiktoken", ".yaml", ".yml")
-# Written by hub/download.py into every model folder; a repo file of that name would be overwritten.
-RESERVED_NAMES = ("hearth-download.json",)
+# Hearth's own records (hub/folders.py): the download record in every model folder and the state file of a
+# partial one. A repo file of either name would overwrite them, or be overwritten.
+RESERVED_NAMES = (PROVENANCE_FILE, PARTIAL_STATE_FILE)
 
 
 @dataclass(frozen=True)
@@ -116,8 +118,8 @@ def safe_repo_path(path: str) -> str:
     try:
         return validate_file_path(path)
     except InvalidRepoSpec:
-        raise UnsafePath(f"The server listed a file named {path!r}, which would write outside the model "
-                         f"folder; refusing to download from this repo.") from None
+        raise UnsafePath(f"The server listed a file named {path!r}, which is not a safe name (it leaves the "
+                         f"model folder or holds control characters); refusing to download from this repo.") from None
 
 
 def list_files(ref: RepoRef, token: str | None = None) -> RepoListing:

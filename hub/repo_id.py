@@ -79,10 +79,14 @@ def validate_branch(branch: str) -> str:
     return branch
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def validate_file_path(path: str) -> str:
-    """A repo-relative file path with no way out of its folder: no absolute path, '..', '.', or empty part."""
+    """A repo-relative file path with no way out of its folder: no absolute path, '..', '.', or empty part,
+    and no control characters (a newline in a file name would also split every line that names it)."""
     parts = path.split("/")
-    if (not path or "\\" in path or "\x00" in path or any(p in ("", ".", "..") for p in parts)
+    if (not path or "\\" in path or _CONTROL.search(path) or any(p in ("", ".", "..") for p in parts)
             or re.match(r"^[A-Za-z]:", path)):
         raise InvalidRepoSpec(f"{path!r} is not a valid file name in a repo: use a relative path like "
                               f"'model.safetensors' or 'subfolder/config.json'.")

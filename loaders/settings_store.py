@@ -10,12 +10,21 @@ The file is keyed like text-generation-webui's (`<folder name>$:`), one mapping 
       preset: Deterministic
       system_message: You are terse.
       sampler: {temperature: 0.2}
+      repo: HuggingFaceTB/SmolLM2-135M-Instruct
+      branch: main
+
+`repo` and `branch` are written by `save` when the folder was downloaded by Hearth (its hearth-download.json
+names them): folder names can be ambiguous (alice_x/model and alice/x_model share one) and a folder can be
+deleted and downloaded again from another repo, so an entry saved for one repo is never applied to a folder
+that now holds another (it is reported instead). Entries without them (older or hand-written ones, folders
+copied in by the user) apply to the folder of that name, as in text-generation-webui.
 
 Writes are atomic (temp file + os.replace). A malformed file never stops the app: it is copied to
 `config-user.yaml.bad-<timestamp>`, reported through `problems`, and treated as empty.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +41,10 @@ FILE_NAME = "config-user.yaml"
 SAVED_KEYS = ("loader", "loader_options", "context_length", "instruction_template", "preset", "system_message",
               "sampler")
 MAPPING_KEYS = ("loader_options", "sampler")
+# Which repo and branch the entry was saved for; kept beside the settings, never handed out as one.
+SOURCE_KEYS = ("repo", "branch")
+# The record hub/download.py writes into each folder it downloads (hub imports loaders, so not the reverse).
+PROVENANCE_FILE = "hearth-download.json"
 
 
 def entry_key(name: str) -> str:
@@ -89,7 +102,12 @@ class SettingsStore:
     def _clean(self, name: str, entry: dict[str, Any]) -> dict[str, Any]:
         clean = {}
         for key, value in entry.items():
-            if key not in SAVED_KEYS:
+            if key in SOURCE_KEYS:
+                if isinstance(value, str):
+                    clean[key] = value
+                else:
+                    self.report(f"{self.path.name}: {key} for {name} must be a string; ignored")
+            elif key not in SAVED_KEYS:
                 self.report(f"{self.path.name}: unknown key {key!r} for {name}; ignored")
             elif key in MAPPING_KEYS and not isinstance(value, dict):
                 self.report(f"{self.path.name}: {key} for {name} must be a mapping; ignored")
@@ -97,10 +115,26 @@ class SettingsStore:
                 clean[key] = value
         return clean
 
+    def source_of(self, name: str) -> dict[str, str]:
+        """{"repo", "branch"} that models/<name> was downloaded from; empty when it has no readable record."""
+        try:
+            record = json.loads((self.path.parent / name / PROVENANCE_FILE).read_text(encoding="utf-8"))
+            return {key: str(record[key]) for key in SOURCE_KEYS}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
     def get(self, name: str) -> dict[str, Any]:
-        """The saved settings of model `name` (empty when none were saved)."""
+        """The saved settings of model `name` (empty when none were saved, or when they were saved for
+        another repo or branch than the folder holds now)."""
         with self._lock:
-            return self._read_all().get(name, {})
+            entry = dict(self._read_all().get(name, {}))
+        saved_for = {key: entry.pop(key) for key in SOURCE_KEYS if key in entry}
+        holds = self.source_of(name) if saved_for else {}
+        if holds and saved_for != holds:
+            self.report(f"{self.path.name}: the settings saved for {name} belong to {_label(saved_for)}, but the "
+                        f"folder now holds {_label(holds)}; not applied (save settings again to replace them)")
+            return {}
+        return entry
 
     def names(self) -> list[str]:
         with self._lock:
@@ -113,9 +147,10 @@ class SettingsStore:
         if unknown:
             raise ValueError(f"cannot save unknown setting(s) {', '.join(unknown)} (known: {', '.join(SAVED_KEYS)})")
         entry = {k: v for k, v in settings.items() if v is not None and v != "" and v != {}}
+        source = self.source_of(name)
         with self._lock:
             everything = self._read_all()
-            everything[name] = entry
+            everything[name] = {**entry, **source}
             self._write(everything)
         return entry
 
@@ -142,6 +177,11 @@ class SettingsStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _label(source: dict[str, str]) -> str:
+    repo, branch = source.get("repo", "?"), source.get("branch", "main")
+    return repo if branch == "main" else f"{repo}:{branch}"
 
 
 # ---- precedence -----------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ repos the test builds in a temp dir, with fault injection and per-file byte coun
                      branch="gptq-4bit-32g-actorder_True")
         os.environ["HF_ENDPOINT"] = hub.url
         hub.faults.drop_after("model.safetensors", 100_000)    # next GET of that file dies after 100 kB
+        hub.faults.wrong_size("model.safetensors", 100 << 20)  # a lying server: 100 MB for a listed 10 bytes
+        hub.faults.redirect_loop("model.safetensors")          # redirects to itself, forever
         ...
         hub.bytes_served("model.safetensors")
 
@@ -66,6 +68,8 @@ class Faults:
         self._drop: dict[str, list[int]] = {}        # path -> [after_bytes, times left]
         self._fail: dict[str, list[int]] = {}        # path -> [status, times left]
         self._rate: dict[str | None, float] = {}     # path (None: every file) -> bytes per second
+        self._wrong_size: dict[str, tuple[int, bool]] = {}   # path -> (body bytes, declare Content-Length)
+        self._loop: set[str] = set()
 
     def corrupt(self, path: str, times: int = 1) -> None:
         """Flip one byte in the middle of the file in the next `times` responses that include it."""
@@ -88,9 +92,22 @@ class Faults:
             else:
                 self._rate[path] = bytes_per_second
 
+    def wrong_size(self, path: str, send: int, declare_length: bool = True) -> None:
+        """Answer every GET of `path` with `send` body bytes (the file's own, then zeros), whatever the listing
+        says its size is, ignoring Range. With `declare_length` the answer carries a matching Content-Length;
+        without, it has none and ends by closing the connection (so only counting tells the client)."""
+        with self.lock:
+            self._wrong_size[path] = (send, declare_length)
+
+    def redirect_loop(self, path: str) -> None:
+        """Answer every request for `path` with a 302 to the same URL."""
+        with self.lock:
+            self._loop.add(path)
+
     def clear(self) -> None:
         with self.lock:
             self._corrupt.clear(), self._drop.clear(), self._fail.clear(), self._rate.clear()
+            self._wrong_size.clear(), self._loop.clear()
 
     # used by the handler -------------------------------------------------------------------------
     def take_failure(self, path: str) -> int | None:
@@ -115,6 +132,14 @@ class Faults:
                 return False
             self._corrupt[path] -= 1
             return True
+
+    def wrong_size_of(self, path: str) -> tuple[int, bool] | None:
+        with self.lock:
+            return self._wrong_size.get(path)
+
+    def loops(self, path: str) -> bool:
+        with self.lock:
+            return path in self._loop
 
     def rate(self, path: str) -> float | None:
         with self.lock:
@@ -357,9 +382,18 @@ class _HubHandler(BaseHTTPRequestHandler):
         blob = repo.commits[commit].get(path)
         if blob is None:
             return self._error(404, "EntryNotFound", f"{path} does not exist on {rev}")
+        if self.hub.faults.loops(path):
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         status = self.hub.faults.take_failure(path) if self.command == "GET" else None
         if status is not None:
             return self._error(status, None, "injected failure")
+        wrong = self.hub.faults.wrong_size_of(path) if self.command == "GET" else None
+        if wrong is not None:
+            return self._send_wrong_size(repo_id, commit, path, blob, *wrong)
         start, end = 0, blob.size - 1
         range_header = self.headers.get("Range")
         partial = False
@@ -390,6 +424,27 @@ class _HubHandler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         self._send_body(repo_id, path, blob, start, length)
+
+    def _send_wrong_size(self, repo_id: str, commit: str, path: str, blob: Blob, send: int, declare: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("X-Repo-Commit", commit)
+        self.send_header("ETag", f'"{blob.etag}"')
+        if declare:
+            self.send_header("Content-Length", str(send))
+        else:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        own = blob.path_on_disk.read_bytes()[:send]
+        zeros = bytes(SEND_CHUNK)
+        sent = 0
+        while sent < send:
+            chunk = own[sent:sent + SEND_CHUNK] if sent < len(own) else zeros[:send - sent]
+            self.wfile.write(chunk)
+            sent += len(chunk)
+            self.hub._count(repo_id, path, len(chunk))
+        self.wfile.flush()
 
     def _send_body(self, repo_id: str, path: str, blob: Blob, start: int, length: int) -> None:
         faults = self.hub.faults

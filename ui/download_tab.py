@@ -61,7 +61,9 @@ def _file_table(plan) -> str:
                  f"{human_size(plan.bytes_needed)} left |")
     if plan.selection.skipped:
         lines.append("\nSkipped: " + "; ".join(f"`{p}` ({why})" for p, why in sorted(plan.selection.skipped.items())))
-    heading = f"**{plan.ref}** at commit `{plan.listing.commit[:12]}` → `models/{plan.ref.folder_name}`"
+    heading = f"**{plan.ref}** at commit `{plan.listing.commit[:12]}` → `models/{plan.folder}`"
+    if plan.note:
+        heading += f"\n\nℹ️ {plan.note}"
     return heading + "\n\n" + "\n".join(lines)
 
 
@@ -160,10 +162,11 @@ def build_download_tab(state, on_models_changed: Any = None) -> dict:
             result: DownloadResult = latest["result"]
             what = "was already downloaded" if result.already_present else "downloaded and verified"
             summary = summarize_model_folder(result.path, result.ref.branch)
+            note = f"\n\nℹ️ {result.note}" if result.note else ""
             yield (final_progress,
                    f"✅ **{result.ref}** {what}: {len(result.files)} files, "
                    f"{human_size(sum(f.size for f in result.files))}, commit `{result.commit[:12]}` → "
-                   f"`{result.path.name}`",
+                   f"`{result.path.name}`{note}",
                    f"### Model card\n{summary.as_markdown(result.ref.branch)}")
 
     def on_cancel(request: gr.Request) -> str:
