@@ -38,6 +38,8 @@ from prompts.templates import (TOKENIZER, ChatTemplate, TemplateLibrary, load_li
                               saved_settings)
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# How long an unload waits for the generations it stopped to let go of the model.
+UNLOAD_WAIT_SECONDS = 30.0
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -54,11 +56,20 @@ def release_freed_memory() -> None:
         pass
 
 
-def loader_options(loader, values: dict[str, Any] | None):
-    """A loader's options from loose values; bad values become a LoadError naming the loader."""
+def loader_options(loader, values: dict[str, Any] | None, effective: dict[str, Any] | None = None,
+                   name: str = ""):
+    """A loader's options from loose values; bad values become a LoadError naming the loader, or, for a
+    value that is model `name`'s own (`effective` says where from), naming that file and field rather than
+    an option the user never set."""
+    values = values or {}
     try:
-        return build(loader.options_type, values or {})
+        return build(loader.options_type, values)
     except OptionError as exc:
+        origin = ((effective or {}).get("loader_options") or {}).get(exc.option)
+        if origin is not None and origin.source.startswith("model (") and origin.value == values.get(exc.option):
+            where = origin.source.removeprefix("model (").removesuffix(")")
+            raise LoadError(f"the {loader.name} loader cannot use {where} of {name}: {exc}; set the "
+                            f"{exc.option} option for this model") from None
         raise LoadError(f"{loader.name} options: {exc}") from None
 
 
@@ -131,6 +142,11 @@ class FifoQueue:
         if entry in self._line:
             self._line.remove(entry)
             self._cond.notify_all()
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Block until nobody holds or waits for the lock (False when `timeout` seconds pass first)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._line, timeout)
 
     def wake(self) -> None:
         """Let waiters re-check their cancel flags (called after a stop)."""
@@ -248,7 +264,7 @@ class AppState:
             else:
                 hint = "".join(f": {p}" for p in self.registry.problems(folder)[:1])
             raise LoadError(f"the {loader} loader cannot read {name}{hint}")
-        opts = loader_options(chosen, options)
+        opts = loader_options(chosen, options, effective, name)
         with self.model_lock:
             self._swap_in(lambda: chosen.load(folder, opts, progress), name, f"loading {name} with {loader}",
                           progress)
@@ -269,19 +285,34 @@ class AppState:
     def _swap_in(self, load, name: str, message: str, progress: Progress) -> Model:
         """Unload the current model, then load the new one; on failure no model stays loaded."""
         with self.model_lock:
-            self.unload_model()
+            stopped = self.unload_model()
+            if stopped:
+                message += f" (stopped {stopped} generation(s) on the previous model first)"
             progress(0.0, message)
             self.model = load_guarded(load, name)
             return self.model
 
-    def unload_model(self) -> None:
+    def unload_model(self) -> int:
+        """Unload the model. Generations running on it or waiting for it are stopped first (each ends with
+        reason "cancelled") and the model is freed once they have let go of it, so nothing keeps generating
+        on an "unloaded" model. Returns how many generations were stopped."""
         with self.model_lock:
-            if self.model is not None:
-                self.model.unload()
-                self.model = None
-                self.model_settings = None
-                gc.collect()
-                release_freed_memory()
+            model = self.model
+            if model is None:
+                return 0
+            self.model = None   # from here generate() refuses new work: no model is loaded
+            self.model_settings = None
+            running = [cancel for cancel in list(self._cancels.values()) if not cancel.is_set()]
+            for cancel in running:
+                cancel.set()
+            self.generation_queue.wake()   # those waiting in line leave it now
+            # The decode loop sees its flag within one token; a consumer that stopped reading a generator
+            # without closing it would hold the line forever, hence the bound.
+            self.generation_queue.wait_empty(UNLOAD_WAIT_SECONDS)
+            model.unload()
+            gc.collect()
+            release_freed_memory()
+            return len(running)
 
     def require_model(self) -> Model:
         model = self.model
@@ -340,7 +371,12 @@ class AppState:
                                              derive_stops=model.model_dir is not None)
 
     def raw_prompt(self, text: str) -> Prompt:
-        return render_raw(self.require_model().tokenizer, text)
+        """`text` as is (with the tokenizer's BOS where it adds one); ValueError when that makes no tokens,
+        since a model needs at least one token to continue from."""
+        prompt = render_raw(self.require_model().tokenizer, text)
+        if prompt.n_tokens == 0:
+            raise ValueError("the prompt is empty: give some text for the model to continue")
+        return prompt
 
     def generation_params(self, **overrides: Any) -> GenerationParams:
         """settings.yaml's generation defaults with `overrides` on top (declared bounds are enforced)."""
@@ -367,6 +403,9 @@ class AppState:
                 yield QueuedEvent(ahead)
                 ahead = self.generation_queue.wait(place, cancel, ahead)
             if ahead is None:
+                yield DoneEvent(reason="cancelled", text="")
+                return
+            if self.model is not model:   # unloaded (or replaced) while this request waited its turn
                 yield DoneEvent(reason="cancelled", text="")
                 return
             if waited:

@@ -47,7 +47,15 @@ class Engine:
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk
         self.use_graphs = use_graphs and self.device.type == "cuda"
-        model.setup_caches(max_seq_len, model.tok_embeddings.weight.dtype)
+        dtype = model.tok_embeddings.weight.dtype
+        try:
+            model.setup_caches(max_seq_len, dtype)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocation failures are RuntimeErrors
+            a = model.args
+            size = 2 * a.n_layers * a.n_kv_heads * a.head_dim * max_seq_len * dtype.itemsize
+            raise ValueError(f"the KV cache for a context of {max_seq_len} tokens ({size / 2**30:.1f} GiB) does "
+                             f"not fit on {self.device}; a smaller context_length would "
+                             f"({str(exc).splitlines()[0][:120]})") from None
         # Static inputs the graphs read: overwrite them in place, then replay.
         self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -107,6 +115,8 @@ class EngineStepper:
         self.pos = 0
 
     def start(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: the model needs at least one token to continue from")
         if len(prompt_ids) >= self.engine.max_seq_len:
             raise ValueError(f"the prompt ({len(prompt_ids)} tokens) does not fit the context "
                              f"({self.engine.max_seq_len} tokens)")
@@ -132,6 +142,7 @@ class EngineModel:
         self.context_length = context_length
         self.loader = loader
         self.runtime = runtime
+        self.memory = ""   # the loader's estimate (loaders.config_check), shown beside the runtime
 
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:

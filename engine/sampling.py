@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loaders.options import option
+from loaders.options import option, validate
 
 
 @dataclass
@@ -38,6 +38,11 @@ class GenerationParams:
                                       minimum=-2.0, maximum=2.0, step=0.05)
     seed: int = option(-1, "Random seed; -1 draws a fresh one each time.", minimum=-1, maximum=2**63 - 1, step=1)
     stop: list[str] = option([], "Extra strings that end the reply (the template's own are always added).")
+
+    def __post_init__(self) -> None:
+        # The bounds above hold however the params were made (presets, flags, widgets, JSON or code): a NaN
+        # temperature would otherwise reach softmax and fail every later token.
+        validate(self)
 
 
 def _recent(history: torch.Tensor, window: int) -> torch.Tensor:

@@ -42,6 +42,9 @@ class Model(Protocol):
     context_length: int
     eos_token_ids: list[int]
     model_dir: Path
+    # What the load holds, e.g. "KV cache 8192 tokens ≈ 360.0 MiB, weights ≈ 513.0 MiB" (loaders.config_check);
+    # read with getattr(..., ""), so models that hold nothing here (a remote endpoint) may leave it out.
+    memory: str
 
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[GenerationEvent]: ...

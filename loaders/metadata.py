@@ -50,6 +50,8 @@ def rope_factor(config: dict[str, Any]) -> tuple[float, dict | None]:
 def context_from_config(config: dict[str, Any]) -> tuple[int | None, str]:
     for key in CONTEXT_KEYS:
         value = config.get(key)
+        if isinstance(value, float) and value.is_integer():  # JSON's 1e12 is a float; still a claimed size
+            value = int(value)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             factor, scaling = rope_factor(config)
             if factor > 1:
@@ -61,7 +63,15 @@ def context_from_config(config: dict[str, Any]) -> tuple[int | None, str]:
 
 def context_length_of(config: dict[str, Any], override: int = 0) -> int:
     """The context a loader uses: the user's override, else the config's (rope scaling included), else 2048."""
-    return override or context_from_config(config)[0] or 2048
+    return context_choice(config, override)[0]
+
+
+def context_choice(config: dict[str, Any], override: int = 0) -> tuple[int, str]:
+    """(context_length_of, where it came from), so a message about the context names what set it."""
+    length, source = context_from_config(config)
+    if override and override != length:   # the model's own value passed on as the option is still the model's
+        return override, "the context_length option"
+    return (length, source) if length else (2048, "Hearth's default, config.json states none")
 
 
 def read_metadata(model_dir: Path) -> ModelMetadata:

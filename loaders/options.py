@@ -7,6 +7,7 @@ from that one declaration, so a parameter is never listed twice.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -67,7 +68,12 @@ def specs(options_cls: type) -> Iterator[OptionSpec]:
 
 
 class OptionError(ValueError):
-    """A value that does not fit its declaration; the message names the option and the bounds."""
+    """A value that does not fit its declaration; the message names the option and the bounds, `option`
+    its name (None when the error is not about one option), so callers can say where the value came from."""
+
+    def __init__(self, message: str, option: str | None = None):
+        super().__init__(message)
+        self.option = option
 
 
 def coerce(spec: OptionSpec, value: Any) -> Any:
@@ -84,7 +90,7 @@ def coerce(spec: OptionSpec, value: Any) -> Any:
             else:
                 value = bool(value)
         elif spec.type is int:
-            if isinstance(value, float) and not value.is_integer():
+            if isinstance(value, float) and not value.is_integer():  # also NaN and the infinities
                 raise ValueError(value)
             value = int(value)
         elif spec.type is float:
@@ -95,15 +101,27 @@ def coerce(spec: OptionSpec, value: Any) -> Any:
             value = [str(v) for v in value]
         else:
             value = str(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{spec.label}: {value!r} is not a valid {spec.type.__name__}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float() of an integer beyond 1e308
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise OptionError(f"{spec.label}: {shown} is not a valid {spec.type.__name__}", spec.name) from None
+    # NaN passes every bounds check below (all its comparisons are False) and then poisons the sampler's
+    # softmax; infinities slip through options without a bound the same way.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise OptionError(f"{spec.label}: {value} is not a finite number", spec.name)
     if spec.minimum is not None and value < spec.minimum:
-        raise OptionError(f"{spec.label} must be at least {spec.minimum} (got {value})")
+        raise OptionError(f"{spec.label} must be at least {spec.minimum} (got {value})", spec.name)
     if spec.maximum is not None and value > spec.maximum:
-        raise OptionError(f"{spec.label} must be at most {spec.maximum} (got {value})")
+        raise OptionError(f"{spec.label} must be at most {spec.maximum} (got {value})", spec.name)
     if spec.choices is not None and value not in spec.choices:
-        raise OptionError(f"{spec.label} must be one of {spec.choices} (got {value!r})")
+        raise OptionError(f"{spec.label} must be one of {spec.choices} (got {value!r})", spec.name)
     return value
+
+
+def validate(options: Any) -> None:
+    """Coerce and check every field of a declared dataclass in place (for its __post_init__), so values set
+    directly in code meet the same bounds as those read from YAML, flags, widgets or JSON."""
+    for spec in specs(type(options)):
+        setattr(options, spec.name, coerce(spec, getattr(options, spec.name)))
 
 
 def build(options_cls: type, values: dict[str, Any] | None = None, *, strict: bool = True):

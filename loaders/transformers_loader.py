@@ -16,7 +16,8 @@ from engine.generation import GenerationEvent, stream
 from engine.sampling import GenerationParams
 from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.engine_choice import RuntimeOptions, load_on_engine
-from loaders.metadata import context_length_of
+from loaders.config_check import check_model
+from loaders.metadata import context_choice
 from loaders.folder import pickle_files, read_json, require_dir, safetensors_files
 from loaders.options import option
 
@@ -97,6 +98,7 @@ class TransformersModel:
         self.context_length = context_length
         self.eos_token_ids = eos_ids(model_dir, tokenizer)
         self.runtime = f"transformers ({device.type}, {str(dtype).removeprefix('torch.')})"
+        self.memory = ""   # the loader's estimate (loaders.config_check), shown beside the runtime
 
     def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
@@ -155,14 +157,19 @@ class TransformersLoader:
                                 "when loaded; enable allow_pickle for this model if you trust its source")
         device = pick_device(options.device)
         dtype = pick_dtype(options.dtype, device)
+        context, context_source = context_choice(config, options.context_length)
+        # Before anything is built: the config's sizes against the weights, the KV cache against memory.
+        memory = check_model(model_dir, context_length=context, context_source=context_source,
+                             device=device.type, dtype=dtype)
+        progress(0.02, memory.describe())
         if use_safetensors and not options.trust_remote_code:
             progress(0.05, "reading tokenizer")
             tokenizer = load_tokenizer(model_dir)
             engine_model = load_on_engine(self.name, model_dir, config, options, device=device.type,
                                           tokenizer=tokenizer, eos_token_ids=eos_ids(model_dir, tokenizer),
-                                          context_length=context_length_of(config, options.context_length),
-                                          progress=progress)
+                                          context_length=context, progress=progress)
             if engine_model is not None:
+                engine_model.memory = memory.describe()
                 return engine_model
         progress(0.05, "reading config and tokenizer")
         try:
@@ -182,5 +189,6 @@ class TransformersLoader:
             raise LoadError(f"could not load the weights of {model_dir.name}: {exc}") from None
         model.to(device).eval()
         progress(1.0, "ready")
-        return TransformersModel(model_dir, model, tokenizer, device, dtype,
-                                 context_length_of(config, options.context_length))
+        loaded = TransformersModel(model_dir, model, tokenizer, device, dtype, context)
+        loaded.memory = memory.describe()
+        return loaded

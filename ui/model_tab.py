@@ -116,11 +116,11 @@ def build_model_tab(state) -> dict:
                                      lambda f, m: progress(f, desc=m))
         except (LoadError, OptionError) as exc:
             return f"⚠️ {exc}"
-        return f"✅ Loaded **{model.name}** · {model.runtime} · context {model.context_length} tokens"
+        return _loaded_line(model)
 
     def on_unload():
-        state.unload_model()
-        return _status(state)
+        stopped = state.unload_model()   # generations on the model end first
+        return _status(state) + (f" (stopped {stopped} running generation(s) first)" if stopped else "")
 
     def on_reload(loader, *values, progress=gr.Progress()):
         current = state.model
@@ -160,4 +160,10 @@ def _status(state) -> str:
     model = state.model
     if model is None:
         return "No model loaded."
-    return f"✅ Loaded **{model.name}** · {model.runtime} · context {model.context_length} tokens"
+    return _loaded_line(model)
+
+
+def _loaded_line(model) -> str:
+    memory = getattr(model, "memory", "")   # the loader's KV cache and weights estimate
+    return (f"✅ Loaded **{model.name}** · {model.runtime} · context {model.context_length} tokens"
+            + (f" · {memory}" if memory else ""))

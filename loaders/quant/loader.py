@@ -10,7 +10,8 @@ from engine.quant_linear import DequantLinear, Int4Linear
 from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.engine_choice import RuntimeOptions, load_on_engine
 from loaders.folder import read_json, require_dir
-from loaders.metadata import context_length_of
+from loaders.config_check import check_model
+from loaders.metadata import context_choice
 from loaders.options import option
 from loaders.quant.build import KERNELS, load_quantized
 from loaders.quant.formats import QuantSpec, read_quant_spec
@@ -73,16 +74,23 @@ class QuantizedModelLoader:
         progress(0.05, "reading config and tokenizer")
         tokenizer = load_tokenizer(model_dir, options.trust_remote_code)
         config = read_json(model_dir / "config.json") or {}
-        context = context_length_of(config, options.context_length)
+        context, context_source = context_choice(config, options.context_length)
+        on_gpu = torch.cuda.is_available()
+        # Before anything is built: the config's sizes against the weights, the KV cache against memory
+        # (the engine computes in bf16 on a GPU).
+        memory = check_model(model_dir, context_length=context, context_source=context_source,
+                             device="cuda" if on_gpu else "cpu", dtype=torch.bfloat16 if on_gpu else dtype)
+        progress(0.04, memory.describe())
         # On a GPU Hearth's engine runs the quantized weights with its int4 kernels; on CPU (runtime auto) the
         # exact dequantize-once path below is the tested default, the engine only when asked for.
-        if torch.cuda.is_available() or options.runtime == "engine":
+        if on_gpu or options.runtime == "engine":
             engine_model = load_on_engine(self.name, model_dir, config, options,
-                                          device="cuda" if torch.cuda.is_available() else "cpu",
+                                          device="cuda" if on_gpu else "cpu",
                                           tokenizer=tokenizer, eos_token_ids=eos_ids(model_dir, tokenizer),
                                           context_length=context, progress=progress)
             if engine_model is not None:
                 engine_model.quant_spec = spec
+                engine_model.memory = memory.describe()
                 return engine_model
         try:
             model = load_quantized(model_dir, spec, dtype, options.cpu_kernel, progress, options.trust_remote_code)
@@ -99,4 +107,5 @@ class QuantizedModelLoader:
         loaded.runtime = (f"hearth {spec.method} on transformers (cpu, {options.dtype}, "
                           f"{spec.bits}-bit, kernel {'/'.join(kernels)})")
         loaded.quant_spec = spec
+        loaded.memory = memory.describe()
         return loaded
