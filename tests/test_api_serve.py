@@ -6,7 +6,8 @@ import httpx
 import openai
 import pytest
 
-from api.auth import ApiConfigError, is_loopback
+from api.auth import ApiConfigError
+from web.guard import is_loopback
 from api.server import ApiConfig, ApiServer
 from conftest import DEFAULT_MODEL, REPO, free_port, make_state
 
