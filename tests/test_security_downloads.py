@@ -271,3 +271,44 @@ def test_cli_reports_a_renamed_folder_and_each_failure_in_one_line(fake_hub, tmp
         assert "Traceback" not in failed.stderr, failed.stderr
         last = failed.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and words in last, (spec, failed.stderr)
+
+
+# ---- and so does the Download tab -----------------------------------------------------------------------
+
+@pytest.fixture
+def ui_client(hub_env, tmp_path):
+    """Hearth's whole UI around a real AppState, served in-process on a free port (as in test_hub_ui.py)."""
+    import socket
+
+    from gradio_client import Client
+
+    from app_settings import AppSettings
+    from app_state import AppState
+    from ui.app import build_ui
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = build_ui(AppState(AppSettings(models_dir=tmp_path / "models")))
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, ssr_mode=False,
+                quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}", verbose=False)
+    finally:
+        demo.close()
+
+
+def test_download_tab_says_where_a_name_twin_went_and_why_a_name_cannot_be_stored(ui_client, hub_env):
+    add_model(hub_env, "alice/x_model", 1)
+    add_model(hub_env, "alice_x/model", 2)
+    _, status, _ = ui_client.predict("alice/x_model", None, "", api_name="/download_start")
+    assert "downloaded and verified" in status
+    files, _ = ui_client.predict("alice_x/model", None, "", api_name="/download_list_files")
+    assert "models/alice_x_model already holds alice/x_model" in files
+    _, status, _ = ui_client.predict("alice_x/model", None, "", api_name="/download_start")
+    assert "downloaded and verified" in status and "models/alice_x_model already holds alice/x_model" in status
+
+    hub_env.add_repo("org/long-names", {"config.json": b"{}", "a" * 300 + ".json": b"{}"})
+    _, status, _ = ui_client.predict("org/long-names", None, "", api_name="/download_start")
+    assert status.startswith("⚠️") and "too long" in status and "Unexpected error" not in status
