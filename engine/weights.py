@@ -1,14 +1,16 @@
-"""Build an engine Transformer from a model folder's safetensors: fp32/fp16/bf16, GPTQ or AWQ.
+"""Build an engine Transformer from a model folder's safetensors (fp32/fp16/bf16, GPTQ or AWQ), or from any
+other tensor source that names its tensors the Hugging Face way (a GGUF file, repacked by the loader).
 
 The weight format is read per linear layer from its tensor names (`.weight` dense, `.qweight` quantized),
-with the quantization settings from the folder's config (loaders.quant.formats.read_quant_spec). q/k/v and
-gate/up are fused into one matrix each when they are stored alike. Layers can be spread across GPUs.
+with the quantization settings from the folder's config (loaders.quant.formats.read_quant_spec); a source
+may also hand out a `.weight` that is already a QuantWeight. q/k/v and gate/up are fused into one matrix
+each when they are stored alike. Layers can be spread across GPUs.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -20,6 +22,20 @@ from loaders.quant.formats import LAYER_PARTS, QuantSpec, read_quant_spec, read_
 from loaders.safetensors_index import CheckpointTensors
 
 Progress = Callable[[float, str], None]
+
+
+class TensorSource(Protocol):
+    """Tensors by Hugging Face name (`model.layers.0.self_attn.q_proj.weight`), each read when asked for.
+    `get` gives a dense tensor, or for a quantized `.weight` a QuantWeight, on `device`."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def get(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor | QuantWeight: ...
+
+
+def dense(tensor: torch.Tensor | QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor the engine keeps dense (embeddings, a tied head) in `dtype`, dequantized if it came quantized."""
+    return tensor.dequantize(dtype) if isinstance(tensor, QuantWeight) else tensor.to(dtype)
 
 
 def layer_devices(n_layers: int, devices: list[torch.device], gpu_split: list[float] | None) -> list[torch.device]:
@@ -45,13 +61,13 @@ class SideBySide(nn.Module):
 class WeightLoader:
     """Reads linear layers as dense tensors or QuantWeights and makes the matching nn.Module."""
 
-    def __init__(self, ckpt: CheckpointTensors, spec: QuantSpec | None, dtype: torch.dtype, repack_int4: bool):
+    def __init__(self, ckpt: TensorSource, spec: QuantSpec | None, dtype: torch.dtype, repack_int4: bool):
         self.ckpt, self.spec, self.dtype, self.repack_int4 = ckpt, spec, dtype, repack_int4
         self.kinds: set[str] = set()   # what the linear layers became, for the runtime description
 
     def read(self, prefix: str, device: torch.device) -> tuple[torch.Tensor | QuantWeight, torch.Tensor | None]:
         """(weight [N, K] or QuantWeight, bias [N] or None) of the HF linear layer `prefix`."""
-        if f"{prefix}.qweight" not in self.ckpt:
+        if f"{prefix}.qweight" not in self.ckpt:   # dense, or a source's own QuantWeight (GGUF)
             bias = self.ckpt.get(f"{prefix}.bias", device) if f"{prefix}.bias" in self.ckpt else None
             return self.ckpt.get(f"{prefix}.weight", device), bias
         if self.spec is None:
@@ -145,38 +161,56 @@ def load_transformer(model_dir: Path, devices: list[torch.device], dtype: torch.
     (e.g. {"4-bit tinygemm"}). repack_int4: store float weights that already lie on a 4-bit grid as int4."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    args = ModelArgs.from_config(config)
+    spec = read_quant_spec(model_dir)
     with CheckpointTensors(model_dir) as ckpt:
-        loader = WeightLoader(ckpt, read_quant_spec(model_dir), dtype, repack_int4)
-        per_layer = layer_devices(args.n_layers, devices, gpu_split)
-        first, last = per_layer[0], per_layer[-1]
+        # Only float checkpoints repacked to int4 get the rescored head: their fp32 head would otherwise take
+        # as long as all the int4 layers together.
+        return build_transformer(config, ckpt, spec, devices, dtype, gpu_split, repack_int4,
+                                 rescore_head=repack_int4 and spec is None, progress=progress)
 
-        with torch.device("meta"):
-            model = Transformer(args)
-        # The embedding and norms stay in `dtype` on their layer's device; RoPE tables are rebuilt there.
-        model.tok_embeddings.weight = nn.Parameter(ckpt.get("model.embed_tokens.weight", first).to(dtype),
-                                                   requires_grad=False)
-        for i, layer in enumerate(model.layers):
-            if progress:
-                progress(0.1 + 0.85 * i / args.n_layers, f"layer {i + 1}/{args.n_layers}")
-            dev, p = per_layer[i], f"model.layers.{i}"
-            qkv, w13, w2 = fold_input_orders(layer, loader.parts([f"{p}.self_attn.{x}_proj" for x in "qkv"], dev),
-                                             loader.parts([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], dev),
-                                             loader.parts([f"{p}.mlp.down_proj"], dev))
-            layer.attention.wqkv, layer.feed_forward.w13 = loader.linear(qkv, dev), loader.linear(w13, dev)
-            layer.feed_forward.w2 = loader.linear(w2, dev)
-            layer.attention.wo = loader.linear(loader.parts([f"{p}.self_attn.o_proj"], dev), dev)
-            for norm, name in ((layer.attention_norm, "input_layernorm"), (layer.ffn_norm, "post_attention_layernorm")):
-                norm.weight = nn.Parameter(ckpt.get(f"{p}.{name}.weight", dev).to(dtype), requires_grad=False)
-        model.norm.weight = nn.Parameter(ckpt.get("model.norm.weight", last).to(dtype), requires_grad=False)
-        if args.tie_word_embeddings or "lm_head.weight" not in ckpt:
+
+def build_transformer(config: dict, ckpt: TensorSource, spec: QuantSpec | None, devices: list[torch.device],
+                      dtype: torch.dtype, gpu_split: list[float] | None = None, repack_int4: bool = False,
+                      rescore_head: bool = False, progress: Progress | None = None) -> tuple[Transformer, set[str]]:
+    """An engine Transformer for a config.json-style `config` with the tensors of `ckpt` on `devices`, and
+    the kinds of linear layers made. spec: how `.qweight` layers are quantized (None when there are none).
+    rescore_head: on CPU, when some layers run on tinygemm, compute the dense head through RescoredHead
+    (a bf16 pass, the best logits redone in fp32). A head the source gives quantized becomes a quantized
+    layer like any other."""
+    args = ModelArgs.from_config(config)
+    loader = WeightLoader(ckpt, spec, dtype, repack_int4)
+    per_layer = layer_devices(args.n_layers, devices, gpu_split)
+    first, last = per_layer[0], per_layer[-1]
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    # The embedding and norms stay in `dtype` on their layer's device; RoPE tables are rebuilt there.
+    model.tok_embeddings.weight = nn.Parameter(dense(ckpt.get("model.embed_tokens.weight", first), dtype),
+                                               requires_grad=False)
+    for i, layer in enumerate(model.layers):
+        if progress:
+            progress(0.1 + 0.85 * i / args.n_layers, f"layer {i + 1}/{args.n_layers}")
+        dev, p = per_layer[i], f"model.layers.{i}"
+        qkv, w13, w2 = fold_input_orders(layer, loader.parts([f"{p}.self_attn.{x}_proj" for x in "qkv"], dev),
+                                         loader.parts([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], dev),
+                                         loader.parts([f"{p}.mlp.down_proj"], dev))
+        layer.attention.wqkv, layer.feed_forward.w13 = loader.linear(qkv, dev), loader.linear(w13, dev)
+        layer.feed_forward.w2 = loader.linear(w2, dev)
+        layer.attention.wo = loader.linear(loader.parts([f"{p}.self_attn.o_proj"], dev), dev)
+        for norm, name in ((layer.attention_norm, "input_layernorm"), (layer.ffn_norm, "post_attention_layernorm")):
+            norm.weight = nn.Parameter(ckpt.get(f"{p}.{name}.weight", dev).to(dtype), requires_grad=False)
+    model.norm.weight = nn.Parameter(ckpt.get("model.norm.weight", last).to(dtype), requires_grad=False)
+    head = None
+    if not args.tie_word_embeddings and "lm_head.weight" in ckpt:
+        head = ckpt.get("lm_head.weight", last)
+    if isinstance(head, QuantWeight):
+        model.output = loader.module(head, None, last)
+    else:
+        if head is None:
             head = model.tok_embeddings.weight if last == first else model.tok_embeddings.weight.to(last)
-        else:
-            head = ckpt.get("lm_head.weight", last).to(dtype)
-        model.output.weight = nn.Parameter(head, requires_grad=False)
-        if repack_int4 and any("lossless repack" in kind for kind in loader.kinds):
-            # Same CPU fast path: the fp32 head would now take as long as all the int4 layers together.
+        model.output.weight = nn.Parameter(head.to(dtype), requires_grad=False)
+        if rescore_head and any("tinygemm" in kind for kind in loader.kinds):
             model.output = RescoredHead(model.output.weight)
             loader.kinds.add("rescored bf16 head")
-        model.rotary = Rotary(args).to(first)  # built on meta above: its frequency table needs real values
-        return model.eval(), loader.kinds
+    model.rotary = Rotary(args).to(first)  # built on meta above: its frequency table needs real values
+    return model.eval(), loader.kinds

@@ -1,133 +1,117 @@
-"""The `gguf` loader: folders that only hold *.gguf files (llama.cpp format), run by transformers.
+"""The `gguf` loader: folders holding *.gguf files (llama.cpp format).
 
-transformers dequantizes the GGUF tensors into a normal model at load (`gguf_file=`), so this runs
-anything transformers maps from GGUF on CPU in float32; the tokenizer comes from the GGUF metadata too.
+Llama, Mistral and Qwen2 GGUFs run on Hearth's engine with their weights kept packed: every quantized
+tensor is repacked losslessly into the engine's QuantWeight (loaders.gguf_repack), and 4-bit layers run on
+torch's int4 kernel on CPU, Hearth's own kernels on a GPU. Anything else (another architecture, a tensor
+type the repacker does not read) is dequantized by transformers into a float model, with the reason in the
+runtime line. A folder may hold several quantizations side by side: each file (a split model counts once,
+by its first part) is a choice of the `gguf_file` option, saved per model like every option.
 """
 from __future__ import annotations
 
-import mmap
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loaders.base import Detection, LoadError, Progress, no_progress
-from loaders.folder import gguf_files, require_dir, safetensors_files
+from loaders.engine_choice import RuntimeOptions
+from loaders.folder import require_dir, safetensors_files
+from loaders.gguf_checkpoint import engine_refusal, type_counts
+from loaders.gguf_header import model_files, read_header, split_parts
+from loaders.gguf_repack import BLOCK_TYPES
 from loaders.options import option
 from loaders.transformers_loader import TransformersModel
 
 # ggml file types (general.file_type) that people recognise by name.
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
               11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
-              18: "Q6_K", 32: "BF16"}
+              18: "Q6_K", 20: "IQ4_NL", 30: "IQ4_XS", 32: "BF16"}
 
 
 @dataclass
-class GGUFOptions:
-    gguf_file: str = option("", "Which .gguf file in the folder to load; empty = the first one.")
-    dtype: str = option("float32", "Dtype the GGUF weights are dequantized to.",
+class GGUFOptions(RuntimeOptions):
+    gguf_file: str = option("", "Which model in the folder to load: a .gguf file name (for a split model, its "
+                                "-00001-of-0000N part); empty = the first one.")
+    dtype: str = option("float32", "transformers only: dtype the GGUF weights are dequantized to.",
                         choices=["float32", "bfloat16", "float16"])
     context_length: int = option(0, "Context length in tokens; 0 = the model's own.", minimum=0, maximum=1048576,
                                  step=256)
 
 
-# GGUF metadata value types -> struct format (fixed-size ones); 8 = string, 9 = array.
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: Path, wanted: set[str]) -> dict:
-    """The `wanted` metadata keys of a GGUF file, read from its header.
-
-    Walks the key/value section with struct and stops once every wanted key is found, so the tokenizer
-    arrays (tens of thousands of strings) are usually never touched; the gguf package's reader parses
-    everything and takes seconds per file.
-    """
-    found: dict = {}
-    try:
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            if buf[:4] != b"GGUF":
-                raise ValueError("no GGUF magic")
-            version, _tensors, kv_count = struct.unpack_from("<IQQ", buf, 4)
-            if version < 2:
-                raise ValueError(f"GGUF version {version} is too old")
-            pos = 24
-
-            def string(at: int) -> tuple[str, int]:
-                (n,) = struct.unpack_from("<Q", buf, at)
-                return bytes(buf[at + 8:at + 8 + n]).decode("utf-8", "replace"), at + 8 + n
-
-            def value(kind: int, at: int):
-                if kind in _SCALARS:
-                    fmt = _SCALARS[kind]
-                    return struct.unpack_from(fmt, buf, at)[0], at + struct.calcsize(fmt)
-                if kind == _STRING:
-                    return string(at)
-                if kind == _ARRAY:
-                    item_kind, count = struct.unpack_from("<IQ", buf, at)
-                    at += 12
-                    if item_kind in _SCALARS:      # skipped: arrays are never among the wanted keys
-                        return None, at + count * struct.calcsize(_SCALARS[item_kind])
-                    for _ in range(count):
-                        _, at = value(item_kind, at)
-                    return None, at
-                raise ValueError(f"unknown GGUF value type {kind}")
-
-            for _ in range(kv_count):
-                key, pos = string(pos)
-                (kind,) = struct.unpack_from("<I", buf, pos)
-                item, pos = value(kind, pos + 4)
-                if key in wanted:
-                    found[key] = item
-                    if len(found) == len(wanted):
-                        break
-    except (OSError, ValueError, struct.error) as exc:
-        raise LoadError(f"{path.name} is not a readable GGUF file ({exc})") from None
-    return found
-
-
 def gguf_summary(path: Path) -> dict:
-    """Architecture, file type and context length from a GGUF header (nothing dequantized)."""
-    meta = read_gguf_metadata(path, {"general.architecture", "general.file_type"})
+    """What detection and `inspect` report about one GGUF model: architecture, file type, context length,
+    tensor types, and which runtime will run it and why (nothing dequantized; the header only)."""
+    header = read_header(path)
+    meta = header.metadata
     arch = meta.get("general.architecture")
-    if arch:
-        meta.update(read_gguf_metadata(path, {f"{arch}.context_length"}))
     file_type = meta.get("general.file_type")
+    refusal = engine_refusal(header)
     return {"architecture": arch,
             "file_type": FILE_TYPES.get(file_type, str(file_type)) if file_type is not None else "unknown",
-            "context_length": meta.get(f"{arch}.context_length") if arch else None}
+            "context_length": meta.get(f"{arch}.context_length") if arch else None,
+            "tensor_types": type_counts(header),
+            "runtime": "transformers" if refusal else "engine",
+            "runtime_reason": (f"not on Hearth's engine: {refusal}" if refusal
+                               else "Hearth's engine, weights kept packed" if any(
+                                   t.type_name in BLOCK_TYPES for t in header.tensors) else "Hearth's engine")}
+
+
+def pick_file(model_dir: Path, choice: str) -> Path:
+    """The model file the gguf_file option names (empty: the first); LoadError listing the choices."""
+    files = model_files(model_dir)
+    if not files:
+        raise LoadError(f"{model_dir.name} has no .gguf file")
+    if not choice:
+        return files[0]
+    chosen = model_dir / choice
+    if chosen not in files:
+        raise LoadError(f"{choice} is not a model in {model_dir.name}; the choices are "
+                        f"{', '.join(f.name for f in files)}")
+    return chosen
 
 
 class GGUFLoader:
     name = "gguf"
-    description = "GGUF files (llama.cpp format), dequantized by transformers on load (CPU)."
+    description = ("GGUF files (llama.cpp format): Llama, Mistral and Qwen2 on Hearth's engine with the weights "
+                   "kept packed; other architectures dequantized by transformers (CPU).")
     options_type = GGUFOptions
 
     def detect(self, model_dir: Path) -> Detection | None:
-        files = gguf_files(model_dir)
+        files = model_files(model_dir)
         if not files:
             return None
         summary = gguf_summary(files[0])   # LoadError for a damaged file: the registry reports it
         # Folders with safetensors as well are better served by their own loader; GGUF-only folders are ours.
         score = 0.2 if safetensors_files(model_dir) else 0.6
         more = f" (+{len(files) - 1} more)" if len(files) > 1 else ""
-        return Detection(self.name, score, f"GGUF {summary['file_type']} {summary['architecture'] or 'model'} "
-                                           f"({files[0].name}{more})", {"gguf": {**summary, "file": files[0].name}})
+        return Detection(self.name, score,
+                         f"GGUF {summary['file_type']} {summary['architecture'] or 'model'} ({files[0].name}{more}); "
+                         f"{summary['runtime_reason']}",
+                         {"gguf": {**summary, "file": files[0].name, "files": [f.name for f in files]}})
 
     def load(self, model_dir: Path, options: GGUFOptions, progress: Progress = no_progress):
+        require_dir(model_dir)
+        chosen = pick_file(model_dir, options.gguf_file)
+        parts = split_parts(chosen)
+        progress(0.02, f"reading the header of {chosen.name}")
+        refusal = engine_refusal(read_header(chosen))
+        if refusal is None and options.runtime != "transformers":
+            from loaders.gguf_engine import load_gguf_engine
+
+            return load_gguf_engine(model_dir, chosen, options, progress)
+        if options.runtime == "engine":
+            raise LoadError(f"Hearth's engine cannot run {chosen.name}: {refusal}")
+        if len(parts) > 1:
+            raise LoadError(f"{chosen.name} is split in {len(parts)} files, which transformers cannot load "
+                            f"({refusal or 'runtime transformers was asked for'})")
+        return self._load_transformers(model_dir, chosen, options, refusal or "runtime transformers was asked for",
+                                       progress)
+
+    def _load_transformers(self, model_dir: Path, chosen: Path, options: GGUFOptions, why: str,
+                           progress: Progress):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        require_dir(model_dir)
-        files = gguf_files(model_dir)
-        if options.gguf_file:
-            chosen = model_dir / options.gguf_file
-            if chosen not in files:
-                raise LoadError(f"{options.gguf_file} is not a .gguf file in {model_dir.name}")
-        elif files:
-            chosen = files[0]
-        else:
-            raise LoadError(f"{model_dir.name} has no .gguf file")
         dtype = getattr(torch, options.dtype)
         progress(0.05, f"reading {chosen.name}")
         try:
@@ -144,5 +128,5 @@ class GGUFLoader:
         context = options.context_length or getattr(model.config, "max_position_embeddings", None) or 2048
         loaded = TransformersModel(model_dir, model, tokenizer, torch.device("cpu"), dtype, context)
         loaded.loader = self.name
-        loaded.runtime = f"transformers from GGUF (cpu, {options.dtype})"
+        loaded.runtime = f"transformers from GGUF (cpu, {options.dtype}; {why})"
         return loaded

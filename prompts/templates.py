@@ -123,7 +123,9 @@ def tokenizer_chat_template(model_dir: Path) -> str | None:
     if jinja_file.is_file():
         text = jinja_file.read_text(encoding="utf-8", errors="replace")
         return text if text.strip() else None
-    return None
+    from loaders.gguf_header import gguf_chat_template   # GGUF-only folders carry it in the file's metadata
+
+    return gguf_chat_template(model_dir)
 
 
 def match_builtin(library: TemplateLibrary, model_name: str, model_type: str | None) -> tuple[str, str] | None:
@@ -170,7 +172,7 @@ def resolve_template(model_dir: Path, library: TemplateLibrary, saved: dict[str,
     own = tokenizer_chat_template(model_dir)
     if own:
         where = "tokenizer_config.json" if _read_json(model_dir / "tokenizer_config.json").get("chat_template") \
-            else "chat_template.jinja"
+            else "chat_template.jinja" if (model_dir / "chat_template.jinja").is_file() else "GGUF metadata"
         return ChatTemplate(name="tokenizer", source=TOKENIZER, jinja=own, reason=f"from {where}")
     readme = model_dir / "README.md"
     warning = ""

@@ -1,4 +1,5 @@
-"""GGUF-only folders: detected as gguf, loaded through transformers, same logits as the source weights."""
+"""GGUF-only folders: detected as gguf, loaded through transformers (runtime transformers), same logits as the
+source weights. The engine path: tests/test_gguf_engine.py."""
 from __future__ import annotations
 
 import pytest
@@ -23,7 +24,7 @@ def test_gguf_only_folder_loads_with_the_source_logits_and_generates(gguf_models
 
     models, source = gguf_models
     state = make_state(models)
-    model = state.load_model("tiny-GGUF")
+    model = state.load_model("tiny-GGUF", options={"runtime": "transformers"})
     assert (model.loader, model.context_length) == ("gguf", 256)
     ids = torch.tensor([[1, 5, 9, 300, 1000]])
     with torch.no_grad():
@@ -39,7 +40,7 @@ def test_gguf_only_folder_loads_with_the_source_logits_and_generates(gguf_models
 def test_inspect_reports_gguf_facts_and_context(gguf_models):
     models, _ = gguf_models
     report = inspect_model(make_state(models), "tiny-GGUF")
-    assert report["loader"] == "gguf" and report["reason"] == "GGUF F32 llama (tiny-chat.F32.gguf)"
+    assert report["loader"] == "gguf" and report["reason"] == "GGUF F32 llama (tiny-chat.F32.gguf); Hearth's engine"
     assert report["gguf"]["context_length"] == 256
     assert report["settings"]["context_length"] == {"value": 256, "source": "model (GGUF metadata)"}
 
