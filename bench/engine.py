@@ -1,12 +1,17 @@
 """Benchmark Hearth's engine; prints one JSON object. Never run inside tests.
 
   python bench/engine.py --gpu [--work DIR] [--exllamav2]   Llama-2-7B-shaped random GPTQ 4-bit g128, GPTQ 4-bit
-                                                             g32 act-order and AWQ 4-bit g128 checkpoints, and a
-                                                             70B-shaped GPTQ model built on the GPU; side by side
+                                                             g32 act-order, AWQ 4-bit g128, GPTQ 3-bit g128 and
+                                                             GPTQ 8-bit g128 checkpoints, and 70B-shaped GPTQ 4-bit
+                                                             and 3-bit g128 models built on the GPU; side by side
                                                              HF transformers fp16 generate(), exllamav2 (its own
                                                              generator, same GPTQ folder) and the copy ceiling.
-  python bench/engine.py --gemv                             our int4 matmul (engine.int4_mma) over launch configs vs
-                                                             tinygemm and bf16 cuBLAS on the 7B/70B layer shapes.
+                                                             Each Hearth row: weights GiB on the GPU next to the
+                                                             packed bytes (the checkpoint's, or counted for 70B).
+  python bench/engine.py --gemv                             our 4-bit (engine.int4_mma) and 2/3/8-bit
+                                                             (engine.lowbit_mma) matmuls over launch configs vs
+                                                             tinygemm, bf16 cuBLAS and the copy bandwidth on the
+                                                             7B/70B layer shapes.
   python bench/engine.py --cpu                              the default model: engine vs transformers generate().
 
 Decode: 128-token prompt, 256 new tokens, greedy, through the same stream() the app uses (one host sync per
@@ -30,8 +35,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[0] = str(REPO)
 
 from engine.generation import collect  # noqa: E402
-from engine.llama import ModelArgs, Rotary, Transformer  # noqa: E402
-from engine.quant_linear import Int4Linear, QuantWeight  # noqa: E402
+from engine.llama import KVCache, ModelArgs, Rotary, Transformer  # noqa: E402
+from engine.quant_linear import QuantWeight, make_quant_linear  # noqa: E402
 from engine.runtime import Engine, EngineModel, load_engine_model  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
 
@@ -80,9 +85,18 @@ def rand_int32(*shape) -> torch.Tensor:
     return torch.randint(-2**31, 2**31 - 1, shape, dtype=torch.int32, device="cuda")
 
 
-def write_checkpoint(out: Path, cfg: dict, method: str, group_size: int, act_order: bool) -> float:
-    """A random GPTQ (sym, v1) or AWQ (GEMM) checkpoint in the AutoGPTQ/AutoAWQ layouts of FORMATS.md;
-    returns the seconds it took."""
+def sym_v1_qzeros(groups: int, n: int, bits: int) -> torch.Tensor:
+    """qzeros of a symmetric GPTQ v1 file: every stored zero is 2^(bits-1) - 1, packed along N as a bit
+    stream (32 values a block of `bits` words; 4-bit: 0x77777777)."""
+    stream = sum(((1 << (bits - 1)) - 1) << (bits * j) for j in range(32))
+    block = [(stream >> (32 * i)) & 0xFFFFFFFF for i in range(bits)]
+    block = torch.tensor([w - 2**32 if w >= 2**31 else w for w in block], dtype=torch.int32, device="cuda")
+    return block.repeat(groups, n // 32)
+
+
+def write_checkpoint(out: Path, cfg: dict, method: str, group_size: int, act_order: bool, bits: int = 4) -> float:
+    """A random GPTQ (sym, v1, `bits` wide) or AWQ (GEMM) checkpoint in the AutoGPTQ/AutoAWQ layouts of
+    FORMATS.md; returns the seconds it took."""
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -108,10 +122,8 @@ def write_checkpoint(out: Path, cfg: dict, method: str, group_size: int, act_ord
                               "up_proj": "gate_up"}.get(name.split(".")[-1], name)
                     order = orders.setdefault(shared, torch.randperm(k, device="cuda"))
                     g_idx = g_idx[order]
-                tensors.update({f"{p}.{name}.qweight": rand_int32(k // 8, n),
-                                # symmetric v1: every stored zero is 7 (true zero 8)
-                                f"{p}.{name}.qzeros": torch.full((g, n // 8), 0x77777777, dtype=torch.int32,
-                                                                 device="cuda"),
+                tensors.update({f"{p}.{name}.qweight": rand_int32(k * bits // 32, n),
+                                f"{p}.{name}.qzeros": sym_v1_qzeros(g, n, bits),
                                 f"{p}.{name}.scales": scales, f"{p}.{name}.g_idx": g_idx,
                                 f"{p}.{name}.bias": torch.zeros(n, dtype=torch.float16, device="cuda")})
             else:
@@ -121,7 +133,7 @@ def write_checkpoint(out: Path, cfg: dict, method: str, group_size: int, act_ord
     del tensors
     (out / "config.json").write_text(json.dumps(cfg))
     if method == "gptq":
-        qc = {"bits": 4, "group_size": group_size, "desc_act": act_order, "sym": True, "quant_method": "gptq",
+        qc = {"bits": bits, "group_size": group_size, "desc_act": act_order, "sym": True, "quant_method": "gptq",
               "damp_percent": 0.1, "static_groups": False, "true_sequential": True, "model_file_base_name": "model"}
         (out / "quantize_config.json").write_text(json.dumps(qc))
     else:
@@ -158,6 +170,31 @@ def bench_engine_model(model: EngineModel) -> dict:
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "runtime": model.runtime}
 
 
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights on the GPU: parameters, buffers (not the KV cache) and the packed kernels' tensors,
+    each storage counted once (a tied head shares the embedding's)."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        if isinstance(module, KVCache):
+            continue
+        tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        packed = getattr(module, "packed", None)
+        if packed is not None:
+            tensors += [t for t in vars(packed).values() if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            if t is not None and t.is_cuda:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def packed_bytes_70b(cfg: dict, bits: int, group_size: int) -> int:
+    """What a GPTQ file of this shape holds: levels, fp16 scales, packed zeros, int32 g_idx, fp16 embedding
+    and head (what write_checkpoint writes for 7B, counted)."""
+    per_layer = sum(k * n * bits // 8 + (k // group_size) * n * (2 + bits / 8) + 4 * k
+                    for k, n in linears(cfg).values())
+    return int(cfg["num_hidden_layers"] * per_layer + 2 * cfg["vocab_size"] * cfg["hidden_size"] * 2)
+
+
 def bench_folder(folder: Path, **options) -> dict:
     from transformers import AutoTokenizer
 
@@ -168,27 +205,37 @@ def bench_folder(folder: Path, **options) -> dict:
                               **options)
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t
-    result = {"load_s": round(load_s, 1), **bench_engine_model(model)}
+    packed = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    weights = weight_bytes(model.engine.model)
+    result = {"load_s": round(load_s, 1), "weights_gib": round(weights / 2**30, 2),
+              "packed_gib": round(packed / 2**30, 2), "weights_over_packed": round(weights / packed, 3),
+              **bench_engine_model(model)}
     model.unload()
     return result
 
 
-def build_random_on_gpu(cfg: dict, group_size: int, tokenizer) -> EngineModel:
-    """A GPTQ-4-bit-shaped engine model made on the GPU directly (too big to write to disk quickly)."""
+def build_random_on_gpu(cfg: dict, group_size: int, tokenizer, bits: int = 4) -> EngineModel:
+    """A symmetric GPTQ-shaped engine model of `bits` made on the GPU directly (too big to write to disk
+    quickly), its layers made by make_quant_linear as a load would."""
     args = ModelArgs.from_config(cfg)
     with torch.device("meta"):
         model = Transformer(args)
     dev = torch.device("cuda")
 
-    def quant(k: int, n: int) -> Int4Linear:
+    def quant(k: int, n: int) -> torch.nn.Module:
         g = k // group_size
-        qw = QuantWeight(q=torch.randint(0, 16, (k, n), dtype=torch.uint8, device=dev),
-                         scales=torch.rand(g, n, device=dev) * SCALE + SCALE / 2,
-                         g_idx=torch.arange(k, device=dev) // group_size, bits=4, group_size=group_size,
-                         zeros=torch.full((g, n), 8, dtype=torch.uint8, device=dev))
-        return Int4Linear(qw, None, dev)
+        # Scaled so that the spread of s * (q - z) is 4-bit's whatever the width (keeps activations in range).
+        scale = SCALE * 4.6 / (2**bits / 12**0.5)
+        qw = QuantWeight(q=torch.randint(0, 2**bits, (k, n), dtype=torch.uint8, device=dev),
+                         scales=torch.rand(g, n, device=dev) * scale + scale / 2,
+                         g_idx=torch.arange(k, device=dev) // group_size, bits=bits, group_size=group_size,
+                         zeros=torch.full((g, n), 1 << (bits - 1), dtype=torch.uint8, device=dev))
+        layer = make_quant_linear(qw, None, dev, torch.bfloat16)
+        kinds.add(f"{bits}-bit {layer.kernel}")
+        return layer
 
     d, kv, f = args.dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    kinds: set[str] = set()
     param = lambda t: torch.nn.Parameter(t, requires_grad=False)
     for layer in model.layers:
         layer.attention.wqkv, layer.attention.wo = quant(d, d + 2 * kv), quant(d, d)
@@ -201,7 +248,7 @@ def build_random_on_gpu(cfg: dict, group_size: int, tokenizer) -> EngineModel:
     model.rotary = Rotary(args).to(dev)
     engine = Engine(model.eval(), 4096, use_graphs=True)
     return EngineModel(Path("llama-2-70b-shape"), engine, tokenizer, [], 4096, "bench",
-                       "hearth engine (cuda, 4-bit hearth tensor-core, CUDA graph)")
+                       f"hearth engine (cuda, {', '.join(sorted(kinds))}, CUDA graph)")
 
 
 def bench_hf_fp16(cfg: dict) -> dict:
@@ -296,11 +343,12 @@ def gpu(work: Path, with_exllamav2: bool) -> dict:
     weights_gb = 3.5  # 7B: 6.5e9 params at 4 bits + fp16 embedding/head and scales
     results["ceiling_tok_s_7b_4bit"] = round(results["copy_bandwidth_tb_s"] * 1e3 / weights_gb, 0) \
         if isinstance(results["copy_bandwidth_tb_s"], float) else None
-    variants = {"gptq_4bit_g128": ("gptq", 128, False), "gptq_4bit_g32_actorder": ("gptq", 32, True),
-                "awq_4bit_g128": ("awq", 128, False)}
-    for i, (name, (method, gs, act)) in enumerate(variants.items()):
+    variants = {"gptq_4bit_g128": ("gptq", 128, False, 4), "gptq_4bit_g32_actorder": ("gptq", 32, True, 4),
+                "awq_4bit_g128": ("awq", 128, False, 4), "gptq_3bit_g128": ("gptq", 128, False, 3),
+                "gptq_8bit_g128": ("gptq", 128, False, 8)}
+    for i, (name, (method, gs, act, bits)) in enumerate(variants.items()):
         folder = work / name
-        section(results, f"write_{name}_s", lambda: write_checkpoint(folder, LLAMA2_7B, method, gs, act))
+        section(results, f"write_{name}_s", lambda: write_checkpoint(folder, LLAMA2_7B, method, gs, act, bits))
         if i == 0 and build is not None:
             build.wait()  # the extension build takes every CPU core: let it finish before timing anything
         section(results, f"hearth_7b_{name}", lambda: bench_folder(folder))
@@ -308,16 +356,24 @@ def gpu(work: Path, with_exllamav2: bool) -> dict:
             shutil.rmtree(folder, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(work / "gptq_4bit_g128")
 
-    def seventy():
+    def seventy(bits: int):
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
-        model = build_random_on_gpu(LLAMA2_70B, 128, tokenizer)
+        model = build_random_on_gpu(LLAMA2_70B, 128, tokenizer, bits)
         build_s = time.perf_counter() - t
-        result = {"build_on_gpu_s": round(build_s, 1), **bench_engine_model(model)}
+        build_peak = torch.cuda.max_memory_allocated()
+        # The run's own peak (weights, the 4096-token cache, activations), apart from the build's (random
+        # levels drawn a matrix at a time, as a load unpacks them).
+        torch.cuda.reset_peak_memory_stats()
+        weights, packed = weight_bytes(model.engine.model), packed_bytes_70b(LLAMA2_70B, bits, 128)
+        result = {"build_on_gpu_s": round(build_s, 1), "build_peak_gib": round(build_peak / 2**30, 2),
+                  "weights_gib": round(weights / 2**30, 2), "packed_gib": round(packed / 2**30, 2),
+                  "weights_over_packed": round(weights / packed, 3), **bench_engine_model(model)}
         model.unload()
         return result
 
-    section(results, "hearth_70b_gptq_4bit_g128", seventy)
+    section(results, "hearth_70b_gptq_4bit_g128", lambda: seventy(4))
+    section(results, "hearth_70b_gptq_3bit_g128", lambda: seventy(3))
 
     section(results, "hf_transformers_fp16_7b", lambda: bench_hf_fp16(LLAMA2_7B))
     if with_exllamav2:
@@ -435,6 +491,70 @@ def gemv_sweep() -> dict:
     return res
 
 
+def lowbit_sweep() -> dict:
+    """engine.lowbit_mma (GPTQ 2/3/8-bit) over launch configs at M=1 on the 7B/70B layer shapes, g128 and
+    symmetric, against the copy bandwidth: effective TB/s counts the packed levels plus fp16 scales. Every
+    config is checked against an fp64 reference; the default config also at 3 and 8 rows, with per-group
+    zeros, and through `dequantize` (whose rate counts the bf16 it writes)."""
+    from engine import lowbit_mma
+
+    configs = [lowbit_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)]
+    res = {"copy_tb_s": round(copy_bandwidth(), 3)}
+    cases = [(bits, name, shape) for bits in (3, 8, 2) for name, shape in GEMV_SHAPES.items()
+             if bits == 3 or "70b" not in name]
+    for bits, name, (k, n) in cases:
+        gs = 128
+        nbytes = k * n * bits // 8 + (k // gs) * n * 2
+        copies = max(1, -(-256 * 2**20 // nbytes))
+        qs = [torch.randint(0, 2**bits, (k, n), dtype=torch.uint8, device="cuda") for _ in range(copies)]
+        scales = [(torch.rand(k // gs, n, device="cuda") * 0.01 + 0.001).half() for _ in qs]
+        packed = [lowbit_mma.pack(q, s_, None, gs, bits) for q, s_ in zip(qs, scales)]
+        g = torch.arange(k, device="cuda") // gs
+        w_ref = (qs[0].double() - 2 ** (bits - 1)) * scales[0].double()[g]                   # [K, N]
+        x8 = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
+        ref8 = x8.double() @ w_ref
+        err = lambda out, rows: ((out.double() - ref8[:rows]).norm() / ref8[:rows].norm()).item()
+        default = lowbit_mma.config_for(n)
+        x = x8[:1].contiguous()
+        zeros = torch.randint(0, 2**bits, (k // gs, n), dtype=torch.uint8, device="cuda")
+        pz = lowbit_mma.pack(qs[0], scales[0], zeros, gs, bits)
+        wz = (qs[0].double() - zeros.double()[g]) * scales[0].double()[g]
+        entry = {"checks": {
+            "rows3": f"{err(lowbit_mma.matmul(x8[:3].contiguous(), packed[0], default), 3):.1e}",
+            "rows8": f"{err(lowbit_mma.matmul(x8, packed[0], default), 8):.1e}",
+            "dequantize": f"{((lowbit_mma.dequantize(packed[0]).double().t() - w_ref).norm() / w_ref.norm()).item():.1e}",
+            "zeros_rows1": f"{((lowbit_mma.matmul(x, pz, default).double() - x.double() @ wz).norm() / (x.double() @ wz).norm()).item():.1e}",
+            "zeros_dequantize": f"{((lowbit_mma.dequantize(pz).double().t() - wz).norm() / wz.norm()).item():.1e}",
+        }}
+        del pz
+        t_deq = rotating_graph_time(lambda i: (lambda: lowbit_mma.dequantize(packed[i])), nbytes, calls=8)
+        entry["dequantize_write_tb_s"] = round((nbytes + 2 * k * n) / t_deq / 1e12, 2)
+        row, ranked = {}, []
+        for cfg in configs:
+            try:
+                e = err(lowbit_mma.matmul(x, packed[0], cfg), 1)
+                t = rotating_graph_time(lambda i: (lambda: lowbit_mma.matmul(x, packed[i], cfg)), nbytes)
+            except Exception as exc:
+                row[f"{cfg.warps}/{cfg.unroll}"] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            tbs = nbytes / t / 1e12
+            row[f"{cfg.warps}/{cfg.unroll}"] = [round(tbs, 2), f"{e:.1e}", round(t * 1e6, 1)]
+            if e < 1e-2:
+                ranked.append((tbs, cfg))
+        ranked.sort(key=lambda r: -r[0])
+        best = ranked[0][0] if ranked else None
+        entry.update(best_tb_s=round(best, 2) if best else None,
+                     best_config=ranked[0][1].__dict__ if ranked else None,
+                     default_config=default.__dict__, all=row,
+                     best_of_copy=round(best / res["copy_tb_s"], 2) if best else None)
+        res[f"{bits}-bit {name}"] = entry
+        print(f"{bits}-bit", name, entry["best_tb_s"], entry["best_config"], entry["best_of_copy"],
+              entry["dequantize_write_tb_s"], entry["checks"], file=sys.stderr, flush=True)
+        del qs, packed, scales
+        torch.cuda.empty_cache()
+    return res
+
+
 def cpu() -> dict:
     """The default model on this CPU: engine vs transformers generate(), greedy, same prompt. The runs
     alternate (engine, transformers, ...) so that load from other processes hits both alike; both rates are
@@ -489,7 +609,7 @@ def main() -> None:
     if args.gpu:
         results = gpu(args.work, args.exllamav2)
     else:
-        results = gemv_sweep() if args.gemv else cpu()
+        results = {"int4": gemv_sweep(), "lowbit": lowbit_sweep()} if args.gemv else cpu()
     text = json.dumps(results, indent=1)
     print(text)
     if os.environ.get("OUT"):

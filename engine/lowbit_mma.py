@@ -245,13 +245,12 @@ lowbit_dequant(const char* __restrict__ w, const u16* __restrict__ scales, const
 """
 
 
-def config_for(n: int, bits: int) -> MmaConfig:
-    """Launch shape for N outputs. 8 bits has int4's chunk count (64 inputs a chunk) and takes its rule (32
-    warps a tile below N = 8192, 16 above); 2/3 bits have half as many chunks (128 inputs), so half the warps.
-    A PERM launch of 128-input chunks keeps warps x unroll <= 16 (its gathered x must fit 48 KB of shared
-    memory)."""
-    warps = 32 if n < 8192 else 16
-    return MmaConfig(warps=warps if bits == 8 else warps // 2, unroll=1)
+def config_for(n: int) -> MmaConfig:
+    """Launch shape for N outputs. From `bench/engine.py --gemv` on an H200 (M=1, g128): 16 warps a tile
+    below N = 8192 and 8 above were best for 3 and 8 bits on every 7B/70B shape, and within 8% of the best
+    for 2 bits (bench/NOTES-engine.md). A PERM launch of 128-input chunks must keep warps x unroll <= 16
+    (its gathered x must fit 48 KB of shared memory): these do."""
+    return MmaConfig(warps=16 if n < 8192 else 8, unroll=1)
 
 
 def refusal(k: int, n: int, group_size: int, bits: int) -> str | None:
@@ -296,26 +295,22 @@ def _words(levels: torch.Tensor, shifts: torch.Tensor, dims: tuple[int, ...]) ->
     return (levels << shifts).sum(dims)
 
 
-def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, bits: int
-         ) -> PackedLowBit:
-    """q: levels uint8 [K, N] with groups contiguous along K (act-order: sorted, x gathered by the caller),
-    scales [G, N], zeros [G, N] integer zero points (None: 2^(bits-1), symmetric GPTQ)."""
+def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Levels uint8 [K, n] (n a multiple of 16) -> int32 words [n/16, K/chunk, CHUNK_BYTES/4]."""
     K, N = q.shape
-    G, CH = K // group_size, CHUNK[bits]
+    CH = CHUNK[bits]
     T, C, S = N // TILE, K // CH, CH // 16
-    dev = q.device
+    ar = lambda n, *shape: torch.arange(n, device=q.device).view(*shape)
     # [N, K] -> [T, C, r, t, i, pk, pb, h]: row = 16 T + 8 pb + r, k = CH C + 16 i + 4 t + 2 pk + h, and
     # A register p = pb + 2 pk of mma step i holds the pair h = 0, 1.
     v = q.t().reshape(T, 2, 8, C, S, 4, 2, 2).permute(0, 3, 2, 5, 4, 6, 1, 7).to(torch.int64)
-    ar = lambda n, *shape: torch.arange(n, device=dev).view(*shape)
     if bits == 8:
         v = v.reshape(T, C, 8, 4, 2, 2, 2, 2, 2)                 # i -> (plane, i % 2)
         shifts = 8 * (ar(2, 2, 1) + 2 * ar(2, 1, 2))              # [pb, h]: byte pb + 2 h
         words = _words(v, shifts, (-2, -1))                       # [T, C, r, t, plane, i % 2, pk]
         words = words.permute(0, 1, 4, 2, 3, 5, 6).reshape(T, C, -1)
     else:
-        low = v & 3 if bits == 3 else v
-        low = low.reshape(T, C, 8, 4, S // 2, 2, 2, 2, 2)         # i -> (word, i % 2)
+        low = (v & 3 if bits == 3 else v).reshape(T, C, 8, 4, S // 2, 2, 2, 2, 2)   # i -> (word, i % 2)
         # [i % 2, pk, pb, h]: bit 2 p + 8 (i % 2) + 16 h
         shifts = 2 * (ar(2, 1, 1, 2, 1) + 2 * ar(2, 1, 2, 1, 1)) + 8 * ar(2, 2, 1, 1, 1) + 16 * ar(2, 1, 1, 1, 2)
         words = _words(low, shifts, (-4, -3, -2, -1)).reshape(T, C, -1)      # [T, C, 32 lanes x 4 words]
@@ -324,17 +319,28 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
             # [i % 4, pk, pb, h]: bit 4 (i % 4) + p + 16 h
             shifts = 4 * ar(4, 4, 1, 1, 1) + ar(2, 1, 1, 2, 1) + 2 * ar(2, 1, 2, 1, 1) + 16 * ar(2, 1, 1, 1, 2)
             words = torch.cat([words, _words(high, shifts, (-4, -3, -2, -1)).reshape(T, C, -1)], -1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, bits: int,
+         slice_levels: int = 2**26) -> PackedLowBit:
+    """q: levels uint8 [K, N] with groups contiguous along K (act-order: sorted, x gathered by the caller),
+    scales [G, N], zeros [G, N] integer zero points (None: 2^(bits-1), symmetric GPTQ).
+    slice_levels: about how many levels are packed at once. The int64 temporaries of a whole 70B MLP matrix
+    would take ~15 GB, more than all its packed weights, on the card the packing is for."""
+    K, N = q.shape
+    G, T = K // group_size, N // TILE
+    step = max(TILE, (slice_levels // K) // TILE * TILE)
+    words = torch.cat([_pack_words(q[:, n:n + step], bits) for n in range(0, N, step)]).contiguous()
     tiled = lambda a: a.t().reshape(T, 2, 8, G).permute(0, 3, 2, 1).contiguous()   # [G, N] -> [T, G, r, h]
-    z0 = 1 << (bits - 1)
     uniform = zeros is None or bool((zeros == zeros.flatten()[0]).all())
     stored = None
     if not uniform:
         z = zeros.float()
         stored = tiled((z.half() if bits == 8 else (-(128.0 + z)).to(torch.bfloat16)).view(torch.int16))
     return PackedLowBit(words=words, scales=tiled(scales.to(torch.float16)), zeros=stored,
-                        uniform_zero=z0 if zeros is None else int(zeros.flatten()[0]), bits=bits, n=N, k=K,
-                        group_size=group_size)
+                        uniform_zero=1 << (bits - 1) if zeros is None else int(zeros.flatten()[0]), bits=bits,
+                        n=N, k=K, group_size=group_size)
 
 
 def matmul(x: torch.Tensor, w: PackedLowBit, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:

@@ -203,7 +203,7 @@ class LowBitLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(device), persistent=False)
         self.packed = lowbit_mma.pack(qw.q.to(device), qw.scales.to(device),
                                       None if qw.zeros is None else qw.zeros.to(device), qw.group_size, qw.bits)
-        self.config = lowbit_mma.config_for(self.out_features, qw.bits)
+        self.config = lowbit_mma.config_for(self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

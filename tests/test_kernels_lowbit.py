@@ -86,6 +86,13 @@ def test_packed_layout_reads_back_every_level_and_zero(bits, uniform_zero):
                                qw.dequantize(torch.float64), rtol=0, atol=0)
 
 
+def test_packing_in_slices_of_rows_gives_the_same_words():
+    qw = random_quant(256, 80, 128, 3)
+    whole = lowbit_mma.pack(qw.q, qw.scales, qw.zeros, 128, 3)
+    sliced = lowbit_mma.pack(qw.q, qw.scales, qw.zeros, 128, 3, slice_levels=256 * 32)   # 32 rows at a time
+    assert torch.equal(whole.words, sliced.words) and torch.equal(whole.zeros, sliced.zeros)
+
+
 def test_uniform_bias_is_what_the_kernel_subtracts():
     import struct
 
@@ -162,6 +169,8 @@ def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, unif
     for group_size in (32, 64, 128, K):                     # K: GPTQ group_size -1
         qw = random_quant(K, N, group_size, bits, act_order=True, uniform_zero=uniform_zero)
         qw, order = qw.sorted_by_group()
+        if order is None:                                   # one group: any input order is already sorted
+            order = torch.arange(K)
         packed = lowbit_mma.pack(qw.q.cuda(), qw.scales.cuda(), qw.zeros.cuda(), group_size, bits)
         w = qw.dequantize(torch.float64).cuda()                                           # [N, K], sorted K
         torch.testing.assert_close(lowbit_mma.dequantize(packed).double(), w, rtol=1e-2, atol=1e-6)
