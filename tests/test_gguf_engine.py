@@ -98,12 +98,14 @@ def smollm2_q4_1() -> Path:
     return path
 
 
-def requantize(src: Path, dst: Path, qtype_name: str, split_max_tensors: int = 0) -> None:
+def requantize(src: Path, dst: Path, qtype_name: str, split_max_tensors: int = 0,
+               wider: tuple[str, ...] = ()) -> None:
     """A copy of the GGUF `src` (metadata, tokenizer, F32 and Q8_0 tensors as they are) with every Q4_1
-    tensor quantized again to `qtype_name` by the gguf package; split in parts when split_max_tensors."""
+    tensor quantized again to `qtype_name` by the gguf package, except those whose name contains one of
+    `wider`, which become Q8_0 (llama.cpp's mixes give attn_v and ffn_down more bits the same way); split in
+    parts when split_max_tensors."""
     from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
 
-    qtype = GGMLQuantizationType[qtype_name]
     reader = GGUFReader(src)
     writer = GGUFWriter(str(dst), reader.fields["general.architecture"].contents(),
                         split_max_tensors=split_max_tensors)
@@ -114,6 +116,7 @@ def requantize(src: Path, dst: Path, qtype_name: str, split_max_tensors: int = 0
         writer.add_key_value(key, field.contents(), field.types[0], sub_type)
     for tensor in reader.tensors:
         if tensor.tensor_type == GGMLQuantizationType.Q4_1:
+            qtype = GGMLQuantizationType["Q8_0" if any(w in tensor.name for w in wider) else qtype_name]
             floats = quants.dequantize(tensor.data, GGMLQuantizationType.Q4_1)
             writer.add_tensor(tensor.name, quants.quantize(floats, qtype), raw_dtype=qtype)
         elif tensor.tensor_type == GGMLQuantizationType.F32:
@@ -140,6 +143,7 @@ def gguf_models(tmp_path_factory, smollm2_q4_1) -> Path:
     requantize(smollm2_q4_1, folder / "smol.Q8_0.gguf", "Q8_0")
     requantize(smollm2_q4_1, folder / "smol.Q4_0.gguf", "Q4_0")
     requantize(smollm2_q4_1, folder / "smol-split.Q8_0.gguf", "Q8_0", split_max_tensors=100)
+    requantize(smollm2_q4_1, folder / "smol.mixed.gguf", "Q4_0", wider=("attn_v", "ffn_down"))
     return models
 
 
@@ -210,13 +214,16 @@ def test_a_folder_of_quantizations_lists_each_and_every_one_answers(gguf_models)
     detection = state.registry.best(gguf_models / "smol-GGUF")
     # The split model is one choice, named by its first part.
     assert detection.details["gguf"]["files"] == ["smol-split.Q8_0-00001-of-00003.gguf", "smol.Q4_0.gguf",
-                                                   "smol.Q4_1.gguf", "smol.Q8_0.gguf"]
-    assert "(+3 more)" in detection.reason
-    kinds = {"smol.Q4_0.gguf": "4-bit tinygemm", "smol.Q8_0.gguf": "8-bit",
-             "smol-split.Q8_0-00001-of-00003.gguf": "8-bit"}
-    for file, kind in kinds.items():
+                                                   "smol.Q4_1.gguf", "smol.Q8_0.gguf", "smol.mixed.gguf"]
+    assert "(+4 more)" in detection.reason
+    kinds = {"smol.Q4_0.gguf": ["4-bit tinygemm"], "smol.Q8_0.gguf": ["8-bit"],
+             "smol-split.Q8_0-00001-of-00003.gguf": ["8-bit"],
+             # q/k in 4 bits, v in 8: they cannot share one matrix, and each keeps its own kernel.
+             "smol.mixed.gguf": ["4-bit tinygemm", "8-bit"]}
+    for file, expected in kinds.items():
         model = state.load_model("smol-GGUF", options={"gguf_file": file})
-        assert model.runtime.startswith(f"hearth engine (cpu, GGUF {file}, ") and kind in model.runtime
+        assert model.runtime.startswith(f"hearth engine (cpu, GGUF {file}, ")
+        assert all(kind in model.runtime for kind in expected), model.runtime
         assert "Paris" in golden_reply(state), file
         state.unload_model()
 
