@@ -35,17 +35,17 @@ class AppSettings:
     source: Path | None = None   # the file these came from, for messages
 
 
-def _entries(path: Path, key: str, value: Any, normalize) -> tuple[str, ...]:
+def _entries(where: str, value: Any, normalize) -> tuple[str, ...]:
     """A list setting (or flag): a YAML list or one comma-separated string, each entry checked."""
     if value is None:
         return ()
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise SettingsError(f"{path}: {key} must be a list of strings")
+        raise SettingsError(f"{where} must be a list of strings")
     try:
         return tuple(normalize(item) for item in items if item.strip())
     except ValueError as exc:
-        raise SettingsError(f"{path}: {key}: {exc}") from None
+        raise SettingsError(f"{where}: {exc}") from None
 
 
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> AppSettings:
@@ -61,7 +61,8 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
             raise SettingsError(f"{path} must hold a mapping of settings")
     elif path != DEFAULT_SETTINGS_FILE:
         raise SettingsError(f"settings file {path} does not exist")
-    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    raw.update(flags)
     known = {f.name for f in dataclasses.fields(AppSettings)} - {"source"}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -74,11 +75,15 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     if not models_dir.is_absolute():
         models_dir = (path.parent if "models_dir" not in (overrides or {}) or overrides.get("models_dir") is None
                       else Path.cwd()) / models_dir
+
+    def where(key: str) -> str:   # for messages: the flag or the file the value came from
+        return "--" + key.replace("_", "-") if key in flags else f"{path}: {key}"
+
     try:
         port = int(raw.get("port", 7860))
     except (TypeError, ValueError):
         raise SettingsError(f"{path}: port must be a number") from None
     return AppSettings(host=str(raw.get("host", "127.0.0.1")), port=port, models_dir=models_dir.resolve(),
                        model=raw.get("model"), generation=generation, source=path,
-                       allowed_hosts=_entries(path, "allowed_hosts", raw.get("allowed_hosts"), normalize_host),
-                       cors_origins=_entries(path, "cors_origins", raw.get("cors_origins"), normalize_origin))
+                       allowed_hosts=_entries(where("allowed_hosts"), raw.get("allowed_hosts"), normalize_host),
+                       cors_origins=_entries(where("cors_origins"), raw.get("cors_origins"), normalize_origin))

@@ -123,6 +123,12 @@ def test_settings_yaml_binding_every_interface_needs_a_login_and_an_api_key(tmp_
     assert "--gradio-auth" in no_login.stderr and "--insecure-listen" in no_login.stderr
     no_key = serve("--gradio-auth", "u:p", "--api", "--api-port", str(free_port()))
     assert no_key.returncode == 2 and "without a key: pass --api-key" in no_key.stderr
+    bad_entries = serve("--cors-origins", "http://localhost:3000/app")   # what browsers send has no path
+    assert bad_entries.returncode == 1 and bad_entries.stderr.strip().splitlines() == [
+        "error: --cors-origins: CORS origin 'http://localhost:3000/app' must look like http://host[:port] (what "
+        "browsers send as Origin: a scheme and a host, no path), 'null', or a pattern such as http://localhost:*"]
+    settings.write_text("allowed_hosts: [http://hearth.lan]\n")
+    assert "allowed_hosts: allowed host 'http://hearth.lan' must be a bare host name" in serve().stderr
 
 
 def test_policy_rules():
@@ -167,12 +173,12 @@ def test_wrong_ui_logins_are_slowed_per_address_and_logged(tmp_path, models_dir)
             return httpx.post(app.url + "/login", data={"username": "alice", "password": password}, timeout=120)
 
         # 4 guesses in parallel are checked one after the other, each waiting for the previous failure's delay
+        started = time.monotonic()
         elapsed, answers = _burst(4, lambda: login("guess"))
         assert [a.status_code for a in answers] == [400] * 4
         assert elapsed >= sum(delay_after(n) for n in range(1, 4)), elapsed
-        started = time.monotonic()
         assert login("wonderland").status_code == 200       # the right password still works, after the wait
-        assert time.monotonic() - started >= delay_after(4)
+        assert time.monotonic() - started >= sum(delay_after(n) for n in range(1, 5))
         failures = [line for line in app.output().splitlines() if line.startswith("UI login failed from 127.0.0.1")]
         assert len(failures) == 4, app.output()
         assert "(4 in a row); its next attempt waits 4.0 s" in failures[-1]

@@ -82,8 +82,8 @@ class OriginPolicy:
     @classmethod
     def build(cls, bound_host: str, allowed_hosts: Iterable[str] = (),
               cors_origins: Iterable[str] = ()) -> "OriginPolicy":
-        return cls(host_name(bound_host) if bound_host.strip() not in WILDCARD_HOSTS else bound_host.strip(),
-                   tuple(normalize_host(h) for h in allowed_hosts), tuple(normalize_origin(o) for o in cors_origins))
+        return cls(host_name(bound_host), tuple(normalize_host(h) for h in allowed_hosts),
+                   tuple(normalize_origin(o) for o in cors_origins))
 
     def host_allowed(self, host_header: str) -> bool:
         name = host_name(host_header)
