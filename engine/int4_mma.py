@@ -15,8 +15,15 @@ c and lane L = 4 r + t, the lane's 16 bytes hold four words, word i for mma i (i
 0: (row r, k) 1: (row r+8, k) 2: (r, k+2) 3: (r+8, k+2) 4: (r, k+1) 5: (r+8, k+1) 6: (r, k+3) 7: (r+8, k+3)
 with k = c*64 + 16 i + 4 t. Shifting a word right by 4 p puts the pair for A register p in bits 0-3 and
 16-19. (mma's fragment k order is a fixed permutation of the physical one, the same for A and B.)
-Scales (fp16) and zero biases (bf16 -(128 + z)) are [N/16, G, 8, 2]: a tile's rows r and r + 8 of one group
-side by side, so that a lane reads both of its rows' values in one 32-bit load.
+Scales and zero biases (bf16 -(128 + z)) are [N/16, G, 8, 2]: a tile's rows r and r + 8 of one group
+side by side, so that a lane reads both of its rows' values in one load.
+
+Float offsets (GGUF Q4_1/Q4_K: W = s * q + m) are a third form of zero point: the levels are fed as q, and
+the group's sum of x is taken by one more mma with A all ones (the sum is the same for every row, the
+instruction costs one issue slot and reuses the B registers), so the group adds s * sum(q x) + m * sum(x).
+Scales and offsets are kept fp16 where every value converts exactly (GPTQ's and GGUF's per-block fp16
+values do), else fp32 (the K-quants' d * sub-scale products need up to 17 significant bits): the layer
+always equals its QuantWeight's dequantize up to summation order.
 
 Compiled at first use by NVRTC, the runtime compiler CUDA builds of torch ship and load: no nvcc or CUDA
 toolkit is needed where Hearth runs. Needs compute capability 8.0+ (bf16 mma).
@@ -85,6 +92,26 @@ __device__ __forceinline__ void half_pair(u32 v, float& lo, float& hi) {
     lo = half_to_float((u16)(v & 0xFFFFu));
     hi = half_to_float((u16)(v >> 16));
 }
+
+// Scales and offsets are pairs (row r, row r + 8) of fp16 (F32 false) or fp32: pair `at` as two floats.
+template <bool F32> __device__ __forceinline__ void value_pair(const void* base, size_t at, float& lo, float& hi) {
+    if (F32) {
+        const float2 v = reinterpret_cast<const float2*>(base)[at];
+        lo = v.x;
+        hi = v.y;
+    } else {
+        half_pair(reinterpret_cast<const u32*>(base)[at], lo, hi);
+    }
+}
+
+// One value (element `at`, not pair) of the same tensors.
+template <bool F32> __device__ __forceinline__ float value_at(const void* base, size_t at) {
+    return F32 ? reinterpret_cast<const float*>(base)[at] : half_to_float(reinterpret_cast<const u16*>(base)[at]);
+}
+
+// Zero-point modes: one zero for every group (uniform_bias), a zero per group and row, float offsets.
+enum ZeroMode { UNIFORM = 0, ZEROS = 1, OFFSETS = 2 };
+enum : u32 { ONES = 0x3F803F80u };   // bf16x2 (1, 1): the A operand that sums x over a k-step
 """
 
 SOURCE = DEVICE_HELPERS + r"""
@@ -92,13 +119,15 @@ SOURCE = DEVICE_HELPERS + r"""
 // y[M, N] = x[M, K] @ W^T for M <= 8. One block per 16-row tile; its WARPS warps take every WARPS-th chunk
 // of 64 inputs, U chunks in flight per lane, and meet in shared memory at the end.
 // SEG = mmas per scale (group / 16, at most 4): one group's partial sums are scaled together.
+// ZMODE: UNIFORM, ZEROS (zero_bias: bf16 -(128 + z) pairs) or OFFSETS (zero_bias: offsets, fp16/fp32 as the
+// scales: F32).
 // PERM (act-order whose order the layer before could not produce): x[m, perm[k]] is read instead of x[m, k];
 // each warp gathers a chunk's 64 inputs once into shared memory (2 a lane), and the lanes read their B
 // values from there.
-template <int WARPS, int U, int SEG, bool ZEROS, bool PERM>
+template <int WARPS, int U, int SEG, int ZMODE, bool F32, bool PERM>
 __global__ void __launch_bounds__(WARPS * 32)
 int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* __restrict__ w,
-         const u32* __restrict__ scales, const u32* __restrict__ zero_bias, u16* __restrict__ y,
+         const void* __restrict__ scales, const void* __restrict__ zero_bias, u16* __restrict__ y,
          int M, int N, int K, int G, int group_shift, u32 uniform_bias) {
     __shared__ float partial[WARPS][8][16];
     __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][32];   // [warp][u][x row][input pair]
@@ -109,12 +138,11 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     const int xrow = min(r, M - 1);                          // B column r: x row r (unused columns repeat)
     const u16* xr = x + (size_t)xrow * K;
     const Words* wt = w + (size_t)tile * chunks * 32 + lane;
-    const u32* st = scales + (size_t)tile * G * 8 + r;       // [G][8] pairs (row r, row r + 8)
-    const u32* zt = zero_bias + (size_t)tile * G * 8 + r;
+    const size_t pairs = (size_t)tile * G * 8 + r;           // [G][8] pairs (row r, row r + 8)
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
         Words q[U];
-        float s[U][4 / SEG][2];
+        float s[U][4 / SEG][2], off[ZMODE == OFFSETS ? U : 1][4 / SEG][2];
         u32 bias[U][4 / SEG][2];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -125,14 +153,17 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
                 for (int seg = 0; seg < 4 / SEG; ++seg) {
                     // A shift, not a division: dividing by a runtime value costs ~20 instructions a chunk.
                     const int g = (c * 64 + seg * SEG * 16) >> group_shift;
-                    half_pair(st[g * 8], s[u][seg][0], s[u][seg][1]);
-                    if (ZEROS) {
-                        const u32 b = zt[g * 8];
+                    value_pair<F32>(scales, pairs + g * 8, s[u][seg][0], s[u][seg][1]);
+                    if (ZMODE == ZEROS) {
+                        const u32 b = reinterpret_cast<const u32*>(zero_bias)[pairs + g * 8];
                         bias[u][seg][0] = (b & 0xFFFFu) * 0x10001u;
                         bias[u][seg][1] = (b >> 16) * 0x10001u;
                     } else {
                         bias[u][seg][0] = bias[u][seg][1] = uniform_bias;
                     }
+                    if (ZMODE == OFFSETS)
+                        value_pair<F32>(zero_bias, pairs + g * 8, off[ZMODE == OFFSETS ? u : 0][seg][0],
+                                        off[ZMODE == OFFSETS ? u : 0][seg][1]);
                 }
                 if (PERM) {
                     const int k0 = perm[c * 64 + 2 * lane], k1 = perm[c * 64 + 2 * lane + 1];
@@ -149,7 +180,7 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
             if (c < chunks) {
 #pragma unroll
                 for (int seg = 0; seg < 4 / SEG; ++seg) {
-                    float part[4] = {0.f, 0.f, 0.f, 0.f};
+                    float part[4] = {0.f, 0.f, 0.f, 0.f}, xsum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                     for (int i = seg * SEG; i < (seg + 1) * SEG; ++i) {
                         const u32 wd = q[u].w[i];
@@ -160,11 +191,20 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
                             : *reinterpret_cast<const Pair*>(xr + c * 64 + 16 * i + 4 * t);
                         mma(part, levels(wd, b_r), levels(wd >> 4, b_r8), levels(wd >> 8, b_r),
                             levels(wd >> 12, b_r8), b.lo, b.hi);
+                        if (ZMODE == OFFSETS) mma(xsum, ONES, ONES, ONES, ONES, b.lo, b.hi);
                     }
                     acc[0] += s[u][seg][0] * part[0];
                     acc[1] += s[u][seg][0] * part[1];
                     acc[2] += s[u][seg][1] * part[2];
                     acc[3] += s[u][seg][1] * part[3];
+                    if (ZMODE == OFFSETS) {   // C fragment: xsum[0], [2] are x row 2t's sum, [1], [3] row 2t + 1's
+                        const float m_r = off[ZMODE == OFFSETS ? u : 0][seg][0];
+                        const float m_r8 = off[ZMODE == OFFSETS ? u : 0][seg][1];
+                        acc[0] += m_r * xsum[0];
+                        acc[1] += m_r * xsum[1];
+                        acc[2] += m_r8 * xsum[2];
+                        acc[3] += m_r8 * xsum[3];
+                    }
                 }
             }
         }
@@ -189,9 +229,9 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
 // W [N, K] bf16 from the packed layout (prompts then run through cuBLAS). One warp a (tile, chunk): each
 // lane dequantizes its 16 bytes into shared memory, then the warp writes the 16 x 64 block row by row
 // (16-byte stores, 128 contiguous bytes a row: stores straight from the fragment layout would scatter).
-template <bool ZEROS>
+template <int ZMODE, bool F32>
 __global__ void __launch_bounds__(256)
-int4_dequant(const Words* __restrict__ w, const u16* __restrict__ scales, const u16* __restrict__ zero_bias,
+int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const void* __restrict__ zero_bias,
              Words* __restrict__ out, int N, int K, int G, int group_shift, u32 uniform_bias) {
     __shared__ u32 block[8][16][33];                    // [warp][row][k pair], padded against bank conflicts
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -209,10 +249,15 @@ int4_dequant(const Words* __restrict__ w, const u16* __restrict__ scales, const 
         for (int p = 0; p < 4; ++p) {                   // A register p: row r or r+8, inputs k, k+1 or k+2, k+3
             const int h = p & 1;
             const size_t at = (((size_t)tile * G + g) * 8 + r) * 2 + h;   // pairs (row r, row r + 8)
-            const u32 zb = ZEROS ? (u32)zero_bias[at] : (uniform_bias & 0xFFFFu);
+            const u32 zb = ZMODE == ZEROS ? (u32)reinterpret_cast<const u16*>(zero_bias)[at] : (uniform_bias & 0xFFFFu);
             const u32 lv = levels(q.w[word] >> (4 * p), zb | (zb << 16));
-            const float sc = half_to_float(scales[at]);
-            const float lo = bits_to_float(lv << 16) * sc, hi = bits_to_float(lv & 0xFFFF0000u) * sc;
+            const float sc = value_at<F32>(scales, at);
+            float lo = bits_to_float(lv << 16) * sc, hi = bits_to_float(lv & 0xFFFF0000u) * sc;
+            if (ZMODE == OFFSETS) {
+                const float m = value_at<F32>(zero_bias, at);
+                lo += m;
+                hi += m;
+            }
             block[warp][r + 8 * h][(k >> 1) + (p >> 1)] = (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16);
         }
     }
@@ -320,16 +365,55 @@ def _as_int32(u: int) -> int:
     return u - (1 << 32) if u >= 1 << 31 else u
 
 
+UNIFORM, ZEROS, OFFSETS = 0, 1, 2   # the kernels' zero-point modes (ZMODE)
+
+
+def tiled(a: torch.Tensor) -> torch.Tensor:
+    """[G, N] -> [N/16, G, 8, 2]: row 16 T + 8 h + r of group g at [T, g, r, h] (a lane's two rows side by side)."""
+    G, N = a.shape
+    return a.t().reshape(N // TILE, 2, 8, G).permute(0, 3, 2, 1).contiguous()
+
+
+def exact_in_fp16(*tensors: torch.Tensor | None) -> bool:
+    """Whether every value converts to fp16 and back unchanged (then fp16 storage is lossless)."""
+    return all(t is None or torch.equal(t.to(torch.float16).float(), t.float()) for t in tensors)
+
+
+def float_storage(scales: torch.Tensor, offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and offsets [G, N] tiled for the kernels: fp16 when both convert exactly, else fp32."""
+    dtype = torch.float16 if exact_in_fp16(scales, offsets) else torch.float32
+    return tiled(scales.to(dtype)), None if offsets is None else tiled(offsets.to(dtype))
+
+
 @dataclass
 class PackedInt4:
     """A 4-bit weight [N, K] in this module's layout, ready for `matmul` and `dequantize`."""
     words: torch.Tensor              # int32 [N/16 * K/64 * 32 * 4]
-    scales: torch.Tensor             # fp16 [N/16, G, 8, 2]
+    scales: torch.Tensor             # fp16, or fp32 where fp16 would round them, [N/16, G, 8, 2]
     zero_bias: torch.Tensor | None   # bf16 bits int16 [N/16, G, 8, 2], or None with one zero for all groups
     uniform_zero: float
     n: int
     k: int
     group_size: int
+    offsets: torch.Tensor | None = None   # W = s * q + m: m in the scales' dtype and layout (no zero_bias then)
+
+    @property
+    def zmode(self) -> int:
+        return OFFSETS if self.offsets is not None else ZEROS if self.zero_bias is not None else UNIFORM
+
+    @property
+    def wide(self) -> bool:
+        """fp32 scales (and offsets)."""
+        return self.scales.dtype == torch.float32
+
+    @property
+    def zero_arg(self) -> torch.Tensor:
+        """The kernels' zero_bias argument: the offsets, the per-group zeros, or (unread) the scales."""
+        return next(t for t in (self.offsets, self.zero_bias, self.scales) if t is not None)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zero_bias, self.offsets)
+                   if t is not None)
 
     @property
     def group_shift(self) -> int:
@@ -342,11 +426,12 @@ class PackedInt4:
         return _as_int32(b | (b << 16))
 
 
-def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int) -> PackedInt4:
+def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+         offsets: torch.Tensor | None = None) -> PackedInt4:
     """q: levels uint8 [K, N] with groups contiguous along K (act-order: sorted, and x gathered to match by
-    the caller), scales [G, N], zeros [G, N] integer zero points (None: 8, symmetric GPTQ)."""
+    the caller), scales [G, N], zeros [G, N] integer zero points (None: 8, symmetric GPTQ), or instead float
+    offsets [G, N] (W = s * q + m)."""
     K, N = q.shape
-    G = K // group_size
     T, C = N // TILE, K // CHUNK
     # [N, K] -> [T, h, r, C, i, t, kk] with row = 16 T + 8 h + r and k = 64 C + 16 i + 4 t + kk
     levels = q.t().reshape(T, 2, 8, C, 4, 4, 4).permute(0, 3, 2, 5, 4, 1, 6).to(torch.int64)  # [T,C,r,t,i,h,kk]
@@ -355,39 +440,37 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
     shifts = 4 * (h + 2 * (kk >> 1) + 4 * (kk & 1))                                           # [2, 4]
     words = (levels << shifts).sum((-2, -1))                                                  # [T,C,r,t,i]
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).reshape(-1)
-    # [G, N] -> [T, G, 8, 2]: row 16 T + 8 h + r at [T, g, r, h]
-    tiled = lambda a: a.t().reshape(T, 2, 8, G).permute(0, 3, 2, 1).contiguous()
+    if offsets is not None:   # the levels go in as q: a uniform zero of 0
+        zeros = torch.zeros(1, 1, dtype=torch.uint8, device=q.device)
     uniform = zeros is None or bool((zeros == zeros.flatten()[0]).all())
     zero = 8.0 if zeros is None else float(zeros.flatten()[0])
     bias = None
     if not uniform:
         bias = tiled((-(128.0 + zeros.float())).to(torch.bfloat16).view(torch.int16))
-    return PackedInt4(words=words, scales=tiled(scales.to(torch.float16)), zero_bias=bias, uniform_zero=zero,
-                      n=N, k=K, group_size=group_size)
+    stored_scales, stored_offsets = float_storage(scales, offsets)
+    return PackedInt4(words=words, scales=stored_scales, zero_bias=bias, uniform_zero=zero, n=N, k=K,
+                      group_size=group_size, offsets=stored_offsets)
 
 
 def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
     seg = min(4, w.group_size // 16)
-    zeros = w.zero_bias is not None
     flag = lambda b: str(b).lower()
-    name = f"int4_mma<{config.warps},{config.unroll},{seg},{flag(zeros)},{flag(perm is not None)}>"
+    name = f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{flag(w.wide)},{flag(perm is not None)}>"
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     _kernel(name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
-                  args=[x, perm if perm is not None else w.words, w.words, w.scales,
-                        w.zero_bias if zeros else w.scales, y, M, w.n, w.k, w.k // w.group_size, w.group_shift,
-                        w.uniform_bias])
+                  args=[x, perm if perm is not None else w.words, w.words, w.scales, w.zero_arg, y, M, w.n, w.k,
+                        w.k // w.group_size, w.group_shift, w.uniform_bias])
     return y
+
 
 
 def dequantize(w: PackedInt4) -> torch.Tensor:
     """W bf16 [N, K] (in the packed weight's input order: act-order's sorted K)."""
-    zeros = w.zero_bias is not None
     out = torch.empty(w.n, w.k, dtype=torch.bfloat16, device=w.words.device)
     units = w.n // TILE * (w.k // CHUNK)                                                  # a warp each
-    _kernel(f"int4_dequant<{str(zeros).lower()}>")(
+    _kernel(f"int4_dequant<{w.zmode},{str(w.wide).lower()}>")(
         grid=(-(-units // 8), 1, 1), block=(256, 1, 1),
-        args=[w.words, w.scales, w.zero_bias if zeros else w.scales, out, w.n, w.k, w.k // w.group_size, w.group_shift,
-              w.uniform_bias])
+        args=[w.words, w.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift, w.uniform_bias])
     return out

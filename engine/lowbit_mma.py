@@ -1,4 +1,5 @@
-"""Hearth's 2, 3 and 8-bit matmul on CUDA: GPTQ weights of those widths stay packed on the GPU.
+"""Hearth's 2, 3 and 8-bit matmul on CUDA: GPTQ weights of those widths, and GGUF's 2, 3, 5, 6 and 8-bit
+blocks, stay packed on the GPU.
 
 The same scheme as engine.int4_mma (read it first): each lane loads its share of a 16-row tile's chunk of
 inputs, turns the levels into bf16 pairs (q - z) with a few instructions per pair, and feeds them to
@@ -16,9 +17,14 @@ levels is made:
   placed in the mantissa of 2^23 as an fp32 (one byte permute), 2^23 + z is subtracted (exact), and the
   two results' upper halves are the bf16 pair (q - z is an integer of at most 8 significant bits: exact).
 
+5 and 6-bit levels (GGUF Q5_*, Q6_K) go into the 8-bit layout: losslessly, at 8 bits of storage a level,
+on the 8-bit kernel (a width of their own would need its own bit juggling for ~25% fewer bytes).
+
 Wider chunks for 2/3 bits keep as many bytes in flight a lane as the 4-bit kernel (16-24 bytes a load
-round), which is what its speed was found to depend on (bench/NOTES-engine.md). Scales (fp16) and zeros
-are [N/16, G, 8, 2] as at 4 bits; the zeros are bf16 -(128 + z) for 2/3 bits and fp16 z for 8 bits.
+round), which is what its speed was found to depend on (bench/NOTES-engine.md). Scales and zeros are
+[N/16, G, 8, 2] as at 4 bits; the zeros are bf16 -(128 + z) for 2/3 bits and fp16 z for 8 bits. Float
+offsets (W = s * q + m) and fp32 scales where fp16 would round them are handled as in engine.int4_mma:
+one more mma with A all ones sums x over each group, and the group adds s * sum(q x) + m * sum(x).
 Prompts longer than MAX_ROWS dequantize the packed weight into a bf16 scratch for cuBLAS; no bf16 copy is
 kept. Needs compute capability 8.0+.
 """
@@ -29,11 +35,13 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.int4_mma import DEVICE_HELPERS, MAX_ROWS, TILE, MmaConfig, compiled, refusal as shape_refusal
+from engine.int4_mma import (DEVICE_HELPERS, MAX_ROWS, OFFSETS, TILE, UNIFORM, ZEROS, MmaConfig, compiled,
+                             float_storage, refusal as shape_refusal, tiled)
 
-BITS = (2, 3, 8)
-CHUNK = {2: 128, 3: 128, 8: 64}                # inputs a chunk
-CHUNK_BYTES = {2: 512, 3: 768, 8: 1024}        # bytes of one 16-row tile's chunk
+BITS = (2, 3, 5, 6, 8)
+WIDTH = {2: 2, 3: 3, 5: 8, 6: 8, 8: 8}         # the layout (and kernel) each width's levels use
+CHUNK = {2: 128, 3: 128, 8: 64}                # inputs a chunk, by layout width
+CHUNK_BYTES = {2: 512, 3: 768, 8: 1024}        # bytes of one 16-row tile's chunk, by layout width
 
 __all__ = ["BITS", "MAX_ROWS", "MmaConfig", "PackedLowBit", "config_for", "dequantize", "matmul", "pack",
            "refusal"]
@@ -80,6 +88,7 @@ template <int BITS> __device__ __forceinline__ Chunk<BITS> load_chunk(const char
 }
 
 // A row's per-group bias from its stored zero: bf16x2 -(128 + z) for 2/3 bits, fp32 2^23 + z for 8 bits.
+// (BITS is the layout's width from here on: 5 and 6-bit levels use the 8-bit one.)
 template <int BITS> __device__ __forceinline__ u32 row_bias(u32 stored) {
     if (BITS == 8) return float_bits(8388608.f + half_to_float((u16)stored));
     return stored * 0x10001u;
@@ -106,11 +115,12 @@ template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, 
 }
 
 // y[M, N] = x[M, K] @ W^T for M <= 8, as int4_mma (one block a 16-row tile, WARPS warps splitting the
-// chunks, U chunks in flight a lane, SEG mma steps a scale, PERM: x read through perm).
-template <int BITS, int WARPS, int U, int SEG, bool ZEROS, bool PERM>
+// chunks, U chunks in flight a lane, SEG mma steps a scale, ZMODE and F32 as there, PERM: x read through
+// perm).
+template <int BITS, int WARPS, int U, int SEG, int ZMODE, bool F32, bool PERM>
 __global__ void __launch_bounds__(WARPS * 32)
 lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* __restrict__ w,
-           const u32* __restrict__ scales, const u32* __restrict__ zeros, u16* __restrict__ y,
+           const void* __restrict__ scales, const void* __restrict__ zeros, u16* __restrict__ y,
            int M, int N, int K, int G, int group_shift, u32 uniform_bias) {
     constexpr int CH = Width<BITS>::inputs, STEPS = Width<BITS>::steps, SEGS = STEPS / SEG;
     __shared__ float partial[WARPS][8][16];
@@ -122,12 +132,11 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
     const int xrow = min(r, M - 1);
     const u16* xr = x + (size_t)xrow * K;
     const char* wt = w + (size_t)tile * chunks * Width<BITS>::bytes;
-    const u32* st = scales + (size_t)tile * G * 8 + r;
-    const u32* zt = zeros + (size_t)tile * G * 8 + r;
+    const size_t pairs = (size_t)tile * G * 8 + r;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
         Chunk<BITS> q[U];
-        float s[U][SEGS][2];
+        float s[U][SEGS][2], off[ZMODE == OFFSETS ? U : 1][SEGS][2];
         u32 bias[U][SEGS][2];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -137,14 +146,17 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
 #pragma unroll
                 for (int seg = 0; seg < SEGS; ++seg) {
                     const int g = (c * CH + seg * SEG * 16) >> group_shift;
-                    half_pair(st[g * 8], s[u][seg][0], s[u][seg][1]);
-                    if (ZEROS) {
-                        const u32 b = zt[g * 8];
+                    value_pair<F32>(scales, pairs + g * 8, s[u][seg][0], s[u][seg][1]);
+                    if (ZMODE == ZEROS) {
+                        const u32 b = reinterpret_cast<const u32*>(zeros)[pairs + g * 8];
                         bias[u][seg][0] = row_bias<BITS>(b & 0xFFFFu);
                         bias[u][seg][1] = row_bias<BITS>(b >> 16);
                     } else {
                         bias[u][seg][0] = bias[u][seg][1] = uniform_bias;
                     }
+                    if (ZMODE == OFFSETS)
+                        value_pair<F32>(zeros, pairs + g * 8, off[ZMODE == OFFSETS ? u : 0][seg][0],
+                                        off[ZMODE == OFFSETS ? u : 0][seg][1]);
                 }
                 if (PERM) {
 #pragma unroll
@@ -165,7 +177,7 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
             if (c < chunks) {
 #pragma unroll
                 for (int seg = 0; seg < SEGS; ++seg) {
-                    float part[4] = {0.f, 0.f, 0.f, 0.f};
+                    float part[4] = {0.f, 0.f, 0.f, 0.f}, xsum[4] = {0.f, 0.f, 0.f, 0.f};
                     const u32 b_r = bias[u][seg][0], b_r8 = bias[u][seg][1];
 #pragma unroll
                     for (int i = seg * SEG; i < (seg + 1) * SEG; ++i) {
@@ -174,11 +186,20 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
                             : *reinterpret_cast<const Pair*>(xr + c * CH + 16 * i + 4 * t);
                         mma(part, a_pair<BITS>(q[u], i, 0, b_r), a_pair<BITS>(q[u], i, 1, b_r8),
                             a_pair<BITS>(q[u], i, 2, b_r), a_pair<BITS>(q[u], i, 3, b_r8), b.lo, b.hi);
+                        if (ZMODE == OFFSETS) mma(xsum, ONES, ONES, ONES, ONES, b.lo, b.hi);
                     }
                     acc[0] += s[u][seg][0] * part[0];
                     acc[1] += s[u][seg][0] * part[1];
                     acc[2] += s[u][seg][1] * part[2];
                     acc[3] += s[u][seg][1] * part[3];
+                    if (ZMODE == OFFSETS) {
+                        const float m_r = off[ZMODE == OFFSETS ? u : 0][seg][0];
+                        const float m_r8 = off[ZMODE == OFFSETS ? u : 0][seg][1];
+                        acc[0] += m_r * xsum[0];
+                        acc[1] += m_r * xsum[1];
+                        acc[2] += m_r8 * xsum[2];
+                        acc[3] += m_r8 * xsum[3];
+                    }
                 }
             }
         }
@@ -201,9 +222,9 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
 
 // W [N, K] bf16 from the packed layout, one warp a (tile, chunk), written row by row through shared memory
 // in 16-byte stores (as int4_dequant).
-template <int BITS, bool ZEROS>
+template <int BITS, int ZMODE, bool F32>
 __global__ void __launch_bounds__(256)
-lowbit_dequant(const char* __restrict__ w, const u16* __restrict__ scales, const u16* __restrict__ zeros,
+lowbit_dequant(const char* __restrict__ w, const void* __restrict__ scales, const void* __restrict__ zeros,
                Words* __restrict__ out, int N, int K, int G, int group_shift, u32 uniform_bias) {
     constexpr int CH = Width<BITS>::inputs;
     __shared__ u32 block[8][16][CH / 2 + 1];            // [warp][row][k pair], padded against bank conflicts
@@ -222,10 +243,15 @@ lowbit_dequant(const char* __restrict__ w, const u16* __restrict__ scales, const
         for (int p = 0; p < 4; ++p) {
             const int h = p & 1;
             const size_t at = (((size_t)tile * G + g) * 8 + r) * 2 + h;
-            const u32 bias = ZEROS ? row_bias<BITS>(zeros[at]) : uniform_bias;
+            const u32 bias = ZMODE == ZEROS ? row_bias<BITS>(reinterpret_cast<const u16*>(zeros)[at]) : uniform_bias;
             const u32 lv = a_pair<BITS>(d, i, p, bias);
-            const float sc = half_to_float(scales[at]);
-            const float lo = bits_to_float(lv << 16) * sc, hi = bits_to_float(lv & 0xFFFF0000u) * sc;
+            const float sc = value_at<F32>(scales, at);
+            float lo = bits_to_float(lv << 16) * sc, hi = bits_to_float(lv & 0xFFFF0000u) * sc;
+            if (ZMODE == OFFSETS) {
+                const float m = value_at<F32>(zeros, at);
+                lo += m;
+                hi += m;
+            }
             block[warp][r + 8 * h][(k >> 1) + (p >> 1)] = (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16);
         }
     }
@@ -257,20 +283,39 @@ def refusal(k: int, n: int, group_size: int, bits: int) -> str | None:
     """Why the kernel cannot take this weight (None: it can)."""
     if bits not in BITS:
         return f"{bits}-bit weights have no kernel here"
-    return shape_refusal(k, n, group_size, CHUNK[bits])
+    return shape_refusal(k, n, group_size, CHUNK[WIDTH[bits]])
 
 
 @dataclass
 class PackedLowBit:
-    """A 2, 3 or 8-bit weight [N, K] in this module's layout, ready for `matmul` and `dequantize`."""
+    """A 2, 3, 5, 6 or 8-bit weight [N, K] in this module's layout, ready for `matmul` and `dequantize`."""
     words: torch.Tensor              # int32 [N/16, K/chunk, CHUNK_BYTES/4]
-    scales: torch.Tensor             # fp16 [N/16, G, 8, 2]
+    scales: torch.Tensor             # fp16, or fp32 where fp16 would round them, [N/16, G, 8, 2]
     zeros: torch.Tensor | None       # int16 bits [N/16, G, 8, 2] (see the module docstring), None: uniform_zero
     uniform_zero: int
     bits: int
     n: int
     k: int
     group_size: int
+    offsets: torch.Tensor | None = None   # W = s * q + m: m in the scales' dtype and layout (no zeros then)
+
+    @property
+    def width(self) -> int:
+        """The layout's bits a level: 8 for 5 and 6-bit levels."""
+        return WIDTH[self.bits]
+
+    @property
+    def zmode(self) -> int:
+        return OFFSETS if self.offsets is not None else ZEROS if self.zeros is not None else UNIFORM
+
+    @property
+    def wide(self) -> bool:
+        return self.scales.dtype == torch.float32
+
+    @property
+    def zero_arg(self) -> torch.Tensor:
+        """The kernels' zeros argument: the offsets, the per-group zeros, or (unread) the scales."""
+        return next(t for t in (self.offsets, self.zeros, self.scales) if t is not None)
 
     @property
     def group_shift(self) -> int:
@@ -279,7 +324,7 @@ class PackedLowBit:
     @property
     def uniform_bias(self) -> int:
         """The kernel's bias for every row when there are no per-group zeros."""
-        if self.bits == 8:
+        if self.width == 8:
             u = struct.unpack("<I", struct.pack("<f", 2.0**23 + self.uniform_zero))[0]
         else:
             b = int(torch.tensor(-(128.0 + self.uniform_zero), dtype=torch.bfloat16).view(torch.int16).item()) & 0xFFFF
@@ -287,7 +332,8 @@ class PackedLowBit:
         return u - (1 << 32) if u >= 1 << 31 else u
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zeros) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zeros, self.offsets)
+                   if t is not None)
 
 
 def _words(levels: torch.Tensor, shifts: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
@@ -323,49 +369,48 @@ def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, bits: int,
-         slice_levels: int = 2**26) -> PackedLowBit:
+         slice_levels: int = 2**26, offsets: torch.Tensor | None = None) -> PackedLowBit:
     """q: levels uint8 [K, N] with groups contiguous along K (act-order: sorted, x gathered by the caller),
-    scales [G, N], zeros [G, N] integer zero points (None: 2^(bits-1), symmetric GPTQ).
+    scales [G, N], zeros [G, N] integer zero points (None: 2^(bits-1), symmetric GPTQ), or instead float
+    offsets [G, N] (W = s * q + m).
     slice_levels: about how many levels are packed at once. The int64 temporaries of a whole 70B MLP matrix
     would take ~15 GB, more than all its packed weights, on the card the packing is for."""
     K, N = q.shape
-    G, T = K // group_size, N // TILE
+    width = WIDTH[bits]
     step = max(TILE, (slice_levels // K) // TILE * TILE)
-    words = torch.cat([_pack_words(q[:, n:n + step], bits) for n in range(0, N, step)]).contiguous()
-    tiled = lambda a: a.t().reshape(T, 2, 8, G).permute(0, 3, 2, 1).contiguous()   # [G, N] -> [T, G, r, h]
+    words = torch.cat([_pack_words(q[:, n:n + step], width) for n in range(0, N, step)]).contiguous()
+    if offsets is not None:   # the levels go in as q: a uniform zero of 0
+        zeros = torch.zeros(1, 1, dtype=torch.uint8, device=q.device)
     uniform = zeros is None or bool((zeros == zeros.flatten()[0]).all())
     stored = None
     if not uniform:
         z = zeros.float()
-        stored = tiled((z.half() if bits == 8 else (-(128.0 + z)).to(torch.bfloat16)).view(torch.int16))
-    return PackedLowBit(words=words, scales=tiled(scales.to(torch.float16)), zeros=stored,
+        stored = tiled((z.half() if width == 8 else (-(128.0 + z)).to(torch.bfloat16)).view(torch.int16))
+    stored_scales, stored_offsets = float_storage(scales, offsets)
+    return PackedLowBit(words=words, scales=stored_scales, zeros=stored,
                         uniform_zero=1 << (bits - 1) if zeros is None else int(zeros.flatten()[0]), bits=bits,
-                        n=N, k=K, group_size=group_size)
+                        n=N, k=K, group_size=group_size, offsets=stored_offsets)
 
 
 def matmul(x: torch.Tensor, w: PackedLowBit, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
-    seg = min(CHUNK[w.bits] // 16, w.group_size // 16)
-    zeros = w.zeros is not None
+    seg = min(CHUNK[w.width] // 16, w.group_size // 16)
     flag = lambda b: str(b).lower()
-    name = (f"lowbit_mma<{w.bits},{config.warps},{config.unroll},{seg},{flag(zeros)},"
+    name = (f"lowbit_mma<{w.width},{config.warps},{config.unroll},{seg},{w.zmode},{flag(w.wide)},"
             f"{flag(perm is not None)}>")
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     compiled(SOURCE, name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
-                           args=[x, perm if perm is not None else w.words, w.words, w.scales,
-                                 w.zeros if zeros else w.scales, y, M, w.n, w.k, w.k // w.group_size,
-                                 w.group_shift, w.uniform_bias])
+                           args=[x, perm if perm is not None else w.words, w.words, w.scales, w.zero_arg, y, M,
+                                 w.n, w.k, w.k // w.group_size, w.group_shift, w.uniform_bias])
     return y
 
 
 def dequantize(w: PackedLowBit) -> torch.Tensor:
     """W bf16 [N, K] (in the packed weight's input order: act-order's sorted K)."""
-    zeros = w.zeros is not None
     out = torch.empty(w.n, w.k, dtype=torch.bfloat16, device=w.words.device)
-    units = w.n // TILE * (w.k // CHUNK[w.bits])                                          # a warp each
-    compiled(SOURCE, f"lowbit_dequant<{w.bits},{str(zeros).lower()}>")(
+    units = w.n // TILE * (w.k // CHUNK[w.width])                                         # a warp each
+    compiled(SOURCE, f"lowbit_dequant<{w.width},{w.zmode},{str(w.wide).lower()}>")(
         grid=(-(-units // 8), 1, 1), block=(256, 1, 1),
-        args=[w.words, w.scales, w.zeros if zeros else w.scales, out, w.n, w.k, w.k // w.group_size,
-              w.group_shift, w.uniform_bias])
+        args=[w.words, w.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift, w.uniform_bias])
     return out

@@ -11,7 +11,8 @@ pass and use cuBLAS, so one packed copy serves both) and through torch's tinygem
 Act-order checkpoints have non-contiguous groups; sorting K by group once at load makes them contiguous,
 and x is gathered in that order: by the caller where the order can be folded into the layer before
 (engine.weights), else by this layer (an index_select before the kernel).
-`LowBitLinear` does the same for GPTQ's 2, 3 and 8-bit weights on CUDA (engine.lowbit_mma), and
+`LowBitLinear` does the same for GPTQ's 2, 3 and 8-bit weights and GGUF's 2, 3, 5, 6 and 8-bit ones on
+CUDA (engine.lowbit_mma; both kernels take float offsets too), and
 `Int8Linear` keeps 8-bit weights with one scale per output row packed on CPU (torch's int8 weight-only
 matmul). Whatever no kernel takes uses `DequantLinear`: the weights dequantized once, with the reason kept
 for the runtime line. Every layer names its kernel in `kernel`.
@@ -116,18 +117,21 @@ def exact_int4(w: torch.Tensor, group_size: int = 32) -> QuantWeight | None:
                        bits=4, group_size=group_size, offsets=lo.reshape(N, G).t().contiguous())
 
 
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
 def kernel_refusal(qw: QuantWeight, device: torch.device) -> str | None:
     """Why no packed kernel takes this weight on `device` (None: one does). CUDA: the tensor-core kernels
-    (4-bit engine.int4_mma, 2/3/8-bit engine.lowbit_mma) for integer zero points (GPTQ, AWQ). CPU: tinygemm
-    for 4 bits (also with float offsets), torch's int8 kernel for 8 bits with one group for all inputs."""
+    (4-bit engine.int4_mma, 2/3/5/6/8-bit engine.lowbit_mma), with integer zero points (GPTQ, AWQ) or float
+    offsets (GGUF). CPU: tinygemm for 4 bits (also with float offsets), torch's int8 kernel for 8 bits with
+    one group for all inputs."""
     K, N, gs, bits = qw.in_features, qw.out_features, qw.group_size, qw.bits
     if K % gs or not qw.regular_groups():
         return "act-order groups of unequal size"
     if device.type == "cuda":
         if not int4_mma.supported(device):
             return "the tensor-core kernels need compute capability 8.0+"
-        if qw.offsets is not None:
-            return "float offsets have no CUDA kernel"
         return int4_mma.refusal(K, N, gs) if bits == 4 else lowbit_mma.refusal(K, N, gs, bits)
     if bits == 4:
         if gs not in TINYGEMM_GROUP_SIZES or K % 16 or N % 8:
@@ -158,8 +162,8 @@ class Int4Linear(nn.Module):
         if self.cpu:
             self._init_tinygemm(qw)
         else:
-            self.packed = int4_mma.pack(qw.q.to(device), qw.scales.to(device),
-                                        None if qw.zeros is None else qw.zeros.to(device), qw.group_size)
+            self.packed = int4_mma.pack(qw.q.to(device), qw.scales.to(device), _on(qw.zeros, device),
+                                        qw.group_size, offsets=_on(qw.offsets, device))
             self.config = int4_mma.config_for(self.out_features)
 
     def _init_tinygemm(self, qw: QuantWeight) -> None:
@@ -189,7 +193,7 @@ class Int4Linear(nn.Module):
 
 
 class LowBitLinear(nn.Module):
-    """y = x @ W^T + b for GPTQ 2, 3 and 8-bit weights on CUDA through engine.lowbit_mma: up to MAX_ROWS
+    """y = x @ W^T + b for 2, 3, 5, 6 and 8-bit weights on CUDA through engine.lowbit_mma: up to MAX_ROWS
     rows read the packed weights directly; longer inputs dequantize them into a bf16 scratch for cuBLAS (no
     bf16 copy is kept). Act-order as in Int4Linear."""
 
@@ -201,8 +205,8 @@ class LowBitLinear(nn.Module):
         qw, perm = qw.sorted_by_group()
         self.register_buffer("perm", None if perm is None else perm.to(device, torch.int32), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.to(device), persistent=False)
-        self.packed = lowbit_mma.pack(qw.q.to(device), qw.scales.to(device),
-                                      None if qw.zeros is None else qw.zeros.to(device), qw.group_size, qw.bits)
+        self.packed = lowbit_mma.pack(qw.q.to(device), qw.scales.to(device), _on(qw.zeros, device), qw.group_size,
+                                      qw.bits, offsets=_on(qw.offsets, device))
         self.config = lowbit_mma.config_for(self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,16 @@
-"""GPTQ 2, 3 and 8-bit weights kept packed: engine.lowbit_mma's layout (on CPU, by reading the packed words
-back exactly as the CUDA kernel does), its kernels against an fp64 reference at every launch shape (GPU,
-skipped without CUDA), the layers make_quant_linear picks, and the CPU int8 path."""
+"""GPTQ 2, 3 and 8-bit and GGUF 2-8-bit weights kept packed: engine.lowbit_mma's layout (on CPU, by reading
+the packed words back exactly as the CUDA kernel does), the scales and float offsets both kernels keep
+(exactly the QuantWeight's), the kernels against an fp64 reference at every launch shape (GPU, skipped
+without CUDA), the layers make_quant_linear picks, and the CPU int8 path."""
 from __future__ import annotations
+
+import struct
 
 import pytest
 import torch
 
-from engine import lowbit_mma
-from engine.quant_linear import DequantLinear, Int8Linear, LowBitLinear, QuantWeight, make_quant_linear
+from engine import int4_mma, lowbit_mma
+from engine.quant_linear import DequantLinear, Int4Linear, Int8Linear, LowBitLinear, QuantWeight, make_quant_linear
 from engine.weights import load_transformer
 from tests.quant_fixtures import quantize_model_dir, tiny_llama_dir
 
@@ -20,22 +23,36 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def random_quant(K: int, N: int, group_size: int, bits: int, act_order: bool = False, uniform_zero: bool = False,
-                 device: str = "cpu") -> QuantWeight:
+                 device: str = "cpu", offsets: bool = False, fp32_scales: bool = False) -> QuantWeight:
+    """GPTQ-like (fp16 scales, integer zeros), or with `offsets` GGUF-like (W = s * q + m); fp32_scales: scales
+    (and offsets) that fp16 would round, as the K-quants' products are."""
     G = K // group_size
     g_idx = torch.arange(K) // group_size
     if act_order:
         g_idx = g_idx[torch.randperm(K)]
     zeros = (torch.full((G, N), 1 << (bits - 1), dtype=torch.uint8) if uniform_zero
              else torch.randint(0, 2**bits, (G, N), dtype=torch.uint8))
-    return QuantWeight(q=torch.randint(0, 2**bits, (K, N), dtype=torch.uint8).to(device),
-                       scales=(torch.rand(G, N) * 0.02 + 0.001).half().to(device), g_idx=g_idx.to(device),
-                       bits=bits, group_size=group_size, zeros=zeros.to(device))
+    scales = (torch.rand(G, N) * 0.02 + 0.001)
+    scales = scales if fp32_scales else scales.half()
+    m = None
+    if offsets:
+        zeros, m = None, -scales.float() * 2 ** (bits - 1) * (torch.rand(G, N) + 0.5)
+        m = m if fp32_scales else m.half().float()
+    return QuantWeight(q=torch.randint(0, 2**bits, (K, N), dtype=torch.uint8).to(device), scales=scales.to(device),
+                       g_idx=g_idx.to(device), bits=bits, group_size=group_size,
+                       zeros=None if zeros is None else zeros.to(device), offsets=None if m is None else m.to(device))
+
+
+def untiled(a: torch.Tensor) -> torch.Tensor:
+    """The kernels' [N/16, G, 8, 2] scales/offsets back to [G, N] fp32."""
+    T, G = a.shape[:2]
+    return a.float().permute(1, 0, 3, 2).reshape(G, T * 16)
 
 
 def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [K, N], z [K, N]) read out of the packed tensors the way lowbit_mma's CUDA code reads them
     (a_pair's bit positions, row_bias's zeros): a CPU emulation of the kernel's dequantization."""
-    bits, K, N = packed.bits, packed.k, packed.n
+    bits, K, N = packed.width, packed.k, packed.n
     CH = lowbit_mma.CHUNK[bits]
     T, C, S = N // 16, K // CH, CH // 16
     words = packed.words.to(torch.int64) & 0xFFFFFFFF                                   # [T, C, bytes/4]
@@ -59,7 +76,9 @@ def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Te
                 k = cols + 16 * i + 4 * (lane & 3) + 2 * (p >> 1) + h                      # [1, C, 32]
                 q[row.expand(T, C, 32), k.expand(T, C, 32)] = pair[h]
     G = packed.scales.shape[1]
-    if packed.zeros is None:
+    if packed.offsets is not None:      # levels go in as q (zero 0); the offsets are added apart
+        z = torch.zeros(G, N)
+    elif packed.zeros is None:
         z = torch.full((G, N), float(packed.uniform_zero))
     else:
         stored = packed.zeros.view(torch.float16 if bits == 8 else torch.bfloat16).float()   # [T, G, r, h]
@@ -93,9 +112,61 @@ def test_packing_in_slices_of_rows_gives_the_same_words():
     assert torch.equal(whole.words, sliced.words) and torch.equal(whole.zeros, sliced.zeros)
 
 
-def test_uniform_bias_is_what_the_kernel_subtracts():
-    import struct
+@pytest.mark.parametrize("bits", [5, 6])
+@pytest.mark.parametrize("zero", ["uniform", "offsets"])   # Q5_0 / Q6_K: one zero; Q5_1 / Q5_K: float offsets
+def test_5_and_6_bit_levels_pack_losslessly_into_the_8bit_layout(bits, zero):
+    qw = random_quant(256, 48, 32, bits, uniform_zero=True, offsets=zero == "offsets", fp32_scales=True)
+    packed = lowbit_mma.pack(qw.q, qw.scales, qw.zeros, 32, bits, offsets=qw.offsets)
+    assert packed.width == 8 and packed.words.numel() * 4 == 256 * 48
+    q, z = kernel_view(packed)
+    assert torch.equal(q, qw.q.long())
+    assert torch.equal(untiled(packed.scales), qw.scales.float())
+    if zero == "offsets":
+        assert packed.zmode == int4_mma.OFFSETS and torch.equal(untiled(packed.offsets), qw.offsets)
+        assert torch.equal(z, torch.zeros(256, 48))
+    else:
+        assert packed.zmode == int4_mma.UNIFORM and packed.uniform_zero == 1 << (bits - 1)
+        assert packed.uniform_bias == struct.unpack("<i", struct.pack("<f", 2.0**23 + 2 ** (bits - 1)))[0]
 
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("fp32_scales", [False, True])
+def test_scales_and_offsets_are_stored_fp16_only_where_that_is_exact(bits, fp32_scales):
+    qw = random_quant(256, 32, 32, bits, offsets=True, fp32_scales=fp32_scales)
+    packed = (int4_mma.pack(qw.q, qw.scales, None, 32, offsets=qw.offsets) if bits == 4
+              else lowbit_mma.pack(qw.q, qw.scales, None, 32, bits, offsets=qw.offsets))
+    assert packed.wide == fp32_scales
+    assert packed.scales.dtype == packed.offsets.dtype == (torch.float32 if fp32_scales else torch.float16)
+    # Lossless: the stored values are the QuantWeight's, and the levels go in as q (a uniform zero of 0).
+    assert torch.equal(untiled(packed.scales), qw.scales.float())
+    assert torch.equal(untiled(packed.offsets), qw.offsets.float())
+    assert packed.zmode == int4_mma.OFFSETS and packed.uniform_zero == 0
+
+
+def test_the_gguf_quantizer_outputs_reach_the_kernels_losslessly():
+    # Every GGUF type's repacked weight, packed for the CUDA kernels (plain torch: runs on CPU): levels read
+    # back as the kernel reads them, scales/offsets/zero exactly the QuantWeight's, so the kernels compute
+    # W = s * (q - z) or s * q + m with gguf's own values. fp16 storage only for the per-block fp16 types.
+    from loaders.gguf_repack import BLOCK_TYPES, repack
+    from tests.test_gguf_engine import random_blocks
+
+    fp16_exact = {"Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"}
+    for type_name, kind in BLOCK_TYPES.items():
+        qw = repack(torch.from_numpy(random_blocks(type_name, 32, 512 // kind.block, 0)), type_name, 512)
+        packed = (int4_mma.pack(qw.q, qw.scales, qw.zeros, qw.group_size, offsets=qw.offsets) if qw.bits == 4
+                  else lowbit_mma.pack(qw.q, qw.scales, qw.zeros, qw.group_size, qw.bits, offsets=qw.offsets))
+        assert packed.wide == (type_name not in fp16_exact), type_name
+        assert torch.equal(untiled(packed.scales), qw.scales.float()), type_name
+        if qw.offsets is not None:
+            assert torch.equal(untiled(packed.offsets), qw.offsets.float()), type_name
+        else:
+            assert packed.zmode == int4_mma.UNIFORM and packed.uniform_zero == int(qw.zeros[0, 0]), type_name
+        if qw.bits != 4:
+            q, _ = kernel_view(packed)
+            assert torch.equal(q, qw.q.long()), type_name
+
+
+def test_uniform_bias_is_what_the_kernel_subtracts():
     assert lowbit_mma.pack(torch.zeros(128, 16, dtype=torch.uint8), torch.ones(1, 16), None, 128, 8).uniform_bias \
         == struct.unpack("<i", struct.pack("<f", 2.0**23 + 128))[0]
     b3 = lowbit_mma.pack(torch.zeros(128, 16, dtype=torch.uint8), torch.ones(1, 16), None, 128, 3).uniform_bias
@@ -108,7 +179,8 @@ def test_refusals_name_the_shape():
     assert "128-input chunks" in lowbit_mma.refusal(192, 64, 32, 3)
     assert "16-row tiles" in lowbit_mma.refusal(256, 40, 32, 2)
     assert "group size 192" in lowbit_mma.refusal(1152, 64, 192, 8)
-    assert "no kernel" in lowbit_mma.refusal(256, 64, 32, 5)
+    assert "no kernel" in lowbit_mma.refusal(256, 64, 32, 7)
+    assert lowbit_mma.refusal(256, 64, 16, 6) is None and "64-input chunks" in lowbit_mma.refusal(96, 64, 32, 5)
 
 
 @pytest.mark.parametrize("zeros", ["sym", "asym", "offsets"])
@@ -157,21 +229,29 @@ def test_cpu_engine_runs_a_gptq_8bit_folder_on_the_int8_kernel(tmp_path):
 LAUNCH_SHAPES = [(8, 1), (16, 1), (16, 2), (32, 1)]
 
 
+# symmetric GPTQ (one z), asym (a z per group), GGUF-style float offsets with fp16-exact or fp32 scales
+ZERO_KINDS = {"uniform": {"uniform_zero": True}, "per-group": {}, "offsets-fp16": {"offsets": True},
+              "offsets-fp32": {"offsets": True, "fp32_scales": True}}
+
+
 @needs_cuda
-@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("bits", [2, 3, 6, 8])               # 6: GGUF Q6_K's levels in the 8-bit layout
 @pytest.mark.parametrize("warps,unroll", LAUNCH_SHAPES)
-@pytest.mark.parametrize("uniform_zero", [True, False])     # symmetric GPTQ (one z) / asym (a z per group)
-def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, uniform_zero):
+@pytest.mark.parametrize("zero", sorted(ZERO_KINDS))
+def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, zero):
     K, N = 1024, 1008
     config = lowbit_mma.MmaConfig(warps, unroll)
     # Gathering x in the kernel needs warps x unroll x 128-input chunks of shared memory: 2/3 bits cap it at 16.
-    gather = bits == 8 or warps * unroll <= 16
-    for group_size in (32, 64, 128, K):                     # K: GPTQ group_size -1
-        qw = random_quant(K, N, group_size, bits, act_order=True, uniform_zero=uniform_zero)
+    gather = lowbit_mma.WIDTH[bits] == 8 or warps * unroll <= 16
+    for group_size in (16, 32, 64, 128, K):                 # 16: GGUF's K-quants; K: GPTQ group_size -1
+        qw = random_quant(K, N, group_size, bits, act_order=True, **ZERO_KINDS[zero])
         qw, order = qw.sorted_by_group()
         if order is None:                                   # one group: any input order is already sorted
             order = torch.arange(K)
-        packed = lowbit_mma.pack(qw.q.cuda(), qw.scales.cuda(), qw.zeros.cuda(), group_size, bits)
+        cuda = lambda t: None if t is None else t.cuda()
+        packed = lowbit_mma.pack(qw.q.cuda(), qw.scales.cuda(), cuda(qw.zeros), group_size, bits,
+                                 offsets=cuda(qw.offsets))
+        assert packed.wide == (zero == "offsets-fp32")
         w = qw.dequantize(torch.float64).cuda()                                           # [N, K], sorted K
         torch.testing.assert_close(lowbit_mma.dequantize(packed).double(), w, rtol=1e-2, atol=1e-6)
         order = order.cuda()
@@ -184,6 +264,53 @@ def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, unif
             for y in outs:
                 assert y.shape == (rows, N) and torch.isfinite(y).all()
                 assert rel_err(y, ref) < 5e-3, (group_size, rows)
+
+
+@needs_cuda
+@pytest.mark.parametrize("warps,unroll", LAUNCH_SHAPES + [(32, 2)])
+@pytest.mark.parametrize("zero", ["per-group", "offsets-fp16", "offsets-fp32"])
+def test_int4_mma_with_offsets_and_fp32_scales_matches_fp64_at_every_launch_shape(warps, unroll, zero):
+    # The 4-bit kernel's GGUF forms (Q4_1: fp16 offsets; Q4_K: fp32 scales and offsets), and fp32 scales with
+    # per-group zeros, next to its GPTQ forms (tests/test_engine.py).
+    K, N = 1024, 1008
+    config = int4_mma.MmaConfig(warps, unroll)
+    for group_size in (32, 64, 128, K):
+        qw = random_quant(K, N, group_size, 4, act_order=True, fp32_scales=zero != "offsets-fp16",
+                          **{k: v for k, v in ZERO_KINDS[zero].items() if k != "fp32_scales"})
+        qw, order = qw.sorted_by_group()
+        order = torch.arange(K) if order is None else order
+        cuda = lambda t: None if t is None else t.cuda()
+        packed = int4_mma.pack(qw.q.cuda(), qw.scales.cuda(), cuda(qw.zeros), group_size, offsets=cuda(qw.offsets))
+        assert packed.wide == (zero != "offsets-fp16")
+        w = qw.dequantize(torch.float64).cuda()
+        torch.testing.assert_close(int4_mma.dequantize(packed).double(), w, rtol=1e-2, atol=1e-6)
+        order = order.cuda()
+        for rows in (1, 3, 8):
+            x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+            ref = x[:, order].double() @ w.t()
+            for y in (int4_mma.matmul(x[:, order].contiguous(), packed, config),
+                      int4_mma.matmul(x, packed, config, order.to(torch.int32))):
+                assert y.shape == (rows, N) and torch.isfinite(y).all()
+                assert rel_err(y, ref) < 5e-3, (group_size, rows)
+
+
+@needs_cuda
+def test_every_gguf_type_runs_packed_on_cuda():
+    # What a GGUF load builds: each type's repacked weight becomes a tensor-core layer (never dequantized), at
+    # decode sizes and through the prompt path (dequantize + cuBLAS), against gguf's values in fp64.
+    from loaders.gguf_repack import BLOCK_TYPES, repack
+    from tests.test_gguf_engine import random_blocks
+
+    K, N = 512, 64
+    for type_name, kind in BLOCK_TYPES.items():
+        qw = repack(torch.from_numpy(random_blocks(type_name, N, K // kind.block, 1)), type_name, K)
+        layer = make_quant_linear(qw, None, torch.device("cuda"), torch.bfloat16)
+        assert isinstance(layer, Int4Linear if qw.bits == 4 else LowBitLinear), type_name
+        assert layer.kernel == "hearth tensor-core", type_name
+        w = qw.dequantize(torch.float64).cuda()
+        for rows in (1, 5, 300):
+            x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+            assert rel_err(layer(x), x.double() @ w.t()) < 5e-3, (type_name, rows)
 
 
 @needs_cuda
