@@ -17,7 +17,7 @@ import torch
 from engine.llama import SUPPORTED_MODEL_TYPES
 from engine.quant_linear import QuantWeight
 from loaders.base import LoadError
-from loaders.gguf_header import GGUFHeader, read_header, split_parts
+from loaders.gguf_header import GGUFHeader, read_model_header, split_parts
 from loaders.gguf_repack import BLOCK_TYPES, ENGINE_TYPES, FLOAT_TYPES, repack
 
 # GGUF tensor name -> HF name; {i} is the layer.
@@ -102,9 +102,7 @@ class GGUFCheckpoint:
         from gguf import GGUFReader
 
         self.parts = split_parts(path)
-        self.header = read_header(self.parts[0])
-        for part in self.parts[1:]:          # truncated or damaged parts fail here, by name
-            self.header.tensors.extend(read_header(part).tensors)
+        self.header = read_model_header(path)
         self.config = hf_config(self.header.metadata, {t.name for t in self.header.tensors})
         self._tensors = {}
         for part in self.parts:

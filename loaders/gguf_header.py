@@ -110,6 +110,15 @@ def read_header(path: Path, wanted: set[str] | None = None) -> GGUFHeader:
     return header
 
 
+def read_model_header(path: Path) -> GGUFHeader:
+    """The header of the model `path` starts: its metadata, and the tensors of every part when it is split."""
+    parts = split_parts(path)
+    header = read_header(parts[0])
+    for part in parts[1:]:          # a truncated or damaged part fails here, by name
+        header.tensors.extend(read_header(part).tensors)
+    return header
+
+
 def tensor_bytes(entry: TensorEntry) -> int:
     """Bytes of a tensor's data; 0 for a type the gguf package does not know (the engine refuses those)."""
     try:

@@ -1,8 +1,9 @@
 """The `gguf` loader: folders holding *.gguf files (llama.cpp format).
 
-Llama, Mistral and Qwen2 GGUFs run on Hearth's engine with their weights kept packed: every quantized
-tensor is repacked losslessly into the engine's QuantWeight (loaders.gguf_repack), and 4-bit layers run on
-torch's int4 kernel on CPU, Hearth's own kernels on a GPU. Anything else (another architecture, a tensor
+Llama, Mistral and Qwen2 GGUFs run on Hearth's engine: every quantized tensor is repacked losslessly into
+the engine's QuantWeight (loaders.gguf_repack), which stays packed wherever a kernel takes it (on CPU:
+torch's int4 kernel for the 4-bit types; on a GPU: Hearth's kernels) and is dequantized once otherwise, as
+the runtime line says layer kind by layer kind. Anything else (another architecture, a tensor
 type the repacker does not read) is dequantized by transformers into a float model, with the reason in the
 runtime line. A folder may hold several quantizations side by side: each file (a split model counts once,
 by its first part) is a choice of the `gguf_file` option, saved per model like every option.
@@ -18,7 +19,7 @@ from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.engine_choice import RuntimeOptions
 from loaders.folder import require_dir, safetensors_files
 from loaders.gguf_checkpoint import engine_refusal, type_counts
-from loaders.gguf_header import model_files, read_header, split_parts
+from loaders.gguf_header import model_files, read_model_header, split_parts
 from loaders.gguf_repack import BLOCK_TYPES
 from loaders.options import option
 from loaders.transformers_loader import TransformersModel
@@ -42,7 +43,7 @@ class GGUFOptions(RuntimeOptions):
 def gguf_summary(path: Path) -> dict:
     """What detection and `inspect` report about one GGUF model: architecture, file type, context length,
     tensor types, and which runtime will run it and why (nothing dequantized; the header only)."""
-    header = read_header(path)
+    header = read_model_header(path)
     meta = header.metadata
     arch = meta.get("general.architecture")
     file_type = meta.get("general.file_type")
@@ -53,7 +54,7 @@ def gguf_summary(path: Path) -> dict:
             "tensor_types": type_counts(header),
             "runtime": "transformers" if refusal else "engine",
             "runtime_reason": (f"not on Hearth's engine: {refusal}" if refusal
-                               else "Hearth's engine, weights kept packed" if any(
+                               else "Hearth's engine, quantized tensors repacked losslessly" if any(
                                    t.type_name in BLOCK_TYPES for t in header.tensors) else "Hearth's engine")}
 
 
@@ -73,8 +74,8 @@ def pick_file(model_dir: Path, choice: str) -> Path:
 
 class GGUFLoader:
     name = "gguf"
-    description = ("GGUF files (llama.cpp format): Llama, Mistral and Qwen2 on Hearth's engine with the weights "
-                   "kept packed; other architectures dequantized by transformers (CPU).")
+    description = ("GGUF files (llama.cpp format): Llama, Mistral and Qwen2 on Hearth's engine, quantized layers "
+                   "repacked losslessly for its kernels; other architectures dequantized by transformers (CPU).")
     options_type = GGUFOptions
 
     def detect(self, model_dir: Path) -> Detection | None:
@@ -95,7 +96,7 @@ class GGUFLoader:
         chosen = pick_file(model_dir, options.gguf_file)
         parts = split_parts(chosen)
         progress(0.02, f"reading the header of {chosen.name}")
-        refusal = engine_refusal(read_header(chosen))
+        refusal = engine_refusal(read_model_header(chosen))
         if refusal is None and options.runtime != "transformers":
             from loaders.gguf_engine import load_gguf_engine
 

@@ -158,7 +158,7 @@ def test_the_wheels_q4_1_gguf_runs_packed_on_the_engine_with_its_own_chat_templa
     state = make_state(gguf_models)
     detection = state.registry.best(gguf_models / "smol-Q4_1")
     assert detection.loader == "gguf"
-    assert detection.reason.endswith("; Hearth's engine, weights kept packed")
+    assert detection.reason.endswith("; Hearth's engine, quantized tensors repacked losslessly")
     assert detection.details["gguf"]["tensor_types"] == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
     model = state.load_model("smol-Q4_1")
     # Every Q4_1 layer on torch's int4 kernel: nothing dequantized to floats.
