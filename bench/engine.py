@@ -3,15 +3,19 @@
   python bench/engine.py --gpu [--work DIR] [--exllamav2]   Llama-2-7B-shaped random GPTQ 4-bit g128, GPTQ 4-bit
                                                              g32 act-order, AWQ 4-bit g128, GPTQ 3-bit g128 and
                                                              GPTQ 8-bit g128 checkpoints, and 70B-shaped GPTQ 4-bit
-                                                             and 3-bit g128 models built on the GPU; side by side
+                                                             and 3-bit g128 models built on the GPU, and 7B-shaped
+                                                             GGUF Q4_K_M-style, Q8_0 and Q6_K models built on the
+                                                             GPU from random blocks; side by side
                                                              HF transformers fp16 generate(), exllamav2 (its own
                                                              generator, same GPTQ folder) and the copy ceiling.
                                                              Each Hearth row: weights GiB on the GPU next to the
-                                                             packed bytes (the checkpoint's, or counted for 70B).
-  python bench/engine.py --gemv                             our 4-bit (engine.int4_mma) and 2/3/8-bit
+                                                             packed bytes (the checkpoint's, or counted for 70B and
+                                                             GGUF: the blocks' bytes plus a bf16 embedding).
+  python bench/engine.py --gemv [--sweep int4,lowbit,gguf]  our 4-bit (engine.int4_mma) and 2/3/8-bit
                                                              (engine.lowbit_mma) matmuls over launch configs vs
                                                              tinygemm, bf16 cuBLAS and the copy bandwidth on the
-                                                             7B/70B layer shapes.
+                                                             7B/70B layer shapes; gguf: the GGUF forms (Q4_K, Q8_0,
+                                                             Q6_K) at the default launch shape.
   python bench/engine.py --cpu                              the default model: engine vs transformers generate().
 
 Decode: 128-token prompt, 256 new tokens, greedy, through the same stream() the app uses (one host sync per
@@ -34,11 +38,14 @@ REPO = Path(__file__).resolve().parent.parent
 # Replace this script's folder on the path: bench/engine.py would shadow the engine package otherwise.
 sys.path[0] = str(REPO)
 
+from engine import int4_mma, lowbit_mma  # noqa: E402
 from engine.generation import collect  # noqa: E402
 from engine.llama import KVCache, ModelArgs, Rotary, Transformer  # noqa: E402
 from engine.quant_linear import QuantWeight, make_quant_linear  # noqa: E402
 from engine.runtime import Engine, EngineModel, load_engine_model  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
+from engine.weights import SideBySide  # noqa: E402
+from loaders.gguf_repack import BLOCK_TYPES, repack  # noqa: E402
 
 PROMPT, NEW, PREFILL = 128, 256, 2048
 TOKENIZER = REPO / "models" / "SmolLM2-135M-Instruct"   # --tokenizer overrides (models/ does not travel)
@@ -214,41 +221,103 @@ def bench_folder(folder: Path, **options) -> dict:
     return result
 
 
-def build_random_on_gpu(cfg: dict, group_size: int, tokenizer, bits: int = 4) -> EngineModel:
-    """A symmetric GPTQ-shaped engine model of `bits` made on the GPU directly (too big to write to disk
-    quickly), its layers made by make_quant_linear as a load would."""
+def build_on_gpu(cfg: dict, tokenizer, linear, head=None) -> EngineModel:
+    """An engine model made on the GPU directly (too big to write to disk quickly): linear(layer index,
+    name, k, n) makes each decoder linear (wqkv, wo, w13, w2), head(k, n) the output head (None: bf16)."""
     args = ModelArgs.from_config(cfg)
     with torch.device("meta"):
         model = Transformer(args)
     dev = torch.device("cuda")
+    d, kv, f = args.dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    param = lambda t: torch.nn.Parameter(t, requires_grad=False)
+    for i, layer in enumerate(model.layers):
+        layer.attention.wqkv, layer.attention.wo = linear(i, "wqkv", d, d + 2 * kv), linear(i, "wo", d, d)
+        layer.feed_forward.w13, layer.feed_forward.w2 = linear(i, "w13", d, 2 * f), linear(i, "w2", f, d)
+        layer.attention_norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
+        layer.ffn_norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
+    model.tok_embeddings.weight = param(torch.randn(args.vocab_size, d, device=dev, dtype=torch.bfloat16) * 0.02)
+    if head is None:
+        model.output.weight = param(torch.randn(args.vocab_size, d, device=dev, dtype=torch.bfloat16) * 0.02)
+    else:
+        model.output = head(d, args.vocab_size)
+    model.norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
+    model.rotary = Rotary(args).to(dev)
+    engine = Engine(model.eval(), 4096, use_graphs=True)
+    kinds = sorted({f"{m.kind_name}" for m in model.modules() if hasattr(m, "kind_name")})
+    return EngineModel(Path("random-on-gpu"), engine, tokenizer, [], 4096, "bench",
+                       f"hearth engine (cuda, {', '.join(kinds)}, CUDA graph)")
 
-    def quant(k: int, n: int) -> torch.nn.Module:
+
+def named(layer: torch.nn.Module, kind: str) -> torch.nn.Module:
+    """Tag a layer with the runtime line's name for it (as engine.weights' loader describes a load)."""
+    layer.kind_name = kind
+    return layer
+
+
+def build_random_on_gpu(cfg: dict, group_size: int, tokenizer, bits: int = 4) -> EngineModel:
+    """A symmetric GPTQ-shaped engine model of `bits`, its layers made by make_quant_linear as a load would."""
+    dev = torch.device("cuda")
+
+    def quant(i: int, name: str, k: int, n: int) -> torch.nn.Module:
         g = k // group_size
         # Scaled so that the spread of s * (q - z) is 4-bit's whatever the width (keeps activations in range).
         scale = SCALE * 4.6 / (2**bits / 12**0.5)
         qw = QuantWeight(q=torch.randint(0, 2**bits, (k, n), dtype=torch.uint8, device=dev),
-                         scales=torch.rand(g, n, device=dev) * scale + scale / 2,
+                         scales=(torch.rand(g, n, device=dev) * scale + scale / 2).half(),   # fp16, as GPTQ's
                          g_idx=torch.arange(k, device=dev) // group_size, bits=bits, group_size=group_size,
                          zeros=torch.full((g, n), 1 << (bits - 1), dtype=torch.uint8, device=dev))
         layer = make_quant_linear(qw, None, dev, torch.bfloat16)
-        kinds.add(f"{bits}-bit {layer.kernel}")
-        return layer
+        return named(layer, f"{bits}-bit {layer.kernel}")
 
-    d, kv, f = args.dim, args.n_kv_heads * args.head_dim, args.intermediate_size
-    kinds: set[str] = set()
-    param = lambda t: torch.nn.Parameter(t, requires_grad=False)
-    for layer in model.layers:
-        layer.attention.wqkv, layer.attention.wo = quant(d, d + 2 * kv), quant(d, d)
-        layer.feed_forward.w13, layer.feed_forward.w2 = quant(d, 2 * f), quant(f, d)
-        layer.attention_norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
-        layer.ffn_norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
-    model.tok_embeddings.weight = param(torch.randn(args.vocab_size, d, device=dev, dtype=torch.bfloat16) * 0.02)
-    model.output.weight = param(torch.randn(args.vocab_size, d, device=dev, dtype=torch.bfloat16) * 0.02)
-    model.norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
-    model.rotary = Rotary(args).to(dev)
-    engine = Engine(model.eval(), 4096, use_graphs=True)
-    return EngineModel(Path("llama-2-70b-shape"), engine, tokenizer, [], 4096, "bench",
-                       f"hearth engine (cuda, {', '.join(sorted(kinds))}, CUDA graph)")
+    return build_on_gpu(cfg, tokenizer, quant)
+
+
+# Byte offsets of the fp16 fields (d, dmin) in each benched GGUF block, and their spread: random bits there
+# could be inf/NaN, and this keeps s * q + m about as wide as the GPTQ rows' weights (activations in range).
+GGUF_FP16 = {"Q4_K": ([0, 2], 1e-4), "Q6_K": ([208], 1e-5), "Q8_0": ([0], 2e-4)}
+
+
+def gguf_linear(type_name: str, k: int, n: int, counted: list[int]) -> torch.nn.Module:
+    """A layer from random GGUF blocks of `type_name` [n, k], repacked (loaders.gguf_repack) and made by
+    make_quant_linear as a GGUF load does; its blocks' bytes are added to counted."""
+    dev = torch.device("cuda")
+    kind = BLOCK_TYPES[type_name]
+    blocks = torch.randint(0, 256, (n, k // kind.block, kind.size), dtype=torch.uint8, device=dev)
+    fields, spread = GGUF_FP16[type_name]
+    for at in fields:
+        d = (torch.randn(n, k // kind.block, 1, device=dev) * spread).half()
+        blocks[..., at:at + 2] = d.view(torch.uint8)
+    counted.append(blocks.numel())
+    layer = make_quant_linear(repack(blocks.reshape(n, -1), type_name, k), None, dev, torch.bfloat16)
+    return named(layer, f"{type_name} {layer.kernel}")
+
+
+def more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the layers whose attn_v and ffn_down Q4_K_M stores as Q6_K."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def build_gguf_on_gpu(cfg: dict, tokenizer, mix: str) -> tuple[EngineModel, int]:
+    """A 7B-shaped GGUF model of random blocks: "Q4_K_M" mixes as llama.cpp's quantizer does (Q4_K; Q6_K for
+    the output head, and attn_v and ffn_down in more_bits layers: v then sits beside the Q4_K q/k as a
+    loader would place it), else every linear and the head in that type. Returns it and the bytes a GGUF
+    file's tensors would hold (the blocks, plus the embedding counted as bf16, as it is held)."""
+    counted: list[int] = []
+    n_layers, d = cfg["num_hidden_layers"], cfg["hidden_size"]
+    kv = d // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+
+    def linear(i: int, name: str, k: int, n: int) -> torch.nn.Module:
+        if mix != "Q4_K_M":
+            return gguf_linear(mix, k, n, counted)
+        six = more_bits(i, n_layers)
+        if name == "wqkv" and six:
+            return SideBySide([gguf_linear("Q4_K", k, n - kv, counted), gguf_linear("Q6_K", k, kv, counted)])
+        return gguf_linear("Q6_K" if name == "w2" and six else "Q4_K", k, n, counted)
+
+    head = lambda k, n: gguf_linear("Q6_K" if mix == "Q4_K_M" else mix, k, n, counted)
+    model = build_on_gpu(cfg, tokenizer, linear, head)
+    embedding = cfg["vocab_size"] * d * 2
+    return model, sum(counted) + embedding
 
 
 def bench_hf_fp16(cfg: dict) -> dict:
@@ -360,18 +429,29 @@ def gpu(work: Path, with_exllamav2: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         model = build_random_on_gpu(LLAMA2_70B, 128, tokenizer, bits)
+        return built_on_gpu(model, packed_bytes_70b(LLAMA2_70B, bits, 128), t)
+
+    def built_on_gpu(model: EngineModel, packed: int, t: float) -> dict:
         build_s = time.perf_counter() - t
         build_peak = torch.cuda.max_memory_allocated()
         # The run's own peak (weights, the 4096-token cache, activations), apart from the build's (random
         # levels drawn a matrix at a time, as a load unpacks them).
         torch.cuda.reset_peak_memory_stats()
-        weights, packed = weight_bytes(model.engine.model), packed_bytes_70b(LLAMA2_70B, bits, 128)
+        weights = weight_bytes(model.engine.model)
         result = {"build_on_gpu_s": round(build_s, 1), "build_peak_gib": round(build_peak / 2**30, 2),
                   "weights_gib": round(weights / 2**30, 2), "packed_gib": round(packed / 2**30, 2),
                   "weights_over_packed": round(weights / packed, 3), **bench_engine_model(model)}
         model.unload()
         return result
 
+    def gguf(mix: str) -> dict:
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        model, packed = build_gguf_on_gpu(LLAMA2_7B, tokenizer, mix)
+        return built_on_gpu(model, packed, t)
+
+    for mix in ("Q4_K_M", "Q8_0", "Q6_K"):
+        section(results, f"hearth_7b_gguf_{mix.lower()}", lambda: gguf(mix))
     section(results, "hearth_70b_gptq_4bit_g128", lambda: seventy(4))
     section(results, "hearth_70b_gptq_3bit_g128", lambda: seventy(3))
 
@@ -412,8 +492,6 @@ def gemv_sweep() -> dict:
     at M=1 on the 7B/70B layer shapes (act-order: also with x gathered first); effective TB/s counts 4-bit
     weights plus scales. Every config's result is checked against an fp64 reference, and the default config
     also at 3 and 8 rows, with per-group zeros, and through `dequantize`."""
-    from engine import int4_mma
-
     configs = [int4_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)]
     res = {}
     cases = [(name, shape, 128, False) for name, shape in GEMV_SHAPES.items()] + \
@@ -496,8 +574,6 @@ def lowbit_sweep() -> dict:
     symmetric, against the copy bandwidth: effective TB/s counts the packed levels plus fp16 scales. Every
     config is checked against an fp64 reference; the default config also at 3 and 8 rows, with per-group
     zeros, and through `dequantize` (whose rate counts the bf16 it writes)."""
-    from engine import lowbit_mma
-
     configs = [lowbit_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)]
     res = {"copy_tb_s": round(copy_bandwidth(), 3)}
     cases = [(bits, name, shape) for bits in (3, 8, 2) for name, shape in GEMV_SHAPES.items()
@@ -555,6 +631,37 @@ def lowbit_sweep() -> dict:
     return res
 
 
+def gguf_sweep() -> dict:
+    """The GGUF forms on the 7B layer shapes at M=1 and the default launch shape: Q4_K (4-bit, fp32 scales and
+    offsets per 32), Q8_0 (8-bit, fp16 scale per 32), Q6_K (6-bit levels in the 8-bit layout, fp32 scale per
+    16), each from random blocks through loaders.gguf_repack. Rates count the bytes the kernel reads (its
+    stored layout) and the GGUF blocks' bytes; checked against fp64."""
+    res = {"copy_tb_s": round(copy_bandwidth(), 3)}
+    for type_name in ("Q4_K", "Q8_0", "Q6_K"):
+        for name, (k, n) in GEMV_SHAPES.items():
+            if "70b" in name:
+                continue
+            counted: list[int] = []
+            copies = max(1, -(-256 * 2**20 // (k * n // 2)))
+            layers = [gguf_linear(type_name, k, n, counted) for _ in range(copies)]
+            packed = layers[0].packed
+            stored = sum(t.numel() * t.element_size() for t in vars(packed).values() if isinstance(t, torch.Tensor))
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            y = layers[0](x).double()
+            w = (int4_mma.dequantize(packed) if type_name == "Q4_K" else lowbit_mma.dequantize(packed)).double()
+            ref = x.double() @ w.t()
+            t = rotating_graph_time(lambda i: (lambda: layers[i](x)), stored)
+            entry = {"us": round(t * 1e6, 1), "stored_tb_s": round(stored / t / 1e12, 2),
+                     "gguf_tb_s": round(counted[0] / t / 1e12, 2),
+                     "stored_over_gguf": round(stored / counted[0], 3), "wide": packed.wide,
+                     "err_vs_dequantized": f"{((y - ref).norm() / ref.norm()).item():.1e}"}
+            res[f"{type_name} {name}"] = entry
+            print(type_name, name, entry, file=sys.stderr, flush=True)
+            del layers, packed
+            torch.cuda.empty_cache()
+    return res
+
+
 def cpu() -> dict:
     """The default model on this CPU: engine vs transformers generate(), greedy, same prompt. The runs
     alternate (engine, transformers, ...) so that load from other processes hits both alike; both rates are
@@ -596,6 +703,7 @@ def main() -> None:
     mode.add_argument("--gpu", action="store_true")
     mode.add_argument("--cpu", action="store_true")
     mode.add_argument("--gemv", action="store_true", help="GPU: our int4 kernel's launch configs vs tinygemm")
+    ap.add_argument("--sweep", default="int4,lowbit,gguf", help="--gemv: which sweeps, comma-separated")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hearth-bench"), help="where checkpoints are written")
     ap.add_argument("--exllamav2", action="store_true", help="also run exllamav2 (must be importable)")
     ap.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json for the random checkpoints")
@@ -609,7 +717,8 @@ def main() -> None:
     if args.gpu:
         results = gpu(args.work, args.exllamav2)
     else:
-        results = {"int4": gemv_sweep(), "lowbit": lowbit_sweep()} if args.gemv else cpu()
+        sweeps = {"int4": gemv_sweep, "lowbit": lowbit_sweep, "gguf": gguf_sweep}
+        results = {name: sweeps[name]() for name in args.sweep.split(",")} if args.gemv else cpu()
     text = json.dumps(results, indent=1)
     print(text)
     if os.environ.get("OUT"):
