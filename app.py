@@ -192,6 +192,9 @@ def _loader_facts(state, name: str, detections) -> dict:
     if effective is not None:  # the context the loader will use, rope scaling included
         facts["context_length"] = effective["context_length"].value
         facts["context_source"] = effective["context_length"].source
+        if (folder / "config.json").is_file():  # weights and KV cache estimate, or why a load would refuse
+            from loaders.config_check import memory_report
+            facts["memory"] = memory_report(folder, facts["context_length"], facts["context_source"])
     return facts
 
 

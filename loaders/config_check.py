@@ -177,3 +177,18 @@ def check_model(model_dir: Path, *, context_length: int, context_source: str, de
                         f"{human_bytes(estimate.device_bytes)}; set the context_length option to at most "
                         f"{fits} tokens")
     return estimate
+
+
+def memory_report(model_dir: Path, context_length: int, context_source: str) -> dict[str, Any]:
+    """check_model for the device a load would pick and the dtype the engine computes in there, as JSON (for
+    `inspect`, which loads nothing); a refusal becomes "problem", the line a load would end with."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if context_source.startswith("model ("):   # an effective-settings source: "model (config.json ...)"
+        context_source = context_source.removeprefix("model (").removesuffix(")")
+    try:
+        return check_model(model_dir, context_length=context_length, context_source=context_source,
+                           device=device, dtype=dtype).as_json()
+    except LoadError as exc:
+        return {"device": device, "context_length": context_length, "context_source": context_source,
+                "problem": str(exc)}

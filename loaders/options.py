@@ -76,6 +76,12 @@ class OptionError(ValueError):
         self.option = option
 
 
+def _shown(value: Any) -> str:
+    """A value for a message: a 400-digit number from a client is cut short."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def coerce(spec: OptionSpec, value: Any) -> Any:
     """Turn a value from YAML, a flag, a widget or JSON into the declared type, checking the bounds."""
     if value is None:
@@ -102,18 +108,17 @@ def coerce(spec: OptionSpec, value: Any) -> Any:
         else:
             value = str(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: float() of an integer beyond 1e308
-        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise OptionError(f"{spec.label}: {shown} is not a valid {spec.type.__name__}", spec.name) from None
+        raise OptionError(f"{spec.label}: {_shown(value)} is not a valid {spec.type.__name__}", spec.name) from None
     # NaN passes every bounds check below (all its comparisons are False) and then poisons the sampler's
     # softmax; infinities slip through options without a bound the same way.
     if isinstance(value, float) and not math.isfinite(value):
         raise OptionError(f"{spec.label}: {value} is not a finite number", spec.name)
     if spec.minimum is not None and value < spec.minimum:
-        raise OptionError(f"{spec.label} must be at least {spec.minimum} (got {value})", spec.name)
+        raise OptionError(f"{spec.label} must be at least {spec.minimum} (got {_shown(value)})", spec.name)
     if spec.maximum is not None and value > spec.maximum:
-        raise OptionError(f"{spec.label} must be at most {spec.maximum} (got {value})", spec.name)
+        raise OptionError(f"{spec.label} must be at most {spec.maximum} (got {_shown(value)})", spec.name)
     if spec.choices is not None and value not in spec.choices:
-        raise OptionError(f"{spec.label} must be one of {spec.choices} (got {value!r})", spec.name)
+        raise OptionError(f"{spec.label} must be one of {spec.choices} (got {_shown(value)})", spec.name)
     return value
 
 

@@ -52,7 +52,8 @@ def test_out_of_memory_while_loading_is_reported(models_dir, default_model_dir):
 
     state = make_state(models_dir)
     with pytest.raises(LoadError, match="out of memory loading too-big"):
-        state.load_model("too-big", "transformers", {"runtime": "transformers"})
+        # A short context: the embeddings, not the KV cache (checked first, from config.json), are what fail.
+        state.load_model("too-big", "transformers", {"runtime": "transformers", "context_length": 256})
     assert state.model is None
     assert psutil.Process().memory_info().rss < 8 * 2**30
 
