@@ -25,9 +25,12 @@ from loaders.safetensors_index import TensorInfo, tensor_index
 # config.json spells each size differently per architecture; the first key present is the one read.
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 HIDDEN_KEYS = ("hidden_size", "n_embd", "d_model")
+# The embedding's width where it differs from the hidden size (OPT projects up from it, ALBERT too).
+EMBEDDING_WIDTH_KEYS = ("word_embed_proj_dim", "embedding_size")
 HEAD_KEYS = ("num_attention_heads", "n_head")
 KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads")
-SIZE_KEYS = (*LAYER_KEYS, *HIDDEN_KEYS, *HEAD_KEYS, *KV_HEAD_KEYS, "vocab_size", "head_dim", "intermediate_size")
+SIZE_KEYS = (*LAYER_KEYS, *HIDDEN_KEYS, *EMBEDDING_WIDTH_KEYS, *HEAD_KEYS, *KV_HEAD_KEYS, "vocab_size", "head_dim",
+             "intermediate_size")
 # model.layers.12.mlp... / transformer.h.3.attn... / blocks.0... -> the layer index
 LAYER_TENSOR = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")
@@ -111,7 +114,7 @@ def check_against_weights(config: dict[str, Any], index: dict[str, TensorInfo]) 
                       and len(t.shape) == 2 and t.dtype in FLOAT_DTYPES), None)
     if embedding is not None:
         rows, width = embedding.shape
-        hidden = _first(sizes, HIDDEN_KEYS)
+        hidden = _first(sizes, (*EMBEDDING_WIDTH_KEYS, *HIDDEN_KEYS))
         if hidden and hidden[1] != width:
             raise LoadError(f"config.json {hidden[0]} is {hidden[1]} but {embedding.name} in {embedding.file.name} "
                             f"is {rows} x {width}: the config does not match the weights")
