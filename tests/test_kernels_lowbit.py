@@ -288,8 +288,10 @@ def test_int4_mma_with_offsets_and_fp32_scales_matches_fp64_at_every_launch_shap
         for rows in (1, 3, 8):
             x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
             ref = x[:, order].double() @ w.t()
-            for y in (int4_mma.matmul(x[:, order].contiguous(), packed, config),
-                      int4_mma.matmul(x, packed, config, order.to(torch.int32))):
+            outs = [int4_mma.matmul(x[:, order].contiguous(), packed, config)]
+            if warps * unroll <= 32:    # x gathered in the kernel: warps x unroll x 1 KB of shared memory
+                outs.append(int4_mma.matmul(x, packed, config, order.to(torch.int32)))
+            for y in outs:
                 assert y.shape == (rows, N) and torch.isfinite(y).all()
                 assert rel_err(y, ref) < 5e-3, (group_size, rows)
 
