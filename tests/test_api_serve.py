@@ -59,7 +59,7 @@ def test_admin_key_loads_and_unloads_models(models_dir):
         info = admin.post("/internal/model/load", cast_to=dict, body={"model_name": DEFAULT_MODEL})
         assert info["model_name"] == DEFAULT_MODEL and info["context_length"] == 8192
         assert [m.id for m in user.models.list().data] == [DEFAULT_MODEL]
-        assert admin.post("/internal/model/unload", cast_to=dict) == {"unloaded": True}
+        assert admin.post("/internal/model/unload", cast_to=dict) == {"unloaded": True, "stopped_generations": 0}
         assert state.model is None and user.models.list().data == []
     finally:
         server.stop()

@@ -68,7 +68,7 @@ def test_plain_and_gguf_only_folders(seed_models):
     assert [d.loader for d in plain] == ["transformers"]
     gguf = state.detect("SmolLM2-GGUF")
     assert [d.loader for d in gguf] == ["gguf"]
-    assert gguf[0].reason == "GGUF Q4_1 llama (smollm2-135m-instruct.Q4_1.gguf)"
+    assert gguf[0].reason == "GGUF Q4_1 llama (smollm2-135m-instruct.Q4_1.gguf); Hearth's engine"
 
 
 def test_choosing_transformers_for_gptq_is_refused_naming_gptq(seed_models):
