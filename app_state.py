@@ -37,7 +37,7 @@ from prompts.stop_strings import merge_stops
 from prompts.templates import (TOKENIZER, ChatTemplate, TemplateLibrary, load_library, resolve_template,
                               saved_settings)
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")   # \Z: "$" would also match before a final newline
 # How long an unload waits for the generations it stopped to let go of the model.
 UNLOAD_WAIT_SECONDS = 30.0
 
