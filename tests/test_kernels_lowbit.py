@@ -143,7 +143,7 @@ def test_scales_and_offsets_are_stored_fp16_only_where_that_is_exact(bits, fp32_
     assert packed.zmode == int4_mma.OFFSETS and packed.uniform_zero == 0
 
 
-def test_the_gguf_quantizer_outputs_reach_the_kernels_losslessly():
+def test_every_gguf_type_reaches_the_kernels_losslessly():
     # Every GGUF type's repacked weight, packed for the CUDA kernels (plain torch: runs on CPU): levels read
     # back as the kernel reads them, scales/offsets/zero exactly the QuantWeight's, so the kernels compute
     # W = s * (q - z) or s * q + m with gguf's own values. fp16 storage only for the per-block fp16 types.
