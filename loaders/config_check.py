@@ -77,7 +77,7 @@ def device_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _sizes(config: dict[str, Any]) -> dict[str, tuple[str, int]]:
+def config_sizes(config: dict[str, Any], where: str = "config.json") -> dict[str, tuple[str, int]]:
     """{key: (key, value)} for every size field present; LoadError for one that is not a positive whole number."""
     found = {}
     for key in SIZE_KEYS:
@@ -87,7 +87,7 @@ def _sizes(config: dict[str, Any]) -> dict[str, tuple[str, int]]:
         # JSON writes 1e9 as a float; a whole float is a size like any other (and is checked as one).
         whole = isinstance(value, int) or (isinstance(value, float) and value == value and value.is_integer())
         if isinstance(value, bool) or not whole or value < 1:
-            raise LoadError(f"config.json {key} must be a positive whole number (got {value!r})")
+            raise LoadError(f"{where} {key} must be a positive whole number (got {value!r})")
         found[key] = (key, int(value))
     return found
 
@@ -104,7 +104,7 @@ def _files(tensors: list[TensorInfo]) -> str:
 def check_against_weights(config: dict[str, Any], index: dict[str, TensorInfo]) -> dict[str, tuple[str, int]]:
     """The config's sizes, after checking layer count, hidden size and vocab against the tensors the weight
     headers list. Only what the names show is checked: an architecture named differently skips a check."""
-    sizes = _sizes(config)
+    sizes = config_sizes(config)
     layers = _first(sizes, LAYER_KEYS)
     indices = [int(m.group(1)) for name in index if (m := LAYER_TENSOR.search(name))]
     if layers and indices and layers[1] > max(indices) + 1:
@@ -164,17 +164,25 @@ def check_model(model_dir: Path, *, context_length: int, context_source: str, de
     except LoadError as exc:
         raise LoadError(f"{model_dir.name}: {exc}") from None
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    per_token = kv_bytes_per_token(sizes, dtype_bytes)
-    estimate = MemoryEstimate(device, context_length, context_source, weights_bytes(index, dtype_bytes),
-                              per_token * context_length, device_memory(device))
+    return check_fits(model_dir.name, sizes, weights_bytes(index, dtype_bytes), context_length=context_length,
+                      context_source=context_source, device=device, dtype=dtype)
+
+
+def check_fits(name: str, sizes: dict[str, tuple[str, int]], weights: int, *, context_length: int,
+               context_source: str, device: str, dtype: torch.dtype) -> MemoryEstimate:
+    """The memory estimate of `weights` bytes plus a KV cache of `context_length` tokens for a model of these
+    sizes (from config_sizes); LoadError when they do not fit the device, naming what set the context."""
+    per_token = kv_bytes_per_token(sizes, torch.empty((), dtype=dtype).element_size())
+    estimate = MemoryEstimate(device, context_length, context_source, weights, per_token * context_length,
+                              device_memory(device))
     usable = int(estimate.device_bytes * USABLE_SHARE)
     if estimate.weights_bytes > usable:  # the context is not to blame: say so by not naming it
-        raise LoadError(f"{model_dir.name} does not fit this {device}: its weights need "
+        raise LoadError(f"{name} does not fit this {device}: its weights need "
                         f"{human_bytes(estimate.weights_bytes)} and the {device} has "
                         f"{human_bytes(estimate.device_bytes)}")
     if estimate.weights_bytes + estimate.kv_cache_bytes > usable:
         fits = (usable - estimate.weights_bytes) // per_token
-        raise LoadError(f"{model_dir.name} does not fit this {device}: a KV cache for {context_length} tokens "
+        raise LoadError(f"{name} does not fit this {device}: a KV cache for {context_length} tokens "
                         f"({context_source}) needs {human_bytes(estimate.kv_cache_bytes)} on top of "
                         f"{human_bytes(estimate.weights_bytes)} of weights, and the {device} has "
                         f"{human_bytes(estimate.device_bytes)}; set the context_length option to at most "

@@ -13,6 +13,7 @@ import torch
 from engine.runtime import Engine, EngineModel, parse_gpu_split, unsupported_reason
 from engine.weights import build_transformer
 from loaders.base import LoadError, Progress
+from loaders.config_check import check_fits, config_sizes
 from loaders.gguf_checkpoint import GGUFCheckpoint
 
 
@@ -48,6 +49,13 @@ def load_gguf_engine(model_dir: Path, path: Path, options, progress: Progress) -
             devices, dtype = [torch.device("cuda", i) for i in range(count)], torch.bfloat16
         else:
             split, devices, dtype = None, [torch.device("cpu")], torch.float32
+        context = options.context_length or config["max_position_embeddings"]
+        source = "the context_length option" if options.context_length else f"{path.name} context_length"
+        # Sized from the metadata before any layer or cache is built; the file's bytes stand in for the
+        # weights (the repacked levels are about as large; dequantized widths are larger, so this is a floor).
+        estimate = check_fits(path.name, config_sizes(config, f"{path.name} metadata"),
+                              sum(p.stat().st_size for p in ckpt.parts), context_length=context,
+                              context_source=source, device=device, dtype=dtype)
         try:
             model, kinds = build_transformer(config, ckpt, None, devices, dtype, split,
                                              rescore_head=device == "cpu", progress=progress)
@@ -55,7 +63,6 @@ def load_gguf_engine(model_dir: Path, path: Path, options, progress: Progress) -
             raise LoadError(f"out of memory loading {path.name}; try a smaller quantization or gpu_split") from None
         except (ValueError, KeyError) as exc:
             raise LoadError(f"could not load {path.name} into Hearth's engine: {exc}") from None
-    context = options.context_length or config["max_position_embeddings"]
     graphs = len(devices) == 1 and device == "cuda"
     try:
         engine = Engine(model, context, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512)
@@ -67,4 +74,6 @@ def load_gguf_engine(model_dir: Path, path: Path, options, progress: Progress) -
     where = f"cuda x{len(devices)}" if len(devices) > 1 else device
     runtime = f"hearth engine ({where}, GGUF {path.name}, {', '.join(sorted(kinds))}{', CUDA graph' if graphs else ''})"
     progress(1.0, "ready")
-    return EngineModel(model_dir, engine, tokenizer, list(dict.fromkeys(eos)), context, "gguf", runtime)
+    loaded = EngineModel(model_dir, engine, tokenizer, list(dict.fromkeys(eos)), context, "gguf", runtime)
+    loaded.memory = estimate.describe()
+    return loaded

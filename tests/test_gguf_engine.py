@@ -271,3 +271,39 @@ def test_an_architecture_the_engine_does_not_run_says_why_and_engine_is_refused(
     with pytest.raises(LoadError, match="Hearth's engine cannot run model.Q4_0.gguf: architecture 'gpt2'"):
         state.load_model("gpt2-GGUF", options={"runtime": "engine"})
 
+
+
+def copy_with_metadata(src: Path, dst: Path, **overrides) -> None:
+    """A copy of the GGUF `src` with some metadata values replaced (tensors as they are)."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "split.")) or key == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, overrides.get(key, field.contents()), field.types[0], sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_a_context_no_memory_holds_is_refused_before_building_naming_the_file(tmp_path, smollm2_q4_1):
+    """issue 14, finding 6 for GGUF: a context length of 4e9 in the metadata (a uint32 there) is refused from the estimate,
+    naming the file's context_length, before any layer or cache is built."""
+    from loaders.base import LoadError
+
+    folder = tmp_path / "models" / "huge-context-GGUF"
+    folder.mkdir(parents=True)
+    copy_with_metadata(smollm2_q4_1, folder / "model.Q4_1.gguf", **{"llama.context_length": 4_000_000_000})
+    state = make_state(tmp_path / "models")
+    with pytest.raises(LoadError, match=r"model.Q4_1.gguf does not fit this cpu: a KV cache for 4000000000 "
+                                        r"tokens \(model.Q4_1.gguf context_length\) needs .*set the context_length "
+                                        r"option to at most \d+ tokens"):
+        state.load_model("huge-context-GGUF", options={"runtime": "engine"})
+    state.load_model("huge-context-GGUF", options={"runtime": "engine", "context_length": 2048})
+    assert "KV cache 2048 tokens" in state.model.memory
