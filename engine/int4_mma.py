@@ -104,14 +104,61 @@ template <bool F32> __device__ __forceinline__ void value_pair(const void* base,
     }
 }
 
-// One value (element `at`, not pair) of the same tensors.
-template <bool F32> __device__ __forceinline__ float value_at(const void* base, size_t at) {
-    return F32 ? reinterpret_cast<const float*>(base)[at] : half_to_float(reinterpret_cast<const u16*>(base)[at]);
-}
-
 // Zero-point modes: one zero for every group (uniform_bias), a zero per group and row, float offsets.
 enum ZeroMode { UNIFORM = 0, ZEROS = 1, OFFSETS = 2 };
 enum : u32 { ONES = 0x3F803F80u };   // bf16x2 (1, 1): the A operand that sums x over a k-step
+
+// Scale forms: fp16 or fp32 values per group and row, or factored: per group and row a byte (an integer
+// + 128), times one fp16 or fp32 value per row for a span of groups (a GGUF K-quant's super-block d).
+enum ScaleForm { HALF = 0, FLOAT = 1, FACTORED_HALF = 2, FACTORED_FLOAT = 3 };
+
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+// Byte i of v, stored as integer + 128, as that integer in fp32: the byte goes into the mantissa of 2^23
+// (one permute) and 2^23 + 128 is subtracted; both steps exact, and full-rate unlike an int-to-float convert.
+__device__ __forceinline__ float byte_int(u32 v, int i) {
+    return bits_to_float(prmt(v, 0x4B000000u, 0x7540u + i)) - 8388736.f;
+}
+
+// Scales s and (OFFS) offsets m of rows r and r + 8 for one group. at: the group's pair index
+// ((tile * G + g) * 8 + r); super_at: its span's ((tile * G / span + g / span) * 8 + r). HALF/FLOAT: the
+// values themselves, scales in `scales`, offsets in `values`. Factored: `scales` holds a byte a row (s's, or
+// s's and then m's), `values` the span's factors (d_r, d_r8 [, dmin_r, dmin_r8]); the product is exactly the
+// QuantWeight's value (pack checks that every one is), as the integer and the factor both are exact.
+template <int FORM, bool OFFS> __device__ __forceinline__ void group_values(
+        const void* __restrict__ scales, const void* __restrict__ values, size_t at, size_t super_at,
+        float (&s)[2], float (&m)[2]) {
+    if (FORM == FACTORED_HALF || FORM == FACTORED_FLOAT) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        if (FORM == FACTORED_FLOAT && OFFS) {
+            const float4 v = reinterpret_cast<const float4*>(values)[super_at];
+            d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
+        } else if (FORM == FACTORED_FLOAT) {
+            const float2 v = reinterpret_cast<const float2*>(values)[super_at];
+            d[0] = v.x; d[1] = v.y;
+        } else if (OFFS) {
+            const uint2 v = reinterpret_cast<const uint2*>(values)[super_at];
+            half_pair(v.x, d[0], d[1]);
+            half_pair(v.y, d[2], d[3]);
+        } else {
+            half_pair(reinterpret_cast<const u32*>(values)[super_at], d[0], d[1]);
+        }
+        const u32 ints = OFFS ? reinterpret_cast<const u32*>(scales)[at] : (u32)reinterpret_cast<const u16*>(scales)[at];
+        s[0] = d[0] * byte_int(ints, 0);
+        s[1] = d[1] * byte_int(ints, 1);
+        if (OFFS) {
+            m[0] = d[2] * byte_int(ints, 2);
+            m[1] = d[3] * byte_int(ints, 3);
+        }
+    } else {
+        value_pair<FORM == FLOAT>(scales, at, s[0], s[1]);
+        if (OFFS) value_pair<FORM == FLOAT>(values, at, m[0], m[1]);
+    }
+}
 """
 
 SOURCE = DEVICE_HELPERS + r"""
@@ -119,16 +166,18 @@ SOURCE = DEVICE_HELPERS + r"""
 // y[M, N] = x[M, K] @ W^T for M <= 8. One block per 16-row tile; its WARPS warps take every WARPS-th chunk
 // of 64 inputs, U chunks in flight per lane, and meet in shared memory at the end.
 // SEG = mmas per scale (group / 16, at most 4): one group's partial sums are scaled together.
-// ZMODE: UNIFORM, ZEROS (zero_bias: bf16 -(128 + z) pairs) or OFFSETS (zero_bias: offsets, fp16/fp32 as the
-// scales: F32).
+// ZMODE: UNIFORM, ZEROS (zero_bias: bf16 -(128 + z) pairs) or OFFSETS; FORM: how scales (and offsets) are
+// stored (group_values: zero_bias holds the offsets, or a factored form's factors; span_shift: log2 of the
+// groups a factor spans).
 // PERM (act-order whose order the layer before could not produce): x[m, perm[k]] is read instead of x[m, k];
 // each warp gathers a chunk's 64 inputs once into shared memory (2 a lane), and the lanes read their B
 // values from there.
-template <int WARPS, int U, int SEG, int ZMODE, bool F32, bool PERM>
+template <int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM>
 __global__ void __launch_bounds__(WARPS * 32)
 int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* __restrict__ w,
          const void* __restrict__ scales, const void* __restrict__ zero_bias, u16* __restrict__ y,
-         int M, int N, int K, int G, int group_shift, u32 uniform_bias) {
+         int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift) {
+    static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
     __shared__ float partial[WARPS][8][16];
     __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][32];   // [warp][u][x row][input pair]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -139,6 +188,7 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     const u16* xr = x + (size_t)xrow * K;
     const Words* wt = w + (size_t)tile * chunks * 32 + lane;
     const size_t pairs = (size_t)tile * G * 8 + r;           // [G][8] pairs (row r, row r + 8)
+    const size_t supers = (size_t)tile * (G >> span_shift) * 8 + r;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
         Words q[U];
@@ -153,7 +203,11 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
                 for (int seg = 0; seg < 4 / SEG; ++seg) {
                     // A shift, not a division: dividing by a runtime value costs ~20 instructions a chunk.
                     const int g = (c * 64 + seg * SEG * 16) >> group_shift;
-                    value_pair<F32>(scales, pairs + g * 8, s[u][seg][0], s[u][seg][1]);
+                    float sv[2], mv[2] = {0.f, 0.f};
+                    group_values<FORM, ZMODE == OFFSETS>(scales, zero_bias, pairs + g * 8,
+                                                         supers + (g >> span_shift) * 8, sv, mv);
+                    s[u][seg][0] = sv[0];
+                    s[u][seg][1] = sv[1];
                     if (ZMODE == ZEROS) {
                         const u32 b = reinterpret_cast<const u32*>(zero_bias)[pairs + g * 8];
                         bias[u][seg][0] = (b & 0xFFFFu) * 0x10001u;
@@ -161,9 +215,10 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
                     } else {
                         bias[u][seg][0] = bias[u][seg][1] = uniform_bias;
                     }
-                    if (ZMODE == OFFSETS)
-                        value_pair<F32>(zero_bias, pairs + g * 8, off[ZMODE == OFFSETS ? u : 0][seg][0],
-                                        off[ZMODE == OFFSETS ? u : 0][seg][1]);
+                    if (ZMODE == OFFSETS) {
+                        off[ZMODE == OFFSETS ? u : 0][seg][0] = mv[0];
+                        off[ZMODE == OFFSETS ? u : 0][seg][1] = mv[1];
+                    }
                 }
                 if (PERM) {
                     const int k0 = perm[c * 64 + 2 * lane], k1 = perm[c * 64 + 2 * lane + 1];
@@ -229,10 +284,10 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
 // W [N, K] bf16 from the packed layout (prompts then run through cuBLAS). One warp a (tile, chunk): each
 // lane dequantizes its 16 bytes into shared memory, then the warp writes the 16 x 64 block row by row
 // (16-byte stores, 128 contiguous bytes a row: stores straight from the fragment layout would scatter).
-template <int ZMODE, bool F32>
+template <int ZMODE, int FORM>
 __global__ void __launch_bounds__(256)
 int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const void* __restrict__ zero_bias,
-             Words* __restrict__ out, int N, int K, int G, int group_shift, u32 uniform_bias) {
+             Words* __restrict__ out, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift) {
     __shared__ u32 block[8][16][33];                    // [warp][row][k pair], padded against bank conflicts
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int chunks = K >> 6;
@@ -245,18 +300,19 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
     for (int word = 0; word < 4; ++word) {
         const int k = 16 * word + 4 * t;                // within the chunk
         const int g = (c * 64 + k) >> group_shift;
+        float sv[2], mv[2] = {0.f, 0.f};
+        group_values<FORM, ZMODE == OFFSETS>(scales, zero_bias, ((size_t)tile * G + g) * 8 + r,
+                                             ((size_t)tile * (G >> span_shift) + (g >> span_shift)) * 8 + r, sv, mv);
 #pragma unroll
         for (int p = 0; p < 4; ++p) {                   // A register p: row r or r+8, inputs k, k+1 or k+2, k+3
             const int h = p & 1;
             const size_t at = (((size_t)tile * G + g) * 8 + r) * 2 + h;   // pairs (row r, row r + 8)
             const u32 zb = ZMODE == ZEROS ? (u32)reinterpret_cast<const u16*>(zero_bias)[at] : (uniform_bias & 0xFFFFu);
             const u32 lv = levels(q.w[word] >> (4 * p), zb | (zb << 16));
-            const float sc = value_at<F32>(scales, at);
-            float lo = bits_to_float(lv << 16) * sc, hi = bits_to_float(lv & 0xFFFF0000u) * sc;
+            float lo = bits_to_float(lv << 16) * sv[h], hi = bits_to_float(lv & 0xFFFF0000u) * sv[h];
             if (ZMODE == OFFSETS) {
-                const float m = value_at<F32>(zero_bias, at);
-                lo += m;
-                hi += m;
+                lo += mv[h];
+                hi += mv[h];
             }
             block[warp][r + 8 * h][(k >> 1) + (p >> 1)] = (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16);
         }
@@ -379,40 +435,113 @@ def exact_in_fp16(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or torch.equal(t.to(torch.float16).float(), t.float()) for t in tensors)
 
 
-def float_storage(scales: torch.Tensor, offsets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales and offsets [G, N] tiled for the kernels: fp16 when both convert exactly, else fp32."""
-    dtype = torch.float16 if exact_in_fp16(scales, offsets) else torch.float32
-    return tiled(scales.to(dtype)), None if offsets is None else tiled(offsets.to(dtype))
+HALF, FLOAT, FACTORED_HALF, FACTORED_FLOAT = 0, 1, 2, 3   # the kernels' scale forms (FORM)
+FACTOR_INPUTS = 256   # inputs one factor of a factored form spans: a GGUF K-quant's super-block
+
+
+def factor(values: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """values [G, N] as d [G / span, N] fp32 times integers [G, N] in -128 .. 127, exactly (every d * i in
+    fp32 equals its value), or None. A K-quant's scale is its super-block's fp16 d times a 4-8-bit integer:
+    each value's integer mantissa, brought to the span's smallest exponent, is a multiple of d's, and their
+    gcd gives d * gcd(integers), of which the integers are small multiples."""
+    G, N = values.shape
+    if G % span:
+        return None
+    v = values.float().reshape(G // span, span, N)
+    mant, exp = torch.frexp(v)
+    m = (mant.double() * 2**24).to(torch.int64)                    # v = m * 2^(exp - 24), m an exact integer
+    e = exp.to(torch.int64) - 24
+    nonzero = m != 0
+    e_min = torch.where(nonzero, e, torch.full_like(e, 1 << 20)).amin(1, keepdim=True)
+    e_min = torch.where(e_min == 1 << 20, torch.zeros_like(e_min), e_min)   # an all-zero span: d = 0
+    shift = torch.where(nonzero, e - e_min, torch.zeros_like(e))
+    if shift.numel() and int(shift.max()) > 38:                    # not one d's multiples (and int64 would overflow)
+        return None
+    ints = m * torch.bitwise_left_shift(torch.ones_like(shift), shift)
+    g = ints[:, 0].abs()
+    for j in range(1, span):
+        g = torch.gcd(g, ints[:, j].abs())
+    g = g[:, None]
+    q = torch.div(ints, torch.where(g == 0, torch.ones_like(g), g), rounding_mode="trunc")
+    flip = (q > 127).any(1, keepdim=True)                          # a negative d: its -128 reads 128 with d > 0
+    q = torch.where(flip, -q, q)
+    if q.numel() and (int(q.min()) < -128 or int(q.max()) > 127):
+        return None
+    d = (torch.where(flip, -g, g).double() * torch.pow(2.0, e_min.double())).float()
+    if not torch.equal(d * q.float(), v):
+        return None
+    return d.reshape(G // span, N), q.reshape(G, N)
+
+
+@dataclass
+class ScaleStore:
+    """Scales and offsets as the kernels read them (group_values): `scales` fp16/fp32 [N/16, G, 8, 2] and
+    `offsets` likewise, or factored: `scales` uint8 integers + 128 [N/16, G, 8, 2], or [.., 4] with the
+    offsets' after the scales', `offsets` None, and `supers` their factors [N/16, G / 2^span_shift, 8, 2 or 4]
+    fp16 (where exact) or fp32."""
+    scales: torch.Tensor
+    offsets: torch.Tensor | None = None
+    supers: torch.Tensor | None = None
+    span_shift: int = 0
+
+    @property
+    def form(self) -> int:
+        wide = (self.supers if self.supers is not None else self.scales).dtype == torch.float32
+        return (FACTORED_HALF if self.supers is not None else HALF) + int(wide)
+
+    @property
+    def with_offsets(self) -> bool:
+        return self.offsets is not None or (self.supers is not None and self.scales.shape[-1] == 4)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.scales, self.offsets, self.supers) if t is not None]
+
+
+def scale_storage(scales: torch.Tensor, offsets: torch.Tensor | None, group_size: int,
+                  zeros_per_group: bool = False) -> ScaleStore:
+    """Scales and offsets [G, N], losslessly in the fewest bytes the kernels take: fp16 when every value
+    converts exactly (GPTQ's, GGUF's per-block d), else factored over FACTOR_INPUTS inputs where they factor
+    (the K-quants: one byte a group and row instead of fp32's four; not with per-group zeros, whose
+    argument slot the factors take), else fp32."""
+    if exact_in_fp16(scales, offsets):
+        return ScaleStore(tiled(scales.half()), None if offsets is None else tiled(offsets.half()))
+    span = FACTOR_INPUTS // group_size if FACTOR_INPUTS % group_size == 0 and not zeros_per_group else 1
+    parts = [factor(t, span) for t in (scales, offsets) if t is not None] if span > 1 else [None]
+    if all(p is not None for p in parts):
+        factors = [p[0] for p in parts]
+        dtype = torch.float16 if exact_in_fp16(*factors) else torch.float32
+        ints = torch.cat([tiled((p[1] + 128).to(torch.uint8)) for p in parts], -1)
+        return ScaleStore(ints, None, torch.cat([tiled(f.to(dtype)) for f in factors], -1), span.bit_length() - 1)
+    return ScaleStore(tiled(scales.float()), None if offsets is None else tiled(offsets.float()))
 
 
 @dataclass
 class PackedInt4:
     """A 4-bit weight [N, K] in this module's layout, ready for `matmul` and `dequantize`."""
     words: torch.Tensor              # int32 [N/16 * K/64 * 32 * 4]
-    scales: torch.Tensor             # fp16, or fp32 where fp16 would round them, [N/16, G, 8, 2]
+    store: ScaleStore                # scales, and float offsets (W = s * q + m) if any
     zero_bias: torch.Tensor | None   # bf16 bits int16 [N/16, G, 8, 2], or None with one zero for all groups
     uniform_zero: float
     n: int
     k: int
     group_size: int
-    offsets: torch.Tensor | None = None   # W = s * q + m: m in the scales' dtype and layout (no zero_bias then)
 
     @property
     def zmode(self) -> int:
-        return OFFSETS if self.offsets is not None else ZEROS if self.zero_bias is not None else UNIFORM
+        return OFFSETS if self.store.with_offsets else ZEROS if self.zero_bias is not None else UNIFORM
 
     @property
-    def wide(self) -> bool:
-        """fp32 scales (and offsets)."""
-        return self.scales.dtype == torch.float32
+    def form(self) -> int:
+        return self.store.form
 
     @property
     def zero_arg(self) -> torch.Tensor:
-        """The kernels' zero_bias argument: the offsets, the per-group zeros, or (unread) the scales."""
-        return next(t for t in (self.offsets, self.zero_bias, self.scales) if t is not None)
+        """The kernels' zero_bias argument: the factors, offsets, the per-group zeros, or (unread) the scales."""
+        st = self.store
+        return next(t for t in (st.supers, st.offsets, self.zero_bias, st.scales) if t is not None)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zero_bias, self.offsets)
+        return sum(t.numel() * t.element_size() for t in [self.words, self.zero_bias, *self.store.tensors()]
                    if t is not None)
 
     @property
@@ -447,9 +576,8 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
     bias = None
     if not uniform:
         bias = tiled((-(128.0 + zeros.float())).to(torch.bfloat16).view(torch.int16))
-    stored_scales, stored_offsets = float_storage(scales, offsets)
-    return PackedInt4(words=words, scales=stored_scales, zero_bias=bias, uniform_zero=zero, n=N, k=K,
-                      group_size=group_size, offsets=stored_offsets)
+    return PackedInt4(words=words, store=scale_storage(scales, offsets, group_size, bias is not None), zero_bias=bias,
+                      uniform_zero=zero, n=N, k=K, group_size=group_size)
 
 
 def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
@@ -457,20 +585,20 @@ def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor
     M = x.shape[0]
     seg = min(4, w.group_size // 16)
     flag = lambda b: str(b).lower()
-    name = f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{flag(w.wide)},{flag(perm is not None)}>"
+    name = f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)}>"
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     _kernel(name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
-                  args=[x, perm if perm is not None else w.words, w.words, w.scales, w.zero_arg, y, M, w.n, w.k,
-                        w.k // w.group_size, w.group_shift, w.uniform_bias])
+                  args=[x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n,
+                        w.k, w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift])
     return y
-
 
 
 def dequantize(w: PackedInt4) -> torch.Tensor:
     """W bf16 [N, K] (in the packed weight's input order: act-order's sorted K)."""
     out = torch.empty(w.n, w.k, dtype=torch.bfloat16, device=w.words.device)
     units = w.n // TILE * (w.k // CHUNK)                                                  # a warp each
-    _kernel(f"int4_dequant<{w.zmode},{str(w.wide).lower()}>")(
+    _kernel(f"int4_dequant<{w.zmode},{w.form}>")(
         grid=(-(-units // 8), 1, 1), block=(256, 1, 1),
-        args=[w.words, w.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift, w.uniform_bias])
+        args=[w.words, w.store.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift,
+              w.uniform_bias, w.store.span_shift])
     return out

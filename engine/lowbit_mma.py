@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.int4_mma import (DEVICE_HELPERS, MAX_ROWS, OFFSETS, TILE, UNIFORM, ZEROS, MmaConfig, compiled,
-                             float_storage, refusal as shape_refusal, tiled)
+from engine.int4_mma import (DEVICE_HELPERS, MAX_ROWS, OFFSETS, TILE, UNIFORM, ZEROS, MmaConfig, ScaleStore,
+                             compiled, refusal as shape_refusal, scale_storage, tiled)
 
 BITS = (2, 3, 5, 6, 8)
 WIDTH = {2: 2, 3: 3, 5: 8, 6: 8, 8: 8}         # the layout (and kernel) each width's levels use
@@ -51,12 +51,6 @@ __device__ __forceinline__ Pair load_streaming_pair(const Pair* p) {
     Pair v;
     asm("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v.lo), "=r"(v.hi) : "l"(p));
     return v;
-}
-
-__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
-    u32 d;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-    return d;
 }
 
 __device__ __forceinline__ u32 float_bits(float f) {
@@ -115,13 +109,14 @@ template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, 
 }
 
 // y[M, N] = x[M, K] @ W^T for M <= 8, as int4_mma (one block a 16-row tile, WARPS warps splitting the
-// chunks, U chunks in flight a lane, SEG mma steps a scale, ZMODE and F32 as there, PERM: x read through
-// perm).
-template <int BITS, int WARPS, int U, int SEG, int ZMODE, bool F32, bool PERM>
+// chunks, U chunks in flight a lane, SEG mma steps a scale, ZMODE, FORM and span_shift as there, PERM: x
+// read through perm).
+template <int BITS, int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM>
 __global__ void __launch_bounds__(WARPS * 32)
 lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* __restrict__ w,
            const void* __restrict__ scales, const void* __restrict__ zeros, u16* __restrict__ y,
-           int M, int N, int K, int G, int group_shift, u32 uniform_bias) {
+           int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift) {
+    static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
     constexpr int CH = Width<BITS>::inputs, STEPS = Width<BITS>::steps, SEGS = STEPS / SEG;
     __shared__ float partial[WARPS][8][16];
     __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][PERM ? CH / 2 : 1];
@@ -133,6 +128,7 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
     const u16* xr = x + (size_t)xrow * K;
     const char* wt = w + (size_t)tile * chunks * Width<BITS>::bytes;
     const size_t pairs = (size_t)tile * G * 8 + r;
+    const size_t supers = (size_t)tile * (G >> span_shift) * 8 + r;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
         Chunk<BITS> q[U];
@@ -146,7 +142,11 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
 #pragma unroll
                 for (int seg = 0; seg < SEGS; ++seg) {
                     const int g = (c * CH + seg * SEG * 16) >> group_shift;
-                    value_pair<F32>(scales, pairs + g * 8, s[u][seg][0], s[u][seg][1]);
+                    float sv[2], mv[2] = {0.f, 0.f};
+                    group_values<FORM, ZMODE == OFFSETS>(scales, zeros, pairs + g * 8,
+                                                         supers + (g >> span_shift) * 8, sv, mv);
+                    s[u][seg][0] = sv[0];
+                    s[u][seg][1] = sv[1];
                     if (ZMODE == ZEROS) {
                         const u32 b = reinterpret_cast<const u32*>(zeros)[pairs + g * 8];
                         bias[u][seg][0] = row_bias<BITS>(b & 0xFFFFu);
@@ -154,9 +154,10 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
                     } else {
                         bias[u][seg][0] = bias[u][seg][1] = uniform_bias;
                     }
-                    if (ZMODE == OFFSETS)
-                        value_pair<F32>(zeros, pairs + g * 8, off[ZMODE == OFFSETS ? u : 0][seg][0],
-                                        off[ZMODE == OFFSETS ? u : 0][seg][1]);
+                    if (ZMODE == OFFSETS) {
+                        off[ZMODE == OFFSETS ? u : 0][seg][0] = mv[0];
+                        off[ZMODE == OFFSETS ? u : 0][seg][1] = mv[1];
+                    }
                 }
                 if (PERM) {
 #pragma unroll
@@ -222,10 +223,10 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
 
 // W [N, K] bf16 from the packed layout, one warp a (tile, chunk), written row by row through shared memory
 // in 16-byte stores (as int4_dequant).
-template <int BITS, int ZMODE, bool F32>
+template <int BITS, int ZMODE, int FORM>
 __global__ void __launch_bounds__(256)
 lowbit_dequant(const char* __restrict__ w, const void* __restrict__ scales, const void* __restrict__ zeros,
-               Words* __restrict__ out, int N, int K, int G, int group_shift, u32 uniform_bias) {
+               Words* __restrict__ out, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift) {
     constexpr int CH = Width<BITS>::inputs;
     __shared__ u32 block[8][16][CH / 2 + 1];            // [warp][row][k pair], padded against bank conflicts
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -239,18 +240,19 @@ lowbit_dequant(const char* __restrict__ w, const void* __restrict__ scales, cons
     for (int i = 0; i < Width<BITS>::steps; ++i) {
         const int k = 16 * i + 4 * t;                   // within the chunk
         const int g = (c * CH + k) >> group_shift;
+        float sv[2], mv[2] = {0.f, 0.f};
+        group_values<FORM, ZMODE == OFFSETS>(scales, zeros, ((size_t)tile * G + g) * 8 + r,
+                                             ((size_t)tile * (G >> span_shift) + (g >> span_shift)) * 8 + r, sv, mv);
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
             const int h = p & 1;
             const size_t at = (((size_t)tile * G + g) * 8 + r) * 2 + h;
             const u32 bias = ZMODE == ZEROS ? row_bias<BITS>(reinterpret_cast<const u16*>(zeros)[at]) : uniform_bias;
             const u32 lv = a_pair<BITS>(d, i, p, bias);
-            const float sc = value_at<F32>(scales, at);
-            float lo = bits_to_float(lv << 16) * sc, hi = bits_to_float(lv & 0xFFFF0000u) * sc;
+            float lo = bits_to_float(lv << 16) * sv[h], hi = bits_to_float(lv & 0xFFFF0000u) * sv[h];
             if (ZMODE == OFFSETS) {
-                const float m = value_at<F32>(zeros, at);
-                lo += m;
-                hi += m;
+                lo += mv[h];
+                hi += mv[h];
             }
             block[warp][r + 8 * h][(k >> 1) + (p >> 1)] = (u32)float_to_bf16(lo) | ((u32)float_to_bf16(hi) << 16);
         }
@@ -290,14 +292,13 @@ def refusal(k: int, n: int, group_size: int, bits: int) -> str | None:
 class PackedLowBit:
     """A 2, 3, 5, 6 or 8-bit weight [N, K] in this module's layout, ready for `matmul` and `dequantize`."""
     words: torch.Tensor              # int32 [N/16, K/chunk, CHUNK_BYTES/4]
-    scales: torch.Tensor             # fp16, or fp32 where fp16 would round them, [N/16, G, 8, 2]
+    store: ScaleStore                # scales, and float offsets (W = s * q + m) if any: engine.int4_mma's forms
     zeros: torch.Tensor | None       # int16 bits [N/16, G, 8, 2] (see the module docstring), None: uniform_zero
     uniform_zero: int
     bits: int
     n: int
     k: int
     group_size: int
-    offsets: torch.Tensor | None = None   # W = s * q + m: m in the scales' dtype and layout (no zeros then)
 
     @property
     def width(self) -> int:
@@ -306,16 +307,17 @@ class PackedLowBit:
 
     @property
     def zmode(self) -> int:
-        return OFFSETS if self.offsets is not None else ZEROS if self.zeros is not None else UNIFORM
+        return OFFSETS if self.store.with_offsets else ZEROS if self.zeros is not None else UNIFORM
 
     @property
-    def wide(self) -> bool:
-        return self.scales.dtype == torch.float32
+    def form(self) -> int:
+        return self.store.form
 
     @property
     def zero_arg(self) -> torch.Tensor:
-        """The kernels' zeros argument: the offsets, the per-group zeros, or (unread) the scales."""
-        return next(t for t in (self.offsets, self.zeros, self.scales) if t is not None)
+        """The kernels' zeros argument: the factors, offsets, the per-group zeros, or (unread) the scales."""
+        st = self.store
+        return next(t for t in (st.supers, st.offsets, self.zeros, st.scales) if t is not None)
 
     @property
     def group_shift(self) -> int:
@@ -332,7 +334,7 @@ class PackedLowBit:
         return u - (1 << 32) if u >= 1 << 31 else u
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.words, self.scales, self.zeros, self.offsets)
+        return sum(t.numel() * t.element_size() for t in [self.words, self.zeros, *self.store.tensors()]
                    if t is not None)
 
 
@@ -386,10 +388,9 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
     if not uniform:
         z = zeros.float()
         stored = tiled((z.half() if width == 8 else (-(128.0 + z)).to(torch.bfloat16)).view(torch.int16))
-    stored_scales, stored_offsets = float_storage(scales, offsets)
-    return PackedLowBit(words=words, scales=stored_scales, zeros=stored,
+    return PackedLowBit(words=words, store=scale_storage(scales, offsets, group_size, stored is not None), zeros=stored,
                         uniform_zero=1 << (bits - 1) if zeros is None else int(zeros.flatten()[0]), bits=bits,
-                        n=N, k=K, group_size=group_size, offsets=stored_offsets)
+                        n=N, k=K, group_size=group_size)
 
 
 def matmul(x: torch.Tensor, w: PackedLowBit, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
@@ -397,12 +398,13 @@ def matmul(x: torch.Tensor, w: PackedLowBit, config: MmaConfig, perm: torch.Tens
     M = x.shape[0]
     seg = min(CHUNK[w.width] // 16, w.group_size // 16)
     flag = lambda b: str(b).lower()
-    name = (f"lowbit_mma<{w.width},{config.warps},{config.unroll},{seg},{w.zmode},{flag(w.wide)},"
+    name = (f"lowbit_mma<{w.width},{config.warps},{config.unroll},{seg},{w.zmode},{w.form},"
             f"{flag(perm is not None)}>")
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     compiled(SOURCE, name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
-                           args=[x, perm if perm is not None else w.words, w.words, w.scales, w.zero_arg, y, M,
-                                 w.n, w.k, w.k // w.group_size, w.group_shift, w.uniform_bias])
+                           args=[x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y,
+                                 M, w.n, w.k, w.k // w.group_size, w.group_shift, w.uniform_bias,
+                                 w.store.span_shift])
     return y
 
 
@@ -410,7 +412,8 @@ def dequantize(w: PackedLowBit) -> torch.Tensor:
     """W bf16 [N, K] (in the packed weight's input order: act-order's sorted K)."""
     out = torch.empty(w.n, w.k, dtype=torch.bfloat16, device=w.words.device)
     units = w.n // TILE * (w.k // CHUNK[w.width])                                         # a warp each
-    compiled(SOURCE, f"lowbit_dequant<{w.width},{w.zmode},{str(w.wide).lower()}>")(
+    compiled(SOURCE, f"lowbit_dequant<{w.width},{w.zmode},{w.form}>")(
         grid=(-(-units // 8), 1, 1), block=(256, 1, 1),
-        args=[w.words, w.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift, w.uniform_bias])
+        args=[w.words, w.store.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift,
+              w.uniform_bias, w.store.span_shift])
     return out

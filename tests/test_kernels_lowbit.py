@@ -22,10 +22,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def k_quant_values(G: int, N: int, span: int, low: int, high: int) -> torch.Tensor:
+    """[G, N] fp32 as a K-quant's scales are: an fp16 d a span of groups (of either sign) times integers in
+    low .. high, so that fp16 rounds most of them."""
+    d = (torch.randn(G // span, N) * 1e-3).half().float().repeat_interleave(span, 0)
+    return d * torch.randint(low, high + 1, (G, N)).float()
+
+
 def random_quant(K: int, N: int, group_size: int, bits: int, act_order: bool = False, uniform_zero: bool = False,
-                 device: str = "cpu", offsets: bool = False, fp32_scales: bool = False) -> QuantWeight:
+                 device: str = "cpu", offsets: bool = False, fp32_scales: bool = False,
+                 k_quant: bool = False) -> QuantWeight:
     """GPTQ-like (fp16 scales, integer zeros), or with `offsets` GGUF-like (W = s * q + m); fp32_scales: scales
-    (and offsets) that fp16 would round, as the K-quants' products are."""
+    (and offsets) that fp16 would round; k_quant: such scales (and offsets) made as the K-quants' are, an fp16
+    d per 256 inputs times small integers (int8 ones for the scales, as Q6_K's)."""
     G = K // group_size
     g_idx = torch.arange(K) // group_size
     if act_order:
@@ -34,10 +43,15 @@ def random_quant(K: int, N: int, group_size: int, bits: int, act_order: bool = F
              else torch.randint(0, 2**bits, (G, N), dtype=torch.uint8))
     scales = (torch.rand(G, N) * 0.02 + 0.001)
     scales = scales if fp32_scales else scales.half()
+    span = max(1, 256 // group_size)
+    if k_quant:
+        scales = k_quant_values(G, N, span, -128, 127)
     m = None
     if offsets:
         zeros, m = None, -scales.float() * 2 ** (bits - 1) * (torch.rand(G, N) + 0.5)
         m = m if fp32_scales else m.half().float()
+        if k_quant:
+            m = -k_quant_values(G, N, span, 0, 63)
     return QuantWeight(q=torch.randint(0, 2**bits, (K, N), dtype=torch.uint8).to(device), scales=scales.to(device),
                        g_idx=g_idx.to(device), bits=bits, group_size=group_size,
                        zeros=None if zeros is None else zeros.to(device), offsets=None if m is None else m.to(device))
@@ -47,6 +61,16 @@ def untiled(a: torch.Tensor) -> torch.Tensor:
     """The kernels' [N/16, G, 8, 2] scales/offsets back to [G, N] fp32."""
     T, G = a.shape[:2]
     return a.float().permute(1, 0, 3, 2).reshape(G, T * 16)
+
+
+def stored_values(store: int4_mma.ScaleStore) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scales and offsets [G, N] the kernels compute from a ScaleStore, as group_values does: the stored
+    values, or a factored form's byte - 128 times its span's factor, in fp32."""
+    if store.supers is None:
+        return untiled(store.scales), None if store.offsets is None else untiled(store.offsets)
+    d = store.supers.float().repeat_interleave(1 << store.span_shift, dim=1)             # [T, G, 8, 2 or 4]
+    values = d * (store.scales.float() - 128)
+    return untiled(values[..., :2]), untiled(values[..., 2:]) if values.shape[-1] == 4 else None
 
 
 def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +99,8 @@ def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Te
             for h in (0, 1):
                 k = cols + 16 * i + 4 * (lane & 3) + 2 * (p >> 1) + h                      # [1, C, 32]
                 q[row.expand(T, C, 32), k.expand(T, C, 32)] = pair[h]
-    G = packed.scales.shape[1]
-    if packed.offsets is not None:      # levels go in as q (zero 0); the offsets are added apart
+    G = packed.store.scales.shape[1]
+    if packed.zmode == int4_mma.OFFSETS:      # levels go in as q (zero 0); the offsets are added apart
         z = torch.zeros(G, N)
     elif packed.zeros is None:
         z = torch.full((G, N), float(packed.uniform_zero))
@@ -99,7 +123,7 @@ def test_packed_layout_reads_back_every_level_and_zero(bits, uniform_zero):
     assert torch.equal(z, qw.zeros[qw.g_idx].float())
     # At rest: the packed bits plus fp16 scales, nothing wider.
     assert packed.words.numel() * 4 == 256 * 48 * bits // 8
-    scales = packed.scales.float().permute(1, 0, 3, 2).reshape(8, 48)
+    scales = untiled(packed.store.scales)
     assert torch.equal(scales, qw.scales.float())
     torch.testing.assert_close(((q.double() - z.double()) * scales[qw.g_idx].double()).t(),
                                qw.dequantize(torch.float64), rtol=0, atol=0)
@@ -120,9 +144,9 @@ def test_5_and_6_bit_levels_pack_losslessly_into_the_8bit_layout(bits, zero):
     assert packed.width == 8 and packed.words.numel() * 4 == 256 * 48
     q, z = kernel_view(packed)
     assert torch.equal(q, qw.q.long())
-    assert torch.equal(untiled(packed.scales), qw.scales.float())
+    assert torch.equal(untiled(packed.store.scales), qw.scales.float())
     if zero == "offsets":
-        assert packed.zmode == int4_mma.OFFSETS and torch.equal(untiled(packed.offsets), qw.offsets)
+        assert packed.zmode == int4_mma.OFFSETS and torch.equal(untiled(packed.store.offsets), qw.offsets)
         assert torch.equal(z, torch.zeros(256, 48))
     else:
         assert packed.zmode == int4_mma.UNIFORM and packed.uniform_zero == 1 << (bits - 1)
@@ -135,18 +159,21 @@ def test_scales_and_offsets_are_stored_fp16_only_where_that_is_exact(bits, fp32_
     qw = random_quant(256, 32, 32, bits, offsets=True, fp32_scales=fp32_scales)
     packed = (int4_mma.pack(qw.q, qw.scales, None, 32, offsets=qw.offsets) if bits == 4
               else lowbit_mma.pack(qw.q, qw.scales, None, 32, bits, offsets=qw.offsets))
-    assert packed.wide == fp32_scales
-    assert packed.scales.dtype == packed.offsets.dtype == (torch.float32 if fp32_scales else torch.float16)
+    # (random fp32 values have no common factor: stored as they are)
+    assert packed.form == (int4_mma.FLOAT if fp32_scales else int4_mma.HALF)
+    st = packed.store
+    assert st.scales.dtype == st.offsets.dtype == (torch.float32 if fp32_scales else torch.float16)
     # Lossless: the stored values are the QuantWeight's, and the levels go in as q (a uniform zero of 0).
-    assert torch.equal(untiled(packed.scales), qw.scales.float())
-    assert torch.equal(untiled(packed.offsets), qw.offsets.float())
+    assert torch.equal(untiled(st.scales), qw.scales.float())
+    assert torch.equal(untiled(st.offsets), qw.offsets.float())
     assert packed.zmode == int4_mma.OFFSETS and packed.uniform_zero == 0
 
 
 def test_every_gguf_type_reaches_the_kernels_losslessly():
     # Every GGUF type's repacked weight, packed for the CUDA kernels (plain torch: runs on CPU): levels read
     # back as the kernel reads them, scales/offsets/zero exactly the QuantWeight's, so the kernels compute
-    # W = s * (q - z) or s * q + m with gguf's own values. fp16 storage only for the per-block fp16 types.
+    # W = s * (q - z) or s * q + m with gguf's own values. fp16 storage for the per-block fp16 types; the
+    # K-quants (and IQ4_XS) keep their two levels, a byte a group and row times the super-block's d, dmin.
     from loaders.gguf_repack import BLOCK_TYPES, repack
     from tests.test_gguf_engine import random_blocks
 
@@ -155,15 +182,61 @@ def test_every_gguf_type_reaches_the_kernels_losslessly():
         qw = repack(torch.from_numpy(random_blocks(type_name, 32, 512 // kind.block, 0)), type_name, 512)
         packed = (int4_mma.pack(qw.q, qw.scales, qw.zeros, qw.group_size, offsets=qw.offsets) if qw.bits == 4
                   else lowbit_mma.pack(qw.q, qw.scales, qw.zeros, qw.group_size, qw.bits, offsets=qw.offsets))
-        assert packed.wide == (type_name not in fp16_exact), type_name
-        assert torch.equal(untiled(packed.scales), qw.scales.float()), type_name
+        assert packed.form in ((int4_mma.HALF,) if type_name in fp16_exact
+                               else (int4_mma.FACTORED_HALF, int4_mma.FACTORED_FLOAT)), type_name
+        scales, offsets = stored_values(packed.store)
+        assert torch.equal(scales, qw.scales.float()), type_name
+        if type_name not in fp16_exact:   # a byte a group and row, a factor (2 or 4 bytes) per 256 inputs
+            per_group = 2 if qw.offsets is not None else 1
+            assert packed.store.scales.numel() == qw.scales.numel() * per_group, type_name
+            assert packed.store.supers.numel() == qw.scales.numel() * per_group // (256 // qw.group_size)
         if qw.offsets is not None:
-            assert torch.equal(untiled(packed.offsets), qw.offsets.float()), type_name
+            assert torch.equal(offsets, qw.offsets.float()), type_name
         else:
             assert packed.zmode == int4_mma.UNIFORM and packed.uniform_zero == int(qw.zeros[0, 0]), type_name
         if qw.bits != 4:
             q, _ = kernel_view(packed)
             assert torch.equal(q, qw.q.long()), type_name
+
+
+@pytest.mark.parametrize("span", [2, 8, 16])
+def test_k_quant_scales_factor_exactly_into_bytes_and_a_factor_per_span(span):
+    # Each K-quant scale is the super-block's fp16 d times a small integer; factor recovers a d' and integers
+    # whose fp32 products are the scales bit for bit, Q6_K's int8 -128 under a negative d included.
+    G, N = 4 * span, 48
+    values = k_quant_values(G, N, span, -128, 127)
+    values[:span, 0] = 0                                                    # an all-zero span: d = 0
+    values[:span, 1] = -0.5 * torch.tensor([-128.0] + [3.0] * (span - 1))   # d = -0.5 with a -128
+    d, ints = int4_mma.factor(values, span)
+    assert d.shape == (G // span, N) and ints.shape == (G, N)
+    assert int(ints.min()) >= -128 and int(ints.max()) <= 127
+    assert torch.equal(d.repeat_interleave(span, 0) * ints.float(), values)
+    assert d[0, 0] == 0 and not ints[:span, 0].any()
+    assert d[0, 1] == -0.5 and ints[0, 1] == -128 and ints[1, 1] == 3      # 64 = -0.5 x -128, -1.5 = -0.5 x 3
+    # Random fp32 values share no such factor; nor do spans that do not divide the groups.
+    assert int4_mma.factor(torch.rand(G, N) * 0.01, span) is None
+    assert int4_mma.factor(values[:span + 1], span) is None
+
+
+def test_factored_scales_are_a_byte_a_group_and_equal_the_quant_weights():
+    # Q4_K-like: scales and offsets factored (one byte each a group and row, fp16 d/dmin a 256-input span);
+    # the kernels' values (stored_values emulates group_values) are the QuantWeight's exactly.
+    qw = random_quant(512, 48, 32, 4, offsets=True, k_quant=True)
+    packed = int4_mma.pack(qw.q, qw.scales, None, 32, offsets=qw.offsets)
+    st = packed.store
+    assert packed.zmode == int4_mma.OFFSETS and packed.form == int4_mma.FACTORED_HALF and st.span_shift == 3
+    assert st.scales.dtype == torch.uint8 and st.scales.shape == (3, 16, 8, 4) and st.offsets is None
+    assert st.supers.dtype == torch.float16 and st.supers.shape == (3, 2, 8, 4)
+    scales, offsets = stored_values(st)
+    assert torch.equal(scales, qw.scales) and torch.equal(offsets, qw.offsets)
+    # Q6_K-like in the 8-bit layout: a uniform zero and int8 scales per 16 inputs.
+    qw6 = random_quant(512, 48, 16, 6, uniform_zero=True, k_quant=True)
+    p6 = lowbit_mma.pack(qw6.q, qw6.scales, None, 16, 6)
+    assert p6.zmode == int4_mma.UNIFORM and p6.form in FACTORED and p6.store.span_shift == 4
+    assert p6.store.scales.shape == (3, 32, 8, 2) and torch.equal(stored_values(p6.store)[0], qw6.scales)
+    # Per-group integer zeros keep values per group (the factors would take the zeros' argument).
+    qz = random_quant(512, 48, 32, 4, k_quant=True)
+    assert int4_mma.pack(qz.q, qz.scales, qz.zeros, 32).form == int4_mma.FLOAT
 
 
 def test_uniform_bias_is_what_the_kernel_subtracts():
@@ -230,8 +303,17 @@ LAUNCH_SHAPES = [(8, 1), (16, 1), (16, 2), (32, 1)]
 
 
 # symmetric GPTQ (one z), asym (a z per group), GGUF-style float offsets with fp16-exact or fp32 scales
+# and the K-quants' scales (and offsets), kept factored where a group divides 256 inputs
 ZERO_KINDS = {"uniform": {"uniform_zero": True}, "per-group": {}, "offsets-fp16": {"offsets": True},
-              "offsets-fp32": {"offsets": True, "fp32_scales": True}}
+              "offsets-fp32": {"offsets": True, "fp32_scales": True},
+              "uniform-kquant": {"uniform_zero": True, "k_quant": True}, "offsets-kquant": {"offsets": True, "k_quant": True}}
+FACTORED = (int4_mma.FACTORED_HALF, int4_mma.FACTORED_FLOAT)
+
+
+def expected_forms(zero: str, group_size: int, fp32_scales: bool = False) -> tuple[int, ...]:
+    if "kquant" in zero:
+        return FACTORED if 256 % group_size == 0 else (int4_mma.FLOAT,)
+    return (int4_mma.FLOAT,) if fp32_scales or zero == "offsets-fp32" else (int4_mma.HALF,)
 
 
 @needs_cuda
@@ -251,7 +333,7 @@ def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, zero
         cuda = lambda t: None if t is None else t.cuda()
         packed = lowbit_mma.pack(qw.q.cuda(), qw.scales.cuda(), cuda(qw.zeros), group_size, bits,
                                  offsets=cuda(qw.offsets))
-        assert packed.wide == (zero == "offsets-fp32")
+        assert packed.form in expected_forms(zero, group_size)
         w = qw.dequantize(torch.float64).cuda()                                           # [N, K], sorted K
         torch.testing.assert_close(lowbit_mma.dequantize(packed).double(), w, rtol=1e-2, atol=1e-6)
         order = order.cuda()
@@ -268,20 +350,21 @@ def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, zero
 
 @needs_cuda
 @pytest.mark.parametrize("warps,unroll", LAUNCH_SHAPES + [(32, 2)])
-@pytest.mark.parametrize("zero", ["per-group", "offsets-fp16", "offsets-fp32"])
+@pytest.mark.parametrize("zero", ["per-group", "offsets-fp16", "offsets-fp32", "offsets-kquant"])
 def test_int4_mma_with_offsets_and_fp32_scales_matches_fp64_at_every_launch_shape(warps, unroll, zero):
-    # The 4-bit kernel's GGUF forms (Q4_1: fp16 offsets; Q4_K: fp32 scales and offsets), and fp32 scales with
-    # per-group zeros, next to its GPTQ forms (tests/test_engine.py).
+    # The 4-bit kernel's GGUF forms (Q4_1: fp16 offsets; Q4_K: factored scales and offsets; fp32 ones where
+    # they do not factor), and fp32 scales with per-group zeros, next to its GPTQ forms (tests/test_engine.py).
     K, N = 1024, 1008
     config = int4_mma.MmaConfig(warps, unroll)
     for group_size in (32, 64, 128, K):
-        qw = random_quant(K, N, group_size, 4, act_order=True, fp32_scales=zero != "offsets-fp16",
+        fp32_scales = zero in ("per-group", "offsets-fp32")
+        qw = random_quant(K, N, group_size, 4, act_order=True, fp32_scales=fp32_scales,
                           **{k: v for k, v in ZERO_KINDS[zero].items() if k != "fp32_scales"})
         qw, order = qw.sorted_by_group()
         order = torch.arange(K) if order is None else order
         cuda = lambda t: None if t is None else t.cuda()
         packed = int4_mma.pack(qw.q.cuda(), qw.scales.cuda(), cuda(qw.zeros), group_size, offsets=cuda(qw.offsets))
-        assert packed.wide == (zero != "offsets-fp16")
+        assert packed.form in expected_forms(zero, group_size, fp32_scales)
         w = qw.dequantize(torch.float64).cuda()
         torch.testing.assert_close(int4_mma.dequantize(packed).double(), w, rtol=1e-2, atol=1e-6)
         order = order.cuda()
