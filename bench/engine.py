@@ -188,6 +188,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
         packed = getattr(module, "packed", None)
         if packed is not None:
             tensors += [t for t in vars(packed).values() if isinstance(t, torch.Tensor)]
+            store = getattr(packed, "store", None)       # the kernels' scales (engine.int4_mma.ScaleStore)
+            tensors += store.tensors() if store is not None else []
         for t in tensors:
             if t is not None and t.is_cuda:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -632,9 +634,9 @@ def lowbit_sweep() -> dict:
 
 
 def gguf_sweep() -> dict:
-    """The GGUF forms on the 7B layer shapes at M=1 and the default launch shape: Q4_K (4-bit, fp32 scales and
-    offsets per 32), Q8_0 (8-bit, fp16 scale per 32), Q6_K (6-bit levels in the 8-bit layout, fp32 scale per
-    16), each from random blocks through loaders.gguf_repack. Rates count the bytes the kernel reads (its
+    """The GGUF forms on the 7B layer shapes at M=1 and the default launch shape: Q4_K (4-bit, scales and
+    offsets per 32 factored: a byte each times the super-block's d, dmin), Q8_0 (8-bit, fp16 scale per 32),
+    Q6_K (6-bit levels in the 8-bit layout, a byte a 16 times d), each from random blocks through loaders.gguf_repack. Rates count the bytes the kernel reads (its
     stored layout) and the GGUF blocks' bytes; checked against fp64."""
     res = {"copy_tb_s": round(copy_bandwidth(), 3)}
     for type_name in ("Q4_K", "Q8_0", "Q6_K"):
@@ -645,7 +647,7 @@ def gguf_sweep() -> dict:
             copies = max(1, -(-256 * 2**20 // (k * n // 2)))
             layers = [gguf_linear(type_name, k, n, counted) for _ in range(copies)]
             packed = layers[0].packed
-            stored = sum(t.numel() * t.element_size() for t in vars(packed).values() if isinstance(t, torch.Tensor))
+            stored = packed.nbytes()
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             y = layers[0](x).double()
             w = (int4_mma.dequantize(packed) if type_name == "Q4_K" else lowbit_mma.dequantize(packed)).double()
@@ -653,7 +655,7 @@ def gguf_sweep() -> dict:
             t = rotating_graph_time(lambda i: (lambda: layers[i](x)), stored)
             entry = {"us": round(t * 1e6, 1), "stored_tb_s": round(stored / t / 1e12, 2),
                      "gguf_tb_s": round(counted[0] / t / 1e12, 2),
-                     "stored_over_gguf": round(stored / counted[0], 3), "wide": packed.wide,
+                     "stored_over_gguf": round(stored / counted[0], 3), "form": packed.form,
                      "err_vs_dequantized": f"{((y - ref).norm() / ref.norm()).item():.1e}"}
             res[f"{type_name} {name}"] = entry
             print(type_name, name, entry, file=sys.stderr, flush=True)
