@@ -1,4 +1,4 @@
-"""Hearth's 2, 3 and 8-bit matmul on CUDA: GPTQ weights of those widths, and GGUF's 2, 3, 5, 6 and 8-bit
+"""Hearth's 2, 3, 6 and 8-bit matmul on CUDA: GPTQ weights of those widths, and GGUF's 2, 3, 5, 6 and 8-bit
 blocks, stay packed on the GPU.
 
 The same scheme as engine.int4_mma (read it first): each lane loads its share of a 16-row tile's chunk of
@@ -16,14 +16,15 @@ levels is made:
   levels in bytes p % 2 and 2 + p % 2). 128 + q needs 8 mantissa bits, which bf16 lacks, so each level is
   placed in the mantissa of 2^23 as an fp32 (one byte permute), 2^23 + z is subtracted (exact), and the
   two results' upper halves are the bf16 pair (q - z is an integer of at most 8 significant bits: exact).
-
-5 and 6-bit levels (GGUF Q5_*, Q6_K) go into the 8-bit layout: losslessly, at 8 bits of storage a level,
-on the 8-bit kernel (a width of their own would need its own bit juggling for ~25% fewer bytes).
+- 6-bit: a chunk is 64 inputs: the low nibbles as engine.int4_mma's 16-byte word layout, plus an 8-byte
+  plane of the upper two bits (word i / 2, bits 8(i % 2) + 2p and + 16), shifted to bits 4-5 and OR-ed in:
+  128 + q (q < 64) is still exact in bf16. GGUF's 5 and 6-bit levels (Q5_*, Q6_K) use it, at 6 bits a level
+  (before, the 8-bit layout: a third more bytes for the same ~5 instructions a pair).
 
 Wider chunks for 2/3 bits keep as many bytes in flight a lane as the 4-bit kernel (16-24 bytes a load
 round), which is what its speed was found to depend on (bench/NOTES-engine.md). Scales and zeros are
-[N/16, G, 8, 2] as at 4 bits; the zeros are bf16 -(128 + z) for 2/3 bits and fp16 z for 8 bits. Float
-offsets (W = s * q + m) and fp32 scales where fp16 would round them are handled as in engine.int4_mma:
+[N/16, G, 8, 2] as at 4 bits; the zeros are bf16 -(128 + z) for 2/3/6 bits and fp16 z for 8 bits. Float
+offsets (W = s * q + m) and scales fp16 would round (fp32, or the K-quants' factored form) are as in engine.int4_mma:
 one more mma with A all ones sums x over each group, and the group adds s * sum(q x) + m * sum(x).
 Prompts longer than MAX_ROWS dequantize the packed weight into a bf16 scratch for cuBLAS; no bf16 copy is
 kept. Needs compute capability 8.0+.
@@ -39,9 +40,9 @@ from engine.int4_mma import (DEVICE_HELPERS, MAX_ROWS, OFFSETS, TILE, UNIFORM, Z
                              compiled, refusal as shape_refusal, scale_storage, tiled)
 
 BITS = (2, 3, 5, 6, 8)
-WIDTH = {2: 2, 3: 3, 5: 8, 6: 8, 8: 8}         # the layout (and kernel) each width's levels use
-CHUNK = {2: 128, 3: 128, 8: 64}                # inputs a chunk, by layout width
-CHUNK_BYTES = {2: 512, 3: 768, 8: 1024}        # bytes of one 16-row tile's chunk, by layout width
+WIDTH = {2: 2, 3: 3, 5: 6, 6: 6, 8: 8}         # the layout (and kernel) each width's levels use
+CHUNK = {2: 128, 3: 128, 6: 64, 8: 64}         # inputs a chunk, by layout width
+CHUNK_BYTES = {2: 512, 3: 768, 6: 768, 8: 1024}   # bytes of one 16-row tile's chunk, by layout width
 
 __all__ = ["BITS", "MAX_ROWS", "MmaConfig", "PackedLowBit", "config_for", "dequantize", "matmul", "pack",
            "refusal"]
@@ -60,13 +61,15 @@ __device__ __forceinline__ u32 float_bits(float f) {
 }
 
 template <int BITS> struct Width {
-    static constexpr int inputs = BITS == 8 ? 64 : 128;                 // a chunk
+    static constexpr int inputs = BITS >= 6 ? 64 : 128;                 // a chunk
     static constexpr int steps = inputs / 16;                           // mma k-steps a chunk
     static constexpr int planes = BITS == 8 ? 2 : 1;                    // 16-byte lane loads a chunk
-    static constexpr int bytes = 512 * planes + (BITS == 3 ? 256 : 0);  // a tile's chunk
+    static constexpr bool split = BITS == 3 || BITS == 6;               // and an 8-byte plane of upper bits
+    static constexpr int bytes = 512 * planes + (split ? 256 : 0);      // a tile's chunk
 };
 
-// One lane's share of a tile's chunk: `planes` 16-byte loads, and for 3 bits the 8-byte plane of third bits.
+// One lane's share of a tile's chunk: `planes` 16-byte loads, and for 3 and 6 bits the 8-byte plane of
+// upper bits.
 template <int BITS> struct Chunk {
     Words w[Width<BITS>::planes];
     Pair hi;
@@ -77,12 +80,12 @@ template <int BITS> __device__ __forceinline__ Chunk<BITS> load_chunk(const char
 #pragma unroll
     for (int j = 0; j < Width<BITS>::planes; ++j)
         d.w[j] = load_streaming(reinterpret_cast<const Words*>(base + 512 * j) + lane);
-    if (BITS == 3) d.hi = load_streaming_pair(reinterpret_cast<const Pair*>(base + 512) + lane);
+    if (Width<BITS>::split) d.hi = load_streaming_pair(reinterpret_cast<const Pair*>(base + 512) + lane);
     return d;
 }
 
 // A row's per-group bias from its stored zero: bf16x2 -(128 + z) for 2/3 bits, fp32 2^23 + z for 8 bits.
-// (BITS is the layout's width from here on: 5 and 6-bit levels use the 8-bit one.)
+// (BITS is the layout's width from here on: 5-bit levels use the 6-bit one.)
 template <int BITS> __device__ __forceinline__ u32 row_bias(u32 stored) {
     if (BITS == 8) return float_bits(8388608.f + half_to_float((u16)stored));
     return stored * 0x10001u;
@@ -98,6 +101,16 @@ template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, 
         const float lo = bits_to_float(prmt(w, 0x4B000000u, sel)) - z;
         const float hi = bits_to_float(prmt(w, 0x4B000000u, sel + 2)) - z;
         return prmt(float_bits(lo), float_bits(hi), 0x7632u);   // the upper halves: exact bf16
+    }
+    if (BITS == 6) {
+        // the low nibbles as int4_mma's layout has them, the upper two bits at `at` and at + 16 of word i / 2
+        const int at = 8 * (i & 1) + 2 * p;
+        const u32 h = (i >> 1) ? d.hi.hi : d.hi.lo;
+        const u32 v = ((d.w[0].w[i] >> (4 * p)) & 0x000F000Fu)
+                    | ((at >= 4 ? h >> (at - 4) : h << (4 - at)) & 0x00300030u);
+        u32 r;   // 128 + q (q < 64) is exact in bf16, as in `levels`
+        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v | 0x43004300u), "r"(0x3F803F80u), "r"(bias));
+        return r;
     }
     u32 v = (d.w[0].w[i >> 1] >> (2 * p + 8 * (i & 1))) & 0x00030003u;
     if (BITS == 3) {
@@ -302,7 +315,7 @@ class PackedLowBit:
 
     @property
     def width(self) -> int:
-        """The layout's bits a level: 8 for 5 and 6-bit levels."""
+        """The layout's bits a level: 6 for 5-bit levels."""
         return WIDTH[self.bits]
 
     @property
@@ -352,7 +365,14 @@ def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
     # [N, K] -> [T, C, r, t, i, pk, pb, h]: row = 16 T + 8 pb + r, k = CH C + 16 i + 4 t + 2 pk + h, and
     # A register p = pb + 2 pk of mma step i holds the pair h = 0, 1.
     v = q.t().reshape(T, 2, 8, C, S, 4, 2, 2).permute(0, 3, 2, 5, 4, 6, 1, 7).to(torch.int64)
-    if bits == 8:
+    if bits == 6:
+        # the low nibbles in int4_mma's word layout: nibble p + 4 h of word i, p = pb + 2 pk
+        words = _words(v & 15, 4 * (ar(2, 2, 1, 1) * 2 + ar(2, 1, 2, 1) + 4 * ar(2, 1, 1, 2)), (-3, -2, -1))
+        high = (v >> 4).reshape(T, C, 8, 4, 2, 2, 2, 2, 2)       # i -> (word, i % 2)
+        # [i % 2, pk, pb, h]: bit 8 (i % 2) + 2 p + 16 h
+        shifts = 8 * ar(2, 2, 1, 1, 1) + 4 * ar(2, 1, 2, 1, 1) + 2 * ar(2, 1, 1, 2, 1) + 16 * ar(2, 1, 1, 1, 2)
+        words = torch.cat([words.reshape(T, C, -1), _words(high, shifts, (-4, -3, -2, -1)).reshape(T, C, -1)], -1)
+    elif bits == 8:
         v = v.reshape(T, C, 8, 4, 2, 2, 2, 2, 2)                 # i -> (plane, i % 2)
         shifts = 8 * (ar(2, 2, 1) + 2 * ar(2, 1, 2))              # [pb, h]: byte pb + 2 h
         words = _words(v, shifts, (-2, -1))                       # [T, C, r, t, plane, i % 2, pk]

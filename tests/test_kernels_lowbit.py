@@ -88,6 +88,10 @@ def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Te
             if bits == 8:
                 w = words[:, :, (i >> 1) * 128 + 4 * lane + 2 * (i & 1) + (p >> 1)]
                 pair = [(w >> 8 * ((p & 1) + 2 * h)) & 255 for h in (0, 1)]
+            elif bits == 6:
+                w, hw = words[:, :, 4 * lane + i], words[:, :, 128 + 2 * lane + (i >> 1)]
+                at = 8 * (i & 1) + 2 * p
+                pair = [((w >> (4 * p + 16 * h)) & 15) | (((hw >> (at + 16 * h)) & 3) << 4) for h in (0, 1)]
             else:
                 w = words[:, :, 4 * lane + (i >> 1)]
                 shift = 2 * p + 8 * (i & 1)
@@ -112,7 +116,7 @@ def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Te
     return q.t(), z[g]
 
 
-@pytest.mark.parametrize("bits", [2, 3, 8])
+@pytest.mark.parametrize("bits", [2, 3, 6, 8])
 @pytest.mark.parametrize("uniform_zero", [True, False])
 def test_packed_layout_reads_back_every_level_and_zero(bits, uniform_zero):
     qw = random_quant(256, 48, 32, bits, uniform_zero=uniform_zero)
@@ -138,10 +142,10 @@ def test_packing_in_slices_of_rows_gives_the_same_words():
 
 @pytest.mark.parametrize("bits", [5, 6])
 @pytest.mark.parametrize("zero", ["uniform", "offsets"])   # Q5_0 / Q6_K: one zero; Q5_1 / Q5_K: float offsets
-def test_5_and_6_bit_levels_pack_losslessly_into_the_8bit_layout(bits, zero):
+def test_5_and_6_bit_levels_pack_losslessly_into_the_6bit_layout(bits, zero):
     qw = random_quant(256, 48, 32, bits, uniform_zero=True, offsets=zero == "offsets", fp32_scales=True)
     packed = lowbit_mma.pack(qw.q, qw.scales, qw.zeros, 32, bits, offsets=qw.offsets)
-    assert packed.width == 8 and packed.words.numel() * 4 == 256 * 48
+    assert packed.width == 6 and packed.words.numel() * 4 == 256 * 48 * 6 // 8
     q, z = kernel_view(packed)
     assert torch.equal(q, qw.q.long())
     assert torch.equal(untiled(packed.store.scales), qw.scales.float())
@@ -150,7 +154,8 @@ def test_5_and_6_bit_levels_pack_losslessly_into_the_8bit_layout(bits, zero):
         assert torch.equal(z, torch.zeros(256, 48))
     else:
         assert packed.zmode == int4_mma.UNIFORM and packed.uniform_zero == 1 << (bits - 1)
-        assert packed.uniform_bias == struct.unpack("<i", struct.pack("<f", 2.0**23 + 2 ** (bits - 1)))[0]
+        bias = torch.tensor([packed.uniform_bias & 0xFFFF], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+        assert bias.item() == -(128 + 2 ** (bits - 1))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -317,14 +322,14 @@ def expected_forms(zero: str, group_size: int, fp32_scales: bool = False) -> tup
 
 
 @needs_cuda
-@pytest.mark.parametrize("bits", [2, 3, 6, 8])               # 6: GGUF Q6_K's levels in the 8-bit layout
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 8])            # 5, 6: GGUF Q5_*/Q6_K's levels, the 6-bit layout
 @pytest.mark.parametrize("warps,unroll", LAUNCH_SHAPES)
 @pytest.mark.parametrize("zero", sorted(ZERO_KINDS))
 def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, zero):
     K, N = 1024, 1008
     config = lowbit_mma.MmaConfig(warps, unroll)
     # Gathering x in the kernel needs warps x unroll x 128-input chunks of shared memory: 2/3 bits cap it at 16.
-    gather = lowbit_mma.WIDTH[bits] == 8 or warps * unroll <= 16
+    gather = lowbit_mma.CHUNK[lowbit_mma.WIDTH[bits]] == 64 or warps * unroll <= 16
     for group_size in (16, 32, 64, 128, K):                 # 16: GGUF's K-quants; K: GPTQ group_size -1
         qw = random_quant(K, N, group_size, bits, act_order=True, **ZERO_KINDS[zero])
         qw, order = qw.sorted_by_group()
