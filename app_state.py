@@ -8,10 +8,8 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
-import itertools
 import re
 import threading
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +17,7 @@ from typing import Any, Iterator
 import torch
 
 from app_settings import AppSettings
-from engine.generation import DoneEvent, GenerationEvent, QueuedEvent
+from engine.generation import DoneEvent, GenerationEvent
 from engine.sampling import GenerationParams
 from loaders.awq_loader import AWQLoader
 from loaders.base import Detection, LoaderRegistry, LoadError, Model, Progress, no_progress
@@ -36,6 +34,7 @@ from prompts.presets import load_presets
 from prompts.stop_strings import merge_stops
 from prompts.templates import (TOKENIZER, ChatTemplate, TemplateLibrary, load_library, resolve_template,
                               saved_settings)
+from scheduler import RunHandle, Scheduler
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")   # \Z: "$" would also match before a final newline
 # How long an unload waits for the generations it stopped to let go of the model.
@@ -101,77 +100,17 @@ def default_registry() -> LoaderRegistry:
     return registry
 
 
-# a fair generation queue. threading.Lock wakes waiters in no particular order, so under load
-# one client could wait forever; tickets served in arrival order make waiting times predictable, and the
-# position of each key lets the UI and the API tell a waiting user where they stand.
-class FifoQueue:
-    """A lock granted in arrival order. The head of the line holds it; the others wait behind it.
-    A place in line is `join`ed, `wait`ed on (which reports each move up the line) and `leave`n."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._line: deque[tuple[int, str]] = deque()   # (ticket, key); line[0] holds the lock
-        self._tickets = itertools.count()
-
-    def join(self, key: str) -> tuple[int, str]:
-        """Take a place at the end of the line; returns it (for wait and leave)."""
-        with self._cond:
-            entry = (next(self._tickets), key)
-            self._line.append(entry)
-            return entry
-
-    def wait(self, entry: tuple[int, str], cancel: threading.Event, last: int | None = None) -> int | None:
-        """Block until the number ahead of `entry` differs from `last` or its turn comes; returns that number
-        (0: it holds the lock now). None, and out of the line, when `cancel` is set first."""
-        with self._cond:
-            while True:
-                if cancel.is_set():
-                    self._remove(entry)
-                    return None
-                ahead = self._line.index(entry)
-                if ahead == 0 or ahead != last:
-                    return ahead
-                self._cond.wait()
-
-    def leave(self, entry: tuple[int, str]) -> None:
-        """Give up the place (or the lock, from the head); those behind move up. No-op once gone."""
-        with self._cond:
-            self._remove(entry)
-
-    def _remove(self, entry: tuple[int, str]) -> None:
-        if entry in self._line:
-            self._line.remove(entry)
-            self._cond.notify_all()
-
-    def wait_empty(self, timeout: float) -> bool:
-        """Block until nobody holds or waits for the lock (False when `timeout` seconds pass first)."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._line, timeout)
-
-    def wake(self) -> None:
-        """Let waiters re-check their cancel flags (called after a stop)."""
-        with self._cond:
-            self._cond.notify_all()
-
-    def position(self, key: str) -> int | None:
-        """0 while `key` generates, n when n generations are ahead of it, None when it is not in line."""
-        with self._cond:
-            for i, (_, k) in enumerate(self._line):
-                if k == key:
-                    return i
-            return None
-
-
 @dataclass
 class AppState:
     settings: AppSettings
     registry: LoaderRegistry = field(default_factory=default_registry)
     model: Model | None = None
-    # One load/unload at a time; one generation at a time on the one loaded model, served first come first served.
+    # One load/unload at a time.
     model_lock: threading.RLock = field(default_factory=threading.RLock)
-    generation_queue: FifoQueue = field(default_factory=FifoQueue)  # was a plain Lock
-    # Cancel flags of generations in flight, by the caller's key (a UI session or an API request).
-    _cancels: dict[str, threading.Event] = field(default_factory=dict)
+    # One generation at a time on the one loaded model, first come first served; each has its own RunHandle.
+    generations: Scheduler = field(default_factory=Scheduler)
+    # Downloads run side by side; the line only hands each one its handle (and so its own Cancel).
+    downloads: Scheduler = field(default_factory=lambda: Scheduler(slots=None))
     # built-in instruction templates (templates/*.yaml), read once per AppState.
     template_library: TemplateLibrary = field(default_factory=load_library)
     # the effective settings of the loaded model, {setting: Effective(value, source)}.
@@ -302,17 +241,14 @@ class AppState:
                 return 0
             self.model = None   # from here generate() refuses new work: no model is loaded
             self.model_settings = None
-            running = [cancel for cancel in list(self._cancels.values()) if not cancel.is_set()]
-            for cancel in running:
-                cancel.set()
-            self.generation_queue.wake()   # those waiting in line leave it now
-            # The decode loop sees its flag within one token; a consumer that stopped reading a generator
+            stopped = self.generations.stop_all()   # those waiting in line leave it at once
+            # The decode loop sees its flag within one token; a consumer that stopped reading its handle
             # without closing it would hold the line forever, hence the bound.
-            self.generation_queue.wait_empty(UNLOAD_WAIT_SECONDS)
+            self.generations.wait_idle(UNLOAD_WAIT_SECONDS)
             model.unload()
             gc.collect()
             release_freed_memory()
-            return len(running)
+            return stopped
 
     def require_model(self) -> Model:
         model = self.model
@@ -386,52 +322,35 @@ class AppState:
         base.update({k: v for k, v in overrides.items() if v is not None})
         return build(GenerationParams, base)
 
-    def generate(self, prompt: Prompt, params: GenerationParams, key: str = "default") -> Iterator[GenerationEvent]:
-        """Stream a generation; `stop(key)` ends it within one token. One generation runs at a time: while
-        this one waits for the model it yields QueuedEvent(ahead) each time the number ahead changes, and
-        QueuedEvent(0) when its turn comes after a wait. Closing the iterator gives up its place."""
+    def generate(self, prompt: Prompt, params: GenerationParams, key: str = "default") -> RunHandle:
+        """Queue a generation for `key` (who asks: a UI session, "api", "cli") and return its RunHandle at
+        once; iterating it streams the events. One generation runs at a time: while this one waits for the
+        model it yields QueuedEvent(ahead) each time the number ahead changes, and QueuedEvent(0) when its
+        turn comes after a wait. `handle.cancel()` (or `stop(key)`) ends it within one token, or takes it
+        out of the line; closing the handle gives its place up."""
         model = self.require_model()
         if prompt.stop:  # the template's own stop strings on top of the user's
             params = dataclasses.replace(params, stop=merge_stops(params.stop, prompt.stop))
-        cancel = threading.Event()
-        self._cancels[key] = cancel  # registered before queueing, so Stop also works while waiting
-        place = self.generation_queue.join(key)
-        try:
-            ahead = self.generation_queue.wait(place, cancel)
-            waited = bool(ahead)
-            while ahead:
-                yield QueuedEvent(ahead)
-                ahead = self.generation_queue.wait(place, cancel, ahead)
-            if ahead is None:
-                yield DoneEvent(reason="cancelled", text="")
-                return
+
+        def work(cancel: threading.Event) -> Iterator[GenerationEvent]:
             if self.model is not model:   # unloaded (or replaced) while this request waited its turn
                 yield DoneEvent(reason="cancelled", text="")
                 return
-            if waited:
-                yield QueuedEvent(0)
             try:
                 yield from model.generate(prompt.ids, params, cancel)
             except Exception as exc:  # a backend bug must not take the app down; end the reply with it
                 yield DoneEvent(reason="error", text="", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self.generation_queue.leave(place)
-            cancel.set()
-            if self._cancels.get(key) is cancel:
-                del self._cancels[key]
+
+        return self.generations.submit(work, key)
 
     def stop(self, key: str = "default") -> bool:
-        """Ask the generation started under `key` to stop; False when none runs."""
-        cancel = self._cancels.get(key)
-        if cancel is None:
-            return False
-        cancel.set()
-        self.generation_queue.wake()  # a request still waiting in line leaves it now
-        return True
+        """Stop `key`'s oldest generation (the running one, when it has one queued behind it too): Stop in a
+        UI session ends the reply it shows, not the next one it queued. False when `key` has none."""
+        return self.generations.stop(key)
 
     def queue_position(self, key: str = "default") -> int | None:
-        """0 while `key`'s generation runs, n when n generations are ahead of it, None when it has none."""
-        return self.generation_queue.position(key)
+        """0 while `key`'s oldest generation runs, n when n are ahead of it, None when it has none."""
+        return self.generations.position(key)
 
     def file_problems(self) -> list[str]:
         """User files Hearth skipped or partly ignored (malformed presets, templates, saved conversations,

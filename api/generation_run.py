@@ -1,15 +1,14 @@
-"""One request's generation: AppState.generate in a worker thread, read by the HTTP handler as an async stream.
+"""One request's generation: its RunHandle read in a worker thread, by the HTTP handler as an async stream.
 
-The model's decode loop is blocking, so it runs in its own thread (waiting its turn in AppState's FIFO queue);
-events cross to the event loop through an asyncio queue. When the client goes away, the run is abandoned:
-AppState.stop(key) sets the cancel flag the decode loop checks after every token, so the model is free for the
-next request within one token.
+The model's decode loop is blocking, so the handle is read in its own thread (waiting its turn in the app's
+generation line); events cross to the event loop through an asyncio queue. When the client goes away, the
+run is abandoned: the handle's cancel flag is checked by the decode loop after every token, so the model is
+free for the next request within one token.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from typing import AsyncIterator
 
 from fastapi import Request
@@ -24,46 +23,45 @@ _END = object()
 class GenerationRun:
     def __init__(self, state, prompt: Prompt, params: GenerationParams):
         self.state, self.prompt, self.params = state, prompt, params
-        self.key = f"api-{uuid.uuid4().hex}"
-        self._abandoned = threading.Event()
 
-    def abandon(self) -> None:
-        self._abandoned.set()
-        self.state.stop(self.key)
-
-    def _produce(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+    @staticmethod
+    def _produce(handle, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         def post(item) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
-                self.abandon()
+                handle.cancel()
 
         try:
-            for event in self.state.generate(self.prompt, self.params, self.key):
-                # Abandoned before the generation registered its cancel flag: stop it now that it has.
-                if self._abandoned.is_set():
-                    self.state.stop(self.key)
+            for event in handle:
                 post(event)
-        except Exception as exc:  # e.g. the model was unloaded between the request's checks and now
+        except Exception as exc:  # a failure outside the model's own error handling still ends the reply
             post(DoneEvent(reason="error", text="", error=f"{type(exc).__name__}: {exc}"))
         finally:
             post(_END)
 
     async def events(self, request: Request) -> AsyncIterator[GenerationEvent]:
-        """The generation's events; a client disconnect (seen while streaming or waiting) abandons the run."""
+        """The generation's events; a client disconnect (seen while streaming or waiting) cancels the run."""
+        try:
+            handle = self.state.generate(self.prompt, self.params, "api")
+        except Exception as exc:  # e.g. the model was unloaded between the request's checks and now
+            yield DoneEvent(reason="error", text="", error=f"{type(exc).__name__}: {exc}")
+            return
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        threading.Thread(target=self._produce, args=(loop, queue), daemon=True, name=self.key).start()
-        watcher = asyncio.create_task(self._abandon_on_disconnect(request))
+        threading.Thread(target=self._produce, args=(handle, loop, queue), daemon=True,
+                         name="hearth-api-generation").start()
+        watcher = asyncio.create_task(self._cancel_on_disconnect(request, handle))
         try:
             while (item := await queue.get()) is not _END:
                 yield item
         finally:
             watcher.cancel()
-            self.abandon()   # a no-op after a finished generation; stops one whose reader went away
+            handle.cancel()   # a no-op after a finished generation; stops one whose reader went away
 
-    async def _abandon_on_disconnect(self, request: Request) -> None:
+    @staticmethod
+    async def _cancel_on_disconnect(request: Request, handle) -> None:
         # The body has been read, so the next ASGI message can only be the client hanging up.
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        self.abandon()
+        handle.cancel()

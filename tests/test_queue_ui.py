@@ -147,3 +147,30 @@ def test_second_session_sees_its_position_through_gradio_client(running_app):
     assert "tok/s" in statuses_of(waiting_job)[-1]
     assert "stopped" in statuses_of(long_job)[-1]
     assert running_app.proc.poll() is None
+
+
+def test_stop_ends_the_sessions_running_reply_not_the_one_it_queued_next(running_app):
+    """Issue 15, bug (a), through the UI: one session sends a long message, then a second one while the first
+    streams (it queues behind it); Stop ends the reply on screen and the queued one runs. It used to cancel the
+    queued one and leave the running one going to max_new_tokens."""
+    session = Client(running_app.url, verbose=False)
+    temperature, max_tokens = send_parameter(session, "temperature"), send_parameter(session, "max_new_tokens")
+    long_job = session.submit(text="Write a very long story about a dragon who learns to cook.", api_name="/send",
+                              **{temperature: 0, max_tokens: 2000})
+    try:
+        wait_until(lambda: any("generating" in s for s in statuses_of(long_job)) and len(long_job.outputs()) > 4,
+                   "the first reply to stream")
+        queued_job = session.submit(text=QUESTION, api_name="/send", **{temperature: 0, max_tokens: 24})
+        wait_until(lambda: any("waiting: 1 ahead" in s for s in statuses_of(queued_job)),
+                   "the second reply of the same session to queue")
+        assert "nothing is generating" not in str(session.predict(api_name="/stop"))
+        long_job.result(timeout=WAIT_S)
+        queued_job.result(timeout=WAIT_S)
+    finally:
+        session.predict(api_name="/stop")
+    assert "stopped" in statuses_of(long_job)[-1], "Stop ended the reply that was running"
+    assert "tok/s" in statuses_of(queued_job)[-1] and "stopped" not in statuses_of(queued_job)[-1]
+    history = next(o[0] for o in reversed(queued_job.outputs()) if isinstance(o[0], list))
+    content = history[-1]["content"]
+    assert "Paris" in (content if isinstance(content, str) else "".join(p.get("text", "") for p in content))
+    assert running_app.proc.poll() is None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import html
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import gradio as gr
 
@@ -71,15 +71,42 @@ def _choice_message(exc: ChoiceNeeded) -> str:
     return f"⚠️ {exc}\n\n" + "\n".join(f"- `{c}`" for c in exc.choices)
 
 
+def _download_work(ref: RepoRef, models_dir) -> Callable[[threading.Event], Iterator[object]]:
+    """The work of a download's RunHandle: download_model in a thread of its own (it blocks), its latest
+    progress yielded every POLL_S, then its DownloadResult; its error is raised to the reader."""
+    def work(cancel: threading.Event) -> Iterator[object]:
+        latest: dict[str, Any] = {}
+
+        def fetch() -> None:
+            try:
+                latest["result"] = download_model(ref, models_dir, cancel=cancel,
+                                                  progress=lambda p: latest.__setitem__("progress", p))
+            except Exception as exc:  # raised again in the reader's thread, below
+                latest["error"] = exc
+
+        worker = threading.Thread(target=fetch, name="hearth-ui-download", daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(POLL_S)
+                if "progress" in latest:
+                    yield latest["progress"]
+        finally:
+            if worker.is_alive():   # the run was closed before the download ended: stop it, keep the bytes
+                cancel.set()
+        if "error" in latest:
+            raise latest["error"]
+        yield latest["result"]
+    return work
+
+
 def build_download_tab(state, on_models_changed: Any = None) -> dict:
-    """The Download tab. `state` needs `.models_dir`.
+    """The Download tab. `state` needs `.models_dir` and `.downloads` (a scheduler.Scheduler).
 
     `on_models_changed` refreshes the model list after a download: a model dropdown (or a list of them),
     whose choices become `state.list_models()`, or a `(fn, outputs)` pair chained after the download.
     Returns the tab's components and the download event, for further wiring.
     """
-    cancels: dict[str, threading.Event] = {}   # per browser session, so Cancel stops only its own download
-
     with gr.Tab("Download", elem_id="tab-download"):
         with gr.Row():
             repo_box = gr.Textbox(label="Repo", placeholder="TheBloke/Llama-2-7b-Chat-GPTQ:gptq-4bit-32g-actorder_True",
@@ -125,41 +152,34 @@ def build_download_tab(state, on_models_changed: Any = None) -> dict:
         except HubError as exc:
             yield IDLE_PROGRESS, f"⚠️ {exc}", ""
             return
-        key = getattr(request, "session_hash", None) or "default"
-        cancel = threading.Event()
-        cancels[key] = cancel
-        latest: dict[str, Any] = {}
-
-        def work():
-            try:
-                latest["result"] = download_model(ref, state.models_dir, cancel=cancel,
-                                                  progress=lambda p: latest.__setitem__("progress", p))
-            except Exception as exc:  # shown to the user below; HubError carries a readable sentence
-                latest["error"] = exc
-
-        worker = threading.Thread(target=work, name="hearth-ui-download", daemon=True)
-        worker.start()
-        try:
+        # The session names the handle's owner, so Cancel reaches this session's oldest download.
+        run = state.downloads.submit(_download_work(ref, state.models_dir),
+                                     getattr(request, "session_hash", None) or "default")
+        latest: DownloadProgress | None = None
+        result: DownloadResult | None = None
+        error: Exception | None = None
+        try:   # closing the run (page left, event cancelled) cancels the download; its bytes stay
             yield IDLE_PROGRESS, f"Downloading **{ref}**…", ""
-            while worker.is_alive():
-                worker.join(POLL_S)
-                if "progress" in latest:
-                    yield progress_html(latest["progress"]), f"Downloading **{ref}**…", ""
+            for event in run:
+                if isinstance(event, DownloadProgress):
+                    latest = event
+                    yield progress_html(latest), f"Downloading **{ref}**…", ""
+                elif isinstance(event, DownloadResult):
+                    result = event
+        except Exception as exc:  # shown to the user below; HubError carries a readable sentence
+            error = exc
         finally:
-            if worker.is_alive():   # the generator was closed (page left, event cancelled): stop, keep bytes
-                cancel.set()
-            if cancels.get(key) is cancel:
-                del cancels[key]
-        final_progress = progress_html(latest["progress"]) if "progress" in latest else IDLE_PROGRESS
-        error = latest.get("error")
+            run.close()
+        final_progress = progress_html(latest) if latest is not None else IDLE_PROGRESS
         if isinstance(error, ChoiceNeeded):
             yield final_progress, _choice_message(error), ""
         elif isinstance(error, HubError):
             yield final_progress, f"⚠️ {error}", ""
         elif error is not None:
             yield final_progress, f"⚠️ Unexpected error: {type(error).__name__}: {error}", ""
+        elif result is None:   # cancelled before the download started
+            yield final_progress, "Cancelled before the download started.", ""
         else:
-            result: DownloadResult = latest["result"]
             what = "was already downloaded" if result.already_present else "downloaded and verified"
             summary = summarize_model_folder(result.path, result.ref.branch)
             note = f"\n\nℹ️ {result.note}" if result.note else ""
@@ -170,10 +190,8 @@ def build_download_tab(state, on_models_changed: Any = None) -> dict:
                    f"### Model card\n{summary.as_markdown(result.ref.branch)}")
 
     def on_cancel(request: gr.Request) -> str:
-        cancel = cancels.get(getattr(request, "session_hash", None) or "default")
-        if cancel is None:
+        if not state.downloads.stop(getattr(request, "session_hash", None) or "default"):
             return "No download is running."
-        cancel.set()
         return "Cancelling… the bytes so far are kept; press Download again to resume."
 
     branches_btn.click(on_list_branches, [repo_box], [branch_dd, status_md], api_name="download_list_branches")
