@@ -177,7 +177,7 @@ def _loader_facts(state, name: str, detections) -> dict:
 
     folder = state.model_dir(name)
     metadata = read_metadata(folder)
-    effective = state.effective_settings(name) if detections else None
+    effective = state.effective_settings(name, detections=detections) if detections else None
     facts = {
         "quantization": next((d.details["quantization"] for d in detections if "quantization" in d.details), None),
         "gguf": next((d.details["gguf"] for d in detections if "gguf" in d.details), None),
@@ -207,8 +207,12 @@ def cmd_download(args) -> int:
 
 
 def cmd_inspect(args) -> int:
+    from loaders.folder import reading_once
+
     state = make_state(args)
-    print(json.dumps(inspect_model(state, args.model), indent=2))
+    with reading_once():   # detection, settings and template each ask for the same files: read them once
+        facts = inspect_model(state, args.model)
+    print(json.dumps(facts, indent=2))
     return 0
 
 

@@ -18,22 +18,24 @@ import torch
 
 from app_settings import AppSettings
 from engine.generation import DoneEvent, GenerationEvent
+from engine.model import Message, Model, Prompt
 from engine.sampling import GenerationParams
+from loaded_model import LoadedModel
 from loaders.awq_loader import AWQLoader
-from loaders.base import Detection, LoaderRegistry, LoadError, Model, Progress, no_progress
+from loaders.base import Detection, LoaderRegistry, LoadError, Progress, no_progress
+from loaders.folder import reading_once
 from loaders.gguf_loader import GGUFLoader
 from loaders.gptq_loader import GPTQLoader
-from loaders.model_settings import effective_settings, loader_options_to_apply, sampler_values, with_chosen_options
+from loaders.model_settings import effective_settings, loader_options_to_apply, with_chosen_options
 from loaders.options import OptionError, build
 from loaders.remote_loader import RemoteLoader
 from loaders.settings_store import SettingsStore
 from loaders.transformers_loader import TransformersLoader
-from prompts.chat import Message, Prompt, render_continue_with_template, render_raw, render_with_template
 from prompts.conversations import ConversationStore
+from prompts.library import ChatTemplate, TemplateLibrary, load_library
 from prompts.presets import load_presets
 from prompts.stop_strings import merge_stops
-from prompts.templates import (TOKENIZER, ChatTemplate, TemplateLibrary, load_library, resolve_template,
-                              saved_settings)
+from prompts.templates import resolve_template
 from scheduler import RunHandle, Scheduler
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")   # \Z: "$" would also match before a final newline
@@ -104,7 +106,8 @@ def default_registry() -> LoaderRegistry:
 class AppState:
     settings: AppSettings
     registry: LoaderRegistry = field(default_factory=default_registry)
-    model: Model | None = None
+    # The loaded model with its settings and template, resolved once per load; None when none is loaded.
+    loaded: LoadedModel | None = None
     # One load/unload at a time.
     model_lock: threading.RLock = field(default_factory=threading.RLock)
     # One generation at a time on the one loaded model, first come first served; each has its own RunHandle.
@@ -113,9 +116,18 @@ class AppState:
     downloads: Scheduler = field(default_factory=lambda: Scheduler(slots=None))
     # built-in instruction templates (templates/*.yaml), read once per AppState.
     template_library: TemplateLibrary = field(default_factory=load_library)
-    # the effective settings of the loaded model, {setting: Effective(value, source)}.
-    model_settings: dict[str, Any] | None = None
     _settings_store: SettingsStore | None = None
+
+    @property
+    def model(self) -> Model | None:
+        loaded = self.loaded
+        return loaded.model if loaded is not None else None
+
+    @property
+    def model_settings(self) -> dict[str, Any] | None:
+        """The effective settings of the loaded model, {setting: Effective(value, source)}."""
+        loaded = self.loaded
+        return loaded.settings if loaded is not None else None
 
     # ---- per-model saved settings --------------------------------------------------
     @property
@@ -124,12 +136,15 @@ class AppState:
             self._settings_store = SettingsStore(self.models_dir)
         return self._settings_store
 
-    def effective_settings(self, name: str, loader: str | None = None) -> dict[str, Any]:
+    def effective_settings(self, name: str, loader: str | None = None,
+                           detections: list[Detection] | None = None) -> dict[str, Any]:
         """Every setting of model `name` with its source: saved > model metadata > settings.yaml.
-        `loader` (a choice made now) replaces the saved/detected loader."""
+        `loader` (a choice made now) replaces the saved/detected loader; `detections`: the folder's, when
+        the caller has run detection already."""
         folder = self.model_dir(name)
         saved = dict(self.settings_store.get(name))
-        detections = self.registry.detect_all(folder)
+        if detections is None:
+            detections = self.registry.detect_all(folder)
         if loader is not None and loader != saved.get("loader"):
             saved.pop("loader", None)
             saved.pop("loader_options", None)
@@ -141,12 +156,39 @@ class AppState:
                                        "using the detected one")
             saved.pop("loader")
             saved.pop("loader_options", None)
-        return effective_settings(folder, saved, detections, self.registry, self.settings.generation)
+        template = self._template_guess(folder, saved)
+        preset = saved.get("preset")
+        preset_values = load_presets().presets.get(preset) if preset else None
+        if preset and preset_values is None:
+            self.settings_store.report(f"the preset {preset!r} saved for {name} is not in presets/; not applied")
+        return effective_settings(folder, saved, detections, self.registry, self.settings.generation, template,
+                                  preset=(preset, preset_values) if preset_values is not None else None)
+
+    def _template_guess(self, folder: Path, saved: dict[str, Any]) -> tuple[str | None, str]:
+        """(name, source) of the template model `folder` gets without a saved choice, for the settings table."""
+        try:
+            template = resolve_template(folder, self.template_library, {**saved, "instruction_template": None})
+        except Exception as exc:  # a broken template file is the prompts package's to report; say so here
+            return None, f"no template could be resolved ({exc})"
+        return template.name, f"model ({template.reason})"
 
     def save_model_settings(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
-        """Save `values` (keys of loaders.settings_store.SAVED_KEYS) for model `name`; returns what was saved."""
+        """Save `values` (keys of loaders.settings_store.SAVED_KEYS) for model `name`; returns what was saved.
+        When `name` is the loaded model, its settings and template are resolved again, so the next
+        generation uses what was saved."""
         self.model_dir(name)
-        return self.settings_store.save(name, values)
+        entry = self.settings_store.save(name, values)
+        with self.model_lock:
+            loaded = self.loaded
+            if loaded is not None and loaded.model.model_dir is not None and loaded.name == name:
+                with reading_once():
+                    effective = self.effective_settings(name, loaded.model.loader)
+                # The load's own options stay as they were: they change with the next load, not with a save.
+                if loaded.settings is not None:
+                    effective = {**effective, "loader_options": loaded.settings["loader_options"]}
+                self.loaded = LoadedModel(loaded.model, self.template_library, dict(self.settings_store.get(name)),
+                                          effective)
+        return entry
 
     @property
     def models_dir(self) -> Path:
@@ -181,9 +223,15 @@ class AppState:
         if not self.needs_model_folder(loader):
             return self._load_without_folder(loader, options, progress)
         folder = self.model_dir(name)
+        # Detection, the settings, the loader and the template all read the folder's files: once each.
+        with reading_once():
+            return self._load_folder(name, folder, loader, options, progress)
+
+    def _load_folder(self, name: str, folder: Path, loader: str | None, options: dict[str, Any] | None,
+                     progress: Progress) -> Model:
         detections = self.registry.detect_all(folder)
         # without an explicit choice, the saved loader and options (then metadata) apply.
-        effective = self.effective_settings(name, loader) if detections else None
+        effective = self.effective_settings(name, loader, detections) if detections else None
         if effective is not None:
             if loader is None:
                 loader = effective["loader"].value
@@ -204,11 +252,8 @@ class AppState:
                 hint = "".join(f": {p}" for p in self.registry.problems(folder)[:1])
             raise LoadError(f"the {loader} loader cannot read {name}{hint}")
         opts = loader_options(chosen, options, effective, name)
-        with self.model_lock:
-            self._swap_in(lambda: chosen.load(folder, opts, progress), name, f"loading {name} with {loader}",
-                          progress)
-            self.model_settings = with_chosen_options(effective, opts)
-            return self.model
+        return self._swap_in(lambda: chosen.load(folder, opts, progress), name, f"loading {name} with {loader}",
+                             progress, self.settings_store.get(name), with_chosen_options(effective, opts))
 
     def needs_model_folder(self, loader: str | None) -> bool:
         """False for loaders that reach their model elsewhere (the remote endpoint): no folder to pick."""
@@ -219,17 +264,24 @@ class AppState:
         chosen = self.registry.get(loader)
         opts = loader_options(chosen, options)
         return self._swap_in(lambda: chosen.load(None, opts, progress), loader, f"connecting with {loader}",
-                             progress)
+                             progress, {}, None)
 
-    def _swap_in(self, load, name: str, message: str, progress: Progress) -> Model:
-        """Unload the current model, then load the new one; on failure no model stays loaded."""
+    def _swap_in(self, load, name: str, message: str, progress: Progress, saved: dict[str, Any],
+                 settings: dict[str, Any] | None) -> Model:
+        """Unload the current model, then load the new one and resolve its template; on failure no model
+        stays loaded. `saved`, `settings`: the model's saved and effective settings (None: no folder)."""
         with self.model_lock:
             stopped = self.unload_model()
             if stopped:
                 message += f" (stopped {stopped} generation(s) on the previous model first)"
             progress(0.0, message)
-            self.model = load_guarded(load, name)
-            return self.model
+            model = load_guarded(load, name)
+            try:
+                self.loaded = LoadedModel(model, self.template_library, dict(saved), settings)
+            except Exception:   # a template that cannot even be resolved: the load must not leak the model
+                model.unload()
+                raise
+            return model
 
     def unload_model(self) -> int:
         """Unload the model. Generations running on it or waiting for it are stopped first (each ends with
@@ -239,8 +291,7 @@ class AppState:
             model = self.model
             if model is None:
                 return 0
-            self.model = None   # from here generate() refuses new work: no model is loaded
-            self.model_settings = None
+            self.loaded = None   # from here generate() refuses new work: no model is loaded
             stopped = self.generations.stop_all()   # those waiting in line leave it at once
             # The decode loop sees its flag within one token; a consumer that stopped reading its handle
             # without closing it would hold the line forever, hence the bound.
@@ -263,30 +314,36 @@ class AppState:
         """Saved conversations sit beside models/ (tests get their own through a tmp models dir)."""
         return self.models_dir.parent / "conversations"
 
+    def require_loaded(self) -> LoadedModel:
+        loaded = self.loaded
+        if loaded is None:
+            raise LoadError("no model is loaded: pick one on the Model tab and press Load")
+        return loaded
+
     def saved_model_settings(self, name: str | None = None) -> dict[str, Any]:
-        """Per-model saved settings (instruction_template, preset, system_message, sampler overrides)."""
-        name = name or (self.model.name if self.model is not None else None)
-        return saved_settings(self.models_dir, name) if name else {}
+        """Per-model saved settings (instruction_template, preset, system_message, sampler overrides) of
+        model `name`, or of the loaded model (as resolved at its load or last save: no file is read)."""
+        if name is None:
+            loaded = self.loaded
+            return dict(loaded.saved) if loaded is not None else {}
+        return dict(self.settings_store.get(name))
 
     def resolve_template(self, choice: str | None = None, name: str | None = None) -> ChatTemplate:
-        """The chat template of model `name` (default: the loaded one); `choice` is a template picked in the UI."""
-        folder = self.model_dir(name) if name else self.require_model().model_dir
-        if folder is None:  # a model with no folder here (a remote endpoint): only its codec's template applies
-            own = getattr(self.require_model().tokenizer, "chat_template", None) or ""
-            return ChatTemplate(name="tokenizer", source=TOKENIZER, jinja=own, reason="the remote model's codec")
-        return resolve_template(Path(folder), self.template_library, self.saved_model_settings(Path(folder).name),
+        """The chat template of model `name` (read from its folder now), or of the loaded model (resolved at
+        its load); `choice` is a template picked in the UI."""
+        if name is None:
+            return self.require_loaded().template_for(choice)
+        return resolve_template(self.model_dir(name), self.template_library, self.saved_model_settings(name),
                                 choice)
 
     def template_info(self, choice: str | None = None) -> dict[str, str]:
         """Which template the loaded model uses and why (for the UI and `inspect`)."""
-        template = self.resolve_template(choice)
-        saved_system = self.saved_model_settings().get("system_message") or ""
-        return {"name": template.name, "source": template.source, "reason": template.reason,
-                "system_message": saved_system or template.system_message, "warning": template.warning}
+        return self.require_loaded().template_info(choice)
 
     def _budget(self, max_new_tokens: int | None) -> int | None:
+        """Tokens left for the prompt when `max_new_tokens` are kept for the reply (None: no limit asked)."""
         model = self.require_model()
-        if max_new_tokens is None or not getattr(model, "context_length", 0):
+        if max_new_tokens is None or not model.context_length:
             return None
         return model.context_length - max_new_tokens
 
@@ -294,31 +351,23 @@ class AppState:
                     max_new_tokens: int | None = None) -> Prompt:
         """The prompt for a reply to `messages`, through the resolved template; with max_new_tokens the
         oldest turns are dropped to fit context_length - max_new_tokens."""
-        model = self.require_model()
-        return render_with_template(self.resolve_template(template), model.tokenizer, messages, True,
-                                    model.eos_token_ids, self._budget(max_new_tokens),
-                                    derive_stops=model.model_dir is not None)
+        return self.require_loaded().prompt(messages, "chat", self._budget(max_new_tokens), template)
 
     def continue_prompt(self, messages: list[Message], template: str | None = None,
                         max_new_tokens: int | None = None) -> Prompt:
-        model = self.require_model()
-        return render_continue_with_template(self.resolve_template(template), model.tokenizer, messages,
-                                             model.eos_token_ids, self._budget(max_new_tokens),
-                                             derive_stops=model.model_dir is not None)
+        """The prompt that goes on with the last (assistant) message of `messages`."""
+        return self.require_loaded().prompt(messages, "continue", self._budget(max_new_tokens), template)
 
     def raw_prompt(self, text: str) -> Prompt:
         """`text` as is (with the tokenizer's BOS where it adds one); ValueError when that makes no tokens,
         since a model needs at least one token to continue from."""
-        prompt = render_raw(self.require_model().tokenizer, text)
-        if prompt.n_tokens == 0:
-            raise ValueError("the prompt is empty: give some text for the model to continue")
-        return prompt
+        return self.require_loaded().prompt(text, "raw")
 
     def generation_params(self, **overrides: Any) -> GenerationParams:
-        """settings.yaml's generation defaults with `overrides` on top (declared bounds are enforced)."""
-        base = {k: v for k, v in vars(self.settings.generation).items()}
-        if self.model_settings is not None:  # saved > generation_config.json > settings.yaml
-            base = sampler_values(self.model_settings)
+        """The loaded model's sampler values (saved > preset > model metadata > settings.yaml; settings.yaml's
+        alone without a model) with `overrides` on top (declared bounds are enforced)."""
+        loaded = self.loaded
+        base = (loaded.sampler() if loaded is not None else None) or dict(vars(self.settings.generation))
         base.update({k: v for k, v in overrides.items() if v is not None})
         return build(GenerationParams, base)
 
@@ -337,7 +386,7 @@ class AppState:
                 yield DoneEvent(reason="cancelled", text="")
                 return
             try:
-                yield from model.generate(prompt.ids, params, cancel)
+                yield from model.generate(prompt, params, cancel)
             except Exception as exc:  # a backend bug must not take the app down; end the reply with it
                 yield DoneEvent(reason="error", text="", error=f"{type(exc).__name__}: {exc}")
 

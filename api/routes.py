@@ -15,10 +15,10 @@ from api.openai_format import SSE_DONE, Reply, finish_reason, model_card, sse
 from api.schemas import (ChatCompletionRequest, CompletionRequest, LoadModelRequest, TokenCountRequest,
                          body_limit, parse, read_json, require_json_type, requested_max_tokens, sampler_values)
 from engine.generation import DoneEvent, StatsEvent, TextEvent
+from engine.model import Prompt
 from engine.sampling import GenerationParams
 from loaders.base import LoadError
 from loaders.options import OptionError
-from prompts.chat import Prompt
 from web.guard import OriginPolicy, guard_middleware
 
 # Load options that make a model folder run code on this machine (only an admin may set them over the API).
@@ -159,6 +159,9 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
         data, req, model = await accepted(request, CompletionRequest)
         if isinstance(req.prompt, list) and req.prompt and all(isinstance(t, int) for t in req.prompt):
             ids = list(req.prompt)   # token ids, as vLLM and OpenAI accept them
+            if not model.counts_tokens_locally:
+                raise ApiError(400, "this model has no tokenizer here (it runs on another server): send the "
+                                    "prompt as text", param="prompt", code="invalid_prompt")
             vocab = len(model.tokenizer) if hasattr(model.tokenizer, "__len__") else None
             if vocab is not None and not all(0 <= t < vocab for t in ids):
                 raise ApiError(400, f"prompt token ids must be between 0 and {vocab - 1}", param="prompt")

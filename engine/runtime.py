@@ -18,6 +18,7 @@ import torch
 
 from engine.generation import GenerationEvent, stream
 from engine.llama import SUPPORTED_MODEL_TYPES, Transformer
+from engine.model import Model, Prompt, prompt_ids
 from engine.sampling import GenerationParams
 from engine.weights import load_transformer
 
@@ -129,11 +130,11 @@ class EngineStepper:
         return logits
 
 
-class EngineModel:
-    """A loaded model run by Hearth's engine (the loaders.base.Model contract)."""
+class EngineModel(Model):
+    """A loaded model run by Hearth's engine (the engine.model.Model contract)."""
 
     def __init__(self, model_dir: Path, engine: Engine, tokenizer, eos_token_ids: list[int],
-                 context_length: int, loader: str, runtime: str):
+                 context_length: int, loader: str, runtime: str, memory: str = ""):
         self.model_dir = Path(model_dir)
         self.name = self.model_dir.name
         self.engine = engine
@@ -142,12 +143,12 @@ class EngineModel:
         self.context_length = context_length
         self.loader = loader
         self.runtime = runtime
-        self.memory = ""   # the loader's estimate (loaders.config_check), shown beside the runtime
+        self.memory = memory   # the loader's estimate (loaders.config_check), shown beside the runtime
 
-    def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
+    def generate(self, prompt: Prompt, params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
-        return stream(EngineStepper(self.engine), self.tokenizer, prompt_ids, params, self.eos_token_ids, cancel,
-                      self.context_length)
+        return stream(EngineStepper(self.engine), self.tokenizer, prompt_ids(prompt), params, self.eos_token_ids,
+                      cancel, self.context_length)
 
     def unload(self) -> None:
         device = self.engine.device
@@ -169,8 +170,8 @@ def parse_gpu_split(value: str | Sequence[float] | None) -> list[float] | None:
 
 def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], context_length: int,
                       loader: str, device: str = "auto", gpu_split: str | Sequence[float] | None = None,
-                      cuda_graph: bool = True, repack_int4: bool = True,
-                      progress=None) -> EngineModel:
+                      cuda_graph: bool = True, repack_int4: bool = True, config: dict | None = None,
+                      memory: str = "", progress=None) -> EngineModel:
     """Load a Llama-family folder (fp16/bf16/fp32, GPTQ or AWQ safetensors) into the engine.
 
     model_dir: folder with config.json and *.safetensors (quantization read from config.json's
@@ -185,12 +186,15 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     cuda_graph: capture the decode step as CUDA graphs (single GPU only).
     repack_int4: on CPU, store float weights that already lie exactly on a 4-bit grid (GGUF Q4 conversions
         such as the default model) as int4 for tinygemm's CPU kernel: a quarter of the bytes per token.
+    config: config.json's content when the caller has read it already (read here otherwise).
+    memory: the caller's estimate of what the load holds, shown beside the runtime.
     progress: callable(fraction, message) or None.
     Returns an EngineModel whose `runtime` names device, kernels and graph use.
     Raises ValueError for configs the engine cannot run (see unsupported_reason).
     """
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    if config is None:
+        config = json.loads((model_dir / "config.json").read_text())
     reason = unsupported_reason(config)
     if reason:
         raise ValueError(f"the engine cannot run {model_dir.name}: {reason}")
@@ -206,7 +210,7 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     else:
         split, devices, dtype = None, [torch.device("cpu")], torch.float32
     model, kinds = load_transformer(model_dir, devices, dtype, split, repack_int4=repack_int4 and device == "cpu",
-                                    progress=progress)
+                                    progress=progress, config=config)
     graphs = cuda_graph and len(devices) == 1 and device == "cuda"
     engine = Engine(model, context_length, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512)
     where = f"cuda x{len(devices)}" if len(devices) > 1 else device
@@ -214,4 +218,4 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
                f"{', CUDA graph' if graphs else ''})")
     if progress:
         progress(1.0, "ready")
-    return EngineModel(model_dir, engine, tokenizer, eos_token_ids, context_length, loader, runtime)
+    return EngineModel(model_dir, engine, tokenizer, eos_token_ids, context_length, loader, runtime, memory)

@@ -156,11 +156,13 @@ def fold_input_orders(layer, qkv: list[tuple], w13: list[tuple], w2: list[tuple]
 
 def load_transformer(model_dir: Path, devices: list[torch.device], dtype: torch.dtype,
                      gpu_split: list[float] | None = None, repack_int4: bool = False,
-                     progress: Progress | None = None) -> tuple[Transformer, set[str]]:
+                     progress: Progress | None = None, config: dict | None = None) -> tuple[Transformer, set[str]]:
     """An engine Transformer with the folder's weights on `devices`; also the kinds of linear layers made
-    (e.g. {"4-bit tinygemm"}). repack_int4: store float weights that already lie on a 4-bit grid as int4."""
+    (e.g. {"4-bit tinygemm"}). repack_int4: store float weights that already lie on a 4-bit grid as int4.
+    config: config.json's content when the caller has read it already."""
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    if config is None:
+        config = json.loads((model_dir / "config.json").read_text())
     spec = read_quant_spec(model_dir)
     with CheckpointTensors(model_dir) as ckpt:
         # Only float checkpoints repacked to int4 get the rescored head: their fp32 head would otherwise take

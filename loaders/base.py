@@ -2,17 +2,16 @@
 
 A Loader answers two questions about a model folder: "can you read it, how sure are you and why?"
 (`detect`) and "give me a runnable Model" (`load`). Detection reads file contents (configs, tensor names),
-never folder names.
+never folder names. The Model a loader returns keeps the contract in engine.model (a Prompt in, typed
+events out, capabilities declared by its class).
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
-from engine.generation import GenerationEvent
-from engine.sampling import GenerationParams
+from engine.model import Model
 
 # progress(fraction 0..1, message)
 Progress = Callable[[float, str], None]
@@ -32,24 +31,6 @@ class Detection:
     score: float          # 0..1; the highest-scoring loader is preselected
     reason: str           # e.g. "GPTQ 4-bit, group 32, act-order, sym (quantize_config.json)"
     details: dict[str, Any] = field(default_factory=dict)
-
-
-class Model(Protocol):
-    name: str
-    loader: str
-    runtime: str          # what actually runs it, e.g. "transformers (cpu, float32)"
-    tokenizer: Any
-    context_length: int
-    eos_token_ids: list[int]
-    model_dir: Path
-    # What the load holds, e.g. "KV cache 8192 tokens ≈ 360.0 MiB, weights ≈ 513.0 MiB" (loaders.config_check);
-    # read with getattr(..., ""), so models that hold nothing here (a remote endpoint) may leave it out.
-    memory: str
-
-    def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
-                 cancel: threading.Event | None = None) -> Iterator[GenerationEvent]: ...
-
-    def unload(self) -> None: ...
 
 
 class Loader(Protocol):

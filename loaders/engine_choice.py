@@ -24,9 +24,9 @@ class RuntimeOptions:
 
 
 def load_on_engine(loader: str, model_dir: Path, config: dict, options: RuntimeOptions, *, device: str,
-                   tokenizer, eos_token_ids: list[int], context_length: int, progress: Progress):
+                   tokenizer, eos_token_ids: list[int], context_length: int, memory: str, progress: Progress):
     """The model on Hearth's engine, or None when `runtime` is auto and the engine cannot run it (the caller
-    then uses transformers). `device` is "cuda" or "cpu"."""
+    then uses transformers). `device` is "cuda" or "cpu"; `memory` is the caller's estimate of the load."""
     from engine.runtime import load_engine_model, unsupported_reason
 
     if options.runtime == "transformers":
@@ -39,7 +39,8 @@ def load_on_engine(loader: str, model_dir: Path, config: dict, options: RuntimeO
     try:
         return load_engine_model(model_dir, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
                                  context_length=context_length, loader=loader, device=device,
-                                 gpu_split=options.gpu_split or None, progress=progress)
+                                 gpu_split=options.gpu_split or None, config=config, memory=memory,
+                                 progress=progress)
     except torch.OutOfMemoryError:
         raise LoadError(f"out of memory loading {model_dir.name}; try a smaller model or gpu_split") from None
     except (OSError, ValueError, KeyError) as exc:

@@ -127,7 +127,5 @@ class GGUFLoader:
         model.eval()
         progress(1.0, "ready")
         context = options.context_length or getattr(model.config, "max_position_embeddings", None) or 2048
-        loaded = TransformersModel(model_dir, model, tokenizer, torch.device("cpu"), dtype, context)
-        loaded.loader = self.name
-        loaded.runtime = f"transformers from GGUF (cpu, {options.dtype}; {why})"
-        return loaded
+        return TransformersModel(model_dir, model, tokenizer, torch.device("cpu"), dtype, context, loader=self.name,
+                                 runtime=f"transformers from GGUF (cpu, {options.dtype}; {why})")

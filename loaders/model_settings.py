@@ -1,7 +1,8 @@
 """The effective settings of one model and where each value comes from.
 
-Precedence, per value: saved for this model (config-user.yaml) > the model's own metadata (config.json,
-generation_config.json, its chat template) > settings.yaml / the loader's declared defaults.
+Precedence, per value: saved for this model (config-user.yaml; for sampler values, those saved one by one,
+then the preset saved for it) > the model's own metadata (config.json, generation_config.json, its chat
+template) > settings.yaml / the loader's declared defaults.
 """
 from __future__ import annotations
 
@@ -20,23 +21,13 @@ SETTINGS = "settings.yaml"
 LOADER_DEFAULT = "loader default"
 
 
-def _template_guess(model_dir: Path) -> tuple[str | None, str]:
-    """What the prompts package would pick without a saved template (None when it is not installed)."""
-    try:
-        from prompts.templates import load_library, resolve_template
-    except ImportError:
-        return None, "the model's own chat template"
-    try:
-        template = resolve_template(model_dir, load_library())
-    except Exception as exc:  # a broken template file is the prompts package's to report; say so here
-        return None, f"no template could be resolved ({exc})"
-    return template.name, f"model ({template.reason})"
-
-
 def effective_settings(model_dir: Path, saved: dict[str, Any], detections: list[Detection],
                        registry: LoaderRegistry, generation_defaults: GenerationParams,
-                       metadata: ModelMetadata | None = None) -> dict[str, Any]:
-    """{setting: Effective} with nested dicts for loader_options and sampler."""
+                       template: tuple[str | None, str], metadata: ModelMetadata | None = None,
+                       preset: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """{setting: Effective} with nested dicts for loader_options and sampler. `template`: (name, source) of
+    the template the model gets without a saved one; `preset`: (name, sampler values) of the preset saved
+    for it. Both come from the prompts package, which the loaders do not import."""
     metadata = metadata or read_metadata(model_dir)
     best = detections[0] if detections else None
     loader = pick((saved.get("loader"), SAVED),
@@ -57,14 +48,16 @@ def effective_settings(model_dir: Path, saved: dict[str, Any], detections: list[
                 continue
             result["loader_options"][spec.name] = pick((saved_options.get(spec.name), SAVED),
                                                        (spec.default, LOADER_DEFAULT))
-    template, template_source = _template_guess(model_dir)
-    result["instruction_template"] = pick((saved.get("instruction_template"), SAVED), (template, template_source))
+    template_name, template_source = template
+    result["instruction_template"] = pick((saved.get("instruction_template"), SAVED), (template_name, template_source))
     result["preset"] = pick((saved.get("preset"), SAVED), (None, f"none ({SETTINGS} generation values)"))
     result["system_message"] = pick((saved.get("system_message"), SAVED),
                                     (None, "none (the template's default)"))
     saved_sampler = saved.get("sampler") or {}
     defaults = asdict(generation_defaults)
+    preset_name, preset_values = preset if preset is not None else ("", {})
     result["sampler"] = {name: pick((saved_sampler.get(name), SAVED),
+                                    (preset_values.get(name), f"preset {preset_name} ({SAVED})"),
                                     (metadata.generation.get(name), "model (generation_config.json)"),
                                     (value, SETTINGS))
                          for name, value in defaults.items()}

@@ -2,14 +2,11 @@
 
 The server (vLLM, TGI, a llama.cpp server, another Hearth) owns the weights, the tokenizer and the chat
 template, so this loader reads no local folder: it never claims one in `detect`, the user picks it on the
-Model tab and gives it a base URL. Its Model streams from `/v1/chat/completions` (chat prompts) or
-`/v1/completions` (raw prompts) and turns the server's chunks into Hearth's generation events.
-
-Prompts still travel through the local prompt code (AppState.chat_prompt/raw_prompt -> Prompt -> generate),
-so the Model's `tokenizer` is a `WirePromptCodec`: its chat template writes the message list as JSON after a
-marker, and its "token ids" are the prompt's UTF-8 bytes. `generate` turns those bytes back into messages (a
-chat request, the server applies its own template) or text (a completion request). How many tokens a prompt
-is (for context checks and dropping old turns) the server says where it has a route for it (Hearth's
+Model tab and gives it a base URL. Its Model declares `applies_chat_template` and no local token counting,
+so the prompt it gets carries the messages themselves (engine.model.Prompt.messages): `generate` sends them
+to `/v1/chat/completions` as they are (the server applies its own template), or a raw prompt's text to
+`/v1/completions`, and turns the server's chunks into Hearth's generation events. How many tokens a prompt is
+(for context checks and dropping old turns) the server says where it has a route for it (Hearth's
 /v1/internal/token-count, vLLM's /tokenize); elsewhere the byte count stands in, an upper bound.
 """
 from __future__ import annotations
@@ -19,17 +16,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 import httpx
 
 from engine.generation import DoneEvent, GenerationEvent, StatsEvent, TextEvent
+from engine.model import Model, Prompt
 from engine.sampling import GenerationParams
 from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.options import option
 
-# Starts the text of a chat prompt meant for a remote server; a raw prompt never starts with this control char.
-CHAT_MARKER = "\x1ehearth-messages:"
 FALLBACK_CONTEXT = 4096
 # Samplers outside OpenAI's list that vLLM, llama.cpp's server and Hearth accept as extra request fields.
 EXTRA_SAMPLERS = ("top_k", "min_p", "repetition_penalty")
@@ -49,72 +45,19 @@ class RemoteOptions:
                                         "unknown fields need this off).")
 
 
-class WirePromptCodec:
-    """Stands where a tokenizer stands for a local model; the remote server does the real tokenizing.
-
-    - chat_template: a Jinja template writing the conversation as JSON after CHAT_MARKER, so whichever code
-      renders the template (transformers or plain Jinja) produces something `decode_prompt` can read back.
-    - ids are UTF-8 bytes; `count_tokens` gives the server's count of a prompt where `counter` (from
-      `server_token_counter`) can ask it, else the byte count (an upper bound).
-    """
-
-    def __init__(self, counter: Callable[[WirePrompt], int] | None = None):
-        self.counter = counter
-        self._counts: dict[str, int] = {}   # the same text is counted more than once while turns are dropped
-
-    chat_template = "{{ '" + CHAT_MARKER + "' }}{{ messages | tojson }}"
-    eos_token_id = None
-    bos_token = None
-    eos_token = None
-
-    def apply_chat_template(self, messages: Sequence[dict], tokenize: bool = False,
-                            add_generation_prompt: bool = True, **_: Any):
-        text = CHAT_MARKER + json.dumps([{"role": m["role"], "content": m["content"]} for m in messages],
-                                        ensure_ascii=False)
-        return self.encode(text) if tokenize else text
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def count_tokens(self, text: str) -> int:
-        if text not in self._counts:
-            count = None
-            if self.counter is not None:
-                try:
-                    count = self.counter(decode_prompt(text))
-                except (httpx.HTTPError, ValueError, KeyError, TypeError):
-                    count = None   # the server could not count this one: the byte count is still safe
-            self._counts[text] = count if count is not None else len(text.encode("utf-8"))
-        return self._counts[text]
-
-    def __call__(self, text: str, add_special_tokens: bool = True, **_: Any) -> dict[str, list[int]]:
-        return {"input_ids": self.encode(text)}
-
-    def decode(self, ids: Sequence[int], **_: Any) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+def wire_messages(prompt: Prompt) -> list[dict] | None:
+    """The prompt's messages as the request sends them (None for a raw prompt)."""
+    return None if prompt.messages is None else [dict(m) for m in prompt.messages]
 
 
-@dataclass(frozen=True)
-class WirePrompt:
-    """What one request sends: a message list (chat) or a text (completion)."""
-    messages: list[dict] | None
-    text: str | None
-    continue_final_message: bool = False
+def wire_size(prompt: Prompt) -> int:
+    """The request's prompt in bytes: what stands in for a token count no server gives (never fewer)."""
+    messages = wire_messages(prompt)
+    text = prompt.text if messages is None else json.dumps(messages, ensure_ascii=False)
+    return len(text.encode("utf-8"))
 
 
-def decode_prompt(text: str) -> WirePrompt:
-    """Undo WirePromptCodec: CHAT_MARKER + JSON messages [+ the start of a reply to continue], or raw text."""
-    if not text.startswith(CHAT_MARKER):
-        return WirePrompt(messages=None, text=text)
-    messages, end = json.JSONDecoder().raw_decode(text, len(CHAT_MARKER))
-    tail = text[end:]
-    if tail:  # AppState.continue_prompt appends the reply so far: ask the server to go on from it
-        return WirePrompt(messages=[*messages, {"role": "assistant", "content": tail}], text=None,
-                          continue_final_message=True)
-    return WirePrompt(messages=messages, text=None)
-
-
-def request_body(model: str, prompt: WirePrompt, params: GenerationParams, extra_samplers: bool) -> dict:
+def request_body(model: str, prompt: Prompt, params: GenerationParams, extra_samplers: bool) -> dict:
     body: dict[str, Any] = {
         "model": model, "stream": True, "stream_options": {"include_usage": True},
         "max_tokens": params.max_new_tokens, "temperature": params.temperature, "top_p": params.top_p,
@@ -126,9 +69,10 @@ def request_body(model: str, prompt: WirePrompt, params: GenerationParams, extra
         body["seed"] = params.seed
     if extra_samplers:
         body.update({name: getattr(params, name) for name in EXTRA_SAMPLERS})
-    if prompt.messages is not None:
-        body["messages"] = prompt.messages
-        if prompt.continue_final_message:  # vLLM and Hearth understand these two; others ignore them
+    messages = wire_messages(prompt)
+    if messages is not None:
+        body["messages"] = messages
+        if prompt.continue_final:  # vLLM and Hearth understand these two; others ignore them
             body.update(continue_final_message=True, add_generation_prompt=False)
     else:
         body["prompt"] = prompt.text
@@ -160,25 +104,40 @@ def error_message(response: httpx.Response) -> str:
     return f"{response.status_code} {response.reason_phrase}"
 
 
-class RemoteModel:
-    loader = "remote"
+class RemoteModel(Model):
+    """A model another server runs: it gets the messages, applies its own template and counts its own tokens."""
+    counts_tokens_locally = False
+    applies_chat_template = True
 
     def __init__(self, client: httpx.Client, base_url: str, model: str, context_length: int,
-                 extra_samplers: bool, counter: Callable[[WirePrompt], int] | None = None):
+                 extra_samplers: bool, counter: Callable[[Prompt], int] | None = None):
         self.client = client
         self.base_url = base_url
         self.name = model
-        self.runtime = f"remote ({base_url})"
-        self.tokenizer = WirePromptCodec(counter)
+        self.loader = "remote"
+        self.runtime = f"remote ({base_url})" + ("" if counter else ", prompt length counted in bytes")
         self.context_length = context_length
-        self.eos_token_ids: list[int] = []   # the server stops at its own end of turn
-        self.model_dir: Path | None = None   # nothing on this disk
         self.extra_samplers = extra_samplers
+        self.counter = counter
+        # The same prompt is counted more than once while old turns are dropped to fit.
+        self._counts: dict[str, int] = {}
 
-    def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
+    def count_tokens(self, prompt: Prompt) -> int:
+        """The server's count of `prompt` where it can give one, else its size in bytes (an upper bound)."""
+        key = json.dumps([wire_messages(prompt), prompt.text, prompt.continue_final], ensure_ascii=False)
+        if key not in self._counts:
+            count = None
+            if self.counter is not None:
+                try:
+                    count = self.counter(prompt)
+                except (httpx.HTTPError, ValueError, KeyError, TypeError):
+                    count = None   # the server could not count this one: the byte count is still safe
+            self._counts[key] = count if count is not None else wire_size(prompt)
+        return self._counts[key]
+
+    def generate(self, prompt: Prompt, params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
         t0 = time.perf_counter()
-        prompt = decode_prompt(self.tokenizer.decode(prompt_ids))
         route = "/chat/completions" if prompt.messages is not None else "/completions"
         parts: list[str] = []
         usage: dict = {}
@@ -278,18 +237,21 @@ def server_models(client: httpx.Client, base_url: str) -> list[dict] | None:
     return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
 
-def server_token_counter(client: httpx.Client, base_url: str, model: str) -> Callable[[WirePrompt], int] | None:
-    """A function counting a wire prompt's tokens with the server's own tokenizer and template, from the
-    first route that answers a probe: Hearth's /v1/internal/token-count ({"length"}), vLLM's /tokenize beside
-    /v1 ({"count"}); None when neither does (llama.cpp's and TGI's routes count text without the template)."""
+def server_token_counter(client: httpx.Client, base_url: str, model: str) -> Callable[[Prompt], int] | None:
+    """A function counting a prompt's tokens with the server's own tokenizer and template, from the first
+    route that answers a probe: Hearth's /v1/internal/token-count ({"length"}), vLLM's /tokenize beside /v1
+    ({"count"}); None when neither does (llama.cpp's and TGI's routes count text without the template)."""
     root = base_url.removesuffix("/v1")
+
+    def what(prompt: Prompt, text_field: str) -> dict:
+        messages = wire_messages(prompt)
+        return {text_field: prompt.text} if messages is None else {"messages": messages}
+
     routes = [
-        (base_url + "/internal/token-count", "length",
-         lambda p: {"messages": p.messages} if p.messages is not None else {"text": p.text}),
-        (root + "/tokenize", "count",
-         lambda p: {"model": model, **({"messages": p.messages} if p.messages is not None else {"prompt": p.text})}),
+        (base_url + "/internal/token-count", "length", lambda p: what(p, "text")),
+        (root + "/tokenize", "count", lambda p: {"model": model, **what(p, "prompt")}),
     ]
-    probe = WirePrompt(messages=[{"role": "user", "content": "Hello"}], text=None)
+    probe = Prompt(text="", messages=({"role": "user", "content": "Hello"},))
     for url, field, body in routes:
         try:
             response = client.post(url, json=body(probe))
@@ -297,7 +259,7 @@ def server_token_counter(client: httpx.Client, base_url: str, model: str) -> Cal
         except (httpx.HTTPError, ValueError, AttributeError):
             works = False
         if works:
-            def count(prompt: WirePrompt, url=url, field=field, body=body) -> int:
+            def count(prompt: Prompt, url=url, field=field, body=body) -> int:
                 response = client.post(url, json=body(prompt))
                 response.raise_for_status()
                 return int(response.json()[field])
@@ -355,7 +317,4 @@ class RemoteLoader:
         progress(0.7, "asking whether the server counts tokens")
         counter = server_token_counter(client, base_url, entry["id"])
         progress(1.0, "ready")
-        model = RemoteModel(client, base_url, entry["id"], context, options.extra_samplers, counter)
-        if counter is None:
-            model.runtime += ", prompt length counted in bytes"
-        return model
+        return RemoteModel(client, base_url, entry["id"], context, options.extra_samplers, counter)

@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 import torch
 
 from engine.generation import GenerationEvent, stream
+from engine.model import Model, Prompt, prompt_ids
 from engine.sampling import GenerationParams
 from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.engine_choice import RuntimeOptions, load_on_engine
@@ -84,11 +85,11 @@ class HFStepper:
         return out.logits[0, -1]
 
 
-class TransformersModel:
-    loader = "transformers"
+class TransformersModel(Model):
+    """A model run by HF transformers (plain weights, or Hearth's GPTQ/AWQ/GGUF layers put into one)."""
 
     def __init__(self, model_dir: Path, model, tokenizer, device: torch.device, dtype: torch.dtype,
-                 context_length: int):
+                 context_length: int, loader: str = "transformers", runtime: str = "", memory: str = ""):
         self.model_dir = model_dir
         self.name = model_dir.name
         self.hf_model = model
@@ -97,12 +98,13 @@ class TransformersModel:
         self.dtype = dtype
         self.context_length = context_length
         self.eos_token_ids = eos_ids(model_dir, tokenizer)
-        self.runtime = f"transformers ({device.type}, {str(dtype).removeprefix('torch.')})"
-        self.memory = ""   # the loader's estimate (loaders.config_check), shown beside the runtime
+        self.loader = loader
+        self.runtime = runtime or f"transformers ({device.type}, {str(dtype).removeprefix('torch.')})"
+        self.memory = memory   # the loader's estimate (loaders.config_check), shown beside the runtime
 
-    def generate(self, prompt_ids: Sequence[int], params: GenerationParams,
+    def generate(self, prompt: Prompt, params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
-        return stream(HFStepper(self.hf_model, self.device), self.tokenizer, prompt_ids, params,
+        return stream(HFStepper(self.hf_model, self.device), self.tokenizer, prompt_ids(prompt), params,
                       self.eos_token_ids, cancel, self.context_length)
 
     def unload(self) -> None:
@@ -111,11 +113,20 @@ class TransformersModel:
             torch.cuda.empty_cache()
 
 
-def load_tokenizer(model_dir: Path, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+def load_tokenizer(model_dir: Path, trust_remote_code: bool = False, config: dict | None = None):
+    """The folder's tokenizer. `config` (config.json's content, already read) spares transformers reading
+    config.json again to learn the model type; remote code always gets the file itself."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    hf_config = None
+    if config and not trust_remote_code:
+        try:
+            hf_config = AutoConfig.for_model(**config)
+        except (ValueError, TypeError, KeyError):   # a model_type transformers does not know: it reads the file
+            hf_config = None
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code,
+                                             **({"config": hf_config} if hf_config is not None else {}))
     except Exception as exc:  # transformers raises many types for a broken tokenizer folder
         raise LoadError(f"could not read the tokenizer in {model_dir.name}: {exc}") from None
 
@@ -164,12 +175,11 @@ class TransformersLoader:
         progress(0.02, memory.describe())
         if use_safetensors and not options.trust_remote_code:
             progress(0.05, "reading tokenizer")
-            tokenizer = load_tokenizer(model_dir)
+            tokenizer = load_tokenizer(model_dir, config=config)
             engine_model = load_on_engine(self.name, model_dir, config, options, device=device.type,
                                           tokenizer=tokenizer, eos_token_ids=eos_ids(model_dir, tokenizer),
-                                          context_length=context, progress=progress)
+                                          context_length=context, memory=memory.describe(), progress=progress)
             if engine_model is not None:
-                engine_model.memory = memory.describe()
                 return engine_model
         progress(0.05, "reading config and tokenizer")
         try:
@@ -177,7 +187,7 @@ class TransformersLoader:
                                                    trust_remote_code=options.trust_remote_code)
         except Exception as exc:
             raise LoadError(f"config.json of {model_dir.name} is not usable: {exc}") from None
-        tokenizer = load_tokenizer(model_dir, options.trust_remote_code)
+        tokenizer = load_tokenizer(model_dir, options.trust_remote_code, config)
         progress(0.2, f"loading weights ({str(dtype).removeprefix('torch.')}, {device.type})")
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -189,6 +199,4 @@ class TransformersLoader:
             raise LoadError(f"could not load the weights of {model_dir.name}: {exc}") from None
         model.to(device).eval()
         progress(1.0, "ready")
-        loaded = TransformersModel(model_dir, model, tokenizer, device, dtype, context)
-        loaded.memory = memory.describe()
-        return loaded
+        return TransformersModel(model_dir, model, tokenizer, device, dtype, context, memory=memory.describe())

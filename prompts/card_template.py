@@ -13,7 +13,7 @@ from typing import Any
 
 from prompts.front_matter import read_front_matter
 from prompts.sandbox import TemplateRenderError
-from prompts.templates import CARD, ChatTemplate, TemplateLibrary
+from prompts.library import CARD, ChatTemplate, TemplateLibrary
 
 _SYSTEM_MARK, _PROMPT_MARK = "\x00SYSTEM\x00", "\x00PROMPT\x00"
 # "## Prompt template: Llama-2-Chat" (English cards) or "提供的模板:Llama-2-Chat" (a translated rendering).

@@ -1,60 +1,24 @@
-"""Turning a conversation into the exact prompt text and token ids a model was trained on."""
+"""Turning a conversation into the engine.model.Prompt a model gets.
+
+A model with a local tokenizer gets the exact text its template renders and that text's token ids
+(`render_with_template`, `render_raw`). A model that applies its chat template itself (a remote server)
+gets the messages as they are, counted by the model (`render_messages`). Either way the oldest whole turns
+are dropped to fit a budget (context length minus max_new_tokens), and the Prompt says so.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import json
+from typing import Callable, Sequence
 
-from prompts.stop_strings import derive_stop_strings
-from prompts.templates import TOKENIZER, ChatTemplate
+from engine.model import Message, Prompt
+from prompts.library import TOKENIZER, ChatTemplate
 from prompts.truncation import fit_messages
-
-Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
-
-
-@dataclass(frozen=True)
-class Prompt:
-    text: str
-    ids: list[int]
-    template_source: str   # where the template came from, e.g. "tokenizer chat_template"
-    template_name: str = ""
-    stop: tuple[str, ...] = ()     # stop strings the template implies (added to the user's at generation)
-    dropped_turns: int = 0         # oldest turns left out to fit the context
-    notice: str = ""               # a line for the user when something was dropped or does not fit
-    counted: int | None = None     # the model's token count where `ids` are not its tokens (remote models)
-
-    @property
-    def n_tokens(self) -> int:
-        """How many tokens the model sees: what context checks and truncation count."""
-        return len(self.ids) if self.counted is None else self.counted
-
-
-def count_tokens(tokenizer, text: str) -> int | None:
-    """The model's own count for a prompt whose ids are not its tokens: a remote model's codec asks the
-    server (WirePromptCodec.count_tokens); None for a local tokenizer, whose ids are the tokens."""
-    counter = getattr(tokenizer, "count_tokens", None)
-    return counter(text) if counter is not None else None
-
-
-def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: bool = True) -> Prompt:
-    """The tokenizer's own chat template, run in Hearth's sandbox."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ValueError("this model's tokenizer has no chat template; use a raw prompt")
-    own = ChatTemplate(name="tokenizer", source=TOKENIZER, jinja=template)
-    return render_with_template(own, tokenizer, messages, add_generation_prompt)
-
-
-def render_chat_continue(tokenizer, messages: Sequence[Message]) -> Prompt:
-    template = getattr(tokenizer, "chat_template", None)
-    if not template:
-        raise ValueError("this model's tokenizer has no chat template; use a raw prompt")
-    return render_continue_with_template(ChatTemplate("tokenizer", TOKENIZER, template), tokenizer, messages)
 
 
 def render_raw(tokenizer, text: str) -> Prompt:
     """Raw text with the tokenizer's usual special tokens (e.g. Llama's BOS) added."""
     return Prompt(text=text, ids=list(tokenizer(text)["input_ids"]), template_source="raw text",
-                  template_name="none", counted=count_tokens(tokenizer, text))
+                  template_name="none")
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -85,38 +49,56 @@ def encode_for(template: ChatTemplate, tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add)["input_ids"])
 
 
-def render_with_template(template: ChatTemplate, tokenizer, messages: Sequence[Message],
-                         add_generation_prompt: bool = True, eos_token_ids: Sequence[int] = (),
-                         budget: int | None = None, partial_reply: str = "", derive_stops: bool = True) -> Prompt:
-    """Render `messages` (then `partial_reply`, for Continue) through `template`. With `budget` (context
-    length minus max_new_tokens) the oldest whole turns are dropped until the prompt fits."""
+def _split_partial(messages: Sequence[Message], continue_final: bool) -> tuple[list[Message], Message | None]:
+    """(the finished messages, the partial reply to go on with) for Continue; (messages, None) otherwise."""
+    messages = list(messages)
+    if continue_final and messages and messages[-1]["role"] == "assistant":
+        return messages[:-1], messages[-1]
+    return messages, None
+
+
+def _fit(messages: list[Message], count: Callable[[list[Message]], int], budget: int | None):
+    if budget is None:
+        return messages, 0, ""
+    fitted = fit_messages(messages, count, max(budget, 1))
+    return fitted.messages, fitted.dropped_turns, fitted.notice()
+
+
+def render_with_template(template: ChatTemplate, tokenizer, messages: Sequence[Message], *,
+                         budget: int | None = None, continue_final: bool = False,
+                         stops: Sequence[str] = ()) -> Prompt:
+    """Render `messages` through `template` for a local tokenizer. With `continue_final` the last (assistant)
+    message is the reply so far: the template runs up to the reply's start and that text follows, with no
+    end-of-turn. With `budget` the oldest whole turns are dropped until the prompt fits. `stops`: the stop
+    strings this template implies (prompts.stop_strings, worked out once per template by the caller)."""
     tokens = special_tokens(tokenizer)
+    finished, partial = _split_partial(messages, continue_final)
+    tail = partial["content"] if partial is not None else ""
 
     def text_of(kept: list[Message]) -> str:
-        return template.render(kept, add_generation_prompt, tokens) + partial_reply
+        return template.render(kept, True, tokens) + tail
 
-    messages = list(messages)
-    notice, dropped = "", 0
-    def tokens_of(kept: list[Message]) -> int:
-        text = text_of(kept)
-        counted = count_tokens(tokenizer, text)
-        return len(encode_for(template, tokenizer, text)) if counted is None else counted
-
-    if budget is not None:
-        fitted = fit_messages(messages, tokens_of, max(budget, 1))
-        messages, dropped, notice = fitted.messages, fitted.dropped_turns, fitted.notice()
-    text = text_of(messages)
-    # A codec standing in for a remote model's tokenizer writes wire data, not turns: no stops to derive.
-    stops = derive_stop_strings(template, eos_texts(tokenizer, eos_token_ids)) if derive_stops else []
-    return Prompt(text=text, ids=encode_for(template, tokenizer, text), template_source=template.source,
-                  template_name=template.name, stop=tuple(stops), dropped_turns=dropped, notice=notice,
-                  counted=count_tokens(tokenizer, text))
+    kept, dropped, notice = _fit(finished, lambda kept: len(encode_for(template, tokenizer, text_of(kept))), budget)
+    text = text_of(kept)
+    return Prompt(text=text, ids=encode_for(template, tokenizer, text),
+                  messages=tuple(kept + ([partial] if partial is not None else [])), continue_final=partial is not None,
+                  template_source=template.source, template_name=template.name, stop=tuple(stops),
+                  dropped_turns=dropped, notice=notice)
 
 
-def render_continue_with_template(template: ChatTemplate, tokenizer, messages: Sequence[Message],
-                                  eos_token_ids: Sequence[int] = (), budget: int | None = None,
-                                  derive_stops: bool = True) -> Prompt:
-    """Prompt that resumes the last (assistant) message: the template up to the reply's start, then the reply
-    so far, with no end-of-turn after it."""
-    return render_with_template(template, tokenizer, messages[:-1], True, eos_token_ids, budget,
-                                partial_reply=messages[-1]["content"], derive_stops=derive_stops)
+def render_messages(count: Callable[[Prompt], int], messages: Sequence[Message], *, budget: int | None = None,
+                    continue_final: bool = False, template_name: str, template_source: str) -> Prompt:
+    """The messages as they are, for a model that applies its own template; `count` is that model's token
+    count of a Prompt. The text is the messages as JSON, for people to read (the Prompt view)."""
+    finished, partial = _split_partial(messages, continue_final)
+    extra = [partial] if partial is not None else []
+
+    def prompt_of(kept: list[Message], **fields) -> Prompt:
+        shown = kept + extra
+        return Prompt(text=json.dumps(shown, ensure_ascii=False, indent=1), messages=tuple(shown),
+                      continue_final=partial is not None, template_name=template_name,
+                      template_source=template_source, **fields)
+
+    kept, dropped, notice = _fit(finished, lambda kept: count(prompt_of(kept)), budget)
+    prompt = prompt_of(kept, dropped_turns=dropped, notice=notice)
+    return prompt_of(kept, dropped_turns=dropped, notice=notice, counted=count(prompt))

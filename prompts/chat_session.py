@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from engine.generation import DoneEvent, QueuedEvent, StatsEvent, TextEvent
+from engine.model import Prompt
 from engine.sampling import GenerationParams
-from prompts.chat import Prompt
 
 History = list[dict[str, Any]]
 

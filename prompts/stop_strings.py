@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from prompts.sandbox import TemplateRenderError
-from prompts.templates import ChatTemplate
+from prompts.library import ChatTemplate
 
 _REPLY, _NEXT = "\x00REPLY\x00", "\x00NEXT\x00"
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.llama import ModelArgs
+from engine.model import Prompt
 from engine.quant_linear import DequantLinear, Int4Linear, QuantWeight, RescoredHead, exact_int4, make_quant_linear
 from engine.runtime import Engine
 from engine.weights import load_transformer
@@ -181,7 +182,8 @@ def test_default_model_greedy_golden_on_the_engine(default_model_dir):
     assert model.runtime.startswith("hearth engine (cpu")
     ids = model.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                               add_generation_prompt=True, tokenize=True, return_dict=True)
-    text, done, _ = collect(model.generate(ids["input_ids"], GenerationParams(max_new_tokens=24, temperature=0)))
+    prompt = Prompt(text="", ids=list(ids["input_ids"]))
+    text, done, _ = collect(model.generate(prompt, GenerationParams(max_new_tokens=24, temperature=0)))
     assert "Paris" in text and done.reason == "eos"
 
 
@@ -337,7 +339,8 @@ def test_quant_loaders_run_cuda_models_on_the_engine(tmp_path, method):
         ref = exact.hf_model(torch.tensor([ids])).logits[0, -1].double()
         got = on_gpu.engine.prefill(ids).reshape(-1).double().cpu()
     assert rel_err(got, ref) < 3e-2
-    text, done, _ = collect(on_gpu.generate(ids, GenerationParams(max_new_tokens=12, temperature=0)))
+    text, done, _ = collect(on_gpu.generate(Prompt(text="", ids=ids), GenerationParams(max_new_tokens=12,
+                                                                                    temperature=0)))
     assert done.error is None and text.strip()
     on_gpu.unload()
 

@@ -59,8 +59,6 @@ def test_an_800_turn_history_costs_a_few_small_counts():
 
 def test_an_800_turn_chat_on_the_default_model_keeps_the_most_turns_that_fit(loaded_state):
     """Through the real template and tokenizer: what is kept fits, and one more old turn would not."""
-    from prompts.chat import count_tokens
-
     messages = history(800)
     prompt = loaded_state.chat_prompt(messages, max_new_tokens=256)
     budget = loaded_state.model.context_length - 256

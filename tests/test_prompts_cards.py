@@ -11,7 +11,8 @@ from app import inspect_model
 from conftest import make_state
 from prompts.card_template import template_from_card
 from prompts.front_matter import read_front_matter
-from prompts.templates import load_library, resolve_template
+from prompts.library import load_library
+from prompts.templates import resolve_template
 
 from hub_fixtures import CARDS_DIR as CARDS  # copies of ../shared/model-cards, so the suite runs anywhere
 

@@ -10,7 +10,7 @@ from prompts import chat_session
 from prompts.sandbox import TemplateRenderError, render_template
 from prompts.stop_strings import derive_stop_strings
 from prompts.stopping import StopStringFilter
-from prompts.templates import load_library
+from prompts.library import load_library
 from prompts.truncation import fit_messages
 
 STOPS = {

@@ -9,7 +9,7 @@ from api.server import ApiConfig, ApiServer
 from conftest import DEFAULT_MODEL, free_port, make_state, start_app
 from engine.generation import DoneEvent, TextEvent, collect
 from loaders.base import LoadError
-from loaders.remote_loader import RemoteLoader
+from loaders.remote_loader import RemoteLoader, wire_size
 from prompts import chat_session
 
 KEY = "remote-test-key"
@@ -157,7 +157,8 @@ def test_prompt_length_is_the_servers_token_count_so_long_chats_keep_their_turns
     assert "counted in bytes" not in front.model.runtime
     one = [{"role": "user", "content": QUESTION}]
     prompt = front.chat_prompt(one)
-    assert prompt.n_tokens == server_count(upstream, one) < len(prompt.ids)   # ids are the wire bytes
+    assert prompt.ids is None and prompt.messages == tuple(one)   # the server gets the messages themselves
+    assert prompt.n_tokens == server_count(upstream, one) < wire_size(prompt)
     # A history of ~12 000 bytes but ~3 000 tokens, with room for 4 096: counting bytes would drop turns.
     history = []
     for i in range(40):
@@ -166,19 +167,41 @@ def test_prompt_length_is_the_servers_token_count_so_long_chats_keep_their_turns
     history.append({"role": "user", "content": QUESTION})
     budget_fill = front.model.context_length - 4096
     prompt = front.chat_prompt(history, max_new_tokens=budget_fill)
-    assert len(prompt.ids) > 4096 >= prompt.n_tokens == server_count(upstream, history)
+    assert wire_size(prompt) > 4096 >= prompt.n_tokens == server_count(upstream, history)
     assert prompt.dropped_turns == 0 and not prompt.notice
 
 
 def test_without_a_server_count_the_prompt_length_is_its_byte_count():
     import httpx
 
-    from loaders.remote_loader import WirePromptCodec
+    from engine.model import Prompt
+    from loaders.remote_loader import RemoteModel
 
     def unreachable(prompt):
         raise httpx.ConnectError("the server went away")
 
-    text = "Grüße, 世界"   # a raw prompt: 15 bytes
-    assert WirePromptCodec().count_tokens(text) == len(text.encode("utf-8"))
-    assert WirePromptCodec(unreachable).count_tokens(text) == len(text.encode("utf-8"))
-    assert WirePromptCodec(lambda prompt: 3).count_tokens(text) == 3
+    def model(counter):
+        return RemoteModel(httpx.Client(), "http://127.0.0.1:9/v1", "m", 4096, True, counter)
+
+    raw = Prompt(text="Grüße, 世界")   # a raw prompt: 15 bytes
+    assert model(None).count_tokens(raw) == wire_size(raw) == 15
+    assert "counted in bytes" in model(None).runtime
+    assert model(unreachable).count_tokens(raw) == 15
+    assert model(lambda prompt: 3).count_tokens(raw) == 3
+
+
+def test_the_request_carries_the_messages_as_they_are(front):
+    """No local template and no stop strings of its own: the server applies its template to the messages
+    the user wrote (a Continue asks it to go on with the last one)."""
+    from loaders.remote_loader import request_body
+
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}]
+    prompt = front.chat_prompt(history)
+    assert prompt.stop == () and not prompt.continue_final
+    body = request_body(front.model.name, prompt, greedy(front), True)
+    assert body["messages"] == history and "prompt" not in body and "continue_final_message" not in body
+    partial = history + [{"role": "assistant", "content": "The capital"}]
+    body = request_body(front.model.name, front.continue_prompt(partial), greedy(front), True)
+    assert body["messages"] == partial and body["continue_final_message"] is True
+    assert body["add_generation_prompt"] is False
+    assert request_body(front.model.name, front.raw_prompt("1, 2,"), greedy(front), True)["prompt"] == "1, 2,"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from prompts.templates import load_library
+from prompts.library import load_library
 
 SYSTEM = "Be brief."
 ONE = [{"role": "user", "content": "Hi"}]

@@ -28,6 +28,10 @@ def build_ui(state) -> gr.Blocks:
         # A newly loaded model brings its own template, system message and saved preset to the chat tab.
         for event in model_tab["model_changed"]:
             event.then(chat_tab["refresh"], None, chat_tab["refresh_outputs"], queue=False)
+        # Every page load (a second browser tab, a reload) shows the app's state now, not the page's at start.
+        page_load, page_outputs = model_tab["page_load"]
+        demo.load(page_load, None, page_outputs, queue=False)
+        demo.load(chat_tab["refresh"], None, chat_tab["refresh_outputs"], queue=False)
     return demo
 
 

@@ -65,7 +65,9 @@ def build_chat_tab(state) -> dict:
                 rename_text = gr.Textbox(label="Title", elem_id="conversation-title")
                 rename_btn = gr.Button("Rename", elem_id="conversation-rename")
         with gr.Accordion("Generation parameters", open=False):
-            param_widgets = widgets_for(GenerationParams, state.settings.generation, elem_prefix="gen-")
+            # Built with the values a generation would use now; each page load and model change sets them
+            # again from the loaded model's effective settings (`refresh_model`).
+            param_widgets = widgets_for(GenerationParams, state.generation_params(), elem_prefix="gen-")
     params_in = list(param_widgets.values())
 
     # ---- helpers --------------------------------------------------------------------------------------
@@ -115,6 +117,14 @@ def build_chat_tab(state) -> dict:
                 describe_file_problems())
 
     refresh_outputs = [template_info, system_message, preset, template, conversation_list, file_problems]
+
+    def refresh_model():
+        """`refresh`, plus the sliders set to what the next generation uses unless changed: the loaded model's
+        effective sampler values (saved > preset > model metadata > settings.yaml), the Model tab's table.
+        Only on page loads and model changes: a visit to another tab must not undo the user's slider moves."""
+        params = state.generation_params()
+        values = [getattr(params, key) for key in param_widgets]
+        return (*refresh(), *["\n".join(v) if isinstance(v, list) else v for v in values])
 
     # ---- generation -----------------------------------------------------------------------------------
     def stream_chat(action, history, conv_id, mode_name, system, template_name, request):
@@ -193,6 +203,9 @@ def build_chat_tab(state) -> dict:
         values = load_presets().presets.get(name or "")
         if values is None:
             return [gr.skip()] * len(params_in)
+        saved = state.saved_model_settings()
+        if name == saved.get("preset"):   # the model's own preset: values saved one by one still win over it
+            values = {**values, **(saved.get("sampler") or {})}
         return [values.get(key, gr.skip()) for key in param_widgets]
 
     def on_save_preset(name, *values):
@@ -263,4 +276,4 @@ def build_chat_tab(state) -> dict:
     template_info.value, system_message.value, preset.value = initial[0], initial[1], initial[2]
     file_problems.value = initial[5]
     conversation_list.choices = [(c.title, c.id) for c in conversations.list()]
-    return {"chatbot": chatbot, "refresh": refresh, "refresh_outputs": refresh_outputs}
+    return {"chatbot": chatbot, "refresh": refresh_model, "refresh_outputs": [*refresh_outputs, *params_in]}

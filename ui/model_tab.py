@@ -1,5 +1,8 @@
 """Model tab: pick a model, see which loader fits and why, set its options, load / unload / reload, and
-save per-model settings that are re-applied whenever the model is selected or loaded."""
+save per-model settings that are re-applied whenever the model is selected or loaded.
+
+What it shows is the app's state, not what the page held when it was built: every page load (a new
+browser tab, a reload) selects the loaded model and shows its runtime (`page_load`)."""
 from __future__ import annotations
 
 import gradio as gr
@@ -10,12 +13,6 @@ from loaders.options import OptionError
 from ui.widgets import values_from, widgets_for
 
 
-def _template_names() -> list[str]:
-    from prompts.templates import load_library
-
-    return load_library().names()
-
-
 def _preset_names() -> list[str]:
     from prompts.presets import load_presets
 
@@ -23,7 +20,9 @@ def _preset_names() -> list[str]:
 
 
 def build_model_tab(state) -> dict:
-    """Returns the components other tabs need (the model dropdown, to refresh after a download)."""
+    """Returns the components other tabs need (the model dropdown, to refresh after a download), the events
+    after which the loaded model or its settings may differ, and `page_load` (fn, outputs) for ui/app.py to
+    run on every page load."""
     loader_names = state.registry.names()
     with gr.Tab("Model", elem_id="tab-model"):
         with gr.Row():
@@ -50,7 +49,7 @@ def build_model_tab(state) -> dict:
         with gr.Accordion("Per-model settings", open=True, elem_id="model-settings"):
             gr.Markdown("Context length is the loader option above; saving stores it for this model too.")
             with gr.Row():
-                template_dd = gr.Dropdown(choices=[""] + _template_names(), value="", allow_custom_value=True,
+                template_dd = gr.Dropdown(choices=[""] + state.template_library.names(), value="", allow_custom_value=True,
                                           label="Instruction template",
                                           info="empty = the model's own chat template", elem_id="model-template")
                 preset_dd = gr.Dropdown(choices=[""] + _preset_names(), value="", label="Preset",
@@ -150,10 +149,21 @@ def build_model_tab(state) -> dict:
         unload_btn.click(on_unload, None, [status_md], concurrency_id="model", api_name="unload_model"),
         reload_btn.click(on_reload, [loader_dd, *flat_widgets], [status_md], concurrency_id="model"),
     ]
-    save_btn.click(on_save, [model_dd, loader_dd, *flat_widgets, *settings_widgets], [save_md, sources_md],
-                   api_name="save_model_settings")
-    # `model_changed`: events after which the loaded model may differ (other tabs chain their refresh on them).
-    return {"model_dropdown": model_dd, "status": status_md, "model_changed": loaded}
+    saved = save_btn.click(on_save, [model_dd, loader_dd, *flat_widgets, *settings_widgets], [save_md, sources_md],
+                           api_name="save_model_settings")
+
+    def page_load():
+        """The loaded model selected (which fills the loader, its options and the settings table through
+        the dropdown's change event) and its status line."""
+        model = state.model
+        names = state.list_models()
+        selected = model.name if model is not None and model.model_dir is not None and model.name in names else None
+        return gr.update(choices=names, value=selected), _status(state)
+
+    # `model_changed`: events after which the loaded model or its settings may differ (other tabs chain their
+    # refresh on them).
+    return {"model_dropdown": model_dd, "status": status_md, "model_changed": [*loaded, saved],
+            "page_load": (page_load, [model_dd, status_md])}
 
 
 def _status(state) -> str:

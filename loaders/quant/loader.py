@@ -72,8 +72,8 @@ class QuantizedModelLoader:
                             "(quantize_config.json, quant_config.json or config.json quantization_config)")
         dtype = getattr(torch, options.dtype)
         progress(0.05, "reading config and tokenizer")
-        tokenizer = load_tokenizer(model_dir, options.trust_remote_code)
         config = read_json(model_dir / "config.json") or {}
+        tokenizer = load_tokenizer(model_dir, options.trust_remote_code, config)
         context, context_source = context_choice(config, options.context_length)
         on_gpu = torch.cuda.is_available()
         # Before anything is built: the config's sizes against the weights, the KV cache against memory
@@ -87,10 +87,8 @@ class QuantizedModelLoader:
             engine_model = load_on_engine(self.name, model_dir, config, options,
                                           device="cuda" if on_gpu else "cpu",
                                           tokenizer=tokenizer, eos_token_ids=eos_ids(model_dir, tokenizer),
-                                          context_length=context, progress=progress)
+                                          context_length=context, memory=memory.describe(), progress=progress)
             if engine_model is not None:
-                engine_model.quant_spec = spec
-                engine_model.memory = memory.describe()
                 return engine_model
         try:
             model = load_quantized(model_dir, spec, dtype, options.cpu_kernel, progress, options.trust_remote_code)
@@ -99,13 +97,10 @@ class QuantizedModelLoader:
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise LoadError(f"could not load the weights of {model_dir.name}: {exc}") from None
         progress(1.0, "ready")
-        loaded = TransformersModel(model_dir, model, tokenizer, torch.device("cpu"), dtype, context)
-        loaded.loader = self.name
         # The cpu_kernel option's names for what each layer became (int4 falls back where it does not fit).
         kernels = sorted({"int4" if isinstance(m, Int4Linear) else "dequantize" for m in model.modules()
                           if isinstance(m, (Int4Linear, DequantLinear))})
-        loaded.runtime = (f"hearth {spec.method} on transformers (cpu, {options.dtype}, "
-                          f"{spec.bits}-bit, kernel {'/'.join(kernels)})")
-        loaded.quant_spec = spec
-        loaded.memory = memory.describe()
-        return loaded
+        runtime = (f"hearth {spec.method} on transformers (cpu, {options.dtype}, "
+                   f"{spec.bits}-bit, kernel {'/'.join(kernels)})")
+        return TransformersModel(model_dir, model, tokenizer, torch.device("cpu"), dtype, context, loader=self.name,
+                                 runtime=runtime, memory=memory.describe())
