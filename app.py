@@ -117,6 +117,7 @@ def cmd_generate(args) -> int:
 
     state = make_state(args)
     state.load_model(args.model, args.loader)
+    runtime = state.model.runtime
     try:
         if args.chat is not None:
             prompt = state.chat_prompt([{"role": "user", "content": args.chat}])
@@ -133,8 +134,9 @@ def cmd_generate(args) -> int:
             sys.stdout.write(event.text)
             sys.stdout.flush()
         elif isinstance(event, StatsEvent):
+            # The runtime beside the figures: which engine, device and kernels they were measured on.
             print(f"\n[{event.new_tokens} tokens, {event.tokens_per_second:.1f} tok/s, prompt {event.prompt_tokens}"
-                  f" tokens, first token after {event.time_to_first_token:.2f} s]", file=sys.stderr)
+                  f" tokens, first token after {event.time_to_first_token:.2f} s; {runtime}]", file=sys.stderr)
         elif isinstance(event, DoneEvent):
             done = event
     sys.stdout.write("\n")

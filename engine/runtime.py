@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import torch
 
 from engine.generation import GenerationEvent, stream
-from engine.llama import SUPPORTED_MODEL_TYPES, Transformer
+from engine.llama import ACTIVATIONS, SUPPORTED_MODEL_TYPES, ModelArgs, Transformer
 from engine.model import Model, Prompt, prompt_ids
 from engine.sampling import GenerationParams
 from engine.weights import load_transformer
@@ -29,13 +29,17 @@ def unsupported_reason(config: dict) -> str | None:
     """Why the engine cannot run a model with this config.json, or None when it can."""
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
+        if model_type == "gemma3" and isinstance(config.get("text_config"), dict):
+            return "Gemma 3 with its vision tower (model_type 'gemma3'): the engine runs the text-only gemma3_text"
         return f"model_type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "linear", "dynamic", "llama3"):
-        return f"RoPE type {rope_type!r} is not implemented"
-    if config.get("hidden_act", "silu") != "silu":
-        return f"activation {config.get('hidden_act')!r} is not SwiGLU"
+    try:
+        args = ModelArgs.from_config(config)   # refuses RoPE types it does not implement
+    except KeyError as exc:
+        return f"config.json lacks {exc}"
+    except (TypeError, ValueError) as exc:
+        return f"config.json is not one the engine reads: {exc}"
+    if args.hidden_act not in ACTIVATIONS:
+        return f"activation {args.hidden_act!r} is not one of {', '.join(ACTIVATIONS)}"
     return None
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.llama import ModelArgs, Rotary, Transformer
+from engine.moe import MoEFeedForward
 from engine.quant_linear import (QuantWeight, RescoredHead, exact_int4,
                                  make_quant_linear)
 from loaders.quant.formats import LAYER_PARTS, QuantSpec, read_quant_spec, read_quant_weight
@@ -64,6 +65,10 @@ class WeightLoader:
     def __init__(self, ckpt: TensorSource, spec: QuantSpec | None, dtype: torch.dtype, repack_int4: bool):
         self.ckpt, self.spec, self.dtype, self.repack_int4 = ckpt, spec, dtype, repack_int4
         self.kinds: set[str] = set()   # what the linear layers became, for the runtime description
+
+    def has(self, prefix: str) -> bool:
+        """Whether the source holds the HF linear layer `prefix` (dense or quantized)."""
+        return f"{prefix}.weight" in self.ckpt or f"{prefix}.qweight" in self.ckpt
 
     def read(self, prefix: str, device: torch.device) -> tuple[torch.Tensor | QuantWeight, torch.Tensor | None]:
         """(weight [N, K] or QuantWeight, bias [N] or None) of the HF linear layer `prefix`."""
@@ -138,13 +143,17 @@ def reorder_outputs(parts: list[tuple], order: torch.Tensor) -> list[tuple]:
     return [(weight, None if bias is None else bias[order])]
 
 
-def fold_input_orders(layer, qkv: list[tuple], w13: list[tuple], w2: list[tuple]) -> tuple[list, list, list]:
+def fold_input_orders(layer, qkv: list[tuple], w13: list[tuple] | None, w2: list[tuple] | None
+                      ) -> tuple[list, list | None, list | None]:
     """Act-order checkpoints quantize each matrix's inputs in their own order. Rather than gather x before
     every matmul (a kernel launch, or slow scattered reads inside one), the order is produced by the step
     before: the attention and MLP norms write their output in wqkv's and w13's order, and w13's gate and
     up rows are stored in w2's order, so silu(gate) * up comes out ready for w2. wo keeps its own gather
-    (its input comes from attention over whole heads)."""
+    (its input comes from attention over whole heads). An MoE layer passes w13 = w2 = None: its MLP norm
+    feeds the router and every expert, each in its own order, so the experts gather x themselves."""
     qkv, layer.attention_norm.out_order = sort_inputs(qkv)
+    if w13 is None:
+        return qkv, None, None
     w13, layer.ffn_norm.out_order = sort_inputs(w13)
     if len(w13) == 1:
         w2, order = sort_inputs(w2)
@@ -183,6 +192,7 @@ def build_transformer(config: dict, ckpt: TensorSource, spec: QuantSpec | None, 
     loader = WeightLoader(ckpt, spec, dtype, repack_int4)
     per_layer = layer_devices(args.n_layers, devices, gpu_split)
     first, last = per_layer[0], per_layer[-1]
+    names = HFNames(args)
 
     with torch.device("meta"):
         model = Transformer(args)
@@ -193,18 +203,23 @@ def build_transformer(config: dict, ckpt: TensorSource, spec: QuantSpec | None, 
         if progress:
             progress(0.1 + 0.85 * i / args.n_layers, f"layer {i + 1}/{args.n_layers}")
         dev, p = per_layer[i], f"model.layers.{i}"
-        qkv, w13, w2 = fold_input_orders(layer, loader.parts([f"{p}.self_attn.{x}_proj" for x in "qkv"], dev),
-                                         loader.parts([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], dev),
-                                         loader.parts([f"{p}.mlp.down_proj"], dev))
-        layer.attention.wqkv, layer.feed_forward.w13 = loader.linear(qkv, dev), loader.linear(w13, dev)
-        layer.feed_forward.w2 = loader.linear(w2, dev)
+        moe = args.is_moe(i)
+        qkv, w13, w2 = fold_input_orders(layer, loader.parts(names.qkv(p), dev),
+                                         None if moe else loader.parts(names.gate_up(f"{p}.mlp"), dev),
+                                         None if moe else loader.parts([f"{p}.mlp.down_proj"], dev))
+        layer.attention.wqkv = loader.linear(qkv, dev)
         layer.attention.wo = loader.linear(loader.parts([f"{p}.self_attn.o_proj"], dev), dev)
-        for norm, name in ((layer.attention_norm, "input_layernorm"), (layer.ffn_norm, "post_attention_layernorm")):
-            norm.weight = nn.Parameter(ckpt.get(f"{p}.{name}.weight", dev).to(dtype), requires_grad=False)
-    model.norm.weight = nn.Parameter(ckpt.get("model.norm.weight", last).to(dtype), requires_grad=False)
+        if moe:
+            load_moe(layer.feed_forward, loader, names, p, dev)
+        else:
+            layer.feed_forward.w13, layer.feed_forward.w2 = loader.linear(w13, dev), loader.linear(w2, dev)
+        for norm, name in names.norms(layer, p):
+            norm.weight = nn.Parameter(norm_weight(ckpt.get(f"{name}.weight", dev), args, dtype), requires_grad=False)
+    model.norm.weight = nn.Parameter(norm_weight(ckpt.get("model.norm.weight", last), args, dtype),
+                                     requires_grad=False)
     head = None
-    if not args.tie_word_embeddings and "lm_head.weight" in ckpt:
-        head = ckpt.get("lm_head.weight", last)
+    if not args.tie_word_embeddings and loader.has("lm_head"):
+        head, _ = loader.read("lm_head", last)   # GPTQModel can quantize the head too (lm_head: true)
     if isinstance(head, QuantWeight):
         model.output = loader.module(head, None, last)
     else:
@@ -214,5 +229,69 @@ def build_transformer(config: dict, ckpt: TensorSource, spec: QuantSpec | None, 
         if rescore_head and any("tinygemm" in kind for kind in loader.kinds):
             model.output = RescoredHead(model.output.weight)
             loader.kinds.add("rescored bf16 head")
-    model.rotary = Rotary(args).to(first)  # built on meta above: its frequency table needs real values
+    # Built on meta above: the frequency tables need real values.
+    model.rotary = Rotary(args).to(first)
+    if model.local_rotary is not None:
+        model.local_rotary = Rotary(args, args.local_rope_theta, args.local_rope_scaling).to(first)
     return model.eval(), loader.kinds
+
+
+def norm_weight(stored: torch.Tensor, args: ModelArgs, dtype: torch.dtype) -> torch.Tensor:
+    """An RMSNorm's weight as the engine multiplies by it: Gemma stores w - 1, so 1 is added (in fp32, as
+    transformers does before multiplying)."""
+    return (stored.float() + args.norm_offset).to(dtype) if args.norm_offset else stored.to(dtype)
+
+
+class HFNames:
+    """Where each engine weight sits in a Hugging Face checkpoint of this family."""
+
+    def __init__(self, args: ModelArgs):
+        self.args = args
+
+    def qkv(self, p: str) -> list[str]:
+        # Phi-3 stores q, k and v as one qkv_proj (in that order), as the engine keeps them.
+        if self.args.fused_checkpoint:
+            return [f"{p}.self_attn.qkv_proj"]
+        return [f"{p}.self_attn.{x}_proj" for x in "qkv"]
+
+    def gate_up(self, mlp: str) -> list[str]:
+        return [f"{mlp}.gate_up_proj"] if self.args.fused_checkpoint else [f"{mlp}.gate_proj", f"{mlp}.up_proj"]
+
+    def norms(self, layer, p: str) -> list[tuple[nn.Module, str]]:
+        pairs = [(layer.attention_norm, f"{p}.input_layernorm")]
+        if self.args.sandwich_norms:   # Gemma: post_attention_layernorm is the norm on attention's output
+            pairs += [(layer.post_attention_norm, f"{p}.post_attention_layernorm"),
+                      (layer.ffn_norm, f"{p}.pre_feedforward_layernorm"),
+                      (layer.post_ffn_norm, f"{p}.post_feedforward_layernorm")]
+        else:
+            pairs.append((layer.ffn_norm, f"{p}.post_attention_layernorm"))
+        if self.args.qk_norm:
+            pairs += [(layer.attention.q_norm, f"{p}.self_attn.q_norm"), (layer.attention.k_norm, f"{p}.self_attn.k_norm")]
+        return pairs
+
+    def moe(self, p: str) -> tuple[str, list[tuple[list[str], str]]]:
+        """(router prefix, [(gate and up prefixes, down prefix)] for each expert)."""
+        if self.args.model_type == "mixtral":
+            m = f"{p}.block_sparse_moe"
+            return f"{m}.gate", [([f"{m}.experts.{e}.w1", f"{m}.experts.{e}.w3"], f"{m}.experts.{e}.w2")
+                                 for e in range(self.args.n_experts)]
+        m = f"{p}.mlp"
+        return f"{m}.gate", [([f"{m}.experts.{e}.gate_proj", f"{m}.experts.{e}.up_proj"], f"{m}.experts.{e}.down_proj")
+                             for e in range(self.args.n_experts)]
+
+
+def load_moe(moe: MoEFeedForward, loader: WeightLoader, names: HFNames, p: str, dev: torch.device) -> None:
+    """The router, each expert (dense or quantized, whatever the checkpoint holds) and Qwen2-MoE's shared
+    expert. On CUDA the experts are then stacked for the graph-captured decode step (MoEFeedForward.stack_experts)."""
+    router, experts = names.moe(p)
+    moe.gate = loader.linear(loader.parts([router], dev), dev)
+    for expert, (gate_up, down) in zip(moe.experts, experts):
+        expert.w13 = loader.linear(loader.parts(gate_up, dev), dev)
+        expert.w2 = loader.linear(loader.parts([down], dev), dev)
+    if moe.shared_expert is not None:
+        shared = moe.shared_expert
+        shared.w13 = loader.linear(loader.parts(names.gate_up(f"{p}.mlp.shared_expert"), dev), dev)
+        shared.w2 = loader.linear(loader.parts([f"{p}.mlp.shared_expert.down_proj"], dev), dev)
+        moe.shared_expert_gate = loader.linear(loader.parts([f"{p}.mlp.shared_expert_gate"], dev), dev)
+    if dev.type == "cuda":
+        moe.stack_experts()
