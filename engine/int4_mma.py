@@ -22,8 +22,9 @@ Float offsets (GGUF Q4_1/Q4_K: W = s * q + m) are a third form of zero point: th
 the group's sum of x is taken by one more mma with A all ones (the sum is the same for every row, the
 instruction costs one issue slot and reuses the B registers), so the group adds s * sum(q x) + m * sum(x).
 Scales and offsets are kept fp16 where every value converts exactly (GPTQ's and GGUF's per-block fp16
-values do), else fp32 (the K-quants' d * sub-scale products need up to 17 significant bits): the layer
-always equals its QuantWeight's dequantize up to summation order.
+values do); the K-quants' d * sub-scale products (up to 17 significant bits) are kept factored again, a byte
+a group and row times the super-block's d (`scale_storage`); anything else fp32. The layer always equals
+its QuantWeight's dequantize up to summation order.
 
 Compiled at first use by NVRTC, the runtime compiler CUDA builds of torch ship and load: no nvcc or CUDA
 toolkit is needed where Hearth runs. Needs compute capability 8.0+ (bf16 mma).
