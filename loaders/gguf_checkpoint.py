@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.llama import SUPPORTED_MODEL_TYPES
 from engine.quant_linear import QuantWeight
 from loaders.base import LoadError
 from loaders.gguf_header import GGUFHeader, read_model_header, split_parts
@@ -32,6 +31,10 @@ _LAYER_NAMES = {"attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight":
 _LAYER = re.compile(r"^blk\.(\d+)\.(.+)$")
 # Architectures whose q/k rows llama.cpp's converter permutes (its LlamaModel and subclasses).
 PERMUTED_ARCHITECTURES = ("llama", "mistral")
+# The GGUF architectures hf_config and the tensor names above map onto the engine. The engine runs more
+# families from config.json; their GGUF metadata and tensors (q/k norms, Gemma's stored 1 + w norms, experts)
+# are not mapped yet.
+GGUF_ENGINE_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -75,8 +78,8 @@ def hf_config(metadata: dict, tensor_names: set[str]) -> dict:
 def engine_refusal(header: GGUFHeader) -> str | None:
     """Why Hearth's engine cannot run the model in this GGUF header, or None when it can."""
     arch = header.metadata.get("general.architecture")
-    if arch not in SUPPORTED_MODEL_TYPES:
-        return f"architecture {arch!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    if arch not in GGUF_ENGINE_ARCHITECTURES:
+        return f"architecture {arch!r} is not one of {', '.join(GGUF_ENGINE_ARCHITECTURES)}"
     unknown = [t.name for t in header.tensors if hf_name(t.name) is None]
     if unknown:
         return f"tensor {unknown[0]} has no place in the engine's Llama layers" + (
