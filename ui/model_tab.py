@@ -174,6 +174,6 @@ def _status(state) -> str:
 
 
 def _loaded_line(model) -> str:
-    memory = getattr(model, "memory", "")   # the loader's KV cache and weights estimate
+    # model.memory: the loader's KV cache and weights estimate ("" for a model that holds nothing here).
     return (f"✅ Loaded **{model.name}** · {model.runtime} · context {model.context_length} tokens"
-            + (f" · {memory}" if memory else ""))
+            + (f" · {model.memory}" if model.memory else ""))
