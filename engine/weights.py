@@ -19,7 +19,7 @@ from engine.llama import ModelArgs, Rotary, Transformer
 from engine.moe import MoEFeedForward
 from engine.quant_linear import (QuantWeight, RescoredHead, exact_int4,
                                  make_quant_linear)
-from loaders.quant.formats import LAYER_PARTS, QuantSpec, read_quant_spec, read_quant_weight
+from loaders.quant.formats import LAYER_PARTS, PACKED_NAMES, QuantSpec, read_quant_spec, read_quant_weight
 from loaders.safetensors_index import CheckpointTensors
 
 Progress = Callable[[float, str], None]
@@ -68,11 +68,11 @@ class WeightLoader:
 
     def has(self, prefix: str) -> bool:
         """Whether the source holds the HF linear layer `prefix` (dense or quantized)."""
-        return f"{prefix}.weight" in self.ckpt or f"{prefix}.qweight" in self.ckpt
+        return any(f"{prefix}.{name}" in self.ckpt for name in ("weight",) + PACKED_NAMES)
 
     def read(self, prefix: str, device: torch.device) -> tuple[torch.Tensor | QuantWeight, torch.Tensor | None]:
         """(weight [N, K] or QuantWeight, bias [N] or None) of the HF linear layer `prefix`."""
-        if f"{prefix}.qweight" not in self.ckpt:   # dense, or a source's own QuantWeight (GGUF)
+        if not any(f"{prefix}.{name}" in self.ckpt for name in PACKED_NAMES):   # dense, or a GGUF QuantWeight
             bias = self.ckpt.get(f"{prefix}.bias", device) if f"{prefix}.bias" in self.ckpt else None
             return self.ckpt.get(f"{prefix}.weight", device), bias
         if self.spec is None:

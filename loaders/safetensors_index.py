@@ -99,5 +99,5 @@ class CheckpointTensors:
 
 
 def quantized_prefixes(names: dict[str, TensorInfo] | list[str]) -> list[str]:
-    """Layer prefixes that carry a `.qweight` (GPTQ and AWQ both name their packed weights so)."""
-    return sorted(n.removesuffix(".qweight") for n in names if n.endswith(".qweight"))
+    """Layer prefixes that carry packed weights: `.qweight` (GPTQ and AWQ) or `.weight_packed` (compressed-tensors)."""
+    return sorted(n.rsplit(".", 1)[0] for n in names if n.endswith((".qweight", ".weight_packed")))

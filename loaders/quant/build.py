@@ -67,7 +67,8 @@ def load_quantized(model_dir: Path, spec: QuantSpec, dtype: torch.dtype, kernel:
             if not isinstance(target, nn.Linear):
                 raise LoadError(f"{model_dir.name}: {prefix} is quantized but is not a Linear layer")
             names = {p: f"{prefix}.{p}" for p in LAYER_PARTS if f"{prefix}.{p}" in reader.index}
-            missing = {"qweight", "qzeros", "scales"} - set(names)
+            missing = ({"weight_packed", "weight_scale", "weight_shape"} if "weight_packed" in names
+                       else {"qweight", "qzeros", "scales"}) - set(names)
             if missing:
                 raise LoadError(f"{model_dir.name}: layer {prefix} lacks {', '.join(sorted(missing))}")
             tensors = {p: reader.get(n) for p, n in names.items()}

@@ -14,9 +14,12 @@ import torch
 from engine.quant_linear import QuantWeight
 from loaders.base import LoadError
 from loaders.folder import read_json
+from loaders.quant import compressed_tensors
 
 GPTQ_BITS = (2, 3, 4, 8)
-LAYER_PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias")   # a quantized layer's tensors (AWQ: no g_idx)
+# A quantized layer's tensors: GPTQ/AWQ (AWQ: no g_idx), then compressed-tensors' pack-quantized ones.
+LAYER_PARTS = ("qweight", "qzeros", "scales", "g_idx", "bias") + compressed_tensors.PARTS
+PACKED_NAMES = ("qweight", "weight_packed")   # the tensor that marks a layer as quantized, by format
 # AWQ GEMM stores output column 8c + [0,2,4,6,1,3,5,7][i] in nibble i; reading nibbles in this order
 # puts the columns back in sequence.
 AWQ_UNPACK_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
@@ -118,6 +121,8 @@ def default_g_idx(in_features: int, group_size: int, device: torch.device | str 
 def read_quant_weight(tensors: dict[str, torch.Tensor], spec: "QuantSpec") -> tuple[QuantWeight, torch.Tensor | None]:
     """One layer of a GPTQ or AWQ checkpoint as the format-neutral QuantWeight that every runtime takes,
     and its bias. tensors: by LAYER_PARTS name (without the layer's prefix), those the file has. The bias is None when absent or all zeros (AutoGPTQ writes zeros)."""
+    if "weight_packed" in tensors:
+        return compressed_tensors.read_compressed_weight(tensors, spec.bits, spec.sym, spec.group_size)
     bias = tensors.get("bias")
     if bias is not None and not torch.any(bias):
         bias = None
@@ -158,10 +163,14 @@ class QuantSpec:
     group_size: int
     desc_act: bool = False
     sym: bool = True
-    checkpoint_format: str = "gptq"     # GPTQ: "gptq" (v1, zero-1 stored) | "gptq_v2"
+    # GPTQ: "gptq" (v1, zero-1 stored) | "gptq_v2" | "compressed-tensors" (llm-compressor's pack-quantized)
+    checkpoint_format: str = "gptq"
     awq_version: str = "gemm"           # AWQ: "gemm" | "gemv"
     zero_point: bool = True             # AWQ: asymmetric with stored zeros
     source: str = ""                    # the file the spec came from
+    # Modules the config keeps in float (AWQ's modules_to_not_convert, compressed-tensors' ignore); their
+    # tensors are plain .weight ones, which is how every reader tells them apart.
+    keep_float: tuple[str, ...] = ()
 
     @property
     def v1(self) -> bool:
@@ -174,7 +183,13 @@ class QuantSpec:
         """e.g. "GPTQ 4-bit, group 32, act-order, sym (quantize_config.json)"."""
         group = "no grouping (group -1)" if self.group_size in (-1, 0) else f"group {self.group_size}"
         parts = [f"{self.method.upper()} {self.bits}-bit", group]
-        if self.method == "gptq":
+        if self.checkpoint_format == "compressed-tensors":
+            channel = "per channel" if self.group_size in (-1, 0) else group
+            parts = [f"compressed-tensors pack-quantized W{self.bits}A16", channel]
+            if self.desc_act:
+                parts.append("act-order")
+            parts.append("sym" if self.sym else "asym")
+        elif self.method == "gptq":
             if self.desc_act:
                 parts.append("act-order")
             parts.append("sym" if self.sym else "asym")
@@ -184,6 +199,8 @@ class QuantSpec:
             parts.append(self.awq_version.upper())
             if self.zero_point:
                 parts.append("zero point")
+        if self.keep_float:
+            parts.append(f"{', '.join(self.keep_float)} kept in float")
         return ", ".join(parts) + (f" ({self.source})" if self.source else "")
 
 
@@ -219,7 +236,23 @@ def _awq_spec(cfg: dict, file: str) -> QuantSpec:
     if version not in ("gemm", "gemv"):
         raise LoadError(f"{file}: AWQ version {version!r} is not supported (Hearth reads GEMM and GEMV)")
     return QuantSpec("awq", bits, group_size, sym=False, awq_version=version,
-                     zero_point=bool(cfg.get("zero_point", True)), source=file)
+                     zero_point=bool(cfg.get("zero_point", True)), source=file,
+                     keep_float=_names(cfg.get("modules_to_not_convert"), "modules_to_not_convert", file))
+
+
+def _names(value, name: str, file: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise LoadError(f"{file}: {name} must be a list of module names, got {value!r}")
+    return tuple(value)
+
+
+def _compressed_spec(cfg: dict, file: str) -> QuantSpec:
+    scheme = compressed_tensors.weight_scheme(cfg, file)
+    return QuantSpec("gptq", scheme.bits, scheme.group_size, desc_act=scheme.actorder, sym=scheme.sym,
+                     checkpoint_format="compressed-tensors", source=file,
+                     keep_float=_names(list(scheme.ignore), "ignore", file))
 
 
 def read_quant_spec(model_dir: Path) -> QuantSpec | None:
@@ -248,8 +281,10 @@ def read_quant_spec(model_dir: Path) -> QuantSpec | None:
             return _gptq_spec(qc, "config.json quantization_config")
         if method == "awq":
             return _awq_spec(qc, "config.json quantization_config")
+        if method == "compressed-tensors":
+            return _compressed_spec(qc, "config.json quantization_config")
         raise LoadError(f"config.json: quantization method {method or 'unnamed'!r} is not supported "
-                        "(Hearth reads gptq and awq)")
+                        "(Hearth reads gptq, awq and compressed-tensors)")
     quant_config = read_json(model_dir / "quant_config.json")
     if quant_config is not None:
         return _awq_spec(quant_config, "quant_config.json")
