@@ -91,3 +91,29 @@ def test_cancel_keeps_no_model_and_download_resumes(ui, hub_env):
     assert "downloaded and verified" in status
     assert hub_env.bytes_served("model.safetensors") < size
     assert "org_big-model" in state.list_models()
+
+
+def test_cancel_reaches_the_sessions_first_download_not_a_second_one(ui, hub_env):
+    """Each download has its own handle: with two downloads running from one session (an API client; the
+    browser's button waits for the first), Cancel stops the first; it used to stop the second."""
+    state, client = ui
+    size = 6 * 1024 * 1024
+    for name, seed in (("org/first-model", 10), ("org/second-model", 11)):
+        hub_env.add_repo(name, {"config.json": b"{}", "model.safetensors": random_bytes(size, seed)})
+    hub_env.faults.throttle(1024 * 1024, "model.safetensors")
+    first = client.submit("org/first-model", None, "", api_name="/download_start")
+    deadline = time.monotonic() + 60
+    while not any("download-progress-live" in out[0] for out in first.outputs()):
+        assert time.monotonic() < deadline and not first.done(), first.outputs()
+        time.sleep(0.1)
+    second = client.submit("org/second-model", None, "", api_name="/download_start")
+    while not any("download-progress-live" in out[0] for out in second.outputs()):
+        assert time.monotonic() < deadline and not second.done(), second.outputs()
+        time.sleep(0.1)
+    assert "Cancelling" in client.predict(api_name="/download_cancel")
+    _, status, _ = first.result(timeout=120)
+    assert "cancelled" in status.lower()
+    hub_env.faults.clear()
+    _, status, _ = second.result(timeout=120)
+    assert "downloaded and verified" in status
+    assert state.list_models() == ["org_second-model"]

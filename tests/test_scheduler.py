@@ -146,7 +146,7 @@ def test_close_ends_the_work_and_sets_its_cancel_flag():
         next(handle)
 
 
-def test_stop_all_cancels_every_run_and_counts_them_once():
+def test_stop_all_ends_every_run_and_counts_each_once():
     scheduler = Scheduler()
     running = scheduler.submit(ticks(), "a")
     next(running)
