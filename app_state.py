@@ -372,7 +372,7 @@ class AppState:
         return build(GenerationParams, base)
 
     def generate(self, prompt: Prompt, params: GenerationParams, key: str = "default") -> RunHandle:
-        """Queue a generation for `key` (who asks: a UI session, "api", "cli") and return its RunHandle at
+        """Queue a generation for `key` (who asks: a UI session, "api") and return its RunHandle at
         once; iterating it streams the events. One generation runs at a time: while this one waits for the
         model it yields QueuedEvent(ahead) each time the number ahead changes, and QueuedEvent(0) when its
         turn comes after a wait. `handle.cancel()` (or `stop(key)`) ends it within one token, or takes it

@@ -48,7 +48,7 @@ class Scheduler:
         self._line: list[_Place] = []
 
     def submit(self, work: Work, owner: str = "default") -> RunHandle:
-        """Queue `work` at the end of the line for `owner` (a UI session, "api", "cli"); returns its handle.
+        """Queue `work` at the end of the line for `owner` (a UI session, "api"); returns its handle.
         The place is taken now, so the run's position counts from this call."""
         place = _Place(owner)
         with self._cond:
