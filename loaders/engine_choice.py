@@ -17,7 +17,8 @@ from loaders.options import option
 @dataclass
 class RuntimeOptions:
     runtime: str = option("auto", "What runs the model: auto = Hearth's engine when it supports the architecture "
-                                  "(Llama, Mistral, Qwen2, SmolLM) and the device, else transformers.",
+                                  "(Llama, Mistral, Qwen2/3, Qwen-MoE, Mixtral, Gemma 2/3, Phi-3/4) and the device, else "
+                                  "transformers.",
                           choices=["auto", "engine", "transformers"])
     gpu_split: str = option("", "Engine only: GB to use on each GPU, e.g. 20,24, to spread layers over several "
                                 "GPUs; empty = one GPU.")
