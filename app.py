@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from loaders.options import OptionSpec, specs
+from core.options import OptionSpec, specs
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -149,7 +149,7 @@ def cmd_generate(args) -> int:
 
 def inspect_model(state, name: str) -> dict:
     """What Hearth would do with model `name`, without loading its weights."""
-    from loaders.folder import read_json
+    from core.folder import read_json
     from loaders.metadata import context_length_of
 
     folder = state.model_dir(name)
@@ -209,7 +209,7 @@ def cmd_download(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from loaders.folder import reading_once
+    from core.folder import reading_once
 
     state = make_state(args)
     with reading_once():   # detection, settings and template each ask for the same files: read them once
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from app_settings import SettingsError
     from loaders.base import LoadError
-    from loaders.options import OptionError
+    from core.options import OptionError
 
     try:
         return COMMANDS[args.verb](args)

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from engine.sampling import GenerationParams
-from loaders.options import OptionError, build
+from core.options import OptionError, build
 from web.guard import normalize_host, normalize_origin
 
 APP_ROOT = Path(__file__).resolve().parent

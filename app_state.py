@@ -23,11 +23,11 @@ from engine.sampling import GenerationParams
 from loaded_model import LoadedModel
 from loaders.awq_loader import AWQLoader
 from loaders.base import Detection, LoaderRegistry, LoadError, Progress, no_progress
-from loaders.folder import reading_once
+from core.folder import reading_once
 from loaders.gguf_loader import GGUFLoader
 from loaders.gptq_loader import GPTQLoader
 from loaders.model_settings import effective_settings, loader_options_to_apply, with_chosen_options
-from loaders.options import OptionError, build
+from core.options import OptionError, build
 from loaders.remote_loader import RemoteLoader
 from loaders.settings_store import SettingsStore
 from loaders.transformers_loader import TransformersLoader

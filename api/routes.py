@@ -18,7 +18,7 @@ from engine.generation import DoneEvent, StatsEvent, TextEvent
 from engine.model import Prompt
 from engine.sampling import GenerationParams
 from loaders.base import LoadError
-from loaders.options import OptionError
+from core.options import OptionError
 from web.guard import OriginPolicy, guard_middleware
 
 # Load options that make a model folder run code on this machine (only an admin may set them over the API).

@@ -14,7 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from api.errors import ApiError
 from engine.sampling import GenerationParams
-from loaders.options import specs
+from core.options import specs
 
 SAMPLER_FIELDS = {s.name for s in specs(GenerationParams)} - {"max_new_tokens"}
 MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")   # OpenAI's names for max_new_tokens

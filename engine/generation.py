@@ -14,7 +14,7 @@ from typing import Iterator, Protocol, Sequence, Union
 import torch
 
 from engine.sampling import GenerationParams, Sampler
-from prompts.stopping import IncrementalDecoder, StopStringFilter
+from engine.stopping import IncrementalDecoder, StopStringFilter
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loaders.options import option, validate
+from core.options import option, validate
 
 
 @dataclass

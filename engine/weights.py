@@ -2,7 +2,7 @@
 other tensor source that names its tensors the Hugging Face way (a GGUF file, repacked by the loader).
 
 The weight format is read per linear layer from its tensor names (`.weight` dense, `.qweight` quantized),
-with the quantization settings from the folder's config (loaders.quant.formats.read_quant_spec); a source
+with the quantization settings from the folder's config (core.quant_formats.read_quant_spec); a source
 may also hand out a `.weight` that is already a QuantWeight. q/k/v and gate/up are fused into one matrix
 each when they are stored alike. Layers can be spread across GPUs.
 """
@@ -19,8 +19,8 @@ from engine.llama import ModelArgs, Rotary, Transformer
 from engine.moe import MoEFeedForward
 from engine.quant_linear import (QuantWeight, RescoredHead, exact_int4,
                                  make_quant_linear)
-from loaders.quant.formats import LAYER_PARTS, PACKED_NAMES, QuantSpec, read_quant_spec, read_quant_weight
-from loaders.safetensors_index import CheckpointTensors
+from core.quant_formats import LAYER_PARTS, PACKED_NAMES, QuantSpec, read_quant_spec, read_quant_weight
+from core.safetensors_index import CheckpointTensors
 
 Progress = Callable[[float, str], None]
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from core.errors import LoadError  # the loader contract's error; it lives in core so every layer can raise it
 from engine.model import Model
 
 # progress(fraction 0..1, message)
@@ -19,10 +20,6 @@ Progress = Callable[[float, str], None]
 
 def no_progress(fraction: float, message: str) -> None:
     pass
-
-
-class LoadError(RuntimeError):
-    """A model folder could not be loaded; the message is one sentence a user can act on."""
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,7 @@ class Detection:
 class Loader(Protocol):
     name: str
     description: str
-    options_type: type     # a dataclass declared with loaders.options.option
+    options_type: type     # a dataclass declared with core.options.option
     # False for loaders that reach their model elsewhere (an OpenAI-compatible endpoint): no folder to pick.
     # Read with getattr(..., True), so loaders that read folders may leave it out.
     uses_model_folder: bool

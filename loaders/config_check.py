@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from loaders.base import LoadError
-from loaders.folder import read_json
-from loaders.safetensors_index import TensorInfo, tensor_index
+from core.folder import read_json
+from core.safetensors_index import TensorInfo, tensor_index
 
 # config.json spells each size differently per architecture; the first key present is the one read.
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from loaders.base import LoadError, Progress
-from loaders.options import option
+from core.options import option
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.quant_linear import QuantWeight
+from core.quant_weight import QuantWeight
 from loaders.base import LoadError
 from loaders.gguf_header import GGUFHeader, read_model_header, split_parts
 from loaders.gguf_repack import BLOCK_TYPES, ENGINE_TYPES, FLOAT_TYPES, repack

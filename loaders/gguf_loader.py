@@ -17,11 +17,11 @@ import torch
 
 from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.engine_choice import RuntimeOptions
-from loaders.folder import require_dir, safetensors_files
+from core.folder import require_dir, safetensors_files
 from loaders.gguf_checkpoint import engine_refusal, type_counts
 from loaders.gguf_header import model_files, read_model_header, split_parts
 from loaders.gguf_repack import BLOCK_TYPES
-from loaders.options import option
+from core.options import option
 from loaders.transformers_loader import TransformersModel
 
 # ggml file types (general.file_type) that people recognise by name.

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from engine.quant_linear import QuantWeight
+from core.quant_weight import QuantWeight
 
 QK_K = 256                          # values in a K-quant super-block
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loaders.folder import read_json
+from core.folder import read_json
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 # generation_config.json keys that map onto Hearth's sampler options (engine.sampling.GenerationParams).

@@ -13,7 +13,7 @@ from typing import Any
 from engine.sampling import GenerationParams
 from loaders.base import Detection, LoaderRegistry
 from loaders.metadata import ModelMetadata, read_metadata
-from loaders.options import specs
+from core.options import specs
 from loaders.settings_store import FILE_NAME, Effective, pick
 
 SAVED = f"saved ({FILE_NAME})"

@@ -24,7 +24,7 @@ from engine.generation import DoneEvent, GenerationEvent, StatsEvent, TextEvent
 from engine.model import Model, Prompt
 from engine.sampling import GenerationParams
 from loaders.base import Detection, LoadError, Progress, no_progress
-from loaders.options import option
+from core.options import option
 
 FALLBACK_CONTEXT = 4096
 # Samplers outside OpenAI's list that vLLM, llama.cpp's server and Hearth accept as extra request fields.

@@ -19,8 +19,8 @@ from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.engine_choice import RuntimeOptions, load_on_engine
 from loaders.config_check import check_model
 from loaders.metadata import context_choice
-from loaders.folder import pickle_files, read_json, require_dir, safetensors_files
-from loaders.options import option
+from core.folder import pickle_files, read_json, require_dir, safetensors_files
+from core.options import option
 
 QUANTIZATION_FILES = ("quantize_config.json", "quant_config.json")
 

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from engine.sampling import GenerationParams
-from loaders.options import OptionError, coerce, specs
+from core.options import OptionError, coerce, specs
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = APP_ROOT / "presets"

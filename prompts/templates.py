@@ -9,7 +9,7 @@ Resolution order (the first that applies wins, and its name is reported as the t
 Built-in templates are text-generation-webui instruction-template files (`instruction_template: |-`).
 
 A model's template is resolved once per load (loaded_model.LoadedModel), not per message; the files read
-here go through loaders.folder, so inside a load each is read once however many steps ask for it.
+here go through core.folder, so inside a load each is read once however many steps ask for it.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from loaders.base import LoadError
-from loaders.folder import read_json, read_text
+from core.folder import read_json, read_text
 from loaders.gguf_header import gguf_chat_template
 from prompts.card_template import template_from_card
 from prompts.front_matter import FrontMatterError

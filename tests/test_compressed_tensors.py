@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from engine.weights import load_transformer
 from loaders.base import LoadError
 from loaders.gptq_loader import GPTQLoader
-from loaders.quant.compressed_tensors import read_compressed_weight
-from loaders.quant.formats import read_quant_spec
+from core.compressed_tensors import read_compressed_weight
+from core.quant_formats import read_quant_spec
 from loaders.quant.loader import QuantOptions
 from tests.quant_fixtures import gptq_tensors, quantize_weight, read_state_dict, write_word_tokenizer
 from tests.test_families import engine_logits, hf_logits, prompt, save_family

@@ -6,7 +6,7 @@ import pytest
 from gradio_client import Client
 
 from app_state import default_registry
-from loaders.options import specs
+from core.options import specs
 from loaders.settings_store import SettingsStore
 from tests.conftest import start_app
 from tests.quant_fixtures import tiny_llama_dir

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import pytest
 
 from engine.sampling import GenerationParams
-from loaders.options import OptionError, build, option, specs, to_dict
+from core.options import OptionError, build, option, specs, to_dict
 
 
 @dataclass

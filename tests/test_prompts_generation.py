@@ -9,7 +9,7 @@ from engine.sampling import GenerationParams
 from prompts import chat_session
 from prompts.sandbox import TemplateRenderError, render_template
 from prompts.stop_strings import derive_stop_strings
-from prompts.stopping import StopStringFilter
+from engine.stopping import StopStringFilter
 from prompts.library import load_library
 from prompts.truncation import fit_messages
 

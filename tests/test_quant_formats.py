@@ -9,7 +9,7 @@ import torch
 
 from loaders.base import LoadError
 from engine.quant_linear import DequantLinear, Int4Linear, make_quant_linear
-from loaders.quant.formats import QuantSpec, read_quant_spec, read_quant_weight, unpack_gptq
+from core.quant_formats import QuantSpec, read_quant_spec, read_quant_weight, unpack_gptq
 from tests.quant_fixtures import (awq_gemv_tensors, awq_tensors, gptq_tensors, pack_bit_stream,
                                   quantize_weight)
 

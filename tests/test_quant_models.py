@@ -9,7 +9,7 @@ from engine.generation import DoneEvent
 from loaders.awq_loader import AWQLoader
 from loaders.gptq_loader import GPTQLoader
 from loaders.quant.build import load_quantized
-from loaders.quant.formats import read_quant_spec
+from core.quant_formats import read_quant_spec
 from engine.quant_linear import DequantLinear, Int4Linear
 from loaders.quant.loader import QuantOptions
 from tests.conftest import make_state

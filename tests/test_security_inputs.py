@@ -15,7 +15,7 @@ from gradio_client import Client
 from api.server import ApiConfig, ApiServer
 from app_settings import SettingsError, load_settings
 from engine.sampling import GenerationParams
-from loaders.options import OptionError, build, specs
+from core.options import OptionError, build, specs
 from prompts.presets import load_presets, save_preset
 from tests.conftest import DEFAULT_MODEL, REPO, free_port
 

@@ -6,7 +6,7 @@ import gradio as gr
 
 from engine.sampling import GenerationParams
 from loaders.base import LoadError
-from loaders.options import OptionError
+from core.options import OptionError
 from prompts import chat_session
 from prompts.conversations import ConversationStore
 from prompts.presets import PRESETS_DIR, load_presets, save_preset

@@ -9,7 +9,7 @@ import gradio as gr
 
 from loaders.base import LoadError
 from loaders.model_settings import describe_sources, settings_to_save
-from loaders.options import OptionError
+from core.options import OptionError
 from ui.widgets import values_from, widgets_for
 
 

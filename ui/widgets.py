@@ -1,11 +1,11 @@
-"""Gradio widgets built from option declarations (loaders.options), so no parameter is listed twice."""
+"""Gradio widgets built from option declarations (core.options), so no parameter is listed twice."""
 from __future__ import annotations
 
 from typing import Any
 
 import gradio as gr
 
-from loaders.options import OptionSpec, specs
+from core.options import OptionSpec, specs
 
 
 def widget_for(spec: OptionSpec, value: Any = None, elem_prefix: str = "") -> gr.components.Component:

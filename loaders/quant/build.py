@@ -15,8 +15,8 @@ from torch import nn
 
 from loaders.base import LoadError, Progress, no_progress
 from engine.quant_linear import DequantLinear, make_quant_linear
-from loaders.quant.formats import LAYER_PARTS, QuantSpec, read_quant_weight
-from loaders.safetensors_index import CheckpointTensors, quantized_prefixes
+from core.quant_formats import LAYER_PARTS, QuantSpec, read_quant_weight
+from core.safetensors_index import CheckpointTensors, quantized_prefixes
 
 KERNELS = ("dequantize", "int4")
 

@@ -9,13 +9,13 @@ import torch
 from engine.quant_linear import DequantLinear, Int4Linear
 from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.engine_choice import RuntimeOptions, load_on_engine
-from loaders.folder import read_json, require_dir
+from core.folder import read_json, require_dir
 from loaders.config_check import check_model
 from loaders.metadata import context_choice
-from loaders.options import option
+from core.options import option
 from loaders.quant.build import KERNELS, load_quantized
-from loaders.quant.formats import QuantSpec, read_quant_spec
-from loaders.safetensors_index import quantized_prefixes, tensor_index
+from core.quant_formats import QuantSpec, read_quant_spec
+from core.safetensors_index import quantized_prefixes, tensor_index
 from loaders.transformers_loader import TransformersModel, eos_ids, load_tokenizer
 
 

@@ -10,8 +10,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from loaders.base import LoadError
-from loaders.folder import read_json, safetensors_files
+from core.errors import LoadError
+from core.folder import read_json, safetensors_files
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the safetensors spec's own limit
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from engine.quant_linear import QuantWeight
-from loaders.base import LoadError
-from loaders.folder import read_json
-from loaders.quant import compressed_tensors
+from core import compressed_tensors
+from core.errors import LoadError
+from core.folder import read_json
+from core.quant_weight import QuantWeight
 
 GPTQ_BITS = (2, 3, 4, 8)
 # A quantized layer's tensors: GPTQ/AWQ (AWQ: no g_idx), then compressed-tensors' pack-quantized ones.

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.quant_linear import QuantWeight
-from loaders.base import LoadError
+from core.quant_weight import QuantWeight
+from core.errors import LoadError
 
 PARTS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
 BITS = (4, 8)
