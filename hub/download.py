@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 from urllib.parse import quote
 
+from core.atomic import write_atomic
 from hub.errors import (TOKEN_HINT, DiskSpaceError, DownloadCancelled, EntryNotFound, GatedRepo, HubError,
                         NetworkError, RepoNotFound, RevisionNotFound, SizeMismatch, UnsafePath, UnstorableName,
                         VerifyError)
@@ -387,9 +388,7 @@ def _prepare_partial_dir(plan: DownloadPlan) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- transfer

@@ -19,15 +19,13 @@ deleted and downloaded again from another repo, so an entry saved for one repo i
 that now holds another (it is reported instead). Entries without them (older or hand-written ones, folders
 copied in by the user) apply to the folder of that name, as in text-generation-webui.
 
-Writes are atomic (temp file + os.replace). A malformed file never stops the app: it is copied to
+Writes are atomic and private (core.atomic). A malformed file never stops the app: it is copied to
 `config-user.yaml.bad-<timestamp>`, reported through `problems`, and treated as empty.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from core.atomic import write_atomic
 
 FILE_NAME = "config-user.yaml"
 # What one model's entry may hold; anything else is reported and ignored, never silently kept.
@@ -166,17 +166,7 @@ class SettingsStore:
     def _write(self, entries: dict[str, dict[str, Any]]) -> None:
         data = {entry_key(n): entries[n] for n in sorted(entries)}
         text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{FILE_NAME}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.path, text)
 
 
 def _label(source: dict[str, str]) -> str:

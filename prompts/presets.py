@@ -5,17 +5,16 @@ files they already have. A malformed file is reported and skipped; it never stop
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from engine.sampling import GenerationParams
+from core.atomic import write_atomic
 from core.options import OptionError, coerce, specs
+from engine.sampling import GenerationParams
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = APP_ROOT / "presets"
@@ -97,20 +96,3 @@ def save_preset(folder: Path, name: str, values: dict[str, Any]) -> Path:
     except FileExistsError:
         raise ValueError(f"a preset named {name!r} already exists; choose another name") from None
     return target
-
-
-def write_atomic(path: Path, text: str, replace: bool = True) -> None:
-    """Write to a temporary file in the same folder, then move it into place: readers never see half a file.
-    With replace=False the move is a hard link, which fails (FileExistsError) if `path` appeared meanwhile."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
