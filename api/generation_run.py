@@ -13,7 +13,7 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
-from engine.generation import DoneEvent, GenerationEvent
+from engine.generation import DoneEvent, GenerationEvent, QueuedEvent
 from engine.sampling import GenerationParams
 from prompts.chat import Prompt
 
@@ -40,8 +40,10 @@ class GenerationRun:
         finally:
             post(_END)
 
-    async def events(self, request: Request) -> AsyncIterator[GenerationEvent]:
-        """The generation's events; a client disconnect (seen while streaming or waiting) cancels the run."""
+    async def events(self, request: Request, heartbeat: float | None = None) -> AsyncIterator[GenerationEvent]:
+        """The generation's events; a client disconnect (seen while streaming or waiting) cancels the run.
+        With `heartbeat`, a run still waiting in line repeats its last QueuedEvent every `heartbeat` seconds:
+        the scheduler reports only changes, and a stream must show life or clients with read timeouts quit."""
         try:
             handle = self.state.generate(self.prompt, self.params, "api")
         except Exception as exc:  # e.g. the model was unloaded between the request's checks and now
@@ -52,8 +54,20 @@ class GenerationRun:
         threading.Thread(target=self._produce, args=(handle, loop, queue), daemon=True,
                          name="hearth-api-generation").start()
         watcher = asyncio.create_task(self._cancel_on_disconnect(request, handle))
+        waiting: QueuedEvent | None = None   # the last report while the run waits in line
         try:
-            while (item := await queue.get()) is not _END:
+            while True:
+                if waiting is not None and heartbeat:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), heartbeat)
+                    except asyncio.TimeoutError:
+                        yield waiting
+                        continue
+                else:
+                    item = await queue.get()
+                if item is _END:
+                    break
+                waiting = item if isinstance(item, QueuedEvent) and item.ahead else None
                 yield item
         finally:
             watcher.cancel()

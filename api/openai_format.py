@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.generation import DoneEvent, StatsEvent
+from engine.generation import DoneEvent
 
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "cancelled": "stop", "max_tokens": "length"}
 
@@ -40,21 +40,20 @@ class Reply:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None}
 
-    def usage(self, stats: StatsEvent | None) -> dict:
-        completion = stats.new_tokens if stats is not None else 0
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
 
     # ---- streaming ------------------------------------------------------------------------------------
     def chunk(self, text: str | None, finish: str | None = None, first: bool = False,
-              stop_reason: str | None = None) -> dict:
+              stop_reason: str | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
         if self.kind == "chat":
             delta: dict = {"role": "assistant", "content": text or ""} if first else \
                 ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             body = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             body = {**self._head("text_completion"), "choices": [choice]}
         if finish is not None and stop_reason is not None:
             choice["stop_reason"] = stop_reason   # vLLM's field: which stop string ended the reply
@@ -62,22 +61,24 @@ class Reply:
             body["usage"] = None   # OpenAI: null on every chunk but the last
         return body
 
-    def usage_chunk(self, stats: StatsEvent | None) -> dict:
+    def usage_chunk(self, completion_tokens: int) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": self.usage(stats)}
+        return {**self._head(obj), "choices": [], "usage": self.usage(completion_tokens)}
 
     # ---- whole responses ------------------------------------------------------------------------------
-    def response(self, text: str, done: DoneEvent, stats: StatsEvent | None) -> dict:
+    def choice(self, index: int, text: str, done: DoneEvent, logprobs: dict | None = None) -> dict:
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": None, "finish_reason": finish_reason(done)}
-            body = self._head("chat.completion")
+            choice = {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
+                      "logprobs": logprobs, "finish_reason": finish_reason(done)}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(done)}
-            body = self._head("text_completion")
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(done)}
         if done.stop_string is not None:
             choice["stop_reason"] = done.stop_string
-        return {**body, "choices": [choice], "usage": self.usage(stats)}
+        return choice
+
+    def response(self, choices: list[dict], completion_tokens: int) -> dict:
+        body = self._head("chat.completion" if self.kind == "chat" else "text_completion")
+        return {**body, "choices": choices, "usage": self.usage(completion_tokens)}
 
 
 def model_card(model, created: int) -> dict:

@@ -1,7 +1,9 @@
 """The FastAPI app: OpenAI's /v1 routes plus Hearth's /v1/internal extras, all over one AppState."""
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,55 +13,85 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import KeyCheck
 from api.errors import ApiError, install_error_handlers, refusal
 from api.generation_run import GenerationRun
+from api.dialect import MAX_CHOICES, adjust_prompt, refuse_unsupported, token_controls, with_controls
+from api.logprobs import CompletionLogprobs, chat_logprobs, token_text
 from api.openai_format import SSE_DONE, Reply, finish_reason, model_card, sse
-from api.schemas import (ChatCompletionRequest, CompletionRequest, LoadModelRequest, TokenCountRequest,
-                         body_limit, parse, read_json, require_json_type, requested_max_tokens, sampler_values)
-from engine.generation import DoneEvent, StatsEvent, TextEvent
+from api.schemas import (ChatCompletionRequest, CompletionRequest, DecodeRequest, EncodeRequest, LoadModelRequest,
+                         LogitsRequest, TokenCountRequest, body_limit, parse, read_json, require_json_type,
+                         requested_max_tokens, sampler_values)
+from engine.generation import DoneEvent, QueuedEvent, StatsEvent, TextEvent, TokenEvent
 from engine.model import Prompt
-from engine.sampling import GenerationParams
+from engine.sampling import GenerationParams, TokenControls
 from loaders.base import LoadError
-from core.options import OptionError
+from core.options import OptionError, specs
 from web.guard import OriginPolicy, guard_middleware
 
 # Load options that make a model folder run code on this machine (only an admin may set them over the API).
 CODE_RUNNING_OPTIONS = ("trust_remote_code", "allow_pickle")
+QUEUE_HEARTBEAT_S = 3.0   # how often a stream waiting in line says so (as an SSE comment)
 
 
-def loaded_model(state, requested: str):
-    """The loaded model when `requested` names it; the errors say what is loaded and how to change it."""
+def loaded_model(state, requested: str | None):
+    """The loaded model when `requested` names it or is None (text-generation-webui's clients send no model);
+    the errors say what is loaded and how to change it."""
     model = state.model
     if model is None:
         raise ApiError(400, "no model is loaded: load one on the Model tab or with POST /v1/internal/model/load",
                        param="model", code="model_not_loaded")
-    if requested != model.name:
+    if requested is not None and requested != model.name:
         raise ApiError(404, f"the model {requested!r} does not exist or is not loaded; this server has "
                             f"{model.name!r} loaded (see GET /v1/models)", param="model", code="model_not_found")
     return model
 
 
-def generation_params(state, model, prompt: Prompt, data: dict) -> GenerationParams:
-    """The request's samplers over the app defaults, with max_tokens bounded by what the context has left."""
+def sampler_params(state, data: dict, **overrides) -> GenerationParams:
+    """The request's samplers over the app defaults; a value out of bounds is a 400 naming its field."""
+    try:
+        return state.generation_params(**{**sampler_values(data), **overrides})
+    except OptionError as exc:
+        message = str(exc)
+        if exc.option is not None:   # the option's label is for people; the client sent the field's name
+            label = next(s.label for s in specs(GenerationParams) if s.name == exc.option)
+            message = message.replace(label, exc.option, 1)
+        raise ApiError(400, message, param=exc.option, code="invalid_value") from None
+
+
+def plan(state, model, prompt: Prompt, data: dict, controls: dict, allow_zero: bool = False) \
+        -> tuple[Prompt, GenerationParams]:
+    """The prompt as the dialect fields shape it, and the params: max_tokens bounded by what the context has
+    left, the token-level controls on top."""
+    requested = requested_max_tokens(data, allow_zero)
+    prompt = adjust_prompt(prompt, model, data,
+                           requested if requested is not None else state.generation_params().max_new_tokens)
     n_prompt, context = prompt.n_tokens, model.context_length
     if n_prompt >= context:
         raise ApiError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
                             f"{n_prompt} tokens: shorten the messages or the prompt",
                        param="messages" if "messages" in data else "prompt", code="context_length_exceeded")
-    max_tokens = requested_max_tokens(data)
-    if max_tokens is not None and n_prompt + max_tokens > context:
-        raise ApiError(400, f"this model's maximum context length is {context} tokens, but {n_prompt + max_tokens}"
-                            f" were requested ({n_prompt} in the prompt, {max_tokens} for the completion): lower "
+    if requested is not None and n_prompt + requested > context:
+        raise ApiError(400, f"this model's maximum context length is {context} tokens, but {n_prompt + requested}"
+                            f" were requested ({n_prompt} in the prompt, {requested} for the completion): lower "
                             "max_tokens or shorten the prompt", param="max_tokens", code="context_length_exceeded")
-    if max_tokens is None:
-        max_tokens = min(state.generation_params().max_new_tokens, context - n_prompt)
-    try:
-        return state.generation_params(**sampler_values(data), max_new_tokens=max_tokens)
-    except OptionError as exc:
-        raise ApiError(400, str(exc), code="invalid_value") from None
+    if requested == 0:   # echo with max_tokens 0: score the prompt, generate nothing
+        controls = {**controls, "score_only": True}
+        requested = 1
+    max_tokens = requested if requested is not None else \
+        min(state.generation_params().max_new_tokens, context - n_prompt)
+    return prompt, with_controls(sampler_params(state, data, max_new_tokens=max_tokens), controls)
 
 
-def _check_single_choice(req) -> None:
-    if req.n != 1:
-        raise ApiError(400, "only n=1 is supported (one loaded model generates one reply at a time)", param="n")
+def _choices(req) -> int:
+    if not 1 <= req.n <= MAX_CHOICES:
+        raise ApiError(400, f"n must be from 1 to {MAX_CHOICES} (choices are generated one after another)",
+                       param="n", code="invalid_value")
+    return req.n
+
+
+def _seeded(params: GenerationParams, index: int) -> GenerationParams:
+    """The params of choice `index`: a fixed seed moves on per choice, so n choices differ but reproduce."""
+    if index == 0 or params.seed < 0:
+        return params
+    return replace(params, seed=(params.seed + index) % 2**63)
 
 
 async def _render(render, *args) -> Prompt:
@@ -70,44 +102,88 @@ async def _render(render, *args) -> Prompt:
         raise ApiError(400, str(exc), code="invalid_prompt") from None
 
 
-async def _respond(request: Request, state, prompt: Prompt, params: GenerationParams, reply: Reply,
-                   stream: bool, echo: str = "") -> Any:
-    run = GenerationRun(state, prompt, params)
+class _Logprobs:
+    """One choice's logprobs in the reply's shape; None throughout when the request asked for none."""
+
+    def __init__(self, reply: Reply, model, params: GenerationParams):
+        self.kind = reply.kind
+        self.wanted = isinstance(params, TokenControls) and params.logprobs is not None
+        self.tokenizer = model.tokenizer
+        self.completion = CompletionLogprobs(model.tokenizer) if self.wanted else None
+
+    def block(self, events: list[TokenEvent]) -> dict | None:
+        if not self.wanted:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(self.tokenizer, events)
+        return self.completion.block(events)
+
+
+async def _respond(request: Request, state, model, prompt: Prompt, params: GenerationParams, reply: Reply,
+                   stream: bool, n: int = 1, echo: str = "") -> Any:
     if stream:
-        return StreamingResponse(_stream(request, run, reply, echo), media_type="text/event-stream",
+        return StreamingResponse(_stream(request, state, model, prompt, params, reply, n, echo),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    done: DoneEvent | None = None
-    stats: StatsEvent | None = None
-    async for event in run.events(request):
-        if isinstance(event, StatsEvent):
-            stats = event
-        elif isinstance(event, DoneEvent):
-            done = event
-    assert done is not None, "a generation always ends with a DoneEvent"
-    if done.reason == "error":
-        raise ApiError(500, f"generation failed: {done.error}", code="generation_error")
-    return JSONResponse(reply.response(echo + done.text, done, stats))
+    choices, used = [], 0
+    for index in range(n):   # one after another: the one model generates one reply at a time
+        tokens: list[TokenEvent] = []
+        done: DoneEvent | None = None
+        async for event in GenerationRun(state, prompt, _seeded(params, index)).events(request):
+            if isinstance(event, TokenEvent):
+                tokens.append(event)
+            elif isinstance(event, StatsEvent):
+                used += event.new_tokens
+            elif isinstance(event, DoneEvent):
+                done = event
+        assert done is not None, "a generation always ends with a DoneEvent"
+        if done.reason == "error":
+            raise ApiError(500, f"generation failed: {done.error}", code="generation_error")
+        choices.append(reply.choice(index, echo + done.text, done, _Logprobs(reply, model, params).block(tokens)))
+    return JSONResponse(reply.response(choices, used))
 
 
-async def _stream(request: Request, run: GenerationRun, reply: Reply, echo: str):
-    if reply.kind == "chat":
-        yield sse(reply.chunk(None, first=True))   # OpenAI opens a chat stream with the role
-    if echo:
-        yield sse(reply.chunk(echo))
-    stats: StatsEvent | None = None
-    async for event in run.events(request):
-        if isinstance(event, TextEvent):
-            yield sse(reply.chunk(event.text))
-        elif isinstance(event, StatsEvent):
-            stats = event
-        elif isinstance(event, DoneEvent):
-            if event.reason == "error":
-                # The openai client raises APIError on a data line carrying "error".
-                yield sse(ApiError(500, f"generation failed: {event.error}", code="generation_error").body())
-                return
-            yield sse(reply.chunk(None, finish_reason(event), stop_reason=event.stop_string))
+async def _stream(request: Request, state, model, prompt: Prompt, params: GenerationParams, reply: Reply,
+                  n: int, echo: str):
+    used = 0
+    for index in range(n):
+        logprobs = _Logprobs(reply, model, params)
+        if reply.kind == "chat":
+            yield sse(reply.chunk(None, first=True, index=index))   # OpenAI opens a chat stream with the role
+        # With prompt logprobs the echo waits for the prompt's scores, which come first from the run.
+        unsent_echo = echo
+        if echo and not logprobs.wanted:
+            yield sse(reply.chunk(echo, index=index))
+            unsent_echo = ""
+        pending: list[TokenEvent] = []
+        async for event in GenerationRun(state, prompt, _seeded(params, index)).events(request, QUEUE_HEARTBEAT_S):
+            if isinstance(event, QueuedEvent):
+                if event.ahead:   # an SSE comment: clients skip it, but their read timeouts see life
+                    yield f": queued, {event.ahead} ahead\n\n"
+                continue
+            if isinstance(event, TokenEvent):
+                pending.append(event)
+                if event.prompt:
+                    continue
+            if unsent_echo:
+                prompt_tokens = [e for e in pending if e.prompt]
+                pending = [e for e in pending if not e.prompt]
+                yield sse(reply.chunk(unsent_echo, index=index, logprobs=logprobs.block(prompt_tokens)))
+                unsent_echo = ""
+            if isinstance(event, TextEvent):
+                yield sse(reply.chunk(event.text, index=index, logprobs=logprobs.block(pending) if pending else None))
+                pending = []
+            elif isinstance(event, StatsEvent):
+                used += event.new_tokens
+            elif isinstance(event, DoneEvent):
+                if event.reason == "error":
+                    # The openai client raises APIError on a data line carrying "error".
+                    yield sse(ApiError(500, f"generation failed: {event.error}", code="generation_error").body())
+                    return
+                yield sse(reply.chunk(None, finish_reason(event), stop_reason=event.stop_string, index=index,
+                                      logprobs=logprobs.block(pending) if pending else None))
     if reply.include_usage:
-        yield sse(reply.usage_chunk(stats))
+        yield sse(reply.usage_chunk(used))
     yield SSE_DONE
 
 
@@ -139,8 +215,10 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
         await keys.require_user(request)
         data = await read_json(request, body_limit(context_length()))
         req = parse(schema, data)
-        _check_single_choice(req)
-        return data, req, loaded_model(state, req.model)
+        _choices(req)
+        model = loaded_model(state, req.model)
+        refuse_unsupported(data)
+        return data, req, model
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -150,13 +228,17 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
             prompt = await _render(state.continue_prompt, messages)
         else:
             prompt = await _render(state.chat_prompt, messages)
-        params = generation_params(state, model, prompt, data)
+        prompt, params = plan(state, model, prompt, data, token_controls(data, "chat", model))
         reply = Reply("chat", model.name, prompt.n_tokens, req.include_usage)
-        return await _respond(request, state, prompt, params, reply, req.stream)
+        return await _respond(request, state, model, prompt, params, reply, req.stream, req.n)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         data, req, model = await accepted(request, CompletionRequest)
+        if req.suffix:
+            raise ApiError(400, "suffix: the loaded model's template has no fill-in-the-middle, so Hearth cannot "
+                                "write text between a prompt and a suffix; leave suffix out",
+                           param="suffix", code="unsupported_parameter")
         if isinstance(req.prompt, list) and req.prompt and all(isinstance(t, int) for t in req.prompt):
             ids = list(req.prompt)   # token ids, as vLLM and OpenAI accept them
             if not model.counts_tokens_locally:
@@ -175,9 +257,9 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
                 raise ApiError(400, "prompt is empty: send the text to continue", param="prompt",
                                code="invalid_prompt")
             prompt = await _render(state.raw_prompt, texts[0])
-        params = generation_params(state, model, prompt, data)
+        prompt, params = plan(state, model, prompt, data, token_controls(data, "text", model), allow_zero=req.echo)
         reply = Reply("text", model.name, prompt.n_tokens, req.include_usage)
-        return await _respond(request, state, prompt, params, reply, req.stream,
+        return await _respond(request, state, model, prompt, params, reply, req.stream, req.n,
                               echo=prompt.text if req.echo else "")
 
     @app.get("/v1/models")
@@ -211,6 +293,69 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
         else:
             prompt = await _render(state.raw_prompt, req.text)
         return {"length": prompt.n_tokens, "context_length": state.model.context_length}
+
+    # ---- text-generation-webui's internal routes (SillyTavern calls them in its default mode) --------------
+    def local_tokenizer(what: str):
+        model = loaded_model(state, None)
+        if not model.counts_tokens_locally:
+            raise ApiError(400, f"the loaded model runs on another server, so Hearth has no tokenizer to {what} "
+                                "with", code="unsupported_parameter")
+        return model
+
+    @app.post("/v1/internal/encode")
+    async def encode(request: Request):
+        await keys.require_user(request)
+        req = parse(EncodeRequest, await read_json(request, body_limit(context_length())))
+        local_tokenizer("encode")
+        # As a raw prompt is tokenized for generation (BOS included where the tokenizer adds one), so the
+        # count a client makes here is the count the model sees.
+        ids = (await _render(state.raw_prompt, req.text)).ids if req.text else []
+        return {"tokens": ids, "length": len(ids)}
+
+    @app.post("/v1/internal/decode")
+    async def decode(request: Request):
+        await keys.require_user(request)
+        req = parse(DecodeRequest, await read_json(request, body_limit(context_length())))
+        model = local_tokenizer("decode")
+        vocab = len(model.tokenizer)
+        if not all(0 <= t < vocab for t in req.tokens):
+            raise ApiError(400, f"tokens must be ids from 0 to {vocab - 1}", param="tokens", code="invalid_value")
+        return {"text": model.tokenizer.decode(req.tokens, skip_special_tokens=False)}
+
+    @app.post("/v1/internal/logits")
+    async def logits(request: Request):
+        """The next token's likeliest choices after a raw prompt, as {token: probability}."""
+        await keys.require_user(request)
+        req = parse(LogitsRequest, await read_json(request, body_limit(context_length())))
+        if req.use_samplers:
+            raise ApiError(400, "use_samplers: Hearth reports the model's own probabilities only; send "
+                                "use_samplers: false", param="use_samplers", code="unsupported_parameter")
+        model = local_tokenizer("score")
+        if not req.prompt:
+            raise ApiError(400, "prompt is empty: send the text to continue", param="prompt", code="invalid_prompt")
+        prompt = await _render(state.raw_prompt, req.prompt)
+        if prompt.n_tokens >= model.context_length:
+            raise ApiError(400, f"the prompt ({prompt.n_tokens} tokens) does not fit this model's context "
+                                f"({model.context_length} tokens)", param="prompt", code="context_length_exceeded")
+        # One greedy token with its alternatives: they are the raw next-token distribution. EOS is banned only
+        # so that the one token is reported (bans act after the scores are taken).
+        params = with_controls(state.generation_params(max_new_tokens=1, temperature=0.0),
+                               {"logprobs": req.top_logits, "ban_eos": True})
+        top: tuple = ()
+        async for event in GenerationRun(state, prompt, params).events(request):
+            if isinstance(event, TokenEvent):
+                top = event.top
+            elif isinstance(event, DoneEvent) and event.reason == "error":
+                raise ApiError(500, f"generation failed: {event.error}", code="generation_error")
+        return {"logits": {token_text(model.tokenizer, i): math.exp(lp) for i, lp in top}}
+
+    @app.post("/v1/internal/stop-generation")
+    async def stop_generation(request: Request):
+        """Stops the API's running generation (its stream then ends with finish_reason "stop")."""
+        await keys.require_user(request)
+        require_json_type(request, body_expected=False)
+        state.stop("api")
+        return "OK"
 
     @app.get("/v1/internal/model/info")
     async def model_info(request: Request):

@@ -12,12 +12,14 @@ from typing import Annotated, Any, Literal
 from fastapi import Request
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from api.dialect import stop_strings
 from api.errors import ApiError
 from engine.sampling import GenerationParams
 from core.options import specs
 
-SAMPLER_FIELDS = {s.name for s in specs(GenerationParams)} - {"max_new_tokens"}
-MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")   # OpenAI's names for max_new_tokens
+SAMPLER_FIELDS = {s.name for s in specs(GenerationParams)} - {"max_new_tokens", "stop"}
+# OpenAI's names for max_new_tokens, and text-generation-webui's own (SillyTavern sends it)
+MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens", "max_new_tokens")
 BYTES_PER_TOKEN_BOUND = 32   # generous: real text averages ~4 bytes per token
 BODY_SLACK_BYTES = 64 * 1024  # JSON overhead and sampler fields
 MAX_JSON_DEPTH = 64           # OpenAI's bodies nest a few levels; deeper is an attack on the parser
@@ -66,7 +68,7 @@ def as_chat(messages: list[ChatMessage]) -> list[dict[str, str]]:
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
-    model: ModelName
+    model: ModelName | None = None   # None: the loaded model (text-generation-webui clients send no model)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -90,6 +92,7 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] = Field(union_mode="left_to_right")
     echo: bool = False
+    suffix: str | None = None
 
 
 class TokenCountRequest(BaseModel):
@@ -99,6 +102,23 @@ class TokenCountRequest(BaseModel):
 
     def chat_messages(self) -> list[dict[str, str]]:
         return as_chat(self.messages or [])
+
+
+class EncodeRequest(BaseModel):
+    """text-generation-webui's /v1/internal/encode (SillyTavern counts tokens with it)."""
+    text: str
+
+
+class DecodeRequest(BaseModel):
+    tokens: list[int]
+
+
+class LogitsRequest(BaseModel):
+    """text-generation-webui's /v1/internal/logits: the next token's likeliest choices for a raw prompt.
+    Clients send sampler fields along (ignored: the probabilities are the model's own)."""
+    prompt: str
+    use_samplers: bool = False
+    top_logits: int = Field(50, ge=1, le=1000)
 
 
 class LoadModelRequest(BaseModel):
@@ -184,13 +204,14 @@ def parse(model_type: type[BaseModel], data: Any) -> Any:
         raise ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
 
 
-def requested_max_tokens(data: dict) -> int | None:
-    """max_tokens / max_completion_tokens as a positive int, None when absent."""
+def requested_max_tokens(data: dict, allow_zero: bool = False) -> int | None:
+    """max_tokens / max_completion_tokens / max_new_tokens as a positive int (0 too with `allow_zero`: a
+    completion that only scores its echoed prompt), None when absent."""
     for name in MAX_TOKENS_FIELDS:
         value = data.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
             raise ApiError(400, f"{name} must be a positive integer (got {value!r})", param=name,
                            code="invalid_value")
         return value
@@ -200,7 +221,9 @@ def requested_max_tokens(data: dict) -> int | None:
 def sampler_values(data: dict) -> dict[str, Any]:
     """The request's sampler fields under GenerationParams names (unset ones are left to the defaults)."""
     values = {name: data[name] for name in SAMPLER_FIELDS if data.get(name) is not None}
-    stop = data.get("stop")
-    if isinstance(stop, str):
-        values["stop"] = [stop]
+    stops = stop_strings(data)
+    if stops is not None:
+        values["stop"] = stops
+    if data.get("do_sample") is False:   # text-generation-webui's switch for greedy decoding
+        values["temperature"] = 0.0
     return values

@@ -13,7 +13,7 @@ from typing import Iterator, Protocol, Sequence, Union
 
 import torch
 
-from engine.sampling import GenerationParams, Sampler
+from engine.sampling import GenerationParams, Sampler, TokenControls
 from engine.stopping import IncrementalDecoder, StopStringFilter
 
 
@@ -28,6 +28,18 @@ class QueuedEvent:
 class TextEvent:
     """A piece of generated text, safe to show (never part of a stop string)."""
     text: str
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One token's log-probability, yielded only when the params ask for logprobs (TokenControls), before the
+    text the token makes. logprob: the model's log-softmax for `token_id` (None for a prompt's first token,
+    which nothing predicts); top: the likeliest alternatives as (id, logprob), likeliest first; prompt: a prompt
+    token scored for echo, not a generated one. End-of-sequence tokens are not reported (they make no text)."""
+    token_id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+    prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,7 @@ class DoneEvent:
     seed: int | None = None
 
 
-GenerationEvent = Union[QueuedEvent, TextEvent, StatsEvent, DoneEvent]
+GenerationEvent = Union[QueuedEvent, TokenEvent, TextEvent, StatsEvent, DoneEvent]
 
 
 class Stepper(Protocol):
@@ -62,15 +74,50 @@ class Stepper(Protocol):
         """Append one token (0-d tensor on `device`); return logits [V] for the next position."""
 
 
+class _Scores:
+    """The log-probabilities of one position, taken before the sampler touches the logits. On a GPU they stay
+    queued on the device until `event` reads them (after the per-token sync the loop makes anyway)."""
+
+    def __init__(self, logits: torch.Tensor, token: torch.Tensor | int, k: int):
+        logp = logits.float().log_softmax(-1)
+        self.chosen = logp[token]
+        self.top = logp.topk(k) if k > 0 else None
+
+    def event(self, token_id: int, prompt: bool = False) -> TokenEvent:
+        top = () if self.top is None else tuple(zip(self.top.indices.tolist(), self.top.values.tolist()))
+        return TokenEvent(token_id, float(self.chosen), top, prompt)
+
+
+def _bias(controls: TokenControls, eos: set[int], logits: torch.Tensor) -> torch.Tensor | None:
+    """The [V] row added to every position's logits: logit_bias, and -inf on EOS when it is banned."""
+    values = dict(controls.logit_bias)
+    if controls.ban_eos:
+        values.update({token_id: float("-inf") for token_id in eos})
+    if not values:
+        return None
+    bias = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
+    bias[torch.tensor(list(values), dtype=torch.long, device=logits.device)] = torch.tensor(
+        list(values.values()), dtype=torch.float32, device=logits.device)
+    return bias
+
+
 def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: GenerationParams,
            eos_token_ids: Sequence[int], cancel: threading.Event | None = None,
            context_length: int | None = None) -> Iterator[GenerationEvent]:
-    """Generate up to `params.max_new_tokens` tokens, yielding text pieces, then stats, then done."""
+    """Generate up to `params.max_new_tokens` tokens, yielding text pieces, then stats, then done. With
+    TokenControls params it also honours their logit bias, bans and special-token choice, and yields a
+    TokenEvent per token (prompt tokens first, when asked) ahead of its text."""
+    controls = params if isinstance(params, TokenControls) else None
+    k = (controls.logprobs or 0) if controls is not None else 0
+    scoring = controls is not None and controls.logprobs is not None
+    score_prompt = scoring and controls.prompt_logprobs
+    special = set(tokenizer.all_special_ids) \
+        if controls is not None and controls.skip_special_tokens else set()
     t0 = time.perf_counter()
     decoder = IncrementalDecoder(tokenizer)
     stops = StopStringFilter(list(params.stop))
     text_parts: list[str] = []
-    max_new = params.max_new_tokens
+    max_new = 0 if controls is not None and controls.score_only else params.max_new_tokens
     if context_length:
         max_new = min(max_new, max(context_length - len(prompt_ids), 0))
     eos = set(int(i) for i in eos_token_ids)
@@ -93,7 +140,7 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
         yield DoneEvent(reason=reason, text="".join(text_parts), stop_string=stops.stopped_on, error=error,
                         seed=sampler.seed)
 
-    if max_new <= 0:
+    if max_new <= 0 and not score_prompt:
         yield from finish("max_tokens")
         return
     try:
@@ -106,9 +153,23 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
             # through pinned memory and an event, so the read waits for the sampler, not for that step.
             overlap = torch.device(stepper.device).type == "cuda"
             token_host = torch.empty((), dtype=torch.long, pin_memory=True) if overlap else None
-            logits = stepper.start(prompt_ids)
+            if score_prompt:
+                # Feed the prompt one token at a time, so each position's logits score the token that follows.
+                yield TokenEvent(int(prompt_ids[0]), None, (), prompt=True)
+                logits = stepper.start(list(prompt_ids[:1]))
+                for token_id in prompt_ids[1:]:
+                    yield _Scores(logits, int(token_id), k).event(int(token_id), prompt=True)
+                    logits = stepper.step(torch.tensor(int(token_id), dtype=torch.long, device=stepper.device))
+                if max_new <= 0:
+                    yield from finish("max_tokens")
+                    return
+            else:
+                logits = stepper.start(prompt_ids)
+            if controls is not None:
+                sampler.bias = _bias(controls, eos, logits)
             while True:
                 token = sampler(logits, history[: n_prompt + n_new])
+                scores = _Scores(logits, token, k) if scoring else None
                 history[n_prompt + n_new] = token
                 queued = overlap and n_new + 1 < max_new
                 if queued:
@@ -126,7 +187,9 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
                 if token_id in eos:
                     reason = "eos"
                     break
-                shown = stops.push(decoder.push(token_id))
+                if scores is not None:
+                    yield scores.event(token_id)
+                shown = stops.push("" if token_id in special else decoder.push(token_id))
                 if shown:
                     text_parts.append(shown)
                     yield TextEvent(shown)

@@ -9,11 +9,11 @@ truncation samplers (top_k, top_p, typical_p, min_p), then a draw.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from core.options import option, validate
+from core.options import coerce, option, specs, validate
 
 
 @dataclass
@@ -24,12 +24,15 @@ class GenerationParams:
                                 minimum=0.0, maximum=5.0, step=0.01)
     top_p: float = option(0.9, "Keep the smallest set of tokens whose probability adds up to top_p (1 = off).",
                           minimum=0.0, maximum=1.0, step=0.01)
-    top_k: int = option(20, "Keep only the k likeliest tokens (0 = off).", minimum=0, maximum=1000, step=1)
+    # -1 is vLLM's and OpenAI-compatible clients' spelling of "off"; 0 is text-generation-webui's.
+    top_k: int = option(20, "Keep only the k likeliest tokens (0 or -1 = off).", minimum=-1, maximum=1000, step=1)
     min_p: float = option(0.0, "Drop tokens less likely than min_p times the likeliest one (0 = off).",
                           minimum=0.0, maximum=1.0, step=0.01)
     typical_p: float = option(1.0, "Locally typical sampling mass (1 = off).", minimum=0.0, maximum=1.0, step=0.01)
+    # Below 1 favours repeats (vLLM and text-generation-webui allow it); 0 would divide by zero.
     repetition_penalty: float = option(1.0, "Divide positive logits (multiply negative) of tokens already seen "
-                                            "(1 = off).", minimum=1.0, maximum=3.0, step=0.01)
+                                            "(1 = off; below 1 favours repeats).", minimum=0.01, maximum=3.0,
+                                       step=0.01)
     repetition_penalty_range: int = option(1024, "How many recent tokens the repetition penalty looks at "
                                                  "(0 = all).", minimum=0, maximum=32768, step=1)
     presence_penalty: float = option(0.0, "Subtract this from the logit of every token already seen.",
@@ -43,6 +46,27 @@ class GenerationParams:
         # The bounds above hold however the params were made (presets, flags, widgets, JSON or code): a NaN
         # temperature would otherwise reach softmax and fail every later token.
         validate(self)
+
+
+@dataclass
+class TokenControls(GenerationParams):
+    """One API request's token-level controls on top of the samplers. Not options (no widget, preset key or
+    flag): they describe one request, not a way the user likes to sample. Plain GenerationParams means all off,
+    so the decode loop pays nothing for them unless asked."""
+    # Report each sampled token's log-probability and this many alternatives (None: report nothing). The
+    # values are the model's own log-softmax, before penalties, temperature and truncation (OpenAI's meaning).
+    logprobs: int | None = None
+    prompt_logprobs: bool = False     # also score every prompt token (completions' echo)
+    score_only: bool = False          # score the prompt and generate nothing (echo with max_tokens 0)
+    logit_bias: dict[int, float] = field(default_factory=dict)   # added to raw logits; -inf bans a token
+    ban_eos: bool = False             # never pick an end-of-sequence token (text-generation-webui's ban_eos_token)
+    skip_special_tokens: bool = False  # leave special tokens (role markers, EOS) out of the text
+    temperature_last: bool = False    # truncate before scaling by temperature (text-generation-webui's order)
+
+    def __post_init__(self) -> None:
+        # The samplers meet their declaration; the controls are not options (the API checks them).
+        for spec in specs(GenerationParams):
+            setattr(self, spec.name, coerce(spec, getattr(self, spec.name)))
 
 
 def _recent(history: torch.Tensor, window: int) -> torch.Tensor:
@@ -99,8 +123,11 @@ def truncate(logits: torch.Tensor, p: GenerationParams) -> torch.Tensor:
 class Sampler:
     """Picks the next token id from a logits row. Holds the seeded generator for one generation."""
 
-    def __init__(self, params: GenerationParams, device: torch.device | str = "cpu"):
+    def __init__(self, params: GenerationParams, device: torch.device | str = "cpu",
+                 bias: torch.Tensor | None = None):
+        """bias: [V] added to the logits before anything else (logit_bias, token bans), or None."""
         self.params = params
+        self.bias = bias
         self.generator = torch.Generator(device=device)
         # secrets, not torch.seed(): drawing a fresh seed must not reseed torch's global generator.
         seed = params.seed if params.seed >= 0 else secrets.randbits(63)
@@ -110,9 +137,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """logits: [V] (any float dtype), history: [T] long ids of prompt + generated. Returns a 0-d long id."""
         p = self.params
-        logits = apply_penalties(logits.float(), history, p)
+        logits = logits.float()
+        if self.bias is not None:
+            logits = logits + self.bias
+        logits = apply_penalties(logits, history, p)
         if p.temperature <= 0.0:
             return logits.argmax(-1)
-        logits = truncate(logits / p.temperature, p)
+        if isinstance(p, TokenControls) and p.temperature_last:
+            logits = truncate(logits, p) / p.temperature
+        else:
+            logits = truncate(logits / p.temperature, p)
         probs = logits.softmax(-1)
         return torch.multinomial(probs, 1, generator=self.generator)[0]

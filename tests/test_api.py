@@ -82,9 +82,10 @@ def test_extra_sampler_fields_are_applied_and_bounded(client):
     reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=24,
                                            extra_body={"top_k": 1, "min_p": 0.5, "repetition_penalty": 1.0})
     assert reply.choices[0].message.content == "The capital of France is Paris."   # top_k=1 is greedy
-    with pytest.raises(openai.BadRequestError, match="repetition penalty must be at most 3"):
+    with pytest.raises(openai.BadRequestError, match="repetition_penalty must be at most 3") as err:
         client.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=4,
                                        extra_body={"repetition_penalty": 9.0})
+    assert err.value.body["param"] == "repetition_penalty"   # the field's name, as the client sent it
 
 
 def test_models_list_and_unknown_model_is_404(client):
