@@ -52,6 +52,7 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "no_repeat_ngram_size": (_number_is(0), "no_repeat_ngram_size"),
     "min_tokens": (_number_is(0), "a minimum reply length"),
     "grammar_string": (_falsy, "grammars (GBNF)"),
+    "json_schema": (_falsy, "structured output (json_schema)"),
     "response_format": (lambda v: not v or (isinstance(v, dict) and v.get("type") == "text"),
                         "structured output (response_format json_object / json_schema)"),
     "tools": (_falsy, "tool calling"),
