@@ -17,6 +17,8 @@ from core.options import OptionSpec, specs
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--settings", type=Path, help="settings file (default: settings.yaml beside app.py)")
     p.add_argument("--models-dir", type=Path, help="folder holding the models (default from settings.yaml)")
+    p.add_argument("--data-dir", type=Path, help="folder for saved conversations (default from settings.yaml: "
+                                                 "user_data beside it)")
 
 
 def _flag(spec: OptionSpec) -> str:
@@ -99,7 +101,8 @@ def make_state(args: argparse.Namespace, **overrides):
     from app_settings import load_settings
     from app_state import AppState
 
-    settings = load_settings(args.settings, {"models_dir": getattr(args, "models_dir", None), **overrides})
+    settings = load_settings(args.settings, {"models_dir": getattr(args, "models_dir", None),
+                                             "data_dir": getattr(args, "data_dir", None), **overrides})
     return AppState(settings)
 
 

@@ -28,6 +28,7 @@ class AppSettings:
     host: str = "127.0.0.1"
     port: int = 7860
     models_dir: Path = APP_ROOT / "models"
+    data_dir: Path = APP_ROOT / "user_data"   # the user's own files Hearth writes: conversations (and their trash)
     model: str | None = None
     allowed_hosts: tuple[str, ...] = ()   # Host names the servers answer besides loopback and `host`
     cors_origins: tuple[str, ...] = ()    # browser origins allowed to use them (web/guard.py)
@@ -46,6 +47,15 @@ def _entries(where: str, value: Any, normalize) -> tuple[str, ...]:
         return tuple(normalize(item) for item in items if item.strip())
     except ValueError as exc:
         raise SettingsError(f"{where}: {exc}") from None
+
+
+def _folder(raw: dict[str, Any], key: str, default: str, path: Path, flags: dict[str, Any]) -> Path:
+    """A folder setting, absolute: a relative flag is relative to the working directory (as a shell user
+    means it), a relative value in the file to the file's own folder."""
+    folder = Path(raw.get(key) or default).expanduser()
+    if not folder.is_absolute():
+        folder = (Path.cwd() if key in flags else path.parent) / folder
+    return folder.resolve()
 
 
 def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> AppSettings:
@@ -71,10 +81,8 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         generation = build(GenerationParams, raw.get("generation") or {})
     except OptionError as exc:
         raise SettingsError(f"{path}: generation: {exc}") from None
-    models_dir = Path(raw.get("models_dir") or "models").expanduser()
-    if not models_dir.is_absolute():
-        models_dir = (path.parent if "models_dir" not in (overrides or {}) or overrides.get("models_dir") is None
-                      else Path.cwd()) / models_dir
+    models_dir = _folder(raw, "models_dir", "models", path, flags)
+    data_dir = _folder(raw, "data_dir", "user_data", path, flags)
 
     def where(key: str) -> str:   # for messages: the flag or the file the value came from
         return "--" + key.replace("_", "-") if key in flags else f"{path}: {key}"
@@ -83,7 +91,7 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
         port = int(raw.get("port", 7860))
     except (TypeError, ValueError):
         raise SettingsError(f"{path}: port must be a number") from None
-    return AppSettings(host=str(raw.get("host", "127.0.0.1")), port=port, models_dir=models_dir.resolve(),
+    return AppSettings(host=str(raw.get("host", "127.0.0.1")), port=port, models_dir=models_dir, data_dir=data_dir,
                        model=raw.get("model"), generation=generation, source=path,
                        allowed_hosts=_entries(where("allowed_hosts"), raw.get("allowed_hosts"), normalize_host),
                        cors_origins=_entries(where("cors_origins"), raw.get("cors_origins"), normalize_origin))

@@ -41,6 +41,8 @@ from scheduler import RunHandle, Scheduler
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}\Z")   # \Z: "$" would also match before a final newline
 # How long an unload waits for the generations it stopped to let go of the model.
 UNLOAD_WAIT_SECONDS = 30.0
+# How long a request that needs the model waits for the start-up load (a big model on a busy CPU is slow).
+STARTUP_WAIT_SECONDS = 600.0
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -103,6 +105,24 @@ def default_registry() -> LoaderRegistry:
 
 
 @dataclass
+class StartupLoad:
+    """The start-up model's load, running in a thread while the UI already answers: what the UI shows."""
+    name: str
+    fraction: float = 0.0
+    message: str = "starting"
+    error: str | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    def line(self) -> str:
+        """One line for the Model tab and the chat header: empty once loaded, the reason after a failure."""
+        if self.error is not None:
+            return f"⚠️ could not load {self.name} at start: {self.error}"
+        if self.finished.is_set():
+            return ""
+        return f"⏳ loading {self.name} at start: {self.fraction:.0%} · {self.message}"
+
+
+@dataclass
 class AppState:
     settings: AppSettings
     registry: LoaderRegistry = field(default_factory=default_registry)
@@ -116,6 +136,8 @@ class AppState:
     downloads: Scheduler = field(default_factory=lambda: Scheduler(slots=None))
     # built-in instruction templates (templates/*.yaml), read once per AppState.
     template_library: TemplateLibrary = field(default_factory=load_library)
+    # The --model / settings.yaml load that runs after the server is up; None when none was asked for.
+    startup: StartupLoad | None = None
     _settings_store: SettingsStore | None = None
 
     @property
@@ -301,7 +323,36 @@ class AppState:
             release_freed_memory()
             return stopped
 
+    def load_at_startup(self, name: str, log: Progress = no_progress) -> StartupLoad:
+        """Load model `name` in a background thread, so the UI and API answer meanwhile; requests that need
+        the model wait for it (`wait_for_startup`). `log` also gets every progress step. A pending
+        StartupLoad for `name` already in `startup` (set before the UI was built) is the one that runs."""
+        startup = self.startup
+        if startup is None or startup.name != name or startup.finished.is_set():
+            startup = self.startup = StartupLoad(name)
+
+        def progress(fraction: float, message: str) -> None:
+            startup.fraction, startup.message = fraction, message
+            log(fraction, message)
+
+        def run() -> None:
+            try:
+                self.load_model(name, progress=progress)
+            except LoadError as exc:   # the app carries on: the user can pick another model
+                startup.error = str(exc)
+            finally:
+                startup.finished.set()
+
+        threading.Thread(target=run, name="hearth-startup-load", daemon=True).start()
+        return startup
+
+    def wait_for_startup(self, timeout: float = STARTUP_WAIT_SECONDS) -> bool:
+        """Block until the start-up load (if any) has ended; False when it is still running after `timeout`."""
+        startup = self.startup
+        return startup is None or startup.finished.wait(timeout)
+
     def require_model(self) -> Model:
+        self.wait_for_startup()
         model = self.model
         if model is None:
             raise LoadError("no model is loaded: pick one on the Model tab and press Load")
@@ -311,10 +362,12 @@ class AppState:
     # ---- templates: resolution order and source live in prompts/templates.py ----------------
     @property
     def conversations_dir(self) -> Path:
-        """Saved conversations sit beside models/ (tests get their own through a tmp models dir)."""
-        return self.models_dir.parent / "conversations"
+        """Saved conversations live in the data folder (settings data_dir, --data-dir), nowhere else: a
+        models folder in a shared place must not share its neighbours' chats."""
+        return self.settings.data_dir / "conversations"
 
     def require_loaded(self) -> LoadedModel:
+        self.wait_for_startup()
         loaded = self.loaded
         if loaded is None:
             raise LoadError("no model is loaded: pick one on the Model tab and press Load")

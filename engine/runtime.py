@@ -67,13 +67,17 @@ class Engine:
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
-    def prefill(self, prompt_ids: Sequence[int]) -> torch.Tensor:
-        """Run the prompt in chunks (bounded activation memory); returns fp32 logits [V] after it."""
+    def prefill(self, prompt_ids: Sequence[int], cancel: threading.Event | None = None) -> torch.Tensor:
+        """Run the prompt in chunks (bounded activation memory); returns fp32 logits [V] after it. A set
+        `cancel` ends it after the chunk in progress (Stop during a long prompt): the logits are then the
+        last chunk's, and the generation loop, which checks `cancel` after its first token, ends the reply."""
         ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)
         for start in range(0, len(ids), self.prefill_chunk):
             end = min(start + self.prefill_chunk, len(ids))
             input_pos = torch.arange(start, end, device=self.device)
             logits = self.model(ids[None, start:end], input_pos, kv_len=end, last_only=True)
+            if cancel is not None and cancel.is_set():
+                break
         return logits[0, -1]
 
     def bucket(self, length: int) -> int:
@@ -114,10 +118,11 @@ class Engine:
 class EngineStepper:
     """One generation's view of the engine (engine.generation.Stepper)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, cancel: threading.Event | None = None):
         self.engine = engine
         self.device = engine.device
         self.pos = 0
+        self.cancel = cancel   # checked between prefill chunks
 
     def start(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         if not prompt_ids:
@@ -126,7 +131,7 @@ class EngineStepper:
             raise ValueError(f"the prompt ({len(prompt_ids)} tokens) does not fit the context "
                              f"({self.engine.max_seq_len} tokens)")
         self.pos = len(prompt_ids)
-        return self.engine.prefill(prompt_ids)
+        return self.engine.prefill(prompt_ids, self.cancel)
 
     def step(self, token_id: torch.Tensor) -> torch.Tensor:
         logits = self.engine.decode(token_id, self.pos)
@@ -151,7 +156,7 @@ class EngineModel(Model):
 
     def generate(self, prompt: Prompt, params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
-        return stream(EngineStepper(self.engine), self.tokenizer, prompt_ids(prompt), params, self.eos_token_ids,
+        return stream(EngineStepper(self.engine, cancel), self.tokenizer, prompt_ids(prompt), params, self.eos_token_ids,
                       cancel, self.context_length)
 
     def unload(self) -> None:

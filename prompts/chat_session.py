@@ -157,11 +157,27 @@ def continue_reply(state, history: History, params: GenerationParams, key: str =
     yield from _stream_into(state, history, system_message, params, key, True, template)
 
 
-def remove_last(history: History) -> History:
-    """Drop the last exchange: the last reply and the user message it answered."""
+def remove_last(history: History) -> tuple[History, str]:
+    """Drop the last exchange: the last reply and the user message it answered. Returns the shorter history
+    and that user message's text, which goes back into the input box (nothing typed is lost)."""
     history = normalize(history)
     if history and history[-1]["role"] == "assistant":
         history.pop()
+    text = ""
     if history and history[-1]["role"] == "user":
-        history.pop()
-    return history
+        text = history.pop()["content"]
+    return history, text
+
+
+def edit(history: History, index: int, text: str) -> tuple[History, bool]:
+    """Message `index` of `history` with `text` as its content. An edited user message drops what came after
+    it, so the next reply answers the new text; an edited reply keeps the rest. Returns (history, whether a
+    reply should now be generated). IndexError for an index outside the history."""
+    history = normalize(history)
+    if not 0 <= index < len(history):
+        raise IndexError(f"no message {index} in this chat of {len(history)}")
+    history[index]["content"] = text
+    if history[index]["role"] == "user":
+        del history[index + 1:]
+        return history, True
+    return history, False

@@ -1,7 +1,8 @@
 """Saved conversations: one JSON file per conversation in a folder, written atomically.
 
 A file that cannot be read is reported (in `problems`) and skipped, never fatal: one bad file must not hide
-the others. Ids are generated here and are the file names, so a title can be anything.
+the others. Ids are generated here and are the file names, so a title can be anything. Deleting moves the file
+into the folder's trash/, from which it can be restored until the trash is emptied.
 """
 from __future__ import annotations
 
@@ -112,8 +113,37 @@ class ConversationStore:
         conv.title = title[:200]
         return self.save(conv)
 
+    @property
+    def trash(self) -> Path:
+        return self.folder / "trash"
+
     def delete(self, conversation_id: str) -> None:
-        self._path(conversation_id).unlink(missing_ok=True)
+        """Move the conversation to the trash (a same-named one there is replaced)."""
+        path = self._path(conversation_id)
+        if path.exists():
+            self.trash.mkdir(parents=True, exist_ok=True)
+            path.replace(self.trash / path.name)
+
+    def trashed(self) -> list[Conversation]:
+        """The readable conversations in the trash, newest first."""
+        return ConversationStore(self.trash).list()
+
+    def restore(self, conversation_id: str) -> Conversation:
+        """Move a conversation back from the trash; ValueError when it is not there."""
+        self._path(conversation_id)   # the id check
+        source = self.trash / f"{conversation_id}.json"
+        if not source.is_file():
+            raise ValueError(f"no conversation {conversation_id} in the trash")
+        source.replace(self._path(conversation_id))
+        return self.open(conversation_id)
+
+    def empty_trash(self) -> int:
+        """Delete every conversation in the trash for good; returns how many."""
+        removed = 0
+        for path in self.trash.glob("*.json") if self.trash.is_dir() else ():
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
 
 def _from_dict(data: Any, where: str) -> Conversation:

@@ -23,6 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+# ui/app.py's log lines around the start-up model's background load.
+STARTUP_LOADING = "loading in the background"
+STARTUP_ENDED = ("\nloaded ", "could not load")
 
 # The Hub-server fixtures, available to every test module (importing them here registers them).
 from hub_fixtures import fake_hub, hub_env  # noqa: E402,F401
@@ -58,6 +61,7 @@ def make_state(models_dir: Path, **settings):
     from app_settings import AppSettings
     from app_state import AppState
 
+    settings.setdefault("data_dir", models_dir.parent / "user_data")   # a test's chats stay in its tmp dir
     return AppState(AppSettings(models_dir=models_dir, **settings))
 
 
@@ -89,8 +93,11 @@ class RunningApp:
 
 
 def start_app(args: list[str], log: Path, env: dict | None = None, timeout: float = 120) -> RunningApp:
-    """Start `python app.py serve ...` on a free port and wait until Gradio answers."""
+    """Start `python app.py serve ...` on a free port and wait until Gradio answers (and the start-up model, if
+    any, has loaded). Conversations go to a user_data folder beside `log` unless `args` name one."""
     port = free_port()
+    if "--data-dir" not in args:
+        args = [*args, "--data-dir", str(log.parent / "user_data")]
     fh = open(log, "w")
     proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "serve", "--port", str(port), *args],
                             cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
@@ -98,7 +105,8 @@ def start_app(args: list[str], log: Path, env: dict | None = None, timeout: floa
 
 
 def wait_until_serving(app: RunningApp, timeout: float) -> RunningApp:
-    """Return `app` once Gradio answers on its port; fail with its log if it exits or stays silent."""
+    """Return `app` once Gradio answers on its port and the start-up model it loads in the background (if
+    any) has loaded or failed; fail with its log if it exits or stays silent."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if app.proc.poll() is not None:
@@ -106,13 +114,23 @@ def wait_until_serving(app: RunningApp, timeout: float) -> RunningApp:
         try:
             with urllib.request.urlopen(app.url + "/gradio_api/info", timeout=2) as r:
                 if r.status == 200:
-                    return app
+                    return wait_for_startup_load(app, deadline)
         except urllib.error.HTTPError:  # it answers (a login-protected app says 401): it is up
-            return app
+            return wait_for_startup_load(app, deadline)
         except OSError:
             time.sleep(0.5)
     app.stop()
     raise RuntimeError(f"app did not answer within {timeout} s:\n{app.output()}")
+
+
+def wait_for_startup_load(app: RunningApp, deadline: float) -> RunningApp:
+    """The UI answers while the start-up model loads (ui/app.py): wait for the log line that ends the load."""
+    while STARTUP_LOADING in app.output() and not any(end in app.output() for end in STARTUP_ENDED):
+        if app.proc.poll() is not None or time.time() > deadline:
+            app.stop()
+            raise RuntimeError(f"the start-up model did not finish loading:\n{app.output()}")
+        time.sleep(0.5)
+    return app
 
 
 @pytest.fixture

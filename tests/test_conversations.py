@@ -23,7 +23,8 @@ def test_save_list_open_rename_delete_survive_a_new_store(tmp_path):
     assert second.id == conv.id and len(reopened.open(conv.id).messages) == 3
     reopened.delete(conv.id)
     assert reopened.list() == []
-    assert sorted(p.name for p in (tmp_path / "conversations").iterdir()) == []
+    # Deleted means moved to the trash (test_chat_persistence.py): nothing else is left behind.
+    assert sorted(p.name for p in (tmp_path / "conversations").iterdir()) == ["trash"]
 
 
 def test_corrupt_file_is_reported_and_skipped(tmp_path):

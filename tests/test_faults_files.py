@@ -69,7 +69,7 @@ def choice_values(props: dict) -> list[str]:
 def damaged_install(tmp_path, models_dir):
     """A models folder and conversations beside it, plus presets/templates overlays, each with bad files."""
     (models_dir / "config-user.yaml").write_text(BAD_CONFIG_USER)
-    store = ConversationStore(models_dir.parent / "conversations")
+    store = ConversationStore(models_dir.parent / "user_data" / "conversations")
     good = store.save(store.new(messages=[{"role": "user", "content": "a conversation that survives"}]))
     for name, text in BAD_CONVERSATIONS.items():
         (store.folder / name).write_text(text)
@@ -80,8 +80,8 @@ def damaged_install(tmp_path, models_dir):
 
 def test_malformed_user_files_are_reported_skipped_and_the_app_serves(tmp_path, damaged_install):
     models_dir, overlays, good_conversation = damaged_install
-    app = start_app_with_overlays(["--models-dir", str(models_dir), "--model", DEFAULT_MODEL], overlays,
-                                  tmp_path / "app.log")
+    app = start_app_with_overlays(["--models-dir", str(models_dir), "--model", DEFAULT_MODEL, "--data-dir",
+                                   str(models_dir.parent / "user_data")], overlays, tmp_path / "app.log")
     try:
         with urllib.request.urlopen(app.url + "/gradio_api/info", timeout=30) as r:
             assert "named_endpoints" in json.loads(r.read())

@@ -16,6 +16,18 @@ from ui.widgets import values_from, widgets_for
 MODES = ("Chat", "Instruct", "Notebook")
 AUTO = "Auto (the model's template)"
 USER_ERRORS = (LoadError, OptionError, ValueError, TemplateRenderError)
+# text-generation-webui's chat keys (Enter sends and Shift+Enter breaks the line in the textbox itself):
+# each clicks the button it stands for, so it does exactly what the click does.
+KEYBOARD_JS = """() => {
+    if (window.__hearthKeys) return;
+    window.__hearthKeys = true;
+    document.addEventListener('keydown', (e) => {
+        const click = (id) => { const b = document.getElementById(id); if (b) { e.preventDefault(); e.stopPropagation(); b.click(); } };
+        if (e.key === 'Escape') click('chat-stop');
+        else if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && !e.altKey) click('chat-regenerate');
+        else if (e.key === 'Enter' && e.altKey && !e.ctrlKey) click('chat-continue');
+    }, true);
+}"""
 
 
 def build_chat_tab(state) -> dict:
@@ -26,10 +38,13 @@ def build_chat_tab(state) -> dict:
         file_problems = gr.Markdown("", elem_id="chat-file-problems")  # skipped user files
         mode = gr.Radio(list(MODES), value="Chat", label="Mode", elem_id="chat-mode")
         with gr.Column(visible=True) as chat_area:
-            chatbot = gr.Chatbot(elem_id="chatbot", height=420, label="Chat")
+            # editable: any message can be corrected in place (`on_edit`); copy: per message and the whole chat.
+            chatbot = gr.Chatbot(elem_id="chatbot", height=420, label="Chat", editable="all",
+                                 buttons=["copy", "copy_all"])
             with gr.Row():
-                message = gr.Textbox(placeholder="Send a message (Enter)", show_label=False, elem_id="chat-input",
-                                     scale=6, autofocus=True)
+                message = gr.Textbox(placeholder="Send a message (Enter; Shift+Enter: new line; Esc: stop; "
+                                     "Ctrl+Enter: regenerate; Alt+Enter: continue)", show_label=False,
+                                     elem_id="chat-input", scale=6, autofocus=True, max_lines=12)
                 send_btn = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="chat-stop", scale=1)
             with gr.Row():
@@ -55,15 +70,25 @@ def build_chat_tab(state) -> dict:
             preset_name = gr.Textbox(label="New preset name", elem_id="preset-name")
             save_preset_btn = gr.Button("Save as new preset", elem_id="preset-save")
         with gr.Accordion("Conversations", open=False, elem_id="conversations"):
-            conversation_id = gr.State("")
+            conversation_id = gr.State("")   # the conversation on screen: every change is saved into it
+            gr.Markdown(f"Saved in `{conversations.folder}` (settings `data_dir`, `--data-dir`).",
+                        elem_id="conversation-folder")
             with gr.Row():
                 conversation_list = gr.Dropdown([], label="Saved conversations", elem_id="conversation-list")
                 new_btn = gr.Button("New", elem_id="conversation-new")
                 open_btn = gr.Button("Open", elem_id="conversation-open")
                 delete_btn = gr.Button("Delete", variant="stop", elem_id="conversation-delete")
+            with gr.Row(visible=False, elem_id="conversation-delete-confirm") as confirm_row:
+                confirm_text = gr.Markdown("", elem_id="conversation-delete-question")
+                confirm_yes = gr.Button("Yes, move it to the trash", variant="stop", elem_id="conversation-delete-yes")
+                confirm_no = gr.Button("Keep it", elem_id="conversation-delete-no")
             with gr.Row():
                 rename_text = gr.Textbox(label="Title", elem_id="conversation-title")
                 rename_btn = gr.Button("Rename", elem_id="conversation-rename")
+            with gr.Row():
+                trash_list = gr.Dropdown([], label="Trash", elem_id="trash-list")
+                restore_btn = gr.Button("Restore", elem_id="trash-restore")
+                empty_trash_btn = gr.Button("Empty trash", variant="stop", elem_id="trash-empty")
         with gr.Accordion("Generation parameters", open=False):
             # Built with the values a generation would use now; each page load and model change sets them
             # again from the loaded model's effective settings (`refresh_model`).
@@ -79,7 +104,8 @@ def build_chat_tab(state) -> dict:
 
     def describe_template(name: str | None) -> str:
         if state.model is None:
-            return "No model loaded: pick one on the Model tab."
+            loading = state.startup.line() if state.startup is not None else ""
+            return loading or "No model loaded: pick one on the Model tab."
         try:
             info = state.template_info(choice_of(name))
         except USER_ERRORS as exc:
@@ -94,9 +120,21 @@ def build_chat_tab(state) -> dict:
         problems = state.file_problems()
         return "".join(f"⚠️ skipped or partly ignored: {p}  \n" for p in problems)
 
-    def conversation_choices():
+    def conversation_choices(selected: str | None = None):
+        """The saved conversations; `selected` (the one on screen) becomes the dropdown's value."""
         listed = conversations.list()
-        return gr.update(choices=[(c.title, c.id) for c in listed])
+        if selected is None:
+            return gr.update(choices=[(c.title, c.id) for c in listed])
+        return gr.update(choices=[(c.title, c.id) for c in listed], value=selected or None)
+
+    def trash_choices():
+        return gr.update(choices=[(c.title, c.id) for c in conversations.trashed()], value=None)
+
+    def save(conv_id: str, history, mode_name: str, system: str, template_name: str | None):
+        """Store the chat on screen under `conv_id` (a new conversation when empty); returns its id."""
+        return conversations.save_messages(conv_id, chat_session.normalize(history), system_message=system or "",
+                                           mode=mode_name, template=choice_of(template_name) or "",
+                                           model=state.model.name if state.model else "").id
 
     def prompt_outputs(reply):
         if reply.prompt is None:
@@ -130,19 +168,22 @@ def build_chat_tab(state) -> dict:
     def stream_chat(action, history, conv_id, mode_name, system, template_name, request):
         key = request.session_hash if request is not None else "default"
         last = history
+        finished = False
         try:
             for new_history, reply in action(key):
                 last = new_history
                 shown, tokens = prompt_outputs(reply)
                 text = reply.text if not reply.error else f"⚠️ {reply.text}"
                 yield new_history, text, shown, tokens, gr.skip(), gr.skip()
+            finished = True
         except USER_ERRORS as exc:
             yield history, f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
-        saved = conversations.save_messages(conv_id, last, system_message=system or "", mode=mode_name,
-                                            template=choice_of(template_name) or "",
-                                            model=state.model.name if state.model else "")
-        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), saved.id, conversation_choices()
+        finally:
+            if not finished:   # the page went away mid-reply: the reply so far is kept all the same
+                save(conv_id, last, mode_name, system, template_name)
+        saved = save(conv_id, last, mode_name, system, template_name)
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), saved, conversation_choices(saved)
 
     chat_outputs = [chatbot, status, prompt_view, prompt_tokens, conversation_id, conversation_list]
 
@@ -162,9 +203,15 @@ def build_chat_tab(state) -> dict:
             action = lambda key: chat_session.instruct(state, text, params, key, system or None, choice)
         else:
             action = lambda key: chat_session.send(state, history, text, params, key, system or None, choice)
+        shown = chat_session.normalize(history) + [{"role": "user", "content": text}]
+        # Saved before any reply, so the message survives a reload, a restart or a failed load.
+        conv_id = save(conv_id, shown, mode_name, system, template_name)
         # The input box is cleared once, here: clearing it on every streamed update would wipe what the user
         # types for the next turn while this reply is still coming.
-        yield history + [{"role": "user", "content": text}], "", "queued…", gr.skip(), gr.skip(), conv_id, gr.skip()
+        yield shown, "", "queued…", gr.skip(), gr.skip(), conv_id, conversation_choices(conv_id)
+        startup = state.startup
+        while startup is not None and not startup.finished.wait(1.0):   # Send waits for the start-up load
+            yield gr.skip(), gr.skip(), startup.line(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         for out in stream_chat(action, history, conv_id, mode_name, system, template_name, request):
             yield out[0], gr.skip(), *out[1:]
 
@@ -179,6 +226,12 @@ def build_chat_tab(state) -> dict:
         action = lambda key: chat_session.continue_reply(state, history, params, key, system or None,
                                                          choice_of(template_name))
         yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request)
+
+    def on_reply_to_edit(request: gr.Request, needed, history, conv_id, mode_name, system, template_name, *values):
+        if not needed:   # an edited reply: nothing to generate
+            yield tuple(gr.skip() for _ in chat_outputs)
+            return
+        yield from on_regenerate(request, history, conv_id, mode_name, system, template_name, *values)
 
     def on_notebook(request: gr.Request, text, *values):
         try:
@@ -216,8 +269,10 @@ def build_chat_tab(state) -> dict:
         return gr.update(choices=load_presets().names(), value=path.stem), f"saved preset {path.stem}"
 
     # ---- conversations ------------------------------------------------------------------------------------
-    def on_new():
-        return [], "", "new conversation"
+    def on_new(mode_name, system, template_name):
+        """A new, empty conversation, saved at once so the list shows it selected (Delete then means it)."""
+        conv_id = save("", [], mode_name, system, template_name)
+        return [], conv_id, conversation_choices(conv_id), "new conversation"
 
     def on_open(conv_id):
         if not conv_id:
@@ -228,20 +283,70 @@ def build_chat_tab(state) -> dict:
             return gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}"
         return conv.messages, conv.id, conv.system_message, f"opened “{conv.title}”"
 
+    def on_page_load():
+        """A reload or a restart reopens the conversation saved last, with its list and trash."""
+        listed = conversations.list()
+        if not listed:
+            return [], "", gr.skip(), conversation_choices(""), trash_choices()
+        conv = listed[0]
+        return (conv.messages, conv.id, conv.system_message or gr.skip(), conversation_choices(conv.id),
+                trash_choices())
+
     def on_rename(conv_id, title):
         try:
             conv = conversations.rename(conv_id, title or "")
         except ValueError as exc:
             return gr.skip(), f"⚠️ {exc}"
-        return conversation_choices(), f"renamed to “{conv.title}”"
+        return conversation_choices(conv.id), f"renamed to “{conv.title}”"
 
-    def on_delete(conv_id, current_id):
-        if not conv_id:
-            return gr.skip(), gr.skip(), gr.skip(), "pick a conversation first"
-        conversations.delete(conv_id)
-        cleared = conv_id == current_id
-        return (conversation_choices(), [] if cleared else gr.skip(), "" if cleared else gr.skip(),
-                "deleted the conversation")
+    def on_delete(current_id):
+        """Delete asks first, and names the conversation on screen: that is the one it acts on."""
+        if not current_id:
+            return gr.update(visible=False), "", "nothing to delete: this chat is not saved"
+        try:
+            title = conversations.open(current_id).title
+        except ValueError as exc:
+            return gr.update(visible=False), "", f"⚠️ {exc}"
+        return gr.update(visible=True), f"Move “{title}” to the trash?", ""
+
+    def on_delete_confirmed(current_id):
+        if not current_id:
+            return gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip(), "nothing to delete"
+        conversations.delete(current_id)
+        return (gr.update(visible=False), [], "", conversation_choices(""), trash_choices(),
+                "moved the conversation to the trash (Restore brings it back)")
+
+    def on_restore(trash_id):
+        if not trash_id:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), "pick a conversation in the trash first"
+        try:
+            conv = conversations.restore(trash_id)
+        except ValueError as exc:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}"
+        return conv.messages, conv.id, conversation_choices(conv.id), trash_choices(), f"restored “{conv.title}”"
+
+    def on_empty_trash():
+        removed = conversations.empty_trash()
+        return trash_choices(), f"deleted {removed} conversation(s) for good"
+
+    # ---- editing the chat on screen (each change is saved at once) -----------------------------------------
+    def on_remove_last(history, conv_id, mode_name, system, template_name):
+        history, text = chat_session.remove_last(history)
+        if conv_id:
+            save(conv_id, history, mode_name, system, template_name)
+        return history, text
+
+    def on_edit(history, conv_id, mode_name, system, template_name, edit: gr.EditData):
+        """An edited message is saved; an edited user message drops the turns after it, and `regenerate`
+        (chained after this) answers it anew."""
+        index = edit.index if isinstance(edit.index, int) else edit.index[0]
+        history = chat_session.normalize(history)
+        try:
+            history, reply_needed = chat_session.edit(history, index, chat_session.message_text(edit.value))
+        except IndexError as exc:
+            return history, conv_id, gr.skip(), False, f"⚠️ {exc}"
+        conv_id = save(conv_id, history, mode_name, system, template_name)
+        return history, conv_id, conversation_choices(conv_id), reply_needed, "edited the message"
 
     # ---- wiring ---------------------------------------------------------------------------------------------
     common_in = [conversation_id, mode, system_message, template, *params_in]
@@ -259,21 +364,41 @@ def build_chat_tab(state) -> dict:
                        concurrency_id="generate", api_name="notebook")
     stop_btn.click(on_stop, None, [status], queue=False, api_name="stop")
     notebook_stop.click(on_stop, None, [status], queue=False, api_name=False)
-    remove_btn.click(chat_session.remove_last, [chatbot], [chatbot], queue=False)
-    clear_btn.click(lambda: ([], "", ""), None, [chatbot, status, conversation_id], queue=False)
+    remove_btn.click(on_remove_last, [chatbot, conversation_id, mode, system_message, template], [chatbot, message],
+                     queue=False)
+    # Clear starts a new chat: the saved one stays in the list.
+    clear_btn.click(lambda: ([], "", "", conversation_choices("")), None,
+                    [chatbot, status, conversation_id, conversation_list], queue=False)
+    reply_needed = gr.State(False)
+    chatbot.edit(on_edit, [chatbot, conversation_id, mode, system_message, template],
+                 [chatbot, conversation_id, conversation_list, reply_needed, status], queue=False).then(
+        on_reply_to_edit, [reply_needed, chatbot, *common_in], chat_outputs, concurrency_id="generate")
     mode.change(on_mode, [mode], [chat_area, notebook_area], queue=False)
     template.change(describe_template, [template], [template_info], queue=False)
     preset.change(on_preset, [preset], params_in, queue=False)
     save_preset_btn.click(on_save_preset, [preset_name, *params_in], [preset, status], queue=False)
-    new_btn.click(on_new, None, [chatbot, conversation_id, status], queue=False)
+    new_btn.click(on_new, [mode, system_message, template], [chatbot, conversation_id, conversation_list, status],
+                  queue=False)
     open_btn.click(on_open, [conversation_list], [chatbot, conversation_id, system_message, status], queue=False)
-    rename_btn.click(on_rename, [conversation_list, rename_text], [conversation_list, status], queue=False)
-    delete_btn.click(on_delete, [conversation_list, conversation_id],
-                     [conversation_list, chatbot, conversation_id, status], queue=False)
+    rename_btn.click(on_rename, [conversation_id, rename_text], [conversation_list, status], queue=False)
+    delete_btn.click(on_delete, [conversation_id], [confirm_row, confirm_text, status], queue=False)
+    confirm_yes.click(on_delete_confirmed, [conversation_id],
+                      [confirm_row, chatbot, conversation_id, conversation_list, trash_list, status], queue=False)
+    confirm_no.click(lambda: (gr.update(visible=False), "kept the conversation"), None, [confirm_row, status],
+                     queue=False)
+    restore_btn.click(on_restore, [trash_list], [chatbot, conversation_id, conversation_list, trash_list, status],
+                      queue=False)
+    empty_trash_btn.click(on_empty_trash, None, [trash_list, status], queue=False)
     tab.select(refresh, None, refresh_outputs, queue=False)
     # The start-up model is loaded before the UI is built: show its template and saved choices right away.
     initial = refresh()
     template_info.value, system_message.value, preset.value = initial[0], initial[1], initial[2]
     file_problems.value = initial[5]
     conversation_list.choices = [(c.title, c.id) for c in conversations.list()]
-    return {"chatbot": chatbot, "refresh": refresh_model, "refresh_outputs": [*refresh_outputs, *params_in]}
+    def page_load(demo: gr.Blocks) -> None:
+        demo.load(on_page_load, None, [chatbot, conversation_id, system_message, conversation_list, trash_list],
+                  queue=False)
+        demo.load(None, js=KEYBOARD_JS)
+
+    return {"chatbot": chatbot, "header": template_info, "refresh": refresh_model,
+            "refresh_outputs": [*refresh_outputs, *params_in], "page_load": page_load}
