@@ -7,11 +7,13 @@ knows, switched off, on every request.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import fields, replace
 from typing import Any, Callable
 
 from api.errors import ApiError
+from engine.grammar import GrammarError, check_grammar, grammar_definition
 from engine.model import Prompt
 from engine.sampling import GenerationParams, TokenControls
 
@@ -51,14 +53,10 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "encoder_repetition_penalty": (_number_is(1), "the encoder repetition penalty"),
     "no_repeat_ngram_size": (_number_is(0), "no_repeat_ngram_size"),
     "min_tokens": (_number_is(0), "a minimum reply length"),
-    "grammar_string": (_falsy, "grammars (GBNF)"),
-    "json_schema": (_falsy, "structured output (json_schema)"),
-    "response_format": (lambda v: not v or (isinstance(v, dict) and v.get("type") == "text"),
-                        "structured output (response_format json_object / json_schema)"),
     "tools": (_falsy, "tool calling"),
     "functions": (_falsy, "function calling"),
-    "guided_json": (_falsy, "structured output"),
-    "guided_regex": (_falsy, "structured output"),
+    "guided_json": (_falsy, "vLLM's guided decoding (send response_format)"),
+    "guided_regex": (_falsy, "vLLM's guided decoding"),
     "guided_grammar": (_falsy, "grammars"),
     "best_of": (lambda v: v is None or v == 1, "best_of"),
     "use_beam_search": (_falsy, "beam search"),
@@ -126,13 +124,20 @@ def _bias(data: dict, vocab: int) -> dict[int, float]:
 # Fields that need Hearth to see the model's tokens (not so for a model on another server). A remote server
 # skips special tokens by default, so skip_special_tokens: true is honoured there and not listed.
 _TOKEN_LEVEL = ("logprobs", "top_logprobs", "logit_bias", "custom_token_bans", "ban_eos_token", "ignore_eos",
-                "temperature_last")
+                "temperature_last", "response_format", "grammar_string", "json_schema")
+
+
+def _asks(data: dict, name: str) -> bool:
+    value = data.get(name)
+    if name == "response_format":   # {"type": "text"} is OpenAI's default, not a request for structure
+        return bool(value) and not (isinstance(value, dict) and value.get("type") == "text")
+    return bool(value)
 
 
 def token_controls(data: dict, kind: str, model) -> dict[str, Any]:
     """The TokenControls fields the request sets (empty: none). kind: "chat" | "text"."""
     if not model.counts_tokens_locally:
-        name = next((n for n in _TOKEN_LEVEL if data.get(n)), None)
+        name = next((n for n in _TOKEN_LEVEL if _asks(data, n)), None)
         if name is not None:
             raise ApiError(400, f"{name}: the loaded model runs on another server, so Hearth does not see its "
                                 "tokens; leave it out", param=name, code="unsupported_parameter")
@@ -158,7 +163,49 @@ def token_controls(data: dict, kind: str, model) -> dict[str, Any]:
         controls["skip_special_tokens"] = True
     if _flag(data, "temperature_last"):
         controls["temperature_last"] = True
+    grammar = _grammar_request(data)
+    if grammar is not None:
+        name, kind, text = grammar
+        if controls.get("ban_eos"):
+            raise ApiError(400, f"{name} ends the reply when the output is complete, which ban_eos_token / "
+                                "ignore_eos forbid: send one or the other", param=name)
+        try:
+            definition = grammar_definition(kind, text)
+            check_grammar(model.tokenizer, model.eos_token_ids, definition)
+        except GrammarError as exc:
+            raise ApiError(400, f"{name}: {exc}", param=name, code="invalid_grammar") from None
+        controls["grammar"] = definition
     return controls
+
+
+def _grammar_request(data: dict) -> tuple[str, str, str] | None:
+    """(field, llguidance format, grammar text) for the structured output the request asks for, or None.
+    OpenAI's response_format, and text-generation-webui's grammar_string (GBNF) and json_schema."""
+    response_format = data.get("response_format")
+    if response_format:
+        if not isinstance(response_format, dict) or response_format.get("type") not in (
+                "text", "json_object", "json_schema"):
+            raise ApiError(400, "response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or "
+                                "{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                           param="response_format", code="invalid_value")
+        if response_format["type"] == "json_object":
+            return "response_format", "json_schema", json.dumps({"type": "object"})
+        if response_format["type"] == "json_schema":
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object",
+                               param="response_format", code="invalid_value")
+            return "response_format", "json_schema", json.dumps(schema)
+    if data.get("json_schema"):
+        if not isinstance(data["json_schema"], dict):
+            raise ApiError(400, "json_schema must be a JSON schema object", param="json_schema")
+        return "json_schema", "json_schema", json.dumps(data["json_schema"])
+    if data.get("grammar_string"):
+        if not isinstance(data["grammar_string"], str):
+            raise ApiError(400, "grammar_string must be GBNF text", param="grammar_string")
+        return "grammar_string", "gbnf", data["grammar_string"]
+    return None
 
 
 def with_controls(params: GenerationParams, controls: dict[str, Any]) -> GenerationParams:

@@ -165,10 +165,15 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
                     return
             else:
                 logits = stepper.start(prompt_ids)
+            constraint = None
             if controls is not None:
                 sampler.bias = _bias(controls, eos, logits)
+                if controls.grammar is not None:
+                    from engine.grammar import Constraint   # only grammar requests need llguidance loaded
+                    constraint = Constraint(tokenizer, sorted(eos), controls.grammar)
             while True:
-                token = sampler(logits, history[: n_prompt + n_new])
+                allowed = logits if constraint is None else constraint.mask(logits)
+                token = sampler(allowed, history[: n_prompt + n_new])
                 scores = _Scores(logits, token, k) if scoring else None
                 history[n_prompt + n_new] = token
                 queued = overlap and n_new + 1 < max_new
@@ -181,6 +186,8 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
                     token_id = int(token_host)  # the one host sync per token
                 else:
                     token_id = int(token)  # the one host sync per token
+                if constraint is not None:
+                    constraint.accept(token_id)
                 if n_new == 0:
                     ttft = time.perf_counter() - t0
                 n_new += 1

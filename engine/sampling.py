@@ -62,6 +62,7 @@ class TokenControls(GenerationParams):
     ban_eos: bool = False             # never pick an end-of-sequence token (text-generation-webui's ban_eos_token)
     skip_special_tokens: bool = False  # leave special tokens (role markers, EOS) out of the text
     temperature_last: bool = False    # truncate before scaling by temperature (text-generation-webui's order)
+    grammar: str | None = None        # an llguidance grammar the output must match (engine.grammar)
 
     def __post_init__(self) -> None:
         # The samplers meet their declaration; the controls are not options (the API checks them).
