@@ -93,6 +93,29 @@ def test_cancel_keeps_no_model_and_download_resumes(ui, hub_env):
     assert "org_big-model" in state.list_models()
 
 
+def test_cancel_ends_the_download_while_the_server_stalls(ui, hub_env):
+    """Cancel ends the run at once (issue 20, item 6), not when the next bytes arrive: here the server sends
+    one chunk a minute, so the downloader only notices at its 30 s read timeout; the run must end long before
+    (the bound is half that timeout, far above the UI's one-second grace, for a loaded machine)."""
+    from hub_server import SEND_CHUNK
+
+    state, client = ui
+    hub_env.add_repo("org/stalled-model", {"config.json": b"{}", "model.safetensors": random_bytes(4 * SEND_CHUNK, 12)})
+    hub_env.faults.throttle(SEND_CHUNK / 60, "model.safetensors")
+    job = client.submit("org/stalled-model", None, "", api_name="/download_start")
+    deadline = time.monotonic() + 50
+    while not hub_env.bytes_served("model.safetensors"):
+        assert time.monotonic() < deadline and not job.done(), job.outputs()
+        time.sleep(0.1)
+    cancelled_at = time.monotonic()
+    assert "Cancelling" in client.predict(api_name="/download_cancel")
+    _, status, _ = job.result(timeout=60)
+    waited = time.monotonic() - cancelled_at
+    assert "cancelled" in status.lower()
+    assert waited < 15, f"the run ended {waited:.1f} s after Cancel"
+    assert "org_stalled-model" not in state.list_models()
+
+
 def test_cancel_reaches_the_sessions_first_download_not_a_second_one(ui, hub_env):
     """Each download has its own handle: with two downloads running from one session (an API client; the
     browser's button waits for the first), Cancel stops the first; it used to stop the second."""

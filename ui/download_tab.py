@@ -11,12 +11,15 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from hub.download import DownloadProgress, DownloadResult, describe, download_model, format_eta, plan_download
-from hub.errors import ChoiceNeeded, HubError
+from hub.errors import ChoiceNeeded, DownloadCancelled, HubError
 from hub.listing import human_size, list_branches
 from hub.model_card import summarize_model_folder
 from hub.repo_id import RepoRef, parse_repo_spec
 
 POLL_S = 0.5
+# After Cancel the downloader stops at its next chunk; on a stalled or slow connection that can take long, and
+# the user asked now: the run ends after this grace, the downloader finishing its stop on its own.
+CANCEL_GRACE_S = 1.0
 IDLE_PROGRESS = "<div id='download-progress-idle'>No download running.</div>"
 
 
@@ -73,7 +76,8 @@ def _choice_message(exc: ChoiceNeeded) -> str:
 
 def _download_work(ref: RepoRef, models_dir) -> Callable[[threading.Event], Iterator[object]]:
     """The work of a download's RunHandle: download_model in a thread of its own (it blocks), its latest
-    progress yielded every POLL_S, then its DownloadResult; its error is raised to the reader."""
+    progress yielded every POLL_S, then its DownloadResult; its error is raised to the reader. A cancelled
+    run ends within CANCEL_GRACE_S (DownloadCancelled) even while the downloader waits for bytes."""
     def work(cancel: threading.Event) -> Iterator[object]:
         latest: dict[str, Any] = {}
 
@@ -91,9 +95,15 @@ def _download_work(ref: RepoRef, models_dir) -> Callable[[threading.Event], Iter
                 worker.join(POLL_S)
                 if "progress" in latest:
                     yield latest["progress"]
+                if cancel.is_set():
+                    worker.join(CANCEL_GRACE_S)
+                    break
         finally:
             if worker.is_alive():   # the run was closed before the download ended: stop it, keep the bytes
                 cancel.set()
+        if worker.is_alive():
+            raise DownloadCancelled("Download cancelled; the bytes so far are kept: press Download again to "
+                                    "resume where it stopped.")
         if "error" in latest:
             raise latest["error"]
         yield latest["result"]
@@ -200,6 +210,13 @@ def build_download_tab(state, on_models_changed: Any = None) -> dict:
     download_event = download_btn.click(on_download, [repo_box, branch_dd, file_box],
                                         [progress_box, status_md, card_md], api_name="download_start")
     cancel_btn.click(on_cancel, None, [status_md], api_name="download_cancel", queue=False)
+
+    def on_files_on_disk(repo_text: str, branch: str | None, file: str | None, shown: str):
+        """After a download ends (a Cancel included), a file table on screen shows what is on disk now."""
+        return on_list_files(repo_text, branch, file)[0] if shown else gr.skip()
+
+    download_event.then(on_files_on_disk, [repo_box, branch_dd, file_box, files_md], [files_md],
+                        api_visibility="private")
     _chain_model_refresh(state, download_event, on_models_changed)
     return {"repo": repo_box, "branch": branch_dd, "file": file_box, "status": status_md, "card": card_md,
             "progress": progress_box, "download_event": download_event}
