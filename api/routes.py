@@ -80,11 +80,10 @@ def plan(state, model, prompt: Prompt, data: dict, controls: dict, allow_zero: b
     return prompt, with_controls(sampler_params(state, data, max_new_tokens=max_tokens), controls)
 
 
-def _choices(req) -> int:
+def _check_choices(req) -> None:
     if not 1 <= req.n <= MAX_CHOICES:
         raise ApiError(400, f"n must be from 1 to {MAX_CHOICES} (choices are generated one after another)",
                        param="n", code="invalid_value")
-    return req.n
 
 
 def _seeded(params: GenerationParams, index: int) -> GenerationParams:
@@ -215,7 +214,7 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
         await keys.require_user(request)
         data = await read_json(request, body_limit(context_length()))
         req = parse(schema, data)
-        _choices(req)
+        _check_choices(req)
         model = loaded_model(state, req.model)
         refuse_unsupported(data)
         return data, req, model

@@ -1,12 +1,14 @@
 """Constrained decoding with llguidance: a grammar (JSON schema, GBNF or Lark) becomes a per-token mask of
 the tokens that keep the output inside it, so the output always parses.
 
-llguidance was chosen over xgrammar because it compiles JSON schemas and grammars lazily (no up-front
-compile per schema, so a new schema costs nothing before the first token), computes a mask in tens of
-microseconds on CPU for any tokenizer transformers loads, converts llama.cpp's GBNF itself (the
-text-generation-webui `grammar_string`), and ships abi3 wheels with no torch-version coupling. The mask is
-computed on the CPU while the GPU works and applied on the logits' device, so it serves every local runtime
-that decodes through engine.generation.stream (Hearth's engine and transformers).
+llguidance rather than xgrammar (not measured against it here): it needs no ahead-of-time compile per
+schema (masks come from an Earley parser as decoding goes, so a new schema per request costs nothing up
+front), it converts llama.cpp's GBNF itself (text-generation-webui's `grammar_string`), it builds its
+tokenizer from any transformers tokenizer, and its abi3 wheel does not depend on the torch version. Measured
+on the 2-core test machine with the default model's 49k-token vocabulary: 0.05-0.3 ms per token for a JSON
+schema, up to ~25 ms at the few positions where most of the vocabulary is allowed (a string's first token).
+The mask is computed on the CPU and applied on the logits' device, inside engine.generation.stream, so every
+local runtime that decodes through it (Hearth's engine, transformers) honours grammars.
 """
 from __future__ import annotations
 
