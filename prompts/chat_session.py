@@ -13,6 +13,9 @@ from engine.model import Prompt
 from engine.sampling import GenerationParams
 
 History = list[dict[str, Any]]
+# Reply versions (text-generation-webui's arrows): the history index of a reply (as a string, a JSON key) ->
+# {"texts": every text that reply has had, oldest first, "shown": the index of the one in the history}.
+Versions = dict[str, dict[str, Any]]
 
 STOP_REASONS = {"eos": "end of reply", "stop_string": "stop string", "max_tokens": "max_new_tokens reached",
                 "cancelled": "stopped", "error": "error"}
@@ -181,3 +184,43 @@ def edit(history: History, index: int, text: str) -> tuple[History, bool]:
         del history[index + 1:]
         return history, True
     return history, False
+
+
+def remember(versions: Versions, history: History, new: bool = False) -> Versions:
+    """`versions` with the last reply's text kept as its shown version: added unless it is the shown one
+    already; with `new` (a reply just generated) always added, so even an identical regeneration counts."""
+    versions = {k: {"texts": list(v["texts"]), "shown": v["shown"]} for k, v in (versions or {}).items()}
+    if history and history[-1]["role"] == "assistant":
+        entry = versions.setdefault(str(len(history) - 1), {"texts": [], "shown": -1})
+        text = message_text(history[-1]["content"])
+        if new or not entry["texts"] or entry["texts"][entry["shown"]] != text:
+            entry["texts"].append(text)
+            entry["shown"] = len(entry["texts"]) - 1
+    return versions
+
+
+def prune(versions: Versions, history: History) -> Versions:
+    """The versions of replies still in `history` (after a removal or an edit that dropped turns)."""
+    return {k: v for k, v in (versions or {}).items()
+            if k.isdigit() and int(k) < len(history) and history[int(k)]["role"] == "assistant"}
+
+
+def browse(versions: Versions, history: History, step: int) -> tuple[History, Versions]:
+    """The history with its last reply shown `step` versions further (-1: the one before), kept in range."""
+    history = normalize(history)
+    key = str(len(history) - 1)
+    entry = (versions or {}).get(key)
+    if not entry or history[-1]["role"] != "assistant":
+        return history, versions
+    shown = max(0, min(len(entry["texts"]) - 1, entry["shown"] + step))
+    history[-1]["content"] = entry["texts"][shown]
+    return history, {**versions, key: {"texts": entry["texts"], "shown": shown}}
+
+
+def version_label(versions: Versions, history: History) -> str:
+    """ "version k of n" for the last reply when it has more than one, else empty."""
+    history = normalize(history)
+    entry = (versions or {}).get(str(len(history) - 1))
+    if not entry or len(entry["texts"]) < 2 or history[-1]["role"] != "assistant":
+        return ""
+    return f"version {entry['shown'] + 1} of {len(entry['texts'])}"

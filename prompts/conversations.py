@@ -29,6 +29,8 @@ class Conversation:
     model: str = ""
     created: float = 0.0
     updated: float = 0.0
+    # reply versions: history index (a string) -> its texts and the one shown (prompts.chat_session.Versions)
+    versions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _valid_id(conversation_id: str) -> bool:
@@ -146,6 +148,22 @@ class ConversationStore:
         return removed
 
 
+def _versions(value: Any) -> dict[str, dict[str, Any]]:
+    """Reply versions as saved (prompts.chat_session.Versions); a malformed entry is dropped: they are a
+    convenience, the messages are the chat."""
+    if not isinstance(value, dict):
+        return {}
+    found = {}
+    for key, entry in value.items():
+        if not (isinstance(key, str) and key.isdigit() and isinstance(entry, dict)):
+            continue
+        texts, shown = entry.get("texts"), entry.get("shown")
+        if isinstance(texts, list) and all(isinstance(t, str) for t in texts) and isinstance(shown, int) \
+                and 0 <= shown < len(texts):
+            found[key] = {"texts": texts, "shown": shown}
+    return found
+
+
 def _from_dict(data: Any, where: str) -> Conversation:
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise ValueError(f"{where} is corrupt: not a conversation")
@@ -160,6 +178,6 @@ def _from_dict(data: Any, where: str) -> Conversation:
                             system_message=str(data.get("system_message") or ""),
                             mode=str(data.get("mode") or "Chat"), template=str(data.get("template") or ""),
                             model=str(data.get("model") or ""), created=float(data.get("created") or 0),
-                            updated=float(data.get("updated") or 0))
+                            updated=float(data.get("updated") or 0), versions=_versions(data.get("versions")))
     except (KeyError, TypeError, ValueError):
         raise ValueError(f"{where} is corrupt: missing id or bad field") from None

@@ -1,6 +1,6 @@
-"""A real browser (issue 20, items 1 and 2): edit a message and get a new reply, every change saved as it
-happens, a reload reopens the chat, Remove last gives the text back, the chat keys, Delete asks first and
-the trash gives the chat back. One app and one page for all of it, to keep the suite short."""
+"""A real browser (issue 20, items 1 and 2): edit a message and get a new reply, reply versions with arrows,
+every change saved as it happens, a reload reopens the chat, Remove last gives the text back, the chat keys,
+Delete asks first and the trash gives the chat back. One app and one page for all of it, to keep the suite short."""
 import json
 import time
 
@@ -93,6 +93,16 @@ def test_edit_reload_remove_keys_delete_and_restore(tmp_path, models_dir):
             box.press("Control+Enter")
             wait_for_new_reply(page, app)
             assert page.evaluate(f"{USERS}.length") == 1 and box.input_value() == ""
+            # The replaced reply is kept: the arrows step through the versions, and the one shown is saved.
+            label = page.locator("#chat-version-label")
+            label.get_by_text("version 2 of 2").wait_for()
+            page.locator("#chat-version-prev").click()
+            label.get_by_text("version 1 of 2").wait_for()
+            assert page.evaluate(f"{BOTS}.at(-1).innerText").strip() == second_reply
+            deadline = time.time() + 60
+            while saved_conversations(conversations)[0]["versions"].get("1", {}).get("shown") != 0:
+                assert time.time() < deadline, saved_conversations(conversations)
+                time.sleep(0.2)
             page.keyboard.press("Escape")
             page.locator("#chat-status").get_by_text("nothing is generating").wait_for()
 
@@ -100,13 +110,14 @@ def test_edit_reload_remove_keys_delete_and_restore(tmp_path, models_dir):
             page.reload()
             page.wait_for_function(f"() => {USERS}.map(u => u.innerText.trim()).join() === "
                                    "'What is the capital of Italy?'")
+            label.get_by_text("version 1 of 2").wait_for()   # the versions came back with the chat
             shoot("3-reloaded")
 
             # Remove last puts the user's text back in the box, and the shorter chat is saved.
             page.locator("#chat-remove-last").click()
             page.wait_for_function("() => document.querySelector('#chat-input textarea').value === "
                                    "'What is the capital of Italy?'")
-            assert page.evaluate(f"{USERS}.length") == 0
+            assert page.evaluate(f"{USERS}.length") == 0 and label.inner_text().strip() == ""
             wait_until_saved(conversations, [[]])
 
             # Delete asks first and acts on the chat on screen; the trash gives it back.
@@ -124,6 +135,9 @@ def test_edit_reload_remove_keys_delete_and_restore(tmp_path, models_dir):
             shoot("4-delete-asks")
             page.locator("#conversation-delete-yes").click()
             page.wait_for_function(f"() => {USERS}.length === 0")
+            # The Conversations panel has its own status line; the chat's keeps the reply's.
+            page.locator("#conversation-status").get_by_text("moved the conversation to the trash").wait_for()
+            assert "tok/s" in page.evaluate(STATUS)
             assert saved_conversations(conversations) == []
             [trashed] = saved_conversations(conversations / "trash")
             assert trashed["messages"][0]["content"] == "Say hello."

@@ -80,3 +80,31 @@ def test_the_default_data_folder_is_beside_settings_yaml():
     from app_settings import APP_ROOT, DEFAULT_SETTINGS_FILE
 
     assert load_settings(DEFAULT_SETTINGS_FILE, {}).data_dir == Path(APP_ROOT) / "user_data"
+
+
+def test_reply_versions_are_kept_browsed_and_saved_with_the_conversation(tmp_path):
+    question = {"role": "user", "content": "Name a colour."}
+    history = [question, {"role": "assistant", "content": "Blue."}]
+    versions = chat_session.remember({}, history)                      # Regenerate keeps the reply it replaces
+    regenerated = [question, {"role": "assistant", "content": "Blue."}]   # greedy: the same text again
+    versions = chat_session.remember(versions, regenerated, new=True)   # ...and still counts as a version
+    regenerated = [question, {"role": "assistant", "content": "Red."}]
+    versions = chat_session.remember(versions, regenerated, new=True)
+    assert chat_session.version_label(versions, regenerated) == "version 3 of 3"
+
+    back, versions = chat_session.browse(versions, regenerated, -1)
+    back, versions = chat_session.browse(versions, back, -1)
+    back, versions = chat_session.browse(versions, back, -1)           # stays at the first
+    assert back[-1]["content"] == "Blue." and chat_session.version_label(versions, back) == "version 1 of 3"
+    forward, versions = chat_session.browse(versions, back, 2)
+    assert forward[-1]["content"] == "Red." and chat_session.version_label(versions, forward) == "version 3 of 3"
+
+    store = ConversationStore(tmp_path / "conversations")
+    saved = store.save_messages("", forward, versions=versions)
+    reopened = ConversationStore(tmp_path / "conversations").open(saved.id)
+    assert reopened.versions == versions and reopened.messages[-1]["content"] == "Red."
+    # Remove last drops the removed reply's versions; a malformed saved entry is skipped, not fatal.
+    assert chat_session.prune(versions, [question]) == {}
+    (store.folder / f"{saved.id}.json").write_text(
+        (store.folder / f"{saved.id}.json").read_text().replace('"shown": 2', '"shown": 7'))
+    assert store.open(saved.id).versions == {}

@@ -2,6 +2,8 @@
 conversations. Logic lives in prompts/ (chat_session, presets, conversations, templates); this file only wires
 widgets to it."""
 
+import functools
+
 import gradio as gr
 
 from engine.sampling import GenerationParams
@@ -52,6 +54,11 @@ def build_chat_tab(state) -> dict:
                 continue_btn = gr.Button("Continue", elem_id="chat-continue")
                 remove_btn = gr.Button("Remove last", elem_id="chat-remove-last")
                 clear_btn = gr.Button("Clear", elem_id="chat-clear")
+            with gr.Row():   # the last reply's versions (Regenerate keeps the one it replaces)
+                version_prev = gr.Button("◀", elem_id="chat-version-prev", size="sm", scale=0, min_width=40)
+                version_label = gr.Markdown("", elem_id="chat-version-label")
+                version_next = gr.Button("▶", elem_id="chat-version-next", size="sm", scale=0, min_width=40)
+            versions_state = gr.State({})
         with gr.Column(visible=False) as notebook_area:
             notebook = gr.Textbox(lines=14, label="Notebook (the model continues this text)",
                                   elem_id="notebook-text")
@@ -89,6 +96,8 @@ def build_chat_tab(state) -> dict:
                 trash_list = gr.Dropdown([], label="Trash", elem_id="trash-list")
                 restore_btn = gr.Button("Restore", elem_id="trash-restore")
                 empty_trash_btn = gr.Button("Empty trash", variant="stop", elem_id="trash-empty")
+            # The panel's own line: a conversation action's message neither hides nor outlives a reply's status.
+            conversation_status = gr.Markdown("", elem_id="conversation-status")
         with gr.Accordion("Generation parameters", open=False):
             # Built with the values a generation would use now; each page load and model change sets them
             # again from the loaded model's effective settings (`refresh_model`).
@@ -130,11 +139,14 @@ def build_chat_tab(state) -> dict:
     def trash_choices():
         return gr.update(choices=[(c.title, c.id) for c in conversations.trashed()], value=None)
 
-    def save(conv_id: str, history, mode_name: str, system: str, template_name: str | None):
-        """Store the chat on screen under `conv_id` (a new conversation when empty); returns its id."""
-        return conversations.save_messages(conv_id, chat_session.normalize(history), system_message=system or "",
-                                           mode=mode_name, template=choice_of(template_name) or "",
-                                           model=state.model.name if state.model else "").id
+    def save(conv_id: str, history, mode_name: str, system: str, template_name: str | None, versions=None):
+        """Store the chat on screen under `conv_id` (a new conversation when empty); returns its id.
+        `versions`: its replies' versions (None: those saved stay)."""
+        history = chat_session.normalize(history)
+        extra = {} if versions is None else {"versions": chat_session.prune(versions, history)}
+        return conversations.save_messages(conv_id, history, system_message=system or "", mode=mode_name,
+                                           template=choice_of(template_name) or "",
+                                           model=state.model.name if state.model else "", **extra).id
 
     def prompt_outputs(reply):
         if reply.prompt is None:
@@ -165,7 +177,9 @@ def build_chat_tab(state) -> dict:
         return (*refresh(), *["\n".join(v) if isinstance(v, list) else v for v in values])
 
     # ---- generation -----------------------------------------------------------------------------------
-    def stream_chat(action, history, conv_id, mode_name, system, template_name, request):
+    def stream_chat(action, history, conv_id, mode_name, system, template_name, request, versions=None):
+        """Stream a reply into the chat and save it. `versions` (regenerate, continue): the reply's versions,
+        which then keep the new text too; None (send): the new reply has none yet."""
         key = request.session_hash if request is not None else "default"
         last = history
         finished = False
@@ -174,28 +188,33 @@ def build_chat_tab(state) -> dict:
                 last = new_history
                 shown, tokens = prompt_outputs(reply)
                 text = reply.text if not reply.error else f"⚠️ {reply.text}"
-                yield new_history, text, shown, tokens, gr.skip(), gr.skip()
+                yield new_history, text, shown, tokens, gr.skip(), gr.skip(), gr.skip(), gr.skip()
             finished = True
         except USER_ERRORS as exc:
-            yield history, f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield history, f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         finally:
             if not finished:   # the page went away mid-reply: the reply so far is kept all the same
-                save(conv_id, last, mode_name, system, template_name)
-        saved = save(conv_id, last, mode_name, system, template_name)
-        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), saved, conversation_choices(saved)
+                save(conv_id, last, mode_name, system, template_name, versions)
+        if versions is not None:
+            versions = chat_session.remember(versions, last, new=True)
+        saved = save(conv_id, last, mode_name, system, template_name, versions)
+        yield (gr.skip(), gr.skip(), gr.skip(), gr.skip(), saved, conversation_choices(saved),
+               gr.skip() if versions is None else versions, chat_session.version_label(versions, last))
 
-    chat_outputs = [chatbot, status, prompt_view, prompt_tokens, conversation_id, conversation_list]
+    chat_outputs = [chatbot, status, prompt_view, prompt_tokens, conversation_id, conversation_list, versions_state,
+                    version_label]
 
     # gr.Request comes first: Gradio injects it by position (a keyword-only one after *values is never filled).
-    def on_send(request: gr.Request, text, history, conv_id, mode_name, system, template_name, *values):
+    def on_send(request: gr.Request, text, history, conv_id, mode_name, system, template_name, versions, *values):
+        unchanged = [gr.skip()] * 6
         if not text or not text.strip():
-            yield history, "", "Type a message first.", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield history, "", "Type a message first.", *unchanged
             return
         try:
             params = params_of(values)
         except OptionError as exc:
-            yield history, text, f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield history, text, f"⚠️ {exc}", *unchanged
             return
         choice = choice_of(template_name)
         if mode_name == "Instruct":  # one turn: the instruction alone, no earlier history
@@ -208,30 +227,40 @@ def build_chat_tab(state) -> dict:
         conv_id = save(conv_id, shown, mode_name, system, template_name)
         # The input box is cleared once, here: clearing it on every streamed update would wipe what the user
         # types for the next turn while this reply is still coming.
-        yield shown, "", "queued…", gr.skip(), gr.skip(), conv_id, conversation_choices(conv_id)
+        yield shown, "", "queued…", gr.skip(), gr.skip(), conv_id, conversation_choices(conv_id), gr.skip(), ""
         startup = state.startup
         while startup is not None and not startup.finished.wait(1.0):   # Send waits for the start-up load
-            yield gr.skip(), gr.skip(), startup.line(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), startup.line(), *unchanged
         for out in stream_chat(action, history, conv_id, mode_name, system, template_name, request):
             yield out[0], gr.skip(), *out[1:]
 
-    def on_regenerate(request: gr.Request, history, conv_id, mode_name, system, template_name, *values):
+    def on_regenerate(request: gr.Request, history, conv_id, mode_name, system, template_name, versions, *values):
         params = params_of(values)
         action = lambda key: chat_session.regenerate(state, history, params, key, system or None,
                                                      choice_of(template_name))
-        yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request)
+        # The reply being replaced stays a version (the arrows bring it back).
+        versions = chat_session.remember(versions, chat_session.normalize(history))
+        yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request, versions)
 
-    def on_continue(request: gr.Request, history, conv_id, mode_name, system, template_name, *values):
+    def on_continue(request: gr.Request, history, conv_id, mode_name, system, template_name, versions, *values):
         params = params_of(values)
         action = lambda key: chat_session.continue_reply(state, history, params, key, system or None,
                                                          choice_of(template_name))
-        yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request)
+        yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request, versions)
 
-    def on_reply_to_edit(request: gr.Request, needed, history, conv_id, mode_name, system, template_name, *values):
+    def on_reply_to_edit(request: gr.Request, needed, history, conv_id, mode_name, system, template_name, versions,
+                         *values):
         if not needed:   # an edited reply: nothing to generate
             yield tuple(gr.skip() for _ in chat_outputs)
             return
-        yield from on_regenerate(request, history, conv_id, mode_name, system, template_name, *values)
+        yield from on_regenerate(request, history, conv_id, mode_name, system, template_name, versions, *values)
+
+    def on_version(history, conv_id, mode_name, system, template_name, versions, step: int):
+        """The last reply's previous (step -1) or next (+1) version, shown and saved as the chat's text."""
+        history, versions = chat_session.browse(versions, history, step)
+        if conv_id:
+            save(conv_id, history, mode_name, system, template_name, versions)
+        return history, versions, chat_session.version_label(versions, history)
 
     def on_notebook(request: gr.Request, text, *values):
         try:
@@ -329,27 +358,41 @@ def build_chat_tab(state) -> dict:
         removed = conversations.empty_trash()
         return trash_choices(), f"deleted {removed} conversation(s) for good"
 
-    # ---- editing the chat on screen (each change is saved at once) -----------------------------------------
-    def on_remove_last(history, conv_id, mode_name, system, template_name):
-        history, text = chat_session.remove_last(history)
-        if conv_id:
-            save(conv_id, history, mode_name, system, template_name)
-        return history, text
+    def saved_versions(conv_id, history):
+        """The reply versions of the conversation now on screen (after an open, a reload, New, a restore)."""
+        try:
+            versions = conversations.open(conv_id).versions if conv_id else {}
+        except ValueError:
+            versions = {}
+        return versions, chat_session.version_label(versions, history)
 
-    def on_edit(history, conv_id, mode_name, system, template_name, edit: gr.EditData):
+    # ---- editing the chat on screen (each change is saved at once) -----------------------------------------
+    def on_remove_last(history, conv_id, mode_name, system, template_name, versions):
+        history, text = chat_session.remove_last(history)
+        versions = chat_session.prune(versions, history)
+        if conv_id:
+            save(conv_id, history, mode_name, system, template_name, versions)
+        return history, text, versions, chat_session.version_label(versions, history)
+
+    def on_edit(history, conv_id, mode_name, system, template_name, versions, edit: gr.EditData):
         """An edited message is saved; an edited user message drops the turns after it, and `regenerate`
-        (chained after this) answers it anew."""
+        (chained after this) answers it anew; an edited reply with versions keeps its edit as one more."""
         index = edit.index if isinstance(edit.index, int) else edit.index[0]
         history = chat_session.normalize(history)
         try:
             history, reply_needed = chat_session.edit(history, index, chat_session.message_text(edit.value))
         except IndexError as exc:
-            return history, conv_id, gr.skip(), False, f"⚠️ {exc}"
-        conv_id = save(conv_id, history, mode_name, system, template_name)
-        return history, conv_id, conversation_choices(conv_id), reply_needed, "edited the message"
+            return history, conv_id, gr.skip(), False, gr.skip(), gr.skip(), f"⚠️ {exc}"
+        versions = chat_session.prune(versions, history)
+        if str(index) in versions:
+            versions = chat_session.remember(versions, history[:index + 1])
+        conv_id = save(conv_id, history, mode_name, system, template_name, versions)
+        return (history, conv_id, conversation_choices(conv_id), reply_needed, versions,
+                chat_session.version_label(versions, history), "edited the message")
 
     # ---- wiring ---------------------------------------------------------------------------------------------
-    common_in = [conversation_id, mode, system_message, template, *params_in]
+    common_in = [conversation_id, mode, system_message, template, versions_state, *params_in]
+    chat_in = [chatbot, conversation_id, mode, system_message, template, versions_state]
     # always_last: a Send pressed while the previous reply is still finishing (its status already says done,
     # the conversation is being saved) runs right after it; Gradio's default for clicks drops it silently.
     send_args = dict(inputs=[message, chatbot, *common_in], outputs=[chatbot, message, *chat_outputs[1:]],
@@ -364,40 +407,53 @@ def build_chat_tab(state) -> dict:
                        concurrency_id="generate", api_name="notebook")
     stop_btn.click(on_stop, None, [status], queue=False, api_name="stop")
     notebook_stop.click(on_stop, None, [status], queue=False, api_name=False)
-    remove_btn.click(on_remove_last, [chatbot, conversation_id, mode, system_message, template], [chatbot, message],
-                     queue=False)
+    remove_btn.click(on_remove_last, chat_in, [chatbot, message, versions_state, version_label], queue=False)
+    version_prev.click(functools.partial(on_version, step=-1), chat_in, [chatbot, versions_state, version_label],
+                       queue=False)
+    version_next.click(functools.partial(on_version, step=1), chat_in, [chatbot, versions_state, version_label],
+                       queue=False)
     # Clear starts a new chat: the saved one stays in the list.
-    clear_btn.click(lambda: ([], "", "", conversation_choices("")), None,
-                    [chatbot, status, conversation_id, conversation_list], queue=False)
+    cleared = clear_btn.click(lambda: ([], "", "", conversation_choices("")), None,
+                              [chatbot, status, conversation_id, conversation_list], queue=False)
     reply_needed = gr.State(False)
-    chatbot.edit(on_edit, [chatbot, conversation_id, mode, system_message, template],
-                 [chatbot, conversation_id, conversation_list, reply_needed, status], queue=False).then(
+    chatbot.edit(on_edit, chat_in,
+                 [chatbot, conversation_id, conversation_list, reply_needed, versions_state, version_label, status],
+                 queue=False).then(
         on_reply_to_edit, [reply_needed, chatbot, *common_in], chat_outputs, concurrency_id="generate")
     mode.change(on_mode, [mode], [chat_area, notebook_area], queue=False)
     template.change(describe_template, [template], [template_info], queue=False)
     preset.change(on_preset, [preset], params_in, queue=False)
     save_preset_btn.click(on_save_preset, [preset_name, *params_in], [preset, status], queue=False)
-    new_btn.click(on_new, [mode, system_message, template], [chatbot, conversation_id, conversation_list, status],
-                  queue=False)
-    open_btn.click(on_open, [conversation_list], [chatbot, conversation_id, system_message, status], queue=False)
-    rename_btn.click(on_rename, [conversation_id, rename_text], [conversation_list, status], queue=False)
-    delete_btn.click(on_delete, [conversation_id], [confirm_row, confirm_text, status], queue=False)
-    confirm_yes.click(on_delete_confirmed, [conversation_id],
-                      [confirm_row, chatbot, conversation_id, conversation_list, trash_list, status], queue=False)
-    confirm_no.click(lambda: (gr.update(visible=False), "kept the conversation"), None, [confirm_row, status],
-                     queue=False)
-    restore_btn.click(on_restore, [trash_list], [chatbot, conversation_id, conversation_list, trash_list, status],
-                      queue=False)
-    empty_trash_btn.click(on_empty_trash, None, [trash_list, status], queue=False)
+    created = new_btn.click(on_new, [mode, system_message, template], [chatbot, conversation_id, conversation_list,
+                                                                      conversation_status], queue=False)
+    opened = open_btn.click(on_open, [conversation_list], [chatbot, conversation_id, system_message,
+                                                             conversation_status], queue=False)
+    rename_btn.click(on_rename, [conversation_id, rename_text], [conversation_list, conversation_status], queue=False)
+    delete_btn.click(on_delete, [conversation_id], [confirm_row, confirm_text, conversation_status], queue=False)
+    deleted = confirm_yes.click(on_delete_confirmed, [conversation_id],
+                                [confirm_row, chatbot, conversation_id, conversation_list, trash_list,
+                                 conversation_status],
+                                queue=False)
+    confirm_no.click(lambda: (gr.update(visible=False), "kept the conversation"), None,
+                     [confirm_row, conversation_status], queue=False)
+    restored = restore_btn.click(on_restore, [trash_list],
+                                 [chatbot, conversation_id, conversation_list, trash_list, conversation_status],
+                                 queue=False)
+    empty_trash_btn.click(on_empty_trash, None, [trash_list, conversation_status], queue=False)
+    # Whichever conversation comes on screen brings its reply versions.
+    for switched in (cleared, created, opened, deleted, restored):
+        switched.then(saved_versions, [conversation_id, chatbot], [versions_state, version_label], queue=False)
     tab.select(refresh, None, refresh_outputs, queue=False)
-    # The start-up model is loaded before the UI is built: show its template and saved choices right away.
+    # What the page shows before its load events: the template line (or the start-up load's), saved choices.
     initial = refresh()
     template_info.value, system_message.value, preset.value = initial[0], initial[1], initial[2]
     file_problems.value = initial[5]
     conversation_list.choices = [(c.title, c.id) for c in conversations.list()]
+
     def page_load(demo: gr.Blocks) -> None:
         demo.load(on_page_load, None, [chatbot, conversation_id, system_message, conversation_list, trash_list],
-                  queue=False)
+                  queue=False).then(saved_versions, [conversation_id, chatbot], [versions_state, version_label],
+                                    queue=False)
         demo.load(None, js=KEYBOARD_JS)
 
     return {"chatbot": chatbot, "header": template_info, "refresh": refresh_model,
