@@ -274,3 +274,25 @@ def test_grammar_string_constrains_a_streamed_completion(http):
     schema = http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2,
                                                      "response_format": {"type": "json_schema"}})
     assert schema.status_code == 400 and schema.json()["error"]["param"] == "response_format"
+
+
+def test_temperature_last_truncates_before_the_temperature():
+    """SillyTavern sends temperature_last: min_p then judges the raw distribution, not the flattened one."""
+    import torch
+    from engine.sampling import GenerationParams, Sampler, TokenControls
+    logits, history = torch.tensor([0.0, -1.0, -3.0]), torch.tensor([], dtype=torch.long)
+    common = dict(temperature=3.0, min_p=0.2, top_k=0, top_p=1.0, seed=5)
+
+    def draws(params) -> set[int]:
+        sampler = Sampler(params)
+        return {int(sampler(logits, history)) for _ in range(300)}
+    assert draws(GenerationParams(**common)) == {0, 1, 2}   # at temperature 3 min_p keeps all three
+    assert draws(TokenControls(**common, temperature_last=True)) == {0, 1}   # exp(-3) < 0.2 of the top
+
+
+def test_do_sample_false_is_greedy(http):
+    body = {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.5, "top_p": 1.0, "top_k": 0}
+    greedy = http.post("/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    for seed in (1, 2, 3):
+        reply = http.post("/v1/completions", json={**body, "seed": seed, "do_sample": False}).json()
+        assert reply["choices"][0]["text"] == greedy
