@@ -105,12 +105,18 @@ def test_edit_reload_remove_keys_delete_and_restore(tmp_path, models_dir):
                 time.sleep(0.2)
             page.keyboard.press("Escape")
             page.locator("#chat-status").get_by_text("nothing is generating").wait_for()
+            # Alt+Enter continues the reply (a new generation, the same single turn).
+            watch_status(page)
+            box.press("Alt+Enter")
+            wait_for_new_reply(page, app)
+            assert page.evaluate(f"{USERS}.length") == 1 and page.evaluate(f"{BOTS}.length") == 1
+            label.get_by_text("version 3 of 3").wait_for()   # the continued text is one more version
 
             # A reload reopens the conversation saved last.
             page.reload()
             page.wait_for_function(f"() => {USERS}.map(u => u.innerText.trim()).join() === "
                                    "'What is the capital of Italy?'")
-            label.get_by_text("version 1 of 2").wait_for()   # the versions came back with the chat
+            label.get_by_text("version 3 of 3").wait_for()   # the versions came back with the chat
             shoot("3-reloaded")
 
             # Remove last puts the user's text back in the box, and the shorter chat is saved.

@@ -24,7 +24,10 @@ KEYBOARD_JS = """() => {
     if (window.__hearthKeys) return;
     window.__hearthKeys = true;
     document.addEventListener('keydown', (e) => {
-        const click = (id) => { const b = document.getElementById(id); if (b) { e.preventDefault(); e.stopPropagation(); b.click(); } };
+        const click = (id) => {   // only while the chat is on screen (not on another tab, not in Notebook)
+            const b = document.getElementById(id);
+            if (b && b.offsetParent !== null) { e.preventDefault(); e.stopPropagation(); b.click(); }
+        };
         if (e.key === 'Escape') click('chat-stop');
         else if (e.key === 'Enter' && (e.ctrlKey || e.metaKey) && !e.altKey) click('chat-regenerate');
         else if (e.key === 'Enter' && e.altKey && !e.ctrlKey) click('chat-continue');
