@@ -26,6 +26,7 @@ from loaders.base import Detection, LoaderRegistry, LoadError, Progress, no_prog
 from core.folder import reading_once
 from loaders.gguf_loader import GGUFLoader
 from loaders.gptq_loader import GPTQLoader
+from loaders.llamacpp_loader import LlamaCppLoader
 from loaders.model_settings import effective_settings, loader_options_to_apply, with_chosen_options
 from core.options import OptionError, build
 from loaders.remote_loader import RemoteLoader
@@ -101,6 +102,7 @@ def default_registry() -> LoaderRegistry:
     registry.register(GPTQLoader())
     registry.register(AWQLoader())
     registry.register(GGUFLoader())
+    registry.register(LlamaCppLoader())
     return registry
 
 

@@ -44,6 +44,18 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 
+# llama-cpp-python, the GGUF runtime, is compiled from source (minutes; pip's wheel cache makes a rebuild take
+# seconds) and never rebuilt once the pinned version is installed. A launch does not wait for it: it builds in
+# the background, niced, while the UI comes up (the Model tab shows its state; GGUF models run on Hearth's
+# engine until it is ready). --install-only (what ./run_tests.sh runs) builds it in the foreground.
+if [ "$INSTALL_ONLY" = 1 ]; then
+  "$VPY" -m loaders.llamacpp_install build \
+    || echo "[hearth] llama-cpp-python did not build: GGUF models run on Hearth's engine ($("$VPY" -m loaders.llamacpp_install state))"
+elif ! "$VPY" -m loaders.llamacpp_install state >/dev/null; then
+  echo "[hearth] building llama-cpp-python in the background (the Model tab shows its progress)"
+  nohup nice -n 10 "$VPY" -m loaders.llamacpp_install build >/dev/null 2>&1 &
+fi
+
 export GRADIO_ANALYTICS_ENABLED=False
 export HF_HUB_DISABLE_TELEMETRY=1
 "$VPY" app.py install-default-model

