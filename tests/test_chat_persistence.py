@@ -108,3 +108,27 @@ def test_reply_versions_are_kept_browsed_and_saved_with_the_conversation(tmp_pat
     (store.folder / f"{saved.id}.json").write_text(
         (store.folder / f"{saved.id}.json").read_text().replace('"shown": 2', '"shown": 7'))
     assert store.open(saved.id).versions == {}
+
+
+def test_send_without_a_model_keeps_the_typed_text_in_the_box(tmp_path):
+    from gradio_client import Client
+
+    from tests.conftest import free_port, make_state
+    from ui.app import build_ui
+
+    state = make_state(tmp_path / "models")   # no model loaded, none loading
+    demo = build_ui(state)
+    demo.queue(default_concurrency_limit=4)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False, ssr_mode=False,
+                quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}", verbose=False)
+        outputs = client.predict(text="A long message typed with care", api_name="/send")
+        history, box, status = outputs[0], outputs[1], outputs[2]
+        assert box == "A long message typed with care"
+        assert "no model is loaded" in status
+        assert history == []
+        assert ConversationStore(state.conversations_dir).list() == []   # nothing half-saved either
+    finally:
+        demo.close()

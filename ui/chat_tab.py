@@ -219,6 +219,11 @@ def build_chat_tab(state) -> dict:
         except OptionError as exc:
             yield history, text, f"⚠️ {exc}", *unchanged
             return
+        startup = state.startup
+        if state.model is None and (startup is None or startup.finished.is_set()):
+            # Nothing can answer (and no load is coming): the text stays in the box instead of vanishing.
+            yield history, text, "⚠️ no model is loaded: pick one on the Model tab and press Load", *unchanged
+            return
         choice = choice_of(template_name)
         if mode_name == "Instruct":  # one turn: the instruction alone, no earlier history
             history, conv_id = [], ""
@@ -231,7 +236,6 @@ def build_chat_tab(state) -> dict:
         # The input box is cleared once, here: clearing it on every streamed update would wipe what the user
         # types for the next turn while this reply is still coming.
         yield shown, "", "queued…", gr.skip(), gr.skip(), conv_id, conversation_choices(conv_id), gr.skip(), ""
-        startup = state.startup
         while startup is not None and not startup.finished.wait(1.0):   # Send waits for the start-up load
             yield gr.skip(), gr.skip(), startup.line(), *unchanged
         for out in stream_chat(action, history, conv_id, mode_name, system, template_name, request):
