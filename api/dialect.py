@@ -26,10 +26,6 @@ def _number_is(*off: float) -> Callable[[Any], bool]:
     return lambda value: isinstance(value, (int, float)) and value in off
 
 
-def _at_most(limit: float) -> Callable[[Any], bool]:
-    return lambda value: isinstance(value, (int, float)) and value <= limit
-
-
 def _falsy(value: Any) -> bool:
     return not value
 
@@ -37,12 +33,6 @@ def _falsy(value: Any) -> bool:
 # Samplers and features of text-generation-webui, vLLM and OpenAI that Hearth does not implement yet, each
 # with what its "off" looks like.
 _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "dry_multiplier": (_number_is(0), "the DRY sampler"),
-    "xtc_probability": (_number_is(0), "the XTC sampler"),
-    "mirostat_mode": (_number_is(0), "mirostat"),
-    "top_n_sigma": (_at_most(0), "top-n-sigma"),
-    "dynamic_temperature": (_falsy, "dynamic temperature"),
-    "smoothing_factor": (_number_is(0), "quadratic sampling (smoothing_factor)"),
     "tfs": (_number_is(1), "tail-free sampling"),
     "top_a": (_number_is(0), "top-a"),
     "epsilon_cutoff": (_number_is(0), "epsilon sampling"),

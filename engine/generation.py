@@ -13,7 +13,7 @@ from typing import Iterator, Protocol, Sequence, Union
 
 import torch
 
-from engine.sampling import GenerationParams, Sampler, TokenControls
+from engine.sampling import GenerationParams, Sampler, TokenControls, sequence_breaker_ids
 from engine.stopping import IncrementalDecoder, StopStringFilter
 
 
@@ -121,7 +121,7 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
     if context_length:
         max_new = min(max_new, max(context_length - len(prompt_ids), 0))
     eos = set(int(i) for i in eos_token_ids)
-    sampler = Sampler(params, device=stepper.device)
+    sampler = Sampler(params, device=stepper.device, breakers=sequence_breaker_ids(params, tokenizer))
     history = torch.tensor(list(prompt_ids), dtype=torch.long, device=stepper.device)
     history = torch.cat([history, torch.empty(max_new, dtype=torch.long, device=stepper.device)])
     n_prompt = len(prompt_ids)

@@ -165,8 +165,7 @@ def test_off_spellings_and_low_repetition_penalty_are_accepted(http):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("dry_multiplier", 0.8), ("xtc_probability", 0.5), ("mirostat_mode", 2), ("top_n_sigma", 1.0),
-    ("dynamic_temperature", True), ("smoothing_factor", 0.3),
+    ("tfs", 0.9), ("top_a", 0.2),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
 ])
 def test_known_fields_hearth_cannot_honour_are_400s_naming_them(http, field, value):

@@ -15,7 +15,7 @@ def test_shipped_presets_load_cleanly():
 
 
 def test_malformed_and_unknown_keys_are_reported(tmp_path):
-    (tmp_path / "good.yaml").write_text("temperature: 0.5\ntfs: 1\nmirostat_mode: 0\n")
+    (tmp_path / "good.yaml").write_text("temperature: 0.5\ntfs: 1\ntop_a: 0\n")
     (tmp_path / "bad_yaml.yaml").write_text("temperature: [0.5\n")
     (tmp_path / "bad_value.yaml").write_text("top_p: 7\n")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
@@ -25,7 +25,7 @@ def test_malformed_and_unknown_keys_are_reported(tmp_path):
     text = "\n".join(catalog.problems)
     for name in ("bad_yaml.yaml", "bad_value.yaml", "list.yaml"):
         assert f"{name}: skipped" in text
-    assert "tfs" in text and "mirostat_mode" in text
+    assert "tfs" in text and "top_a" in text
 
 
 def test_save_as_new_preset_round_trips_atomically(tmp_path):
