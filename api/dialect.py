@@ -43,7 +43,6 @@ _UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "encoder_repetition_penalty": (_number_is(1), "the encoder repetition penalty"),
     "no_repeat_ngram_size": (_number_is(0), "no_repeat_ngram_size"),
     "min_tokens": (_number_is(0), "a minimum reply length"),
-    "tools": (_falsy, "tool calling"),
     "functions": (_falsy, "function calling"),
     "guided_json": (_falsy, "vLLM's guided decoding (send response_format)"),
     "guided_regex": (_falsy, "vLLM's guided decoding"),

@@ -46,10 +46,13 @@ class Reply:
 
     # ---- streaming ------------------------------------------------------------------------------------
     def chunk(self, text: str | None, finish: str | None = None, first: bool = False,
-              stop_reason: str | None = None, index: int = 0, logprobs: dict | None = None) -> dict:
+              stop_reason: str | None = None, index: int = 0, logprobs: dict | None = None,
+              tool_calls: list[dict] | None = None) -> dict:
         if self.kind == "chat":
             delta: dict = {"role": "assistant", "content": text or ""} if first else \
                 ({"content": text} if text else {})
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             body = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
@@ -66,10 +69,14 @@ class Reply:
         return {**self._head(obj), "choices": [], "usage": self.usage(completion_tokens)}
 
     # ---- whole responses ------------------------------------------------------------------------------
-    def choice(self, index: int, text: str, done: DoneEvent, logprobs: dict | None = None) -> dict:
+    def choice(self, index: int, text: str | None, done: DoneEvent, logprobs: dict | None = None,
+               tool_calls: list[dict] | None = None) -> dict:
         if self.kind == "chat":
-            choice = {"index": index, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": logprobs, "finish_reason": finish_reason(done)}
+            message = {"role": "assistant", "content": text, "refusal": None}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choice = {"index": index, "message": message, "logprobs": logprobs,
+                      "finish_reason": "tool_calls" if tool_calls else finish_reason(done)}
         else:
             choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason(done)}
         if done.stop_string is not None:

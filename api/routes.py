@@ -15,6 +15,8 @@ from api.errors import ApiError, install_error_handlers, refusal
 from api.generation_run import GenerationRun
 from api.dialect import MAX_CHOICES, adjust_prompt, refuse_unsupported, token_controls, with_controls
 from api.logprobs import CompletionLogprobs, chat_logprobs, token_text
+from api.tools import ToolRequest, ToolStream, argument_chunks, forced_controls, parse_tool_calls, \
+    prompt_messages, tool_request
 from api.openai_format import SSE_DONE, Reply, finish_reason, model_card, sse
 from api.schemas import (ChatCompletionRequest, CompletionRequest, DecodeRequest, EncodeRequest, LoadModelRequest,
                          LogitsRequest, TokenCountRequest, body_limit, parse, read_json, require_json_type,
@@ -119,9 +121,11 @@ class _Logprobs:
 
 
 async def _respond(request: Request, state, model, prompt: Prompt, params: GenerationParams, reply: Reply,
-                   stream: bool, n: int = 1, echo: str = "") -> Any:
+                   stream: bool, n: int = 1, echo: str = "", tools: ToolRequest | None = None) -> Any:
+    """The reply, whole or streamed; with `tools` (offered, not switched off) calls in the text become
+    tool_calls."""
     if stream:
-        return StreamingResponse(_stream(request, state, model, prompt, params, reply, n, echo),
+        return StreamingResponse(_stream(request, state, model, prompt, params, reply, n, echo, tools),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     choices, used = [], 0
@@ -138,15 +142,18 @@ async def _respond(request: Request, state, model, prompt: Prompt, params: Gener
         assert done is not None, "a generation always ends with a DoneEvent"
         if done.reason == "error":
             raise ApiError(500, f"generation failed: {done.error}", code="generation_error")
-        choices.append(reply.choice(index, echo + done.text, done, _Logprobs(reply, model, params).block(tokens)))
+        text, calls = parse_tool_calls(done.text) if tools is not None else (echo + done.text, [])
+        choices.append(reply.choice(index, text, done, _Logprobs(reply, model, params).block(tokens),
+                                    [call.as_openai() for call in calls] or None))
     return JSONResponse(reply.response(choices, used))
 
 
 async def _stream(request: Request, state, model, prompt: Prompt, params: GenerationParams, reply: Reply,
-                  n: int, echo: str):
+                  n: int, echo: str, tools: ToolRequest | None):
     used = 0
     for index in range(n):
         logprobs = _Logprobs(reply, model, params)
+        calls = ToolStream() if tools is not None else None
         if reply.kind == "chat":
             yield sse(reply.chunk(None, first=True, index=index))   # OpenAI opens a chat stream with the role
         # With prompt logprobs the echo waits for the prompt's scores, which come first from the run.
@@ -170,8 +177,10 @@ async def _stream(request: Request, state, model, prompt: Prompt, params: Genera
                 yield sse(reply.chunk(unsent_echo, index=index, logprobs=logprobs.block(prompt_tokens)))
                 unsent_echo = ""
             if isinstance(event, TextEvent):
-                yield sse(reply.chunk(event.text, index=index, logprobs=logprobs.block(pending) if pending else None))
-                pending = []
+                text = calls.feed(event.text) if calls is not None else event.text
+                if text or calls is None:   # text held back as a possible tool call keeps its logprobs pending
+                    yield sse(reply.chunk(text, index=index, logprobs=logprobs.block(pending) if pending else None))
+                    pending = []
             elif isinstance(event, StatsEvent):
                 used += event.new_tokens
             elif isinstance(event, DoneEvent):
@@ -179,7 +188,19 @@ async def _stream(request: Request, state, model, prompt: Prompt, params: Genera
                     # The openai client raises APIError on a data line carrying "error".
                     yield sse(ApiError(500, f"generation failed: {event.error}", code="generation_error").body())
                     return
-                yield sse(reply.chunk(None, finish_reason(event), stop_reason=event.stop_string, index=index,
+                finish = finish_reason(event)
+                if calls is not None:
+                    rest, found = calls.finish()
+                    if rest:
+                        yield sse(reply.chunk(rest, index=index))
+                    for position, call in enumerate(found):   # OpenAI's order: id and name, then arguments
+                        yield sse(reply.chunk(None, index=index, tool_calls=[
+                            {**call.as_openai(position), "function": {"name": call.name, "arguments": ""}}]))
+                        for piece in argument_chunks(call.arguments):
+                            yield sse(reply.chunk(None, index=index, tool_calls=[
+                                {"index": position, "function": {"arguments": piece}}]))
+                    finish = "tool_calls" if found else finish
+                yield sse(reply.chunk(None, finish, stop_reason=event.stop_string, index=index,
                                       logprobs=logprobs.block(pending) if pending else None))
     if reply.include_usage:
         yield sse(reply.usage_chunk(used))
@@ -222,14 +243,17 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         data, req, model = await accepted(request, ChatCompletionRequest)
-        messages = req.chat_messages()
+        tools = tool_request(data)
+        messages = prompt_messages(req.chat_messages(), tools)
         if req.continue_final_message and messages[-1]["role"] == "assistant":
             prompt = await _render(state.continue_prompt, messages)
         else:
             prompt = await _render(state.chat_prompt, messages)
-        prompt, params = plan(state, model, prompt, data, token_controls(data, "chat", model))
+        controls = forced_controls(tools, model, token_controls(data, "chat", model))
+        prompt, params = plan(state, model, prompt, data, controls)
         reply = Reply("chat", model.name, prompt.n_tokens, req.include_usage)
-        return await _respond(request, state, model, prompt, params, reply, req.stream, req.n)
+        return await _respond(request, state, model, prompt, params, reply, req.stream, req.n,
+                              tools=tools if tools is not None and tools.active else None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -288,7 +312,7 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
             raise ApiError(400, "no model is loaded, so there is no tokenizer to count with",
                            code="model_not_loaded")
         if req.messages is not None:
-            prompt = await _render(state.chat_prompt, req.chat_messages())
+            prompt = await _render(state.chat_prompt, prompt_messages(req.chat_messages(), None))
         else:
             prompt = await _render(state.raw_prompt, req.text)
         return {"length": prompt.n_tokens, "context_length": state.model.context_length}

@@ -46,8 +46,9 @@ class StreamOptions(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None   # an assistant turn that called tools (api.tools renders it)
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -61,9 +62,10 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-def as_chat(messages: list[ChatMessage]) -> list[dict[str, str]]:
+def as_chat(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     # "developer" is OpenAI's newer name for the system role; templates know only "system".
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
+             **({"tool_calls": m.tool_calls} if m.tool_calls else {})} for m in messages]
 
 
 class _Common(BaseModel):
@@ -85,7 +87,7 @@ class ChatCompletionRequest(_Common):
     continue_final_message: bool = False
     add_generation_prompt: bool = True
 
-    def chat_messages(self) -> list[dict[str, str]]:
+    def chat_messages(self) -> list[dict[str, Any]]:
         return as_chat(self.messages)
 
 

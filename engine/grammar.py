@@ -12,6 +12,7 @@ local runtime that decodes through it (Hearth's engine, transformers) honours gr
 """
 from __future__ import annotations
 
+import json
 import threading
 import weakref
 from typing import Sequence
@@ -77,3 +78,18 @@ class Constraint:
 def check_grammar(tokenizer, eos_token_ids: Sequence[int], definition: str) -> None:
     """Raise GrammarError when `definition` does not compile for this tokenizer (before a request queues)."""
     Constraint(tokenizer, eos_token_ids, definition)
+
+
+def tool_call_grammar(functions: Sequence[tuple[str, dict]], open_tag: str = "<tool_call>",
+                      close_tag: str = "</tool_call>") -> str:
+    """A grammar for one tool call in the Hermes/Qwen form, `<tool_call>\\n{"name": ..., "arguments": {...}}
+    \\n</tool_call>`, calling one of `functions` ((name, JSON schema of its arguments) pairs) with arguments
+    that validate against that function's schema. Whitespace inside the JSON is fixed: a small model given
+    free whitespace can spend its whole budget on newlines before the first key."""
+    calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": schema or {"type": "object"}},
+              "required": ["name", "arguments"], "additionalProperties": False} for name, schema in functions]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+    lark = f"start: {json.dumps(open_tag + chr(10))} call {json.dumps(chr(10) + close_tag)}\n" \
+           f"call: %json {json.dumps(schema)}"
+    return grammar_definition("lark", lark)

@@ -166,7 +166,7 @@ def test_off_spellings_and_low_repetition_penalty_are_accepted(http):
 
 @pytest.mark.parametrize("field,value", [
     ("tfs", 0.9), ("top_a", 0.2),
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("functions", [{"name": "f", "parameters": {"type": "object"}}]),   # the legacy form of tools
 ])
 def test_known_fields_hearth_cannot_honour_are_400s_naming_them(http, field, value):
     reply = http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2, field: value})
