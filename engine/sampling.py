@@ -167,12 +167,20 @@ def apply_dry(logits: torch.Tensor, history: torch.Tensor, p: GenerationParams,
     """DRY ("don't repeat yourself"): for each earlier place where the text's last tokens already occurred, the
     token that followed them there would extend the repeat; it loses multiplier * base^(length - allowed_length)
     when the repeat is at least allowed_length long. A breaker token ends a match."""
-    ids = _recent(history, p.dry_penalty_last_n).tolist()
-    n = len(ids)
-    if n < 2 or ids[-1] in breakers:
+    window = _recent(history, p.dry_penalty_last_n)
+    n = window.numel()
+    if n < 2:
+        return logits
+    # Only the earlier places holding the last token can start a match; finding them on the device keeps the
+    # Python loop below to those few.
+    ends = (window[:-1] == window[-1]).nonzero().flatten().tolist()
+    if not ends:
+        return logits
+    ids = window.tolist()
+    if ids[-1] in breakers:
         return logits
     longest: dict[int, int] = {}
-    for end in range(n - 2, -1, -1):
+    for end in ends:
         length = 0
         while (length <= end and length < DRY_MAX_MATCH and ids[end - length] == ids[n - 1 - length]
                and ids[end - length] not in breakers):
