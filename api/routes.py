@@ -143,6 +143,7 @@ async def _respond(request: Request, state, model, prompt: Prompt, params: Gener
         if done.reason == "error":
             raise ApiError(500, f"generation failed: {done.error}", code="generation_error")
         text, calls = parse_tool_calls(done.text) if tools is not None else (echo + done.text, [])
+        calls = tools.allowed(calls) if tools is not None else calls
         choices.append(reply.choice(index, text, done, _Logprobs(reply, model, params).block(tokens),
                                     [call.as_openai() for call in calls] or None))
     return JSONResponse(reply.response(choices, used))
@@ -153,7 +154,7 @@ async def _stream(request: Request, state, model, prompt: Prompt, params: Genera
     used = 0
     for index in range(n):
         logprobs = _Logprobs(reply, model, params)
-        calls = ToolStream() if tools is not None else None
+        calls = ToolStream(tools) if tools is not None else None
         if reply.kind == "chat":
             yield sse(reply.chunk(None, first=True, index=index))   # OpenAI opens a chat stream with the role
         # With prompt logprobs the echo waits for the prompt's scores, which come first from the run.

@@ -61,6 +61,10 @@ class ToolRequest:
     def forced(self) -> bool:
         return self.active and self.choice != "auto"
 
+    def allowed(self, calls: list[ToolCall]) -> list[ToolCall]:
+        """The calls the reply may carry: the first only with parallel_tool_calls false."""
+        return calls if self.parallel else calls[:1]
+
     def grammar(self) -> str | None:
         """The constraint that makes the reply one call of the forced function(s); None unless forced."""
         if not self.forced:
@@ -248,7 +252,8 @@ class ToolStream:
     be the start of a call (a tag, or a reply opening with `{` / `[`); from there it is held, and the calls
     are parsed when the reply ends (a call is only known to be one when its JSON closes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tools: ToolRequest) -> None:
+        self.tools = tools
         self.text = ""
         self.sent = 0          # characters of self.text already passed on as content
         self.holding = False
@@ -281,7 +286,7 @@ class ToolStream:
         if not self.holding:
             return rest, []
         content, calls = parse_tool_calls(rest)
-        return (content or "") if calls else rest, calls
+        return (content or "") if calls else rest, self.tools.allowed(calls)
 
 
 def argument_chunks(arguments: str, size: int = 16) -> list[str]:

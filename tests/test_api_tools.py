@@ -69,7 +69,7 @@ def test_the_three_call_formats_parse_whole(text, content):
 
 @pytest.mark.parametrize("text, content", [(HERMES, "Let me check.\n"), (LLAMA, ""), (MISTRAL, "")])
 def test_the_three_call_formats_parse_streamed_in_small_pieces(text, content):
-    stream = ToolStream()
+    stream = ToolStream(tool_request({"tools": [WEATHER, TIME]}))
     sent = "".join(stream.feed(text[i:i + 3]) for i in range(0, len(text), 3))
     rest, calls = stream.finish()
     assert sent + rest == content
@@ -79,13 +79,20 @@ def test_the_three_call_formats_parse_streamed_in_small_pieces(text, content):
 def test_text_that_is_no_call_stays_content_whole_and_streamed():
     for text in ("Paris is sunny today.", "<tool_call>\n{not json}\n</tool_call>", "{broken"):
         assert parse_tool_calls(text) == (text, [])
-        stream = ToolStream()
+        stream = ToolStream(tool_request({"tools": [WEATHER]}))
         sent = "".join(stream.feed(ch) for ch in text)
         assert stream.finish() == (text[len(sent):], [])
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call_only():
+    stream = ToolStream(tool_request({"tools": [WEATHER, TIME], "parallel_tool_calls": False}))
+    stream.feed(HERMES)
+    rest, calls = stream.finish()
+    assert [c.name for c in calls] == ["get_weather"]
+
+
 def test_a_tag_cut_by_the_tokenizer_is_not_sent_as_content():
-    stream = ToolStream()
+    stream = ToolStream(tool_request({"tools": [TIME]}))
     assert stream.feed("Sure. <tool") == "Sure. "
     assert stream.feed("_call>\n") == ""
     stream.feed('{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>')
@@ -169,6 +176,7 @@ def test_tool_choice_none_and_auto_answer_without_refusing(http):
     ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     ({"tool_choice": "required", "ban_eos_token": True}, "tool_choice"),
     ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0]"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
 ])
 def test_tool_requests_hearth_cannot_honour_are_400s_naming_the_field(http, extra, param):
     reply = http.post("/v1/chat/completions", json={"messages": ASK, "tools": [WEATHER], "max_tokens": 8, **extra})
