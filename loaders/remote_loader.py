@@ -24,11 +24,13 @@ from engine.generation import DoneEvent, GenerationEvent, StatsEvent, TextEvent
 from engine.model import Model, Prompt
 from engine.sampling import GenerationParams
 from loaders.base import Detection, LoadError, Progress, no_progress
-from core.options import option
+from core.options import option, specs
 
 FALLBACK_CONTEXT = 4096
 # Samplers outside OpenAI's list that vLLM, llama.cpp's server and Hearth accept as extra request fields.
 EXTRA_SAMPLERS = ("top_k", "min_p", "repetition_penalty")
+# What request_body sends under OpenAI's own names.
+OPENAI_FIELDS = ("max_new_tokens", "temperature", "top_p", "presence_penalty", "frequency_penalty", "stop", "seed")
 
 
 @dataclass
@@ -41,8 +43,10 @@ class RemoteOptions:
                                     "reports none).", minimum=0, maximum=1048576, step=256)
     timeout: float = option(30.0, "Seconds to wait for the server to connect or to send the next piece.",
                             minimum=1.0, maximum=3600.0, step=1.0)
-    extra_samplers: bool = option(True, "Also send top_k, min_p and repetition_penalty (servers that reject "
-                                        "unknown fields need this off).")
+    extra_samplers: bool = option(True, "Also send top_k, min_p and repetition_penalty, and any other sampler "
+                                        "set away from its default (DRY, XTC, mirostat, ...) under "
+                                        "text-generation-webui's names; servers that reject unknown fields need "
+                                        "this off, and then such a sampler is refused by name.")
 
 
 def wire_messages(prompt: Prompt) -> list[dict] | None:
@@ -69,6 +73,14 @@ def request_body(model: str, prompt: Prompt, params: GenerationParams, extra_sam
         body["seed"] = params.seed
     if extra_samplers:
         body.update({name: getattr(params, name) for name in EXTRA_SAMPLERS})
+    for spec in specs(GenerationParams):     # every other sampler is sent or refused, never silently dropped
+        value = getattr(params, spec.name)
+        if spec.name in OPENAI_FIELDS or spec.name in EXTRA_SAMPLERS or value == spec.default:
+            continue
+        if not extra_samplers:
+            raise LoadError(f"{spec.name}: this remote model's extra_samplers option is off, so {spec.name} "
+                            "cannot be sent; set it back to its default or turn extra_samplers on")
+        body[spec.name] = value
     messages = wire_messages(prompt)
     if messages is not None:
         body["messages"] = messages

@@ -205,3 +205,22 @@ def test_the_request_carries_the_messages_as_they_are(front):
     assert body["messages"] == partial and body["continue_final_message"] is True
     assert body["add_generation_prompt"] is False
     assert request_body(front.model.name, front.raw_prompt("1, 2,"), greedy(front), True)["prompt"] == "1, 2,"
+
+
+def test_samplers_beyond_openais_are_sent_or_refused_by_name_never_dropped():
+    """DRY, XTC, mirostat, ...: sent under text-generation-webui's names when extra_samplers is on; with it off a
+    sampler set away from its default is refused naming it, never silently left out of the request."""
+    from engine.model import Prompt
+    from engine.sampling import GenerationParams
+    from loaders.base import LoadError
+    from loaders.remote_loader import request_body
+
+    prompt = Prompt(text="", messages=({"role": "user", "content": "hi"},))
+    params = GenerationParams(dry_multiplier=0.8, xtc_probability=0.5, xtc_threshold=0.2)
+    body = request_body("m", prompt, params, True)
+    assert (body["dry_multiplier"], body["xtc_probability"], body["xtc_threshold"]) == (0.8, 0.5, 0.2)
+    assert "mirostat_mode" not in body          # left at its default: nothing to send
+    with pytest.raises(LoadError, match="^dry_multiplier: this remote model's extra_samplers option is off"):
+        request_body("m", prompt, params, False)
+    plain = request_body("m", prompt, GenerationParams(), False)
+    assert set(plain) >= {"temperature", "top_p", "messages"} and "dry_multiplier" not in plain
