@@ -267,3 +267,24 @@ def test_app_generate_runs_the_family_on_the_engine(tmp_path, kind):
     assert result.returncode == 0, result.stderr
     assert "hearth engine (cpu" in result.stderr, result.stderr
     assert result.stdout.strip() == want, (result.stdout, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-3), (torch.bfloat16, 8e-2)])
+@pytest.mark.parametrize("kind", [k for k in FAMILIES if k != "phi3-longrope"])
+def test_cuda_graph_decode_of_each_family_matches_the_cpu_engine(tmp_path, kind, dtype, tol):
+    """On CUDA each family loads on the engine (MoE experts stacked into slots) and its chunked prefill and
+    graph-captured decode steps give the CPU fp32 engine's logits (bf16 within its rounding)."""
+    hf = save_family(tmp_path, kind)
+    ids = prompt()
+    ref = hf_logits(hf, ids)
+    model, _ = load_transformer(tmp_path, [torch.device("cuda")], dtype)
+    engine = Engine(model, 64, use_graphs=True, prefill_chunk=7)
+    assert engine.use_graphs
+    with torch.no_grad():
+        got = engine.prefill(ids[:20].cuda().tolist()).float().cpu()
+        torch.testing.assert_close(got, ref[19], atol=tol, rtol=tol)
+        for pos in range(20, SEQ):
+            step = engine.decode(ids[pos].cuda(), pos).float().cpu()
+            torch.testing.assert_close(step, ref[pos], atol=tol, rtol=tol)
+    assert engine.graphs, "decode ran without a captured graph"
