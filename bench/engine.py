@@ -16,7 +16,10 @@
                                                              tinygemm, bf16 cuBLAS and the copy bandwidth on the
                                                              7B/70B layer shapes; gguf: the GGUF forms (Q4_K, Q8_0,
                                                              Q6_K) at the default launch shape.
-  python bench/engine.py --cpu                              the default model: engine vs transformers generate().
+  python bench/engine.py --cpu [--trials N]                 the default model on CPU: llama.cpp (original Q4_1
+                                                             GGUF) vs Hearth's engine vs transformers (converted
+                                                             folder); load s, peak RSS, prompt and decode tok/s at
+                                                             64 and 256 new tokens, greedy texts compared.
 
 Decode: 128-token prompt, 256 new tokens, greedy, through the same stream() the app uses (one host sync per
 token). Prefill: one 2048-token prompt. Random weights never hit EOS: eos ids are left empty.
@@ -668,39 +671,75 @@ def gguf_sweep() -> dict:
     return res
 
 
-def cpu() -> dict:
-    """The default model on this CPU: engine vs transformers generate(), greedy, same prompt. The runs
-    alternate (engine, transformers, ...) so that load from other processes hits both alike; both rates are
-    new tokens over the whole call, prompt included."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+CPU_RUNTIMES = {   # name: (models/ folder, loader, loader options)
+    "llama.cpp": ("SmolLM2-135M-Instruct-GGUF", "llama.cpp", {}),
+    "hearth_engine": ("SmolLM2-135M-Instruct", "transformers", {"runtime": "engine"}),
+    "transformers": ("SmolLM2-135M-Instruct", "transformers", {"runtime": "transformers"}),
+}
+CPU_PROMPT = [{"role": "user", "content": "Explain gravity to a child."}]
 
-    folder = REPO / "models" / "SmolLM2-135M-Instruct"
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Explain gravity to a child."}],
-                                        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    new = 64
+
+def cpu_one(runtime: str) -> dict:
+    """One runtime in this process (so its peak RSS is its own): load, then greedy replies of 64 and 256 new
+    tokens to the same chat prompt, through the app's own path (AppState: template, prompt, Model.generate)."""
+    import resource
+
+    from app_settings import AppSettings
+    from app_state import AppState
+
+    folder, loader, options = CPU_RUNTIMES[runtime]
+    state = AppState(AppSettings(models_dir=REPO / "models"))
     t = time.perf_counter()
-    model = load_engine_model(folder, tokenizer=tokenizer, eos_token_ids=[], context_length=2048, loader="bench",
-                              device="cpu")
+    model = state.load_model(folder, loader, options)
     load_s = time.perf_counter() - t
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    prompt = torch.tensor([ids])
-    engine_rates, hf_rates = [], []
-    for _ in range(3):
-        text, _, stats = collect(model.generate(ids, GenerationParams(max_new_tokens=new, temperature=0)))
-        engine_rates.append(stats.new_tokens / stats.seconds)
-        t = time.perf_counter()
-        with torch.inference_mode():
-            out = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-        hf_rates.append(new / (time.perf_counter() - t))
-    hf_text = tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    prompt = state.chat_prompt(CPU_PROMPT)
+    result = {"load_s": round(load_s, 2), "runtime": model.runtime, "prompt_tokens": len(prompt.ids)}
+    for new in (64, 256):
+        text, done, stats = collect(state.generate(prompt, state.generation_params(
+            temperature=0.0, max_new_tokens=new, repetition_penalty=1.0, presence_penalty=0.0,
+            frequency_penalty=0.0)))
+        assert done.error is None, done.error
+        decode_s = stats.seconds - stats.time_to_first_token
+        result[f"new_{new}"] = {"new_tokens": stats.new_tokens, "end": done.reason,
+                                "prompt_tok_s": round(stats.prompt_tokens / stats.time_to_first_token, 1),
+                                "decode_tok_s": round((stats.new_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
+                                "text": text}
+    result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    state.unload_model()
+    return result
+
+
+def cpu(trials: int = 3) -> dict:
+    """The default model on this CPU: llama.cpp on the original Q4_1 GGUF, Hearth's engine and transformers on
+    the converted folder; same chat prompt, greedy. Each run is a fresh process (load time and peak RSS are its
+    own) and the runtimes alternate (llama.cpp, engine, transformers, llama.cpp, ...) so that load from other
+    processes hits all alike; medians of `trials`. decode tok/s excludes the prompt (time to first token)."""
+    runs: dict[str, list[dict]] = {name: [] for name in CPU_RUNTIMES}
+    for _ in range(trials):
+        for name in CPU_RUNTIMES:
+            out = subprocess.run([sys.executable, __file__, "--cpu-one", name], capture_output=True, text=True,
+                                 cwd=REPO)
+            if out.returncode != 0:
+                raise SystemExit(f"{name} failed: {out.stderr[-2000:]}")
+            runs[name].append(json.loads(out.stdout))
     median = lambda xs: sorted(xs)[len(xs) // 2]
-    return {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "load_average": os.getloadavg()[0],
-            "hearth": {"tok_s": round(median(engine_rates), 1), "load_s": round(load_s, 1), "runtime": model.runtime},
-            "transformers_generate": {"tok_s": round(median(hf_rates), 1)},
-            "speedup": round(median(engine_rates) / median(hf_rates), 2),
-            "greedy_text_identical": text == hf_text}
+    summary = {}
+    for name, results in runs.items():
+        row = {"runtime": results[0]["runtime"], "load_s": median([r["load_s"] for r in results]),
+               "peak_rss_mib": median([r["peak_rss_mib"] for r in results])}
+        for new in (64, 256):
+            key = f"new_{new}"
+            row[f"prompt_tok_s_{new}"] = median([r[key]["prompt_tok_s"] for r in results])
+            row[f"decode_tok_s_{new}"] = median([r[key]["decode_tok_s"] or 0.0 for r in results])
+            row[f"new_tokens_{new}"] = results[0][key]["new_tokens"]
+        summary[name] = row
+    texts = {name: results[0]["new_256"]["text"] for name, results in runs.items()}
+    reference = texts["transformers"]
+    return {"device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__, "trials": trials,
+            "load_average_1_5_15": os.getloadavg(), "prompt_tokens": runs["llama.cpp"][0]["prompt_tokens"],
+            **summary,
+            "greedy_text_matches_transformers": {name: text == reference for name, text in texts.items()},
+            "greedy_texts": texts}
 
 
 def main() -> None:
@@ -709,22 +748,27 @@ def main() -> None:
     mode.add_argument("--gpu", action="store_true")
     mode.add_argument("--cpu", action="store_true")
     mode.add_argument("--gemv", action="store_true", help="GPU: our int4 kernel's launch configs vs tinygemm")
+    mode.add_argument("--cpu-one", choices=list(CPU_RUNTIMES), help="--cpu's runs: one runtime, in this process")
     ap.add_argument("--sweep", default="int4,lowbit,gguf", help="--gemv: which sweeps, comma-separated")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hearth-bench"), help="where checkpoints are written")
     ap.add_argument("--exllamav2", action="store_true", help="also run exllamav2 (must be importable)")
     ap.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json for the random checkpoints")
     ap.add_argument("--threads", type=int, help="CPU mode: torch threads for both runtimes")
+    ap.add_argument("--trials", type=int, default=3, help="CPU mode: runs of each runtime (the median is shown)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.tokenizer:
         global TOKENIZER
         TOKENIZER = args.tokenizer
+    if args.cpu_one:
+        print(json.dumps(cpu_one(args.cpu_one)))
+        return
     if args.gpu:
         results = gpu(args.work, args.exllamav2)
     else:
         sweeps = {"int4": gemv_sweep, "lowbit": lowbit_sweep, "gguf": gguf_sweep}
-        results = {name: sweeps[name]() for name in args.sweep.split(",")} if args.gemv else cpu()
+        results = {name: sweeps[name]() for name in args.sweep.split(",")} if args.gemv else cpu(args.trials)
     text = json.dumps(results, indent=1)
     print(text)
     if os.environ.get("OUT"):
