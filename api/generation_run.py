@@ -15,7 +15,7 @@ from fastapi import Request
 
 from engine.generation import DoneEvent, GenerationEvent, QueuedEvent
 from engine.sampling import GenerationParams
-from prompts.chat import Prompt
+from engine.model import Prompt
 
 _END = object()
 

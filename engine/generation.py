@@ -20,7 +20,7 @@ from engine.stopping import IncrementalDecoder, StopStringFilter
 @dataclass(frozen=True)
 class QueuedEvent:
     """The generation waits for the model: `ahead` generations before it; 0 once its turn came after a wait.
-    (Yielded by app_state.AppState.generate, which runs one generation at a time.)"""
+    (Yielded by scheduler.RunHandle, which hands the model to one generation at a time.)"""
     ahead: int
 
 
@@ -165,6 +165,9 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
                     return
             else:
                 logits = stepper.start(prompt_ids)
+                if cancel is not None and cancel.is_set():   # Stop pressed while the prompt was processed
+                    yield from finish("cancelled")
+                    return
             constraint = None
             if controls is not None:
                 sampler.bias = _bias(controls, eos, logits)

@@ -101,3 +101,28 @@ def test_stop_ends_prompt_processing_after_the_chunk_in_progress(loaded_state):
     whole = engine.prefill(ids)
     assert torch.allclose(cut, first_chunk_only, atol=1e-4)
     assert not torch.allclose(cut, whole, atol=1e-4)
+
+
+class SetAfterFirstLook(threading.Event):
+    """A Stop pressed just after the generation began: the first look sees it clear, every later one set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks > 1
+
+
+def test_stop_during_prompt_processing_ends_the_reply_with_no_token(loaded_state):
+    from engine.generation import DoneEvent, TextEvent
+    from engine.sampling import GenerationParams
+
+    chunk = loaded_state.model.engine.prefill_chunk
+    prompt = loaded_state.raw_prompt(" ".join(["word"] * (3 * chunk)))
+    events = list(loaded_state.model.generate(prompt, GenerationParams(max_new_tokens=8, temperature=0),
+                                              SetAfterFirstLook()))
+    assert not any(isinstance(e, TextEvent) for e in events)
+    done = events[-1]
+    assert isinstance(done, DoneEvent) and done.reason == "cancelled" and done.text == ""
