@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -249,10 +250,24 @@ def exposure_problem(host: str, listen: bool, source: Path | None) -> str:
             + ("" if listen else " (or set host: 127.0.0.1)"))
 
 
+class _LogLine(logging.Formatter):
+    """'warning: ...' on stderr, like every other line Hearth writes for a person reading the terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
+
+
+def log_to_stderr() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LogLine())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+
+
 def cmd_serve(args) -> int:
     from ui.app import launch
     from web.guard import is_loopback
 
+    log_to_stderr()
     auth = parse_auth(args)
     state = make_state(args, host="0.0.0.0" if args.listen else None, port=args.port, model=args.model,
                        allowed_hosts=args.allowed_hosts, cors_origins=args.cors_origins)

@@ -23,6 +23,7 @@ from engine.sampling import GenerationParams
 from loaded_model import LoadedModel
 from loaders.awq_loader import AWQLoader
 from loaders.base import Detection, LoaderRegistry, LoadError, Progress, no_progress
+from core.diagnostics import Diagnostics
 from core.folder import reading_once
 from loaders.gguf_loader import GGUFLoader
 from loaders.gptq_loader import GPTQLoader
@@ -140,6 +141,8 @@ class AppState:
     template_library: TemplateLibrary = field(default_factory=load_library)
     # The --model / settings.yaml load that runs after the server is up; None when none was asked for.
     startup: StartupLoad | None = None
+    # Problems with the user's files, from every reader: the UI's list and the log read them here.
+    diagnostics: Diagnostics = field(default_factory=Diagnostics)
     _settings_store: SettingsStore | None = None
 
     @property
@@ -462,7 +465,8 @@ class AppState:
         self.settings_store.names()   # reading config-user.yaml reports (and backs up) a malformed one
         conversations = ConversationStore(self.conversations_dir)
         conversations.list()
-        return [*(f"templates/{p}" for p in self.template_library.problems),
-                *(f"presets/{p}" for p in load_presets().problems),
-                *(f"conversations/{p}" for p in conversations.problems),
-                *self.settings_store.problems]
+        self.diagnostics.report("templates", self.template_library.problems)
+        self.diagnostics.report("presets", load_presets().problems)
+        self.diagnostics.report("conversations", conversations.problems)
+        self.diagnostics.report("", self.settings_store.problems)   # its lines name config-user.yaml already
+        return self.diagnostics.problems()

@@ -179,7 +179,8 @@ def test_wrong_ui_logins_are_slowed_per_address_and_logged(tmp_path, models_dir)
         assert elapsed >= sum(delay_after(n) for n in range(1, 4)), elapsed
         assert login("wonderland").status_code == 200       # the right password still works, after the wait
         assert time.monotonic() - started >= sum(delay_after(n) for n in range(1, 5))
-        failures = [line for line in app.output().splitlines() if line.startswith("UI login failed from 127.0.0.1")]
+        failures = [line for line in app.output().splitlines()
+                    if line.startswith("warning: UI login failed from 127.0.0.1")]
         assert len(failures) == 4, app.output()
         assert "(4 in a row); its next attempt waits 4.0 s" in failures[-1]
     finally:

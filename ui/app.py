@@ -97,8 +97,7 @@ def launch(state, auth: list[tuple[str, str]] | None = None) -> None:
     """Serve the UI on settings.host:settings.port until stopped, behind a login when `auth` lists (user,
     password) pairs. The start-up model (if any) loads in the background once the server answers, so the
     page is there at once and shows the load's progress."""
-    for problem in state.file_problems():  # shown in the UI too; the log is for users who read the terminal
-        print(f"warning: {problem}", file=sys.stderr)
+    state.file_problems()   # logs each problem with a user file once (core.diagnostics); the UI lists them too
     if state.settings.model:   # set before the UI is built, so the pages know a load is coming
         state.startup = StartupLoad(state.settings.model)
     demo = build_ui(state)
