@@ -5,11 +5,10 @@ import json
 import threading
 import time
 
-import httpx
 import pytest
 
-from api.server import ApiConfig, ApiServer
-from conftest import DEFAULT_MODEL, free_port
+from api_fixtures import api, http  # noqa: F401
+from conftest import DEFAULT_MODEL
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 COUNTING = "1, 2, 3,"
@@ -29,17 +28,6 @@ SILLYTAVERN_FIELDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def api(loaded_state):
-    server = ApiServer(loaded_state, ApiConfig(port=free_port())).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def http(api):
-    with httpx.Client(base_url=api.url.removesuffix("/v1"), timeout=300) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

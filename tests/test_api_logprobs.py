@@ -9,23 +9,11 @@ import openai
 import pytest
 import torch
 
-from api.server import ApiConfig, ApiServer
-from conftest import DEFAULT_MODEL, free_port
+from api_fixtures import api, client  # noqa: F401
+from conftest import DEFAULT_MODEL
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 COUNTING = "1, 2, 3,"
-
-
-@pytest.fixture(scope="module")
-def api(loaded_state):
-    server = ApiServer(loaded_state, ApiConfig(port=free_port())).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(api):
-    return openai.OpenAI(base_url=api.url, api_key="unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="module")

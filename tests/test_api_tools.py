@@ -3,13 +3,11 @@ model (forced tools by constrained decoding, streamed and whole; a tool loop), r
 the parser for the three call formats models emit (Hermes/Qwen, Llama 3.1, Mistral), whole and streamed."""
 import json
 
-import httpx
 import openai
 import pytest
 
-from api.server import ApiConfig, ApiServer
 from api.tools import ToolStream, parse_tool_calls, prompt_messages, tool_request
-from conftest import free_port
+from api_fixtures import api, client, http  # noqa: F401
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
@@ -22,22 +20,6 @@ TIME = {"type": "function", "function": {
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def api(loaded_state):
-    server = ApiServer(loaded_state, ApiConfig(port=free_port())).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def client(api):
-    return openai.OpenAI(base_url=api.url, api_key="unused", max_retries=0, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def http(api):
-    with httpx.Client(base_url=api.url.removesuffix("/v1"), timeout=300) as client:
-        yield client
 
 
 def assert_valid_weather_arguments(arguments: str) -> None:
