@@ -67,10 +67,18 @@ def choose_preset(page, name: str, temperature: str) -> None:
     """Pick a sampler preset in the Text Generation tab and wait until the temperature slider shows its value:
     the preset fills the sliders by its own event, and a Send clicked before that lands samples with the old
     values (seen once as a sampled reply in a test that expected the greedy one)."""
-    page.locator("#preset input").fill(name)
-    page.locator("#preset input").press("Enter")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.get_by_text("Generation parameters").click()   # the accordion holding the sliders
-    wait_for_slider(page, "gen-temperature", temperature, 30_000)
+    for attempt in (1, 2):
+        page.locator("#preset input").fill(name)
+        page.locator("#preset input").press("Enter")
+        try:   # a page opened during the start-up load refreshes the sliders when it ends: pick once more then
+            wait_for_slider(page, "gen-temperature", temperature, 15_000 if attempt == 1 else 30_000)
+            return
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
 
 
 def wait_for_slider(page, elem_id: str, value: str, timeout_ms: int) -> None:
