@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prompts.presets import write_atomic
+from core.atomic import write_atomic
 
 ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyz-")
 
