@@ -7,7 +7,11 @@
                                                              GGUF Q4_K_M-style, Q8_0 and Q6_K models built on the
                                                              GPU from random blocks; side by side
                                                              HF transformers fp16 generate(), exllamav2 (its own
-                                                             generator, same GPTQ folder) and the copy ceiling.
+                                                             generator, same GPTQ folder) and the copy ceiling;
+                                                             and today's families at their shapes, 4-bit, built on
+                                                             the GPU (bench/families.py): Qwen3-8B AWQ, Gemma-3-12B,
+                                                             Phi-4, Mixtral-8x7B, Qwen3-30B-A3B, and transformers
+                                                             generate() on the Qwen3-8B shape.
                                                              Each Hearth row: weights GiB on the GPU next to the
                                                              packed bytes (the checkpoint's, or counted for 70B and
                                                              GGUF: the blocks' bytes plus a bf16 embedding).
@@ -48,6 +52,7 @@ from engine.quant_linear import QuantWeight, make_quant_linear  # noqa: E402
 from engine.runtime import Engine, EngineModel, EngineStepper, load_engine_model  # noqa: E402
 from engine.sampling import GenerationParams  # noqa: E402
 from engine.weights import SideBySide  # noqa: E402
+from bench.families import QWEN3_8B, family_rows  # noqa: E402
 from loaders.gguf_repack import BLOCK_TYPES, repack  # noqa: E402
 
 PROMPT, NEW, PREFILL = 128, 256, 2048
@@ -330,14 +335,15 @@ def build_gguf_on_gpu(cfg: dict, tokenizer, mix: str) -> tuple[EngineModel, int]
 
 
 def bench_hf_fp16(cfg: dict) -> dict:
-    """transformers generate() on an fp16 random Llama-2-7B (64 new tokens: it is slow)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """transformers generate() on an fp16 random model of this config.json shape (64 new tokens: it is slow)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     new = 64
-    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("model_type", "torch_dtype")})
+    config = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items()
+                                                         if k not in ("model_type", "torch_dtype")})
     torch.set_default_dtype(torch.float16)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
+        model = AutoModelForCausalLM.from_config(config).eval()
     torch.set_default_dtype(torch.float32)
     ids = torch.tensor([prompt_ids(PROMPT)], device="cuda")
     gen = lambda: model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
@@ -461,10 +467,12 @@ def gpu(work: Path, with_exllamav2: bool) -> dict:
 
     for mix in ("Q4_K_M", "Q8_0", "Q6_K"):
         section(results, f"hearth_7b_gguf_{mix.lower()}", lambda: gguf(mix))
+    family_rows(results, section, tokenizer, built_on_gpu)
     section(results, "hearth_70b_gptq_4bit_g128", lambda: seventy(4))
     section(results, "hearth_70b_gptq_3bit_g128", lambda: seventy(3))
 
     section(results, "hf_transformers_fp16_7b", lambda: bench_hf_fp16(LLAMA2_7B))
+    section(results, "hf_transformers_fp16_qwen3_8b", lambda: bench_hf_fp16(QWEN3_8B))
     if with_exllamav2:
         section(results, "exllamav2_7b_gptq_4bit_g128", lambda: bench_exllamav2(work / "gptq_4bit_g128", build))
     return results
