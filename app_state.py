@@ -37,6 +37,7 @@ from prompts.conversations import ConversationStore
 from prompts.library import ChatTemplate, TemplateLibrary, load_library
 from prompts.presets import load_presets
 from prompts.stop_strings import merge_stops
+from prompts.template_options import NO_OPTIONS, TemplateOptions
 from prompts.templates import resolve_template
 from scheduler import RunHandle, Scheduler
 
@@ -406,15 +407,16 @@ class AppState:
         return model.context_length - max_new_tokens
 
     def chat_prompt(self, messages: list[Message], template: str | None = None,
-                    max_new_tokens: int | None = None) -> Prompt:
+                    max_new_tokens: int | None = None, options: TemplateOptions = NO_OPTIONS) -> Prompt:
         """The prompt for a reply to `messages`, through the resolved template; with max_new_tokens the
-        oldest turns are dropped to fit context_length - max_new_tokens."""
-        return self.require_loaded().prompt(messages, "chat", self._budget(max_new_tokens), template)
+        oldest turns are dropped to fit context_length - max_new_tokens. `options`: the tool list and the
+        enable_thinking switch the template gets (prompts.template_options.TemplateOptions)."""
+        return self.require_loaded().prompt(messages, "chat", self._budget(max_new_tokens), template, options)
 
     def continue_prompt(self, messages: list[Message], template: str | None = None,
-                        max_new_tokens: int | None = None) -> Prompt:
-        """The prompt that goes on with the last (assistant) message of `messages`."""
-        return self.require_loaded().prompt(messages, "continue", self._budget(max_new_tokens), template)
+                        max_new_tokens: int | None = None, options: TemplateOptions = NO_OPTIONS) -> Prompt:
+        """The prompt that goes on with the last (assistant) message of `messages` (`options` as chat_prompt)."""
+        return self.require_loaded().prompt(messages, "continue", self._budget(max_new_tokens), template, options)
 
     def raw_prompt(self, text: str) -> Prompt:
         """`text` as is (with the tokenizer's BOS where it adds one); ValueError when that makes no tokens,

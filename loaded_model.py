@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from engine.model import Message, Model, Prompt
+from loaders.lora_apply import LoraSet
 from loaders.model_settings import sampler_values
 from prompts.chat import eos_texts, render_messages, render_raw, render_with_template
 from prompts.library import CHOSEN, ChatTemplate, TemplateLibrary
 from prompts.stop_strings import derive_stop_strings
+from prompts.template_options import NO_OPTIONS, TemplateOptions
 from prompts.templates import resolve_template
 
 MODES = ("chat", "continue", "raw")
@@ -32,10 +34,15 @@ class LoadedModel:
     saved: dict[str, Any] = field(default_factory=dict)
     # {setting: Effective} (loaders.model_settings); None for a model with no folder here (a remote endpoint).
     settings: dict[str, Any] | None = None
+    # The LoRA adapters on the model (loaders.lora_apply). The model keeps them across a re-resolve (Save
+    # settings makes a new LoadedModel): the caller hands the old set on. None: a fresh, empty set.
+    loras: LoraSet | None = None
     template: ChatTemplate = field(init=False)
     _stops: dict[tuple[str, str], tuple[str, ...]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.loras is None:
+            self.loras = LoraSet(self.model)
         if self.model.applies_chat_template:
             self.template = ChatTemplate(name="server", source=SERVER, jinja="",
                                          reason=f"{self.model.name} applies its own template")
@@ -64,17 +71,21 @@ class LoadedModel:
         return self._stops[key]
 
     def prompt(self, source: Sequence[Message] | str, mode: str = "chat", budget: int | None = None,
-               template: str | None = None) -> Prompt:
+               template: str | None = None, options: TemplateOptions = NO_OPTIONS) -> Prompt:
         """The Prompt for `source`: messages to reply to (mode "chat"), messages whose last (assistant) one
         is a reply to go on with ("continue"), or text to continue as is ("raw"). With `budget` (tokens left
         for the prompt) the oldest whole turns are dropped to fit. `template`: a library name picked in the UI.
-        ValueError for a raw text that makes no tokens (a model needs one to continue from)."""
+        `options`: the tool list and enable_thinking switch the chat template gets (prompts.template_options).
+        ValueError for a raw text that makes no tokens (a model needs one to continue from), and for options
+        with a raw text (it has no template to take them)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         model = self.model
         if mode == "raw":
             if not isinstance(source, str):
                 raise ValueError("a raw prompt is text, not messages")
+            if options != NO_OPTIONS:
+                raise ValueError("tools and enable_thinking go through a chat template; a raw prompt has none")
             if model.counts_tokens_locally:
                 prompt = render_raw(model.tokenizer, source)
             else:
@@ -90,9 +101,9 @@ class LoadedModel:
         chosen = self.template_for(template)
         if model.applies_chat_template:
             return render_messages(model.count_tokens, source, budget=budget, continue_final=continue_final,
-                                   template_name=chosen.name, template_source=chosen.source)
+                                   template_name=chosen.name, template_source=chosen.source, options=options)
         return render_with_template(chosen, model.tokenizer, source, budget=budget, continue_final=continue_final,
-                                    stops=self.stops_for(chosen))
+                                    stops=self.stops_for(chosen), options=options)
 
     def template_info(self, choice: str | None = None) -> dict[str, str]:
         """Which template a prompt uses and why, with the system message it starts from."""

@@ -68,6 +68,26 @@ def _flag(data: dict, name: str) -> bool:
     return value
 
 
+def enable_thinking(data: dict) -> bool | None:
+    """The request's thinking switch for templates that take one (Qwen3): vLLM's and SGLang's
+    `chat_template_kwargs: {"enable_thinking": ...}` or text-generation-webui's top-level `enable_thinking`;
+    None when neither is sent (the template's default). Other template kwargs are 400s naming them: Hearth
+    hands a template only the variables it knows (prompts.template_options)."""
+    kwargs = data.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise ApiError(400, "chat_template_kwargs must be an object", param="chat_template_kwargs",
+                           code="invalid_value")
+        for name in kwargs:
+            if name != "enable_thinking":
+                raise ApiError(400, f"chat_template_kwargs.{name}: Hearth passes only enable_thinking to a chat "
+                                    "template", param=f"chat_template_kwargs.{name}",
+                               code="unsupported_parameter")
+        if "enable_thinking" in kwargs:
+            return _flag(kwargs, "enable_thinking") if kwargs["enable_thinking"] is not None else None
+    return _flag(data, "enable_thinking") if data.get("enable_thinking") is not None else None
+
+
 def _int(data: dict, name: str, low: int, high: int) -> int | None:
     value = data.get(name)
     if value is None:

@@ -13,16 +13,17 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import KeyCheck
 from api.errors import ApiError, install_error_handlers, refusal
 from api.generation_run import GenerationRun
-from api.dialect import MAX_CHOICES, adjust_prompt, refuse_unsupported, token_controls, with_controls
+from api.dialect import MAX_CHOICES, adjust_prompt, enable_thinking, refuse_unsupported, token_controls, \
+    with_controls
 from api.logprobs import CompletionLogprobs, chat_logprobs, token_text
-from api.tools import ToolRequest, ToolStream, argument_chunks, forced_controls, parse_tool_calls, \
-    prompt_messages, tool_request
+from api.tools import ToolRequest, ToolStream, argument_chunks, forced_controls, parse_tool_calls, tool_request
 from api.openai_format import SSE_DONE, Reply, finish_reason, model_card, sse
 from api.schemas import (ChatCompletionRequest, CompletionRequest, DecodeRequest, EncodeRequest, LoadModelRequest,
                          LogitsRequest, TokenCountRequest, body_limit, parse, read_json, require_json_type,
                          requested_max_tokens, sampler_values)
 from engine.generation import DoneEvent, QueuedEvent, StatsEvent, TextEvent, TokenEvent
 from engine.model import Prompt
+from prompts.template_options import TemplateOptions
 from engine.sampling import GenerationParams, TokenControls
 from loaders.base import LoadError
 from core.options import OptionError, specs
@@ -95,10 +96,10 @@ def _seeded(params: GenerationParams, index: int) -> GenerationParams:
     return replace(params, seed=(params.seed + index) % 2**63)
 
 
-async def _render(render, *args) -> Prompt:
+async def _render(render, *args, **kwargs) -> Prompt:
     """Templates and tokenizers raise ValueError for prompts they cannot build; that is the client's 400."""
     try:
-        return await run_in_threadpool(render, *args)
+        return await run_in_threadpool(render, *args, **kwargs)
     except (ValueError, LoadError) as exc:
         raise ApiError(400, str(exc), code="invalid_prompt") from None
 
@@ -245,11 +246,13 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
     async def chat_completions(request: Request):
         data, req, model = await accepted(request, ChatCompletionRequest)
         tools = tool_request(data)
-        messages = prompt_messages(req.chat_messages(), tools)
+        options = TemplateOptions(tools=tools.definitions() if tools is not None else (),
+                                  enable_thinking=enable_thinking(data))
+        messages = req.chat_messages()
         if req.continue_final_message and messages[-1]["role"] == "assistant":
-            prompt = await _render(state.continue_prompt, messages)
+            prompt = await _render(state.continue_prompt, messages, options=options)
         else:
-            prompt = await _render(state.chat_prompt, messages)
+            prompt = await _render(state.chat_prompt, messages, options=options)
         controls = forced_controls(tools, model, token_controls(data, "chat", model))
         prompt, params = plan(state, model, prompt, data, controls)
         reply = Reply("chat", model.name, prompt.n_tokens, req.include_usage)
@@ -313,7 +316,7 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
             raise ApiError(400, "no model is loaded, so there is no tokenizer to count with",
                            code="model_not_loaded")
         if req.messages is not None:
-            prompt = await _render(state.chat_prompt, prompt_messages(req.chat_messages(), None))
+            prompt = await _render(state.chat_prompt, req.chat_messages())
         else:
             prompt = await _render(state.raw_prompt, req.text)
         return {"length": prompt.n_tokens, "context_length": state.model.context_length}

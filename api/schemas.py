@@ -63,9 +63,17 @@ class ChatMessage(BaseModel):
 
 
 def as_chat(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    # "developer" is OpenAI's newer name for the system role; templates know only "system".
-    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text(),
-             **({"tool_calls": m.tool_calls} if m.tool_calls else {})} for m in messages]
+    # "developer" is OpenAI's newer name for the system role; templates know only "system". A tool loop's
+    # fields go along: templates that take tools render them (Mistral's reads tool_call_id).
+    out = []
+    for m in messages:
+        message = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        if m.tool_calls:
+            message["tool_calls"] = m.tool_calls
+        extra = m.model_extra or {}
+        message.update({k: extra[k] for k in ("tool_call_id", "name") if isinstance(extra.get(k), str)})
+        out.append(message)
+    return out
 
 
 class _Common(BaseModel):

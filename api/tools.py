@@ -1,9 +1,7 @@
-"""OpenAI tool calling: the request's tools into the prompt, and tool calls out of the model's text.
+"""OpenAI tool calling: the request's tools checked, and tool calls out of the model's text.
 
-The prompt side uses the Hermes convention, which Qwen, Hermes and many fine-tunes were trained on: the
-tool list in the system message inside `<tools>`, calls as `<tool_call>{json}</tool_call>`, results as
-`<tool_response>` in a user turn. It needs nothing from the template, so it works for templates that ignore
-tools (the default model's) as for those that take them.
+The prompt side is the chat template's (prompts.template_options, prompts.tool_prompt): a template that takes
+`tools` renders the tool list and the tool turns itself, any other gets them in the Hermes convention.
 The output side parses the three formats models actually emit: Hermes/Qwen `<tool_call>` JSON, Llama 3.1
 JSON (`{"name": ..., "parameters": ...}`, optionally after `<|python_tag|>`) and Mistral's
 `[TOOL_CALLS] [{...}]`. A forced tool (tool_choice "required" or a named function) is guaranteed by a
@@ -19,21 +17,12 @@ from typing import Any
 
 from api.errors import ApiError
 from engine.grammar import GrammarError, check_grammar, tool_call_grammar
+from prompts.tool_prompt import HERMES_CLOSE, HERMES_OPEN
 
-HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 LLAMA_TAG, MISTRAL_TAG = "<|python_tag|>", "[TOOL_CALLS]"
 # Text that can begin a tool call; content before it streams as content, from it on the reply is held back.
 _STARTS = (HERMES_OPEN, LLAMA_TAG, MISTRAL_TAG)
 _HERMES = re.compile(re.escape(HERMES_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(HERMES_CLOSE) + r"|$)", re.S)
-
-SYSTEM_PROMPT = (
-    "You are a function calling AI model. You are provided with function signatures within <tools></tools> "
-    "XML tags. You may call one or more functions to assist with the user query. Don't make assumptions about "
-    "what values to plug into functions. Here are the available tools: <tools>\n{tools}\n</tools>\n"
-    "For each function call return a json object with function name and arguments within <tool_call>"
-    "</tool_call> XML tags as follows:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
-    "<args-json-object>}}\n</tool_call>")
-
 
 @dataclass(frozen=True)
 class ToolCall:
@@ -60,6 +49,10 @@ class ToolRequest:
     @property
     def forced(self) -> bool:
         return self.active and self.choice != "auto"
+
+    def definitions(self) -> tuple[dict, ...]:
+        """The tools offered to the model, as OpenAI's definitions (what templates take); none for "none"."""
+        return tuple({"type": "function", "function": f} for f in self.functions) if self.active else ()
 
     def allowed(self, calls: list[ToolCall]) -> list[ToolCall]:
         """The calls the reply may carry: the first only with parallel_tool_calls false."""
@@ -141,47 +134,6 @@ def forced_controls(tools: ToolRequest | None, model, controls: dict[str, Any]) 
         raise ApiError(400, f"tools: a function's parameters are not a JSON schema Hearth can follow: {exc}",
                        param="tools", code="invalid_grammar") from None
     return {**controls, "grammar": definition}
-
-
-def _call_text(call: dict) -> str:
-    function = call.get("function") or {}
-    arguments = function.get("arguments")
-    try:   # OpenAI sends arguments as JSON text; the model was shown them as an object
-        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except json.JSONDecodeError:
-        pass
-    body = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
-    return f"{HERMES_OPEN}\n{body}\n{HERMES_CLOSE}"
-
-
-def prompt_messages(messages: list[dict], tools: ToolRequest | None) -> list[dict]:
-    """Chat messages (OpenAI's, as dicts with text content) as the template gets them: the tool list in the
-    system message, assistant tool calls as `<tool_call>` text, tool results as `<tool_response>` user turns
-    (consecutive results in one turn)."""
-    out: list[dict] = []
-    for message in messages:
-        role, content = message["role"], message.get("content") or ""
-        if role == "assistant" and message.get("tool_calls"):
-            calls = "\n".join(_call_text(c) for c in message["tool_calls"] if isinstance(c, dict))
-            out.append({"role": "assistant", "content": f"{content}\n{calls}".strip()})
-        elif role == "tool":
-            response = f"<tool_response>\n{content}\n</tool_response>"
-            if out and out[-1].get("tool_results"):
-                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + response}
-            else:
-                out.append({"role": "user", "content": response, "tool_results": True})
-        else:
-            out.append({"role": role, "content": content})
-    out = [{"role": m["role"], "content": m["content"]} for m in out]
-    if tools is not None and tools.active:
-        listing = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False)
-                            for f in tools.functions)
-        system = SYSTEM_PROMPT.format(tools=listing)
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{system}"}
-        else:
-            out.insert(0, {"role": "system", "content": system})
-    return out
 
 
 def _new_id() -> str:

@@ -12,6 +12,8 @@ from typing import Callable, Sequence
 
 from engine.model import Message, Prompt
 from prompts.library import TOKENIZER, ChatTemplate
+from prompts.template_options import NO_OPTIONS, TemplateOptions
+from prompts.tool_prompt import hermes_messages
 from prompts.truncation import fit_messages
 
 
@@ -66,17 +68,18 @@ def _fit(messages: list[Message], count: Callable[[list[Message]], int], budget:
 
 def render_with_template(template: ChatTemplate, tokenizer, messages: Sequence[Message], *,
                          budget: int | None = None, continue_final: bool = False,
-                         stops: Sequence[str] = ()) -> Prompt:
+                         stops: Sequence[str] = (), options: TemplateOptions = NO_OPTIONS) -> Prompt:
     """Render `messages` through `template` for a local tokenizer. With `continue_final` the last (assistant)
     message is the reply so far: the template runs up to the reply's start and that text follows, with no
     end-of-turn. With `budget` the oldest whole turns are dropped until the prompt fits. `stops`: the stop
-    strings this template implies (prompts.stop_strings, worked out once per template by the caller)."""
+    strings this template implies (prompts.stop_strings, worked out once per template by the caller).
+    `options`: the tools and thinking switch the template gets (prompts.template_options)."""
     tokens = special_tokens(tokenizer)
     finished, partial = _split_partial(messages, continue_final)
     tail = partial["content"] if partial is not None else ""
 
     def text_of(kept: list[Message]) -> str:
-        return template.render(kept, True, tokens) + tail
+        return template.render(kept, True, tokens, options) + tail
 
     kept, dropped, notice = _fit(finished, lambda kept: len(encode_for(template, tokenizer, text_of(kept))), budget)
     text = text_of(kept)
@@ -87,9 +90,18 @@ def render_with_template(template: ChatTemplate, tokenizer, messages: Sequence[M
 
 
 def render_messages(count: Callable[[Prompt], int], messages: Sequence[Message], *, budget: int | None = None,
-                    continue_final: bool = False, template_name: str, template_source: str) -> Prompt:
+                    continue_final: bool = False, template_name: str, template_source: str,
+                    options: TemplateOptions = NO_OPTIONS) -> Prompt:
     """The messages as they are, for a model that applies its own template; `count` is that model's token
-    count of a Prompt. The text is the messages as JSON, for people to read (the Prompt view)."""
+    count of a Prompt. The text is the messages as JSON, for people to read (the Prompt view).
+    Tools go in the messages in the Hermes convention (prompts.tool_prompt): whether the server's template
+    takes a tool list is unknown here, and written into the messages they reach the model either way. The
+    server's template cannot be handed enable_thinking, so a value for it is a ValueError naming it."""
+    if options.enable_thinking is not None:
+        raise ValueError("enable_thinking: the loaded model's chat template is applied by the server it runs on, "
+                         "which Hearth cannot pass enable_thinking to; leave it unset")
+    if options.tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        messages = hermes_messages(messages, options.tools)
     finished, partial = _split_partial(messages, continue_final)
     extra = [partial] if partial is not None else []
 

@@ -14,6 +14,8 @@ import yaml
 
 from engine.model import content_text
 from prompts.sandbox import render_template
+from prompts.template_options import NO_OPTIONS, TemplateOptions, referenced_variables
+from prompts.tool_prompt import hermes_messages, template_messages
 
 APP_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES_DIR = APP_ROOT / "templates"
@@ -34,14 +36,26 @@ class ChatTemplate:
     warning: str = ""    # one line for the user when a source was unreadable and the next one was used
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = True,
-               special_tokens: dict[str, str] | None = None) -> str:
-        """The prompt text. The template's default system message is used when `messages` has none."""
-        messages = [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
+               special_tokens: dict[str, str] | None = None, options: TemplateOptions = NO_OPTIONS) -> str:
+        """The prompt text. The template's default system message is used when `messages` has none.
+        `options`: the tools and thinking switch of this prompt (prompts.template_options); a template that
+        takes `tools` renders them and the tool turns itself, any other gets them in the Hermes convention."""
+        messages = list(messages)
         if self.system_message and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": self.system_message})
+        if self.takes("tools"):
+            messages = [{**m, "content": content_text(m["content"])} for m in template_messages(messages)]
+        else:
+            messages = [{"role": m["role"], "content": content_text(m["content"])}
+                        for m in hermes_messages(messages, options.tools)]
         tokens = {"bos_token": "", "eos_token": "", **(special_tokens or {})}
         return render_template(self.jinja, messages=messages, add_generation_prompt=add_generation_prompt,
-                               **tokens, **self.variables)
+                               **tokens, **self.variables, **options.variables(referenced_variables(self.jinja)))
+
+    def takes(self, variable: str) -> bool:
+        """Whether the template reads `variable` (e.g. "tools", "enable_thinking"): only then does a prompt's
+        TemplateOptions value for it change the text."""
+        return variable in referenced_variables(self.jinja)
 
     @property
     def label(self) -> str:

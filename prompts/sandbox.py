@@ -6,6 +6,7 @@ output (including any single string built by `*`) is capped so a hostile templat
 """
 from __future__ import annotations
 
+import json
 import operator
 from typing import Any
 
@@ -29,6 +30,9 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         super().__init__(trim_blocks=True, lstrip_blocks=True, autoescape=False, keep_trailing_newline=False)
         self.max_chars = max_chars
         self.globals["raise_exception"] = _raise_exception
+        # Jinja's own tojson sorts keys and escapes <>&' for HTML; model templates (tool lists) were written
+        # for transformers' plain json.dumps, which keeps the order the tool definitions came in.
+        self.filters["tojson"] = _tojson
 
     def call_binop(self, context, operator_name: str, left: Any, right: Any) -> Any:
         if operator_name == "**":
@@ -45,6 +49,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
 def _raise_exception(message: str):
     raise TemplateRenderError(str(message))
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None,
+            sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def render_template(source: str, max_chars: int = MAX_OUTPUT_CHARS, **context: Any) -> str:

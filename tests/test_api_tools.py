@@ -6,7 +6,8 @@ import json
 import openai
 import pytest
 
-from api.tools import ToolStream, parse_tool_calls, prompt_messages, tool_request
+from api.tools import ToolStream, parse_tool_calls, tool_request
+from prompts.tool_prompt import hermes_messages
 from api_fixtures import api, client, http  # noqa: F401
 
 WEATHER = {"type": "function", "function": {
@@ -83,10 +84,10 @@ def test_a_tag_cut_by_the_tokenizer_is_not_sent_as_content():
 
 
 def test_the_tool_list_and_a_tool_loop_become_hermes_messages():
-    tools = tool_request({"tools": [WEATHER]})
+    tools = tool_request({"tools": [WEATHER]}).definitions()
     call = {"id": "call_1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}
-    messages = prompt_messages([{"role": "system", "content": "Be brief."}, *ASK,
+    messages = hermes_messages([{"role": "system", "content": "Be brief."}, *ASK,
                                 {"role": "assistant", "content": "", "tool_calls": [call]},
                                 {"role": "tool", "content": "18 C"}, {"role": "tool", "content": "sunny"}], tools)
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
@@ -95,8 +96,8 @@ def test_the_tool_list_and_a_tool_loop_become_hermes_messages():
         {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
     assert messages[3]["content"] == "<tool_response>\n18 C\n</tool_response>\n<tool_response>\nsunny\n" \
                                      "</tool_response>"
-    assert "<tools>" not in prompt_messages(ASK, tool_request({"tools": [WEATHER], "tool_choice": "none"}))[0][
-        "content"]
+    assert "<tools>" not in hermes_messages(ASK, tool_request({"tools": [WEATHER], "tool_choice": "none"})
+                                            .definitions())[0]["content"]
 
 
 # ---- over the API -------------------------------------------------------------------------------------------
