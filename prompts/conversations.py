@@ -37,11 +37,19 @@ def _valid_id(conversation_id: str) -> bool:
     return bool(conversation_id) and len(conversation_id) <= 64 and set(conversation_id) <= ID_CHARS
 
 
+TITLE_LENGTH = 48   # an automatic title fits the conversation list's width
+
+
 def title_from(messages: list[dict[str, str]]) -> str:
-    """The first user message, shortened: a readable default title."""
-    first = next((m["content"] for m in messages if m.get("role") == "user" and m.get("content")), "")
-    first = " ".join(first.split())
-    return (first[:60] + "…") if len(first) > 60 else (first or "New conversation")
+    """The first user message as one short line (cut at a word where it can be): a readable default title."""
+    first = next((m["content"] for m in messages if m.get("role") == "user" and m.get("content", "").strip()), "")
+    first = " ".join("".join(c if c.isprintable() else " " for c in first).split())
+    if len(first) <= TITLE_LENGTH:
+        return first or "New conversation"
+    cut = first[:TITLE_LENGTH - 1]
+    if " " in cut[TITLE_LENGTH // 2:]:
+        cut = cut[:cut.rindex(" ")]
+    return cut.rstrip(" ,;:.-") + "…"
 
 
 class ConversationStore:
@@ -61,13 +69,44 @@ class ConversationStore:
                             **fields)
         return conv
 
-    def save(self, conv: Conversation) -> Conversation:
+    def save(self, conv: Conversation, replace: bool = True) -> Conversation:
+        """Write `conv`; with replace=False a file already holding its id is never overwritten
+        (FileExistsError)."""
         conv.updated = time.time()
         if not conv.title or conv.title == "New conversation":
-            conv.title = title_from(conv.messages)
+            conv.title = self._unique_title(title_from(conv.messages), conv.id)
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(self._path(conv.id), json.dumps(asdict(conv), ensure_ascii=False, indent=1))
+        write_atomic(self._path(conv.id), json.dumps(asdict(conv), ensure_ascii=False, indent=1), replace=replace)
         return conv
+
+    def add(self, conv: Conversation) -> Conversation:
+        """Store `conv` as a new conversation (an import): should its id be taken meanwhile, it gets another, so
+        no saved conversation is ever replaced."""
+        title = conv.title
+        for _ in range(3):
+            try:
+                return self.save(conv, replace=False)
+            except FileExistsError:
+                conv.id, conv.title = self.new().id, title   # the automatic title is chosen anew for the new id
+        raise ValueError("could not find a free conversation id")
+
+    def _unique_title(self, title: str, conversation_id: str) -> str:
+        """`title`, or "title (2)", "(3)"... when another saved conversation has it: chats that start alike
+        stay apart in the list."""
+        if title == "New conversation" or not self.folder.is_dir():
+            return title
+        taken = set()
+        for path in self.folder.glob("*.json"):
+            if path.stem != conversation_id:
+                try:
+                    taken.add(json.loads(path.read_text(encoding="utf-8")).get("title"))
+                except (OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
+                    continue   # list() reports unreadable files; a title check need not
+        number, unique = 1, title
+        while unique in taken:
+            number += 1
+            unique = f"{title} ({number})"
+        return unique
 
     def save_messages(self, conversation_id: str | None, messages: list[dict[str, str]], **fields: Any) -> Conversation:
         """Store `messages` (and fields like system_message, mode, template) under `conversation_id`, creating
