@@ -202,6 +202,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
             tensors += [t for t in vars(packed).values() if isinstance(t, torch.Tensor)]
             store = getattr(packed, "store", None)       # the kernels' scales (engine.int4_mma.ScaleStore)
             tensors += store.tensors() if store is not None else []
+        # MoE layers on CUDA keep their experts stacked, plus slot workspace, outside parameters and buffers.
+        tensors += (getattr(module, "stacked", None) or []) + (getattr(module, "slot_tensors", None) or [])
         for t in tensors:
             if t is not None and t.is_cuda:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()

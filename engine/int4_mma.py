@@ -173,12 +173,25 @@ SOURCE = DEVICE_HELPERS + r"""
 // PERM (act-order whose order the layer before could not produce): x[m, perm[k]] is read instead of x[m, k];
 // each warp gathers a chunk's 64 inputs once into shared memory (2 a lane), and the lanes read their B
 // values from there.
-template <int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM>
+// EXPERTS (a mixture-of-experts decode step): blockIdx.y is a slot j; the weight, scales and zero biases are
+// expert experts[j]'s of tensors stacked [E, ...] (byte strides w_stride, s_stride, z_stride), x and y are
+// offset by j * x_stride and j * y_stride elements. The chosen experts are read in place, with no copy.
+template <int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM, bool EXPERTS>
 __global__ void __launch_bounds__(WARPS * 32)
 int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* __restrict__ w,
          const void* __restrict__ scales, const void* __restrict__ zero_bias, u16* __restrict__ y,
-         int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift) {
+         int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift,
+         const int* __restrict__ experts, int w_stride, int s_stride, int z_stride, int x_stride, int y_stride) {
     static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
+    if (EXPERTS) {
+        const int slot = blockIdx.y;
+        const long long e = experts[slot];
+        w = reinterpret_cast<const Words*>(reinterpret_cast<const char*>(w) + e * w_stride);
+        scales = reinterpret_cast<const char*>(scales) + e * s_stride;
+        zero_bias = reinterpret_cast<const char*>(zero_bias) + e * z_stride;
+        x += (size_t)slot * x_stride;
+        y += (size_t)slot * y_stride;
+    }
     __shared__ float partial[WARPS][8][16];
     __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][32];   // [warp][u][x row][input pair]
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -586,11 +599,30 @@ def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor
     M = x.shape[0]
     seg = min(4, w.group_size // 16)
     flag = lambda b: str(b).lower()
-    name = f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)}>"
+    name = f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)},false>"
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     _kernel(name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
                   args=[x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n,
-                        w.k, w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift])
+                        w.k, w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift,
+                        w.words, 0, 0, 0, 0, 0])
+    return y
+
+
+def expert_matmul(x: torch.Tensor, stacked: PackedInt4, experts: torch.Tensor, config: MmaConfig) -> torch.Tensor:
+    """One decode row through each chosen expert of a mixture-of-experts layer, the experts read where they
+    lie. stacked: every expert's weight, each tensor stacked [E, ...] (`stack`); experts: int32 [S] on the
+    GPU, expert ids; x: bf16 [1, K] (the same input for every slot) or [S, K] (slot j's own row).
+    Returns y [S, N]: slot j is x's row through expert experts[j]."""
+    S = experts.shape[0]
+    seg = min(4, stacked.group_size // 16)
+    name = f"int4_mma<{config.warps},{config.unroll},{seg},{stacked.zmode},{stacked.form},false,true>"
+    y = torch.empty(S, stacked.n, dtype=torch.bfloat16, device=x.device)
+    stride = lambda t: t.stride(0) * t.element_size()
+    _kernel(name)(grid=(stacked.n // TILE, S, 1), block=(32 * config.warps, 1, 1),
+                  args=[x, stacked.words, stacked.words, stacked.store.scales, stacked.zero_arg, y, 1, stacked.n,
+                        stacked.k, stacked.k // stacked.group_size, stacked.group_shift, stacked.uniform_bias,
+                        stacked.store.span_shift, experts, stride(stacked.words), stride(stacked.store.scales),
+                        stride(stacked.zero_arg), 0 if x.shape[0] == 1 else x.shape[1], stacked.n])
     return y
 
 

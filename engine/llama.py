@@ -388,11 +388,14 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(self.hidden, args.dim, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.w13(x)
+        return self.w2(self.activate(self.w13(x)))
+
+    def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up from w13's output [..., 2 * hidden]."""
         if self.act == "silu" and fused_ops.usable(gate_up):
-            return self.w2(fused_ops.silu_mul(gate_up))                       # SwiGLU, one kernel
+            return fused_ops.silu_mul(gate_up)                                # SwiGLU, one kernel
         gate, up = gate_up.split(self.hidden, dim=-1)
-        return self.w2(ACTIVATIONS[self.act](gate) * up)
+        return ACTIVATIONS[self.act](gate) * up
 
 
 class Block(nn.Module):

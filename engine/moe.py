@@ -9,7 +9,11 @@ Only the chosen experts are computed. Prompts (and everything on CPU) loop over 
 each running on its own rows. A CUDA-graph decode step cannot loop over data-dependent experts, so on CUDA
 (`stack_experts`) every weight tensor of the experts is stacked [E, ...] and the decode step copies the k
 chosen experts' tensors into k fixed "slot" experts by index_select with the router's ids (no host sync, no
-data-dependent shape), then runs the slots: it reads the chosen experts' weights only.
+data-dependent shape), then runs the slots: it reads the chosen experts' weights only. Where every expert
+runs on the 4-bit tensor-core kernel (engine.int4_mma, natural input order, no bias), the copy is skipped:
+the kernel takes the router's ids and reads each chosen expert where it lies, all slots in one launch for
+gate/up and one for down (copying 2 Mixtral experts a layer moved twice their bytes again; one launch per
+slot and matrix left Qwen3-MoE's 8 small experts bound by launches).
 """
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine import int4_mma
+from engine.quant_linear import Int4Linear
 
 
 class MoEFeedForward(nn.Module):
@@ -38,6 +45,8 @@ class MoEFeedForward(nn.Module):
         self.stacked: list[torch.Tensor] | None = None
         self.slot_tensors: list[torch.Tensor] | None = None
         self.slots: nn.ModuleList | None = None
+        # Set by stack_experts where the experts allow it: w13's and w2's PackedInt4 over the stacked tensors.
+        self.in_place: dict[str, int4_mma.PackedInt4] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -73,7 +82,15 @@ class MoEFeedForward(nn.Module):
         return self.slots[0]
 
     def _decode_slots(self, x2: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # x2: [1, D]; ids, weights: [k]. Gather the chosen experts into the slots, then run each slot.
+        # x2: [1, D]; ids, weights: [k].
+        if self.in_place is not None:
+            ids32 = ids.to(torch.int32)
+            w13, w2 = self.in_place["w13"], self.in_place["w2"]
+            gate_up = int4_mma.expert_matmul(x2.to(torch.bfloat16), w13, ids32, int4_mma.config_for(self.top_k * w13.n))
+            hidden = self.slots[0].activate(gate_up)                                      # [k, F]
+            y = int4_mma.expert_matmul(hidden.contiguous(), w2, ids32, int4_mma.config_for(self.top_k * w2.n))
+            return (y.float() * weights.float()[:, None]).sum(0, keepdim=True).to(x2.dtype)
+        # Gather the chosen experts into the slots, then run each slot.
         for stacked, slot in zip(self.stacked, self.slot_tensors):
             torch.index_select(stacked, 0, ids, out=slot)
         out = None
@@ -83,8 +100,8 @@ class MoEFeedForward(nn.Module):
         return out
 
     def stack_experts(self) -> None:
-        """Keep the experts as stacked tensors plus top_k slot experts (see the module docstring), so the decode
-        step runs without host syncs. ValueError when the experts' tensors differ in form (kernel, shapes)."""
+        """Keep the experts as stacked tensors plus top_k slot experts, or one where they are read in place (see
+        the module docstring), so the decode step runs without host syncs. ValueError when the experts' tensors differ in form (kernel, shapes)."""
         forms = [tensor_leaves(e) for e in self.experts]
         first = forms[0]
         for e, form in enumerate(forms[1:], 1):
@@ -93,16 +110,37 @@ class MoEFeedForward(nn.Module):
                 raise ValueError(f"expert {e} is stored in another form than expert 0, so the experts cannot be "
                                  "stacked for the CUDA decode step")
         self.stacked = [torch.stack([form[i][2] for form in forms]) for i in range(len(first))]
-        self.slot_tensors = [torch.empty((self.top_k, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        self.in_place = self._in_place(first)
+        # Read in place, the decode step needs no slots: one is kept for prompts (_expert).
+        n_slots = 1 if self.in_place is not None else self.top_k
+        self.slot_tensors = [torch.empty((n_slots, *t.shape[1:]), dtype=t.dtype, device=t.device)
                              for t in self.stacked]
         slots = []
-        for j in range(self.top_k):
+        for j in range(n_slots):
             slot = copy.deepcopy(self.experts[0])
             for (_, (holder, name), _), tensors in zip(tensor_leaves(slot), self.slot_tensors):
                 replace_leaf(holder, name, tensors[j])
             slots.append(slot)
         self.slots = nn.ModuleList(slots)
         self.experts = nn.ModuleList()   # their tensors now live in `stacked` only
+
+    def _in_place(self, leaves: list) -> dict[str, int4_mma.PackedInt4] | None:
+        """w13's and w2's PackedInt4 with `stacked`'s tensors in place of expert 0's, for int4_mma.expert_matmul;
+        None unless both run on that kernel in the natural input order, without bias, with plain scales."""
+        stacked_of = {id(t): stacked for (_, _, t), stacked in zip(leaves, self.stacked)}
+        expert = self.experts[0]
+        out = {}
+        for name in ("w13", "w2"):
+            layer = getattr(expert, name)
+            if not isinstance(layer, Int4Linear) or layer.cpu or layer.perm is not None or layer.bias is not None:
+                return None
+            p = layer.packed
+            if p.store.supers is not None or p.store.offsets is not None:
+                return None
+            out[name] = dataclasses.replace(
+                p, words=stacked_of[id(p.words)], store=int4_mma.ScaleStore(stacked_of[id(p.store.scales)]),
+                zero_bias=None if p.zero_bias is None else stacked_of[id(p.zero_bias)])
+        return out
 
 
 def tensor_leaves(module: nn.Module) -> list[tuple[str, tuple[object, str], torch.Tensor]]:

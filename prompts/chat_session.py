@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 from engine.generation import DoneEvent, QueuedEvent, StatsEvent, TextEvent
 from engine.model import Prompt
 from engine.sampling import GenerationParams
+from prompts.chat_modes import ChatSetup, build_prompt
 
 History = list[dict[str, Any]]
 # Reply versions (text-generation-webui's arrows): the history index of a reply (as a string, a JSON key) ->
@@ -93,11 +94,17 @@ def _stream(state, prompt: Prompt, params: GenerationParams, key: str,
 
 
 def _stream_into(state, history: History, system_message: str | None, params: GenerationParams, key: str,
-                 continue_last: bool, template: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+                 continue_last: bool, template: str | None = None,
+                 setup: ChatSetup | None = None) -> Iterator[tuple[History, ReplyStatus]]:
     """Generate into history[-1] (an assistant message), yielding after every text piece. The prompt goes
     through the resolved template and is cut to fit context_length - max_new_tokens."""
     messages = ([{"role": "system", "content": system_message}] if system_message else []) + history
-    if continue_last:
+    characters = setup is not None and setup.uses_character
+    if characters:   # Chat, Chat-instruct: the character's transcript (prompts.chat_modes)
+        prompt = build_prompt(state, setup, messages if continue_last else messages[:-1],
+                              system_message=system_message, template=template,
+                              max_new_tokens=params.max_new_tokens, continue_last=continue_last)
+    elif continue_last:
         prompt = state.continue_prompt(messages, template, params.max_new_tokens)
     else:
         prompt = state.chat_prompt(messages[:-1], template, params.max_new_tokens)
@@ -113,7 +120,8 @@ def _stream_into(state, history: History, system_message: str | None, params: Ge
         yield snapshot, status
     # A reply cut at a stop string ("... USER:") would keep the space before it.
     if final is not None and not continue_last:
-        history[-1]["content"] = history[-1]["content"].rstrip()
+        # A character's reply follows "Name:" and so starts with a space (text-generation-webui strips it too).
+        history[-1]["content"] = history[-1]["content"].strip() if characters else history[-1]["content"].rstrip()
     if final is not None:
         yield history, final
 
@@ -125,21 +133,19 @@ def notebook(state, text: str, params: GenerationParams, key: str = "default") -
     yield from _stream(state, prompt, params, key, parts.append, lambda: "".join(parts))
 
 
-def instruct(state, user_message: str, params: GenerationParams, key: str = "default",
-             system_message: str | None = None, template: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
-    """One turn through the template: the history holds only this instruction and its answer."""
-    yield from send(state, [], user_message, params, key, system_message, template)
-
-
 def send(state, history: History, user_message: str, params: GenerationParams, key: str = "default",
-         system_message: str | None = None, template: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+         system_message: str | None = None, template: str | None = None,
+         setup: ChatSetup | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+    """Reply to `user_message` after `history`. `setup`: the chat mode and character (prompts.chat_modes);
+    None or Instruct: the model's template over the plain turns. Regenerate and Continue take it too."""
     history = normalize(history) + [{"role": "user", "content": user_message},
                                     {"role": "assistant", "content": ""}]
-    yield from _stream_into(state, history, system_message, params, key, False, template)
+    yield from _stream_into(state, history, system_message, params, key, False, template, setup)
 
 
 def regenerate(state, history: History, params: GenerationParams, key: str = "default",
-               system_message: str | None = None, template: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+               system_message: str | None = None, template: str | None = None,
+               setup: ChatSetup | None = None) -> Iterator[tuple[History, ReplyStatus]]:
     history = normalize(history)
     if history and history[-1]["role"] == "assistant":
         history = history[:-1]
@@ -147,17 +153,17 @@ def regenerate(state, history: History, params: GenerationParams, key: str = "de
         yield history, ReplyStatus("nothing to regenerate", done=True)
         return
     history.append({"role": "assistant", "content": ""})
-    yield from _stream_into(state, history, system_message, params, key, False, template)
+    yield from _stream_into(state, history, system_message, params, key, False, template, setup)
 
 
 def continue_reply(state, history: History, params: GenerationParams, key: str = "default",
-                   system_message: str | None = None,
-                   template: str | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+                   system_message: str | None = None, template: str | None = None,
+                   setup: ChatSetup | None = None) -> Iterator[tuple[History, ReplyStatus]]:
     history = normalize(history)
     if not history or history[-1]["role"] != "assistant":
         yield history, ReplyStatus("nothing to continue: the last message is not a reply", done=True)
         return
-    yield from _stream_into(state, history, system_message, params, key, True, template)
+    yield from _stream_into(state, history, system_message, params, key, True, template, setup)
 
 
 def remove_last(history: History) -> tuple[History, str]:

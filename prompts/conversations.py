@@ -24,7 +24,8 @@ class Conversation:
     title: str
     messages: list[dict[str, str]] = field(default_factory=list)
     system_message: str = ""
-    mode: str = "Chat"
+    mode: str = "Instruct"   # prompts.chat_modes: Chat, Chat-instruct or Instruct; each mode has its own chats
+    character: str = ""      # the character's key (prompts.characters) in Chat and Chat-instruct
     template: str = ""
     model: str = ""
     created: float = 0.0
@@ -146,6 +147,12 @@ class ConversationStore:
                 self.problems.append(str(exc))
         return sorted(found, key=lambda c: c.updated, reverse=True)
 
+    def latest(self, mode: str, character: str | None = None) -> Conversation | None:
+        """The newest conversation in `mode` (and of `character`, when given): what switching to that mode or
+        character shows."""
+        return next((c for c in self.list() if c.mode == mode and (character is None or c.character == character)),
+                    None)
+
     def rename(self, conversation_id: str, title: str) -> Conversation:
         title = " ".join(title.split())
         if not title:
@@ -203,6 +210,13 @@ def _versions(value: Any) -> dict[str, dict[str, Any]]:
     return found
 
 
+def _mode(data: dict) -> str:
+    """The chat mode a conversation was saved in. Files from before characters (no "character" key) said
+    "Chat" for the model's template over plain turns, which is Instruct now."""
+    mode = str(data.get("mode") or "Instruct")
+    return "Instruct" if mode == "Chat" and "character" not in data else mode
+
+
 def _from_dict(data: Any, where: str) -> Conversation:
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise ValueError(f"{where} is corrupt: not a conversation")
@@ -215,7 +229,8 @@ def _from_dict(data: Any, where: str) -> Conversation:
     try:
         return Conversation(id=str(data["id"]), title=str(data.get("title") or "Untitled"), messages=messages,
                             system_message=str(data.get("system_message") or ""),
-                            mode=str(data.get("mode") or "Chat"), template=str(data.get("template") or ""),
+                            mode=_mode(data), character=str(data.get("character") or ""),
+                            template=str(data.get("template") or ""),
                             model=str(data.get("model") or ""), created=float(data.get("created") or 0),
                             updated=float(data.get("updated") or 0), versions=_versions(data.get("versions")))
     except (KeyError, TypeError, ValueError):

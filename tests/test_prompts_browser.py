@@ -60,7 +60,7 @@ def test_switching_modes_and_chatting(running_app, tmp_path):
         value = page.locator("#notebook-text textarea").input_value()
         assert value.startswith("The capital of France is") and len(value) > len("The capital of France is")
 
-        page.get_by_label("Chat", exact=True).check()
+        page.get_by_label("Instruct", exact=True).check()
         expect(page.locator("#chatbot")).to_be_visible()
         expect(page.locator("#chatbot")).to_contain_text("Paris")
         shoot("modes")

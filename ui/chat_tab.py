@@ -1,4 +1,4 @@
-"""Text Generation tab: Chat / Instruct / Notebook modes, the exact prompt sent, presets, templates and saved
+"""Text Generation tab: Chat / Chat-instruct / Instruct / Notebook, the exact prompt sent, presets, templates and saved
 conversations. Logic lives in prompts/ (chat_session, presets, conversations, templates); this file only wires
 widgets to it."""
 
@@ -10,12 +10,14 @@ from engine.sampling import GenerationParams
 from loaders.base import LoadError
 from core.options import OptionError
 from prompts import chat_session
+from prompts.chat_modes import CHAT_MODES, INSTRUCT
 from prompts.conversations import ConversationStore
 from prompts.presets import PRESETS_DIR, load_presets, save_preset
 from prompts.sandbox import TemplateRenderError
+from ui.characters_panel import CharactersPanel
 from ui.widgets import values_from, widgets_for
 
-MODES = ("Chat", "Instruct", "Notebook")
+MODES = (*CHAT_MODES, "Notebook")
 AUTO = "Auto (the model's template)"
 USER_ERRORS = (LoadError, OptionError, ValueError, TemplateRenderError)
 # text-generation-webui's chat keys (Enter sends and Shift+Enter breaks the line in the textbox itself):
@@ -41,7 +43,8 @@ def build_chat_tab(state) -> dict:
     with gr.Tab("Text Generation", elem_id="tab-chat") as tab:
         template_info = gr.Markdown("", elem_id="chat-template-info")
         file_problems = gr.Markdown("", elem_id="chat-file-problems")  # skipped user files
-        mode = gr.Radio(list(MODES), value="Chat", label="Mode", elem_id="chat-mode")
+        mode = gr.Radio(list(MODES), value=INSTRUCT, label="Mode", elem_id="chat-mode")
+        characters = CharactersPanel(state, conversations)   # the character modes' picker, import, your name
         with gr.Column(visible=True) as chat_area:
             # editable: any message can be corrected in place (`on_edit`); copy: per message and the whole chat.
             chatbot = gr.Chatbot(elem_id="chatbot", height=420, label="Chat", editable="all",
@@ -148,6 +151,7 @@ def build_chat_tab(state) -> dict:
         history = chat_session.normalize(history)
         extra = {} if versions is None else {"versions": chat_session.prune(versions, history)}
         return conversations.save_messages(conv_id, history, system_message=system or "", mode=mode_name,
+                                           character=characters.recorded(conv_id, mode_name),
                                            template=choice_of(template_name) or "",
                                            model=state.model.name if state.model else "", **extra).id
 
@@ -225,11 +229,9 @@ def build_chat_tab(state) -> dict:
             yield history, text, "⚠️ no model is loaded: pick one on the Model tab and press Load", *unchanged
             return
         choice = choice_of(template_name)
-        if mode_name == "Instruct":  # one turn: the instruction alone, no earlier history
-            history, conv_id = [], ""
-            action = lambda key: chat_session.instruct(state, text, params, key, system or None, choice)
-        else:
-            action = lambda key: chat_session.send(state, history, text, params, key, system or None, choice)
+        # conv_id is read when the reply starts: the conversation saved below, whose character it records.
+        action = lambda key: chat_session.send(state, history, text, params, key, system or None, choice,
+                                               characters.setup(mode_name, conv_id))
         shown = chat_session.normalize(history) + [{"role": "user", "content": text}]
         # Saved before any reply, so the message survives a reload, a restart or a failed load.
         conv_id = save(conv_id, shown, mode_name, system, template_name)
@@ -244,7 +246,7 @@ def build_chat_tab(state) -> dict:
     def on_regenerate(request: gr.Request, history, conv_id, mode_name, system, template_name, versions, *values):
         params = params_of(values)
         action = lambda key: chat_session.regenerate(state, history, params, key, system or None,
-                                                     choice_of(template_name))
+                                                     choice_of(template_name), characters.setup(mode_name, conv_id))
         # The reply being replaced stays a version (the arrows bring it back).
         versions = chat_session.remember(versions, chat_session.normalize(history))
         yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request, versions)
@@ -252,7 +254,8 @@ def build_chat_tab(state) -> dict:
     def on_continue(request: gr.Request, history, conv_id, mode_name, system, template_name, versions, *values):
         params = params_of(values)
         action = lambda key: chat_session.continue_reply(state, history, params, key, system or None,
-                                                         choice_of(template_name))
+                                                         choice_of(template_name),
+                                                         characters.setup(mode_name, conv_id))
         yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request, versions)
 
     def on_reply_to_edit(request: gr.Request, needed, history, conv_id, mode_name, system, template_name, versions,
@@ -447,8 +450,12 @@ def build_chat_tab(state) -> dict:
                                  [chatbot, conversation_id, conversation_list, trash_list, conversation_status],
                                  queue=False)
     empty_trash_btn.click(on_empty_trash, None, [trash_list, conversation_status], queue=False)
+    # A mode or character picked shows its own chat; a chat opened brings its mode and character.
+    character_switches = characters.wire(
+        mode=mode, chatbot=chatbot, conversation_id=conversation_id, conversation_list=conversation_list,
+        choices=conversation_choices, new_chats=(cleared, created, deleted), opened_chats=(opened, restored))
     # Whichever conversation comes on screen brings its reply versions.
-    for switched in (cleared, created, opened, deleted, restored):
+    for switched in (cleared, created, opened, deleted, restored, *character_switches):
         switched.then(saved_versions, [conversation_id, chatbot], [versions_state, version_label], queue=False)
     tab.select(refresh, None, refresh_outputs, queue=False)
     # What the page shows before its load events: the template line (or the start-up load's), saved choices.
@@ -458,9 +465,10 @@ def build_chat_tab(state) -> dict:
     conversation_list.choices = [(c.title, c.id) for c in conversations.list()]
 
     def page_load(demo: gr.Blocks) -> None:
-        demo.load(on_page_load, None, [chatbot, conversation_id, system_message, conversation_list, trash_list],
-                  queue=False).then(saved_versions, [conversation_id, chatbot], [versions_state, version_label],
-                                    queue=False)
+        reopened = demo.load(on_page_load, None, [chatbot, conversation_id, system_message, conversation_list,
+                                                  trash_list], queue=False)
+        reopened.then(saved_versions, [conversation_id, chatbot], [versions_state, version_label], queue=False)
+        characters.follow_after(reopened, conversation_id, mode)
         demo.load(None, js=KEYBOARD_JS)
 
     return {"chatbot": chatbot, "header": template_info, "refresh": refresh_model,
