@@ -14,6 +14,7 @@ from prompts.chat_modes import CHAT_MODES, INSTRUCT
 from prompts.conversations import ConversationStore
 from prompts.presets import PRESETS_DIR, load_presets, save_preset
 from prompts.sandbox import TemplateRenderError
+from ui.chats_panel import build_chats_panel
 from ui.characters_panel import CharactersPanel
 from ui.widgets import values_from, widgets_for
 
@@ -104,6 +105,11 @@ def build_chat_tab(state) -> dict:
                 empty_trash_btn = gr.Button("Empty trash", variant="stop", elem_id="trash-empty")
             # The panel's own line: a conversation action's message neither hides nor outlives a reply's status.
             conversation_status = gr.Markdown("", elem_id="conversation-status")
+            # Search, export, import: a conversation they put on screen brings its versions (`switched` below).
+            panel_switches = build_chats_panel(
+                conversations, chatbot=chatbot, conversation_id=conversation_id, system_message=system_message,
+                versions_state=versions_state, conversation_list=conversation_list, status=conversation_status,
+                choices=lambda selected: conversation_choices(selected))
         with gr.Accordion("Generation parameters", open=False):
             # Built with the values a generation would use now; each page load and model change sets them
             # again from the loaded model's effective settings (`refresh_model`).
@@ -453,9 +459,10 @@ def build_chat_tab(state) -> dict:
     # A mode or character picked shows its own chat; a chat opened brings its mode and character.
     character_switches = characters.wire(
         mode=mode, chatbot=chatbot, conversation_id=conversation_id, conversation_list=conversation_list,
-        choices=conversation_choices, new_chats=(cleared, created, deleted), opened_chats=(opened, restored))
+        choices=conversation_choices, new_chats=(cleared, created, deleted),
+        opened_chats=(opened, restored, *panel_switches))
     # Whichever conversation comes on screen brings its reply versions.
-    for switched in (cleared, created, opened, deleted, restored, *character_switches):
+    for switched in (cleared, created, opened, deleted, restored, *panel_switches, *character_switches):
         switched.then(saved_versions, [conversation_id, chatbot], [versions_state, version_label], queue=False)
     tab.select(refresh, None, refresh_outputs, queue=False)
     # What the page shows before its load events: the template line (or the start-up load's), saved choices.
