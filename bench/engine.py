@@ -417,8 +417,14 @@ def section(results: dict, name: str, fn) -> None:
     torch.cuda.empty_cache()
 
 
-def gpu(work: Path, with_exllamav2: bool) -> dict:
+def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict:
+    """only: run just the rows whose names contain one of these (e.g. hearth_7b_gptq_3bit), to spend a lease's
+    minutes on the rows a change touches; the copy bandwidth is always measured."""
     from transformers import AutoTokenizer
+
+    def measure(results: dict, name: str, fn) -> None:   # section(), for the rows `only` keeps
+        if not only or any(o in name for o in only):
+            section(results, name, fn)
 
     build = None
     if with_exllamav2:  # its extension compiles at first import: start that now, on the CPUs
@@ -434,13 +440,17 @@ def gpu(work: Path, with_exllamav2: bool) -> dict:
                 "gptq_8bit_g128": ("gptq", 128, False, 8)}
     for i, (name, (method, gs, act, bits)) in enumerate(variants.items()):
         folder = work / name
+        if only and not any(o in f"hearth_7b_{name}" for o in only):
+            continue
         section(results, f"write_{name}_s", lambda: write_checkpoint(folder, LLAMA2_7B, method, gs, act, bits))
         if i == 0 and build is not None:
             build.wait()  # the extension build takes every CPU core: let it finish before timing anything
-        section(results, f"hearth_7b_{name}", lambda: bench_folder(folder))
+        measure(results, f"hearth_7b_{name}", lambda: bench_folder(folder))
         if name != "gptq_4bit_g128":
             shutil.rmtree(folder, ignore_errors=True)
-    tokenizer = AutoTokenizer.from_pretrained(work / "gptq_4bit_g128")
+    # the checkpoints' tokenizer (copied from TOKENIZER when they were written)
+    tokenizer = AutoTokenizer.from_pretrained(work / "gptq_4bit_g128" if (work / "gptq_4bit_g128").is_dir()
+                                              else TOKENIZER)
 
     def seventy(bits: int):
         torch.cuda.reset_peak_memory_stats()
@@ -468,15 +478,15 @@ def gpu(work: Path, with_exllamav2: bool) -> dict:
         return built_on_gpu(model, packed, t)
 
     for mix in ("Q4_K_M", "Q8_0", "Q6_K"):
-        section(results, f"hearth_7b_gguf_{mix.lower()}", lambda: gguf(mix))
-    family_rows(results, section, tokenizer, built_on_gpu)
-    section(results, "hearth_70b_gptq_4bit_g128", lambda: seventy(4))
-    section(results, "hearth_70b_gptq_3bit_g128", lambda: seventy(3))
+        measure(results, f"hearth_7b_gguf_{mix.lower()}", lambda: gguf(mix))
+    family_rows(results, measure, tokenizer, built_on_gpu)
+    measure(results, "hearth_70b_gptq_4bit_g128", lambda: seventy(4))
+    measure(results, "hearth_70b_gptq_3bit_g128", lambda: seventy(3))
 
-    section(results, "hf_transformers_fp16_7b", lambda: bench_hf_fp16(LLAMA2_7B))
-    section(results, "hf_transformers_fp16_qwen3_8b", lambda: bench_hf_fp16(QWEN3_8B))
+    measure(results, "hf_transformers_fp16_7b", lambda: bench_hf_fp16(LLAMA2_7B))
+    measure(results, "hf_transformers_fp16_qwen3_8b", lambda: bench_hf_fp16(QWEN3_8B))
     if with_exllamav2:
-        section(results, "exllamav2_7b_gptq_4bit_g128", lambda: bench_exllamav2(work / "gptq_4bit_g128", build))
+        measure(results, "exllamav2_7b_gptq_4bit_g128", lambda: bench_exllamav2(work / "gptq_4bit_g128", build))
     return results
 
 
@@ -588,14 +598,14 @@ def gemv_sweep() -> dict:
     return res
 
 
-def lowbit_sweep() -> dict:
+def lowbit_sweep(widths: tuple[int, ...] = (3, 8, 2)) -> dict:
     """engine.lowbit_mma (GPTQ 2/3/8-bit) over launch configs at M=1 on the 7B/70B layer shapes, g128 and
     symmetric, against the copy bandwidth: effective TB/s counts the packed levels plus fp16 scales. Every
     config is checked against an fp64 reference; the default config also at 3 and 8 rows, with per-group
     zeros, and through `dequantize` (whose rate counts the bf16 it writes)."""
     configs = [lowbit_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)]
     res = {"copy_tb_s": round(copy_bandwidth(), 3)}
-    cases = [(bits, name, shape) for bits in (3, 8, 2) for name, shape in GEMV_SHAPES.items()
+    cases = [(bits, name, shape) for bits in widths for name, shape in GEMV_SHAPES.items()
              if bits == 3 or "70b" not in name]
     for bits, name, (k, n) in cases:
         gs = 128
@@ -759,7 +769,10 @@ def main() -> None:
     mode.add_argument("--cpu", action="store_true")
     mode.add_argument("--gemv", action="store_true", help="GPU: our int4 kernel's launch configs vs tinygemm")
     mode.add_argument("--cpu-one", choices=list(CPU_RUNTIMES), help="--cpu's runs: one runtime, in this process")
-    ap.add_argument("--sweep", default="int4,lowbit,gguf", help="--gemv: which sweeps, comma-separated")
+    ap.add_argument("--sweep", default="int4,lowbit,gguf",
+                    help="--gemv: which sweeps, comma-separated (lowbit3: the low-bit sweep's 3-bit rows only)")
+    ap.add_argument("--only", help="--gpu: only the rows whose names contain one of these (comma-separated), "
+                                   "e.g. hearth_7b_gptq_4bit_g128,hearth_70b_gptq_3bit")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hearth-bench"), help="where checkpoints are written")
     ap.add_argument("--exllamav2", action="store_true", help="also run exllamav2 (must be importable)")
     ap.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json for the random checkpoints")
@@ -775,9 +788,9 @@ def main() -> None:
         print(json.dumps(cpu_one(args.cpu_one)))
         return
     if args.gpu:
-        results = gpu(args.work, args.exllamav2)
+        results = gpu(args.work, args.exllamav2, args.only.split(",") if args.only else None)
     else:
-        sweeps = {"int4": gemv_sweep, "lowbit": lowbit_sweep, "gguf": gguf_sweep}
+        sweeps = {"int4": gemv_sweep, "lowbit": lowbit_sweep, "lowbit3": lambda: lowbit_sweep((3,)), "gguf": gguf_sweep}
         results = {name: sweeps[name]() for name in args.sweep.split(",")} if args.gemv else cpu(args.trials)
     text = json.dumps(results, indent=1)
     print(text)

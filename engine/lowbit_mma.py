@@ -10,8 +10,15 @@ levels is made:
 - 2-bit: a chunk is 128 inputs, one 16-byte load per lane (word j holds mma steps 2j and 2j + 1). The pair
   for A register p of step i sits in bits 2p + 8(i % 2) and 16 + 2p + 8(i % 2); OR-ed into the mantissa of
   128.0 and shifted by one bf16x2 FMA, as at 4 bits.
-- 3-bit: the 2-bit plane of the low two bits, plus an 8-byte plane of third bits (word i / 4, bits
-  4(i % 4) + p and + 16), moved to bit 2 by one shift and OR-ed in: 128 + q is still exact in bf16.
+- 3-bit ("mantissa fields"): a chunk is 128 inputs, six words a lane (16 bytes at 16 lane, 8 at 512 + 8 lane).
+  A bf16 with 128's exponent is 128 + m for any 7-bit mantissa m, so each 16-bit half holds five 3-bit fields
+  (bits 0, 3, 6, 9, 12) that one LOP3 (mask | 0x4300, after a shift of 0, 6 or 12) turns into 128 + q (a field
+  at bit 0) or 128 + 8q (at bit 3), both halves of a pair at once. Steps 0-4 take the bit-0 fields (18 pairs)
+  and two pairs made of the halves' spare bit 15 (bit b of such a level: word 3s + b); steps 5-7, the
+  "eighths", take the bit-3 fields. These raw values go into the mma unchanged; one more mma (A all ones)
+  sums x per step class, and each group takes s ((sum) - (128 + z) sum(x)) and, for the eighths,
+  s / 8 ((sum) - (128 + 8z) sum(x)): ~1.6 instructions a pair against ~5 for a 2-bit plane plus a plane of
+  third bits, which left 3-bit instruction-bound below 4-bit's speed (bench/NOTES-engine.md).
 - 8-bit: a chunk is 64 inputs, two 16-byte loads per lane (plane i / 2, word 2(i % 2) + p / 2, the pair's
   levels in bytes p % 2 and 2 + p % 2). 128 + q needs 8 mantissa bits, which bf16 lacks, so each level is
   placed in the mantissa of 2^23 as an fp32 (one byte permute), 2^23 + z is subtracted (exact), and the
@@ -91,8 +98,45 @@ template <int BITS> __device__ __forceinline__ u32 row_bias(u32 stored) {
     return stored * 0x10001u;
 }
 
+// (a & MASK) | 0x43004300 in one LOP3: written in C, the compiler spends two (one immediate an instruction).
+template <u32 MASK> __device__ __forceinline__ u32 mantissa(u32 a) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(MASK), "n"(0x43004300u));
+    return d;
+}
+
+// The 3-bit layout's mantissa fields (see the module docstring): A register p of mma step i as the bf16 pair
+// of raw values 128 + q (steps 0-4: fields at bit 0 of a half after a shift of 0, 6 or 12) or 128 + 8q (steps
+// 5-7, the "eighths": fields at bit 3 after a shift of 0 or 6), one LOP3 each; steps 0-4's last two pairs
+// come from the six words' spare top bits. Every value is exact in bf16 (steps of 1 in [128, 256)).
+__device__ __forceinline__ constexpr bool eighths(int i) { return i >= 5; }
+
+__device__ __forceinline__ u32 word3(const Chunk<3>& d, int j) {
+    return j < 4 ? d.w[0].w[j] : j == 4 ? d.hi.lo : d.hi.hi;
+}
+
+__device__ __forceinline__ u32 raw3(const Chunk<3>& d, int i, int p) {
+    if (eighths(i)) {
+        const int n = 4 * (i - 5) + p;
+        return mantissa<0x00380038u>(word3(d, n / 2) >> (6 * (n % 2)));
+    }
+    const int n = 4 * i + p;
+    if (n < 18) return mantissa<0x00070007u>(word3(d, n / 3) >> (6 * (n % 3)));
+    const int s = n - 18;                           // a spare pair: bit b of its levels is bit 15 (31) of word 3s + b
+    return mantissa<0x00070007u>(((word3(d, 3 * s) >> 15) & 0x00010001u) | ((word3(d, 3 * s + 1) >> 14) & 0x00020002u)
+                                 | ((word3(d, 3 * s + 2) >> 13) & 0x00040004u));
+}
+
+// bf16x2 a * b + c
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+    return r;
+}
+
 // A register p of mma step i as the bf16 pair (q - z): row r + 8 (p & 1), inputs k + 2 (p >> 1) and + 1
 // (k = chunk start + 16 i + 4 t). The bit positions are the layout described in the module docstring.
+// (3 bits: the matmul feeds raw3 and subtracts the zeros with a second mma; this exact pair is for dequant.)
 template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, int i, int p, u32 bias) {
     if (BITS == 8) {
         const u32 w = d.w[i >> 1].w[2 * (i & 1) + (p >> 1)];
@@ -108,17 +152,15 @@ template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, 
         const u32 h = (i >> 1) ? d.hi.hi : d.hi.lo;
         const u32 v = ((d.w[0].w[i] >> (4 * p)) & 0x000F000Fu)
                     | ((at >= 4 ? h >> (at - 4) : h << (4 - at)) & 0x00300030u);
-        u32 r;   // 128 + q (q < 64) is exact in bf16, as in `levels`
-        asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v | 0x43004300u), "r"(0x3F803F80u), "r"(bias));
-        return r;
+        // 128 + q (q < 64) is exact in bf16, as in `levels`
+        return fma2(v | 0x43004300u, 0x3F803F80u, bias);
     }
-    u32 v = (d.w[0].w[i >> 1] >> (2 * p + 8 * (i & 1))) & 0x00030003u;
-    if (BITS == 3) {
-        const int at = 4 * (i & 3) + p;             // third bits at `at` and at + 16 of word i / 4
-        const u32 h = (i >> 2) ? d.hi.hi : d.hi.lo;
-        v |= (at >= 2 ? h >> (at - 2) : h << (2 - at)) & 0x00040004u;
+    if constexpr (BITS == 3) {
+        const u32 raw = raw3(d, i, p);
+        // (128 + 8q) / 8 - (16 + z), with -(16 + z) = -(128 + z) + 112: every step exact
+        return eighths(i) ? fma2(raw, 0x3E003E00u, fma2(bias, 0x3F803F80u, 0x42E042E0u)) : fma2(raw, 0x3F803F80u, bias);
     }
-    return levels(v, bias);                         // levels masks 4 bits: the pair is already in bits 0-2
+    return levels((d.w[0].w[i >> 1] >> (2 * p + 8 * (i & 1))) & 0x00030003u, bias);
 }
 
 // y[M, N] = x[M, K] @ W^T for M <= 8, as int4_mma (one block a 16-row tile, WARPS warps splitting the
@@ -192,20 +234,50 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
 #pragma unroll
                 for (int seg = 0; seg < SEGS; ++seg) {
                     float part[4] = {0.f, 0.f, 0.f, 0.f}, xsum[4] = {0.f, 0.f, 0.f, 0.f};
+                    float part8[4] = {0.f, 0.f, 0.f, 0.f}, xsum8[4] = {0.f, 0.f, 0.f, 0.f};
                     const u32 b_r = bias[u][seg][0], b_r8 = bias[u][seg][1];
+                    // 3 bits: whether this segment holds eighths steps (5-7)
+                    const bool with8 = BITS == 3 && (seg + 1) * SEG > 5;
 #pragma unroll
                     for (int i = seg * SEG; i < (seg + 1) * SEG; ++i) {
                         const Pair b = PERM
                             ? *reinterpret_cast<const Pair*>(&gathered[PERM ? warp : 0][u][xrow][PERM ? 8 * i + 2 * t : 0])
                             : *reinterpret_cast<const Pair*>(xr + c * CH + 16 * i + 4 * t);
-                        mma(part, a_pair<BITS>(q[u], i, 0, b_r), a_pair<BITS>(q[u], i, 1, b_r8),
-                            a_pair<BITS>(q[u], i, 2, b_r), a_pair<BITS>(q[u], i, 3, b_r8), b.lo, b.hi);
-                        if (ZMODE == OFFSETS) mma(xsum, ONES, ONES, ONES, ONES, b.lo, b.hi);
+                        if constexpr (BITS != 3) {
+                            mma(part, a_pair<BITS>(q[u], i, 0, b_r), a_pair<BITS>(q[u], i, 1, b_r8),
+                                a_pair<BITS>(q[u], i, 2, b_r), a_pair<BITS>(q[u], i, 3, b_r8), b.lo, b.hi);
+                        } else {   // the raw values, and x summed by class for the zeros (see below)
+                            const bool e = eighths(i);
+                            mma(e ? part8 : part, raw3(q[u], i, 0), raw3(q[u], i, 1), raw3(q[u], i, 2),
+                                raw3(q[u], i, 3), b.lo, b.hi);
+                            mma(e ? xsum8 : xsum, ONES, ONES, ONES, ONES, b.lo, b.hi);
+                        }
+                        if (ZMODE == OFFSETS && BITS != 3) mma(xsum, ONES, ONES, ONES, ONES, b.lo, b.hi);
                     }
-                    acc[0] += s[u][seg][0] * part[0];
-                    acc[1] += s[u][seg][0] * part[1];
-                    acc[2] += s[u][seg][1] * part[2];
-                    acc[3] += s[u][seg][1] * part[3];
+                    if constexpr (BITS == 3) {
+                        // part sums (128 + q) x: less (128 + z) xsum leaves (q - z) x. part8 sums (128 + 8q) x:
+                        // less (128 + 8z) xsum8 leaves 8 (q - z) x, scaled by s / 8.
+                        const float z_r = -bits_to_float(b_r << 16), z_r8 = -bits_to_float(b_r8 << 16);   // 128 + z
+                        acc[0] += s[u][seg][0] * (part[0] - z_r * xsum[0]);
+                        acc[1] += s[u][seg][0] * (part[1] - z_r * xsum[1]);
+                        acc[2] += s[u][seg][1] * (part[2] - z_r8 * xsum[2]);
+                        acc[3] += s[u][seg][1] * (part[3] - z_r8 * xsum[3]);
+                        if (with8) {
+                            const float e_r = 8.f * z_r - 896.f, e_r8 = 8.f * z_r8 - 896.f;               // 128 + 8z
+                            const float s_r = 0.125f * s[u][seg][0], s_r8 = 0.125f * s[u][seg][1];
+                            acc[0] += s_r * (part8[0] - e_r * xsum8[0]);
+                            acc[1] += s_r * (part8[1] - e_r * xsum8[1]);
+                            acc[2] += s_r8 * (part8[2] - e_r8 * xsum8[2]);
+                            acc[3] += s_r8 * (part8[3] - e_r8 * xsum8[3]);
+                            if (ZMODE == OFFSETS)   // the offsets' sum of x (below) is over both classes
+                                for (int j = 0; j < 4; ++j) xsum[j] += xsum8[j];
+                        }
+                    } else {
+                        acc[0] += s[u][seg][0] * part[0];
+                        acc[1] += s[u][seg][0] * part[1];
+                        acc[2] += s[u][seg][1] * part[2];
+                        acc[3] += s[u][seg][1] * part[3];
+                    }
                     if (ZMODE == OFFSETS) {
                         const float m_r = off[ZMODE == OFFSETS ? u : 0][seg][0];
                         const float m_r8 = off[ZMODE == OFFSETS ? u : 0][seg][1];
@@ -356,6 +428,27 @@ def _words(levels: torch.Tensor, shifts: torch.Tensor, dims: tuple[int, ...]) ->
     return (levels << shifts).sum(dims)
 
 
+def _mantissa_fields(v: torch.Tensor) -> torch.Tensor:
+    """3-bit levels [T, C, r, t, i, p, h] (A register p of mma step i, pair half h) -> words [T, C, 192]: a lane's
+    six words (16 bytes at 16 lane, 8 at 512 + 8 lane), each half holding 3-bit fields at bits 0, 3, 6, 9, 12
+    and a spare bit 15, as the kernel's raw3 reads them (see the module docstring)."""
+    words = torch.zeros(*v.shape[:4], 6, dtype=torch.int64, device=v.device)
+    h16 = torch.tensor([0, 16], device=v.device)
+    for i in range(8):
+        for p in range(4):
+            level = v[:, :, :, :, i, p]                                       # [T, C, r, t, h]
+            n = 4 * (i - 5) + p if i >= 5 else 4 * i + p
+            if i >= 5:                                                        # an eighths step: bit 3 or 9
+                words[..., n // 2] += (level << (3 + 6 * (n % 2) + h16)).sum(-1)
+            elif n < 18:                                                      # bit 0, 6 or 12
+                words[..., n // 3] += (level << (6 * (n % 3) + h16)).sum(-1)
+            else:                                                             # bit b of the level: word 3s + b's bit 15
+                for b in range(3):
+                    words[..., 3 * (n - 18) + b] += (((level >> b) & 1) << (15 + h16)).sum(-1)
+    T, C = v.shape[:2]
+    return torch.cat([words[..., :4].reshape(T, C, 128), words[..., 4:].reshape(T, C, 64)], -1)
+
+
 def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Levels uint8 [K, n] (n a multiple of 16) -> int32 words [n/16, K/chunk, CHUNK_BYTES/4]."""
     K, N = q.shape
@@ -377,16 +470,13 @@ def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
         shifts = 8 * (ar(2, 2, 1) + 2 * ar(2, 1, 2))              # [pb, h]: byte pb + 2 h
         words = _words(v, shifts, (-2, -1))                       # [T, C, r, t, plane, i % 2, pk]
         words = words.permute(0, 1, 4, 2, 3, 5, 6).reshape(T, C, -1)
+    elif bits == 3:
+        words = _mantissa_fields(v.reshape(T, C, 8, 4, S, 4, 2))
     else:
-        low = (v & 3 if bits == 3 else v).reshape(T, C, 8, 4, S // 2, 2, 2, 2, 2)   # i -> (word, i % 2)
+        low = v.reshape(T, C, 8, 4, S // 2, 2, 2, 2, 2)        # i -> (word, i % 2)
         # [i % 2, pk, pb, h]: bit 2 p + 8 (i % 2) + 16 h
         shifts = 2 * (ar(2, 1, 1, 2, 1) + 2 * ar(2, 1, 2, 1, 1)) + 8 * ar(2, 2, 1, 1, 1) + 16 * ar(2, 1, 1, 1, 2)
         words = _words(low, shifts, (-4, -3, -2, -1)).reshape(T, C, -1)      # [T, C, 32 lanes x 4 words]
-        if bits == 3:
-            high = (v >> 2).reshape(T, C, 8, 4, 2, 4, 2, 2, 2)   # i -> (word, i % 4)
-            # [i % 4, pk, pb, h]: bit 4 (i % 4) + p + 16 h
-            shifts = 4 * ar(4, 4, 1, 1, 1) + ar(2, 1, 1, 2, 1) + 2 * ar(2, 1, 2, 1, 1) + 16 * ar(2, 1, 1, 1, 2)
-            words = torch.cat([words, _words(high, shifts, (-4, -3, -2, -1)).reshape(T, C, -1)], -1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 

@@ -73,6 +73,32 @@ def stored_values(store: int4_mma.ScaleStore) -> tuple[torch.Tensor, torch.Tenso
     return untiled(values[..., :2]), untiled(values[..., 2:]) if values.shape[-1] == 4 else None
 
 
+def bf16_value(bits16: torch.Tensor) -> torch.Tensor:
+    """The bf16 numbers whose bit patterns are bits16 (int64 holding 16 bits), as float64."""
+    return bits16.to(torch.int32).to(torch.int16).view(torch.bfloat16).double()
+
+
+def mantissa_field_pair(words: torch.Tensor, lane: torch.Tensor, i: int, p: int) -> list[torch.Tensor]:
+    """The 3-bit levels of A register p of mma step i, read as lowbit_mma's raw3 does: one LOP3 makes each half
+    a bf16 128 + q (steps 0-4) or 128 + 8q (steps 5-7, the eighths); the last two pairs of steps 0-4 gather
+    their three bits from bit 15 (31) of three words."""
+    word = lambda j: words[:, :, 4 * lane + j] if j < 4 else words[:, :, 128 + 2 * lane + j - 4]
+    if i >= 5:
+        n = 4 * (i - 5) + p
+        v, mask = word(n // 2) >> (6 * (n % 2)), 0x38
+    elif 4 * i + p < 18:
+        n = 4 * i + p
+        v, mask = word(n // 3) >> (6 * (n % 3)), 0x7
+    else:
+        s = 4 * i + p - 18
+        v, mask = ((word(3 * s) >> 15) & 0x10001) | ((word(3 * s + 1) >> 14) & 0x20002) \
+            | ((word(3 * s + 2) >> 13) & 0x40004), 0x7
+    raws = [bf16_value(((v >> 16 * h) & mask) | 0x4300) for h in (0, 1)]
+    levels = [(raw - 128) / (8 if i >= 5 else 1) for raw in raws]
+    assert all(torch.equal(lv, lv.round()) for lv in levels)                # whole levels, exactly
+    return [lv.long() for lv in levels]
+
+
 def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [K, N], z [K, N]) read out of the packed tensors the way lowbit_mma's CUDA code reads them
     (a_pair's bit positions, row_bias's zeros): a CPU emulation of the kernel's dequantization."""
@@ -92,13 +118,12 @@ def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Te
                 w, hw = words[:, :, 4 * lane + i], words[:, :, 128 + 2 * lane + (i >> 1)]
                 at = 8 * (i & 1) + 2 * p
                 pair = [((w >> (4 * p + 16 * h)) & 15) | (((hw >> (at + 16 * h)) & 3) << 4) for h in (0, 1)]
+            elif bits == 3:
+                pair = mantissa_field_pair(words, lane, i, p)
             else:
                 w = words[:, :, 4 * lane + (i >> 1)]
                 shift = 2 * p + 8 * (i & 1)
                 pair = [(w >> (shift + 16 * h)) & 3 for h in (0, 1)]
-                if bits == 3:
-                    hw, at = words[:, :, 128 + 2 * lane + (i >> 2)], 4 * (i & 3) + p
-                    pair = [v | (((hw >> (at + 16 * h)) & 1) << 2) for h, v in enumerate(pair)]
             row = rows + (lane >> 2) + 8 * (p & 1)                                        # [T, 1, 32]
             for h in (0, 1):
                 k = cols + 16 * i + 4 * (lane & 3) + 2 * (p >> 1) + h                      # [1, C, 32]
@@ -351,6 +376,25 @@ def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, zero
             for y in outs:
                 assert y.shape == (rows, N) and torch.isfinite(y).all()
                 assert rel_err(y, ref) < 5e-3, (group_size, rows)
+
+
+@needs_cuda
+@pytest.mark.parametrize("warps,unroll", LAUNCH_SHAPES)
+def test_3bit_mantissa_fields_take_v1_zeros_up_to_8(warps, unroll):
+    # GPTQ v1 files store zero - 1, so a 3-bit file's zeros reach 8, one past the levels: the kernel's
+    # 128 + z and the eighths' 128 + 8z must stay exact for them too.
+    K, N, gs = 1024, 1008, 64
+    q = torch.randint(0, 8, (K, N), dtype=torch.uint8, device="cuda")
+    zeros = torch.randint(0, 9, (K // gs, N), dtype=torch.uint8, device="cuda")
+    zeros[0] = 8
+    scales = (torch.rand(K // gs, N, device="cuda") * 0.02 + 0.001).half()
+    packed = lowbit_mma.pack(q, scales, zeros, gs, 3)
+    g = torch.arange(K, device="cuda") // gs
+    w = (q.double() - zeros.double()[g]) * scales.double()[g]                             # [K, N]
+    torch.testing.assert_close(lowbit_mma.dequantize(packed).double().t(), w, rtol=1e-2, atol=1e-6)
+    for rows in (1, 8):
+        x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+        assert rel_err(lowbit_mma.matmul(x, packed, lowbit_mma.MmaConfig(warps, unroll)), x.double() @ w) < 5e-3
 
 
 @needs_cuda
