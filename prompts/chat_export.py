@@ -11,6 +11,10 @@ question not answered yet [question, ""]. metadata["assistant_<row>"] keeps a re
 "data_visible" instead; they are read too. The system message is not part of that format (text-generation-webui
 keeps it with the character or template), so only OpenAI messages carry it.
 
+A reasoning model's thinking (a message's "reasoning_content", prompts.reasoning) goes into OpenAI messages under
+that name, the one OpenAI-style servers use, and into text-generation-webui's replies inline, as it keeps them:
+"<think>\n...\n</think>\n\n" before the reply.
+
 Import never loses anything silently: what a Hearth chat cannot hold (tool messages, images, attachments) is
 either refused with one line or named in `ImportedChat.notes`.
 """
@@ -24,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prompts.reasoning import reasoning_of
+
 FORMATS = {"tgw": "text-generation-webui chat JSON", "openai": "OpenAI messages JSON"}
 # Bigger than any chat a person has had, small enough that parsing and showing it stays quick.
 MAX_IMPORT_BYTES = 16 * 1024 * 1024
@@ -31,7 +37,8 @@ MAX_IMPORT_MESSAGES = 10_000
 BEGIN_VISIBLE = "<|BEGIN-VISIBLE-CHAT|>"   # text-generation-webui's marker for a row that is only a greeting
 TGW_ID_FORMAT = "%Y%m%d-%H-%M-%S"          # its file names; its chat list shows the first prompt only for these
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
+THINK_BLOCK = re.compile(r"\s*<think>(.*?)</think>\s*", re.DOTALL)   # a reply's leading thinking, inline
 
 
 class ChatImportError(ValueError):
@@ -68,7 +75,7 @@ def to_tgw(messages: Messages, versions: dict[str, dict[str, Any]] | None = None
             continue
         if not waiting:
             internal.append([BEGIN_VISIBLE if not internal else "", ""])
-        internal[-1][1] = text
+        internal[-1][1] = _inline(text, message)
         row_of[index] = len(internal) - 1
         metadata[f"assistant_{len(internal) - 1}"] = {"timestamp": ""}
         waiting = False
@@ -76,8 +83,10 @@ def to_tgw(messages: Messages, versions: dict[str, dict[str, Any]] | None = None
         row = row_of.get(int(key)) if key.isdigit() else None
         if row is None or not entry.get("texts"):
             continue
+        thinking = entry.get("reasoning") or [{} for _ in entry["texts"]]
+        texts = [_inline(t, r) for t, r in zip(entry["texts"], thinking)]
         metadata[f"assistant_{row}"].update(
-            versions=[{"content": t, "visible_content": html.escape(t), "timestamp": ""} for t in entry["texts"]],
+            versions=[{"content": t, "visible_content": html.escape(t), "timestamp": ""} for t in texts],
             current_version_index=entry["shown"])
     visible = [["" if user == BEGIN_VISIBLE else html.escape(user), html.escape(reply)] for user, reply in internal]
     return json.dumps({"internal": internal, "visible": visible, "metadata": metadata}, indent=4, ensure_ascii=False)
@@ -86,8 +95,27 @@ def to_tgw(messages: Messages, versions: dict[str, dict[str, Any]] | None = None
 def to_openai(messages: Messages, system_message: str = "") -> str:
     """[{"role", "content"}, ...], the system message first when there is one."""
     out = ([{"role": "system", "content": system_message}] if system_message else []) + \
-          [{"role": m["role"], "content": m["content"]} for m in messages]
+          [{"role": m["role"], "content": m["content"], **_thinking(m)} for m in messages]
     return json.dumps(out, indent=2, ensure_ascii=False)
+
+
+def _thinking(message: dict[str, Any]) -> dict[str, str]:
+    text = reasoning_of(message).get("reasoning_content")
+    return {"reasoning_content": text} if text else {}
+
+
+def _inline(reply: str, message: dict[str, Any]) -> str:
+    """text-generation-webui's form of a reply with thinking: the block inline before it."""
+    thinking = _thinking(message)
+    return f"<think>\n{thinking['reasoning_content']}\n</think>\n\n{reply}" if thinking else reply
+
+
+def _split_thinking(reply: str) -> tuple[str, dict[str, str]]:
+    """A reply that begins with a closed <think> block: (the reply after it, its reasoning fields)."""
+    found = THINK_BLOCK.match(reply)
+    if not found or not found.group(1).strip():
+        return reply, {}
+    return reply[found.end():], {"reasoning_content": found.group(1).strip()}
 
 
 def export_text(fmt: str, messages: Messages, system_message: str = "",
@@ -172,7 +200,8 @@ def _from_tgw(data: dict, name: str) -> ImportedChat:
         if user and user != BEGIN_VISIBLE:
             messages.append({"role": "user", "content": user})
         if reply:
-            messages.append({"role": "assistant", "content": reply})
+            text, thinking = _split_thinking(reply)
+            messages.append({"role": "assistant", "content": text, **thinking})
             kept = _tgw_versions(metadata.get(f"assistant_{row_index}"), reply)
             if kept:
                 versions[str(len(messages) - 1)] = kept
@@ -200,7 +229,8 @@ def _tgw_versions(meta: Any, reply: str) -> dict[str, Any] | None:
     if shown is None:
         texts.append(reply)
         shown = len(texts) - 1
-    return {"texts": texts, "shown": shown}
+    split = [_split_thinking(t) for t in texts]
+    return {"texts": [t for t, _ in split], "shown": shown, "reasoning": [r for _, r in split]}
 
 
 def _from_openai(items: Any, name: str) -> ImportedChat:
@@ -216,7 +246,8 @@ def _from_openai(items: Any, name: str) -> ImportedChat:
                                   "system, user and assistant messages")
         if item.get("tool_calls") or item.get("function_call"):
             raise ChatImportError(f"{name}: message {index} holds tool calls, which a Hearth chat cannot keep")
-        messages.append({"role": role, "content": _openai_text(item.get("content"), name, index)})
+        thinking = _thinking(item) if role == "assistant" else {}
+        messages.append({"role": role, "content": _openai_text(item.get("content"), name, index), **thinking})
     system = ""
     if messages and messages[0]["role"] == "system":
         system = messages.pop(0)["content"]

@@ -37,9 +37,23 @@ def test_openai_messages_round_trip_with_the_system_message(tmp_path):
 def test_tgw_round_trip_keeps_greeting_turns_unanswered_question_and_versions():
     chat = [{"role": "assistant", "content": "Hello, I am your guide."}, *CHAT,
             {"role": "assistant", "content": "Anything else?"}, {"role": "user", "content": "Not yet answered"}]
-    versions = {"4": {"texts": ["Milan.", "Rome."], "shown": 1}}
+    versions = {"4": {"texts": ["Milan.", "Rome."], "shown": 1, "reasoning": [{}, {}]}}
     back = parse_chat(to_tgw(chat, versions).encode(), "log.json")
     assert (back.messages, back.versions, back.format, back.system_message) == (chat, versions, "tgw", "")
+
+
+def test_a_reasoning_models_thinking_round_trips_in_both_formats():
+    """OpenAI-style servers name it "reasoning_content"; text-generation-webui keeps it inline in the reply."""
+    chat = [{"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4.", "reasoning_content": "Two and two make four."}]
+    versions = {"1": {"texts": ["Four.", "4."], "shown": 1,
+                      "reasoning": [{"reasoning_content": "Easy."}, {"reasoning_content": "Two and two make four."}]}}
+    tgw = to_tgw(chat, versions)
+    assert json.loads(tgw)["internal"] == [["2+2?", "<think>\nTwo and two make four.\n</think>\n\n4."]]
+    back = parse_chat(tgw)
+    assert (back.messages, back.versions) == (chat, versions)
+    assert json.loads(to_openai(chat))[1] == chat[1]
+    assert parse_chat(to_openai(chat)).messages == chat
 
 
 def test_tgw_json_is_written_the_way_tgw_writes_it():
@@ -74,7 +88,7 @@ def test_reads_files_text_generation_webui_wrote_new_and_old():
     chat = parse_chat(json.dumps(saved, indent=4, ensure_ascii=False).encode(), "20261130-10-00-00.json")
     assert chat.messages == [{"role": "assistant", "content": "How can I help?"},
                              {"role": "user", "content": "Hi & bye"}, {"role": "assistant", "content": "First"}]
-    assert chat.versions == {"2": {"texts": ["Zeroth", "First"], "shown": 1}}
+    assert chat.versions == {"2": {"texts": ["Zeroth", "First"], "shown": 1, "reasoning": [{}, {}]}}
     old = {"data": [["Hi", "Hello"]], "data_visible": [["Hi", "Hello"]]}   # before 2023's rename
     assert parse_chat(json.dumps(old)).messages == [{"role": "user", "content": "Hi"},
                                                      {"role": "assistant", "content": "Hello"}]
