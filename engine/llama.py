@@ -386,6 +386,9 @@ class FeedForward(nn.Module):
         # gate and up read the same input: fused like wqkv.
         self.w13 = nn.Linear(args.dim, 2 * self.hidden, bias=args.mlp_bias)
         self.w2 = nn.Linear(self.hidden, args.dim, bias=args.mlp_bias)
+        # Act-order checkpoints: the order w2 reads its input in, which w13's rows are stored in (set by
+        # engine.weights.fold_input_orders; engine.lora maps adapters through it). None: natural order.
+        self.hidden_order: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.activate(self.w13(x)))

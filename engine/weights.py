@@ -160,6 +160,7 @@ def fold_input_orders(layer, qkv: list[tuple], w13: list[tuple] | None, w2: list
         if order is not None:
             hidden = order.numel()
             w13 = reorder_outputs(w13, torch.cat([order, order + hidden]))
+            layer.feed_forward.hidden_order = order
     return qkv, w13, w2
 
 
