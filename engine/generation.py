@@ -2,7 +2,9 @@
 
 A backend only has to say how to get next-token logits (`Stepper`): `start(prompt_ids)` runs the prompt
 and returns the logits for the next position, `step(token_id)` appends one token and returns the next
-logits. Sampling, stop strings, EOS, cancellation, text streaming and statistics live here, once.
+logits. Sampling, stop strings, EOS, cancellation, text streaming and statistics live here, once. A backend
+that can also pick the token inside its own step (engine.runtime under a CUDA graph) hands in a
+`StepSampler` for the generations it can sample; the loop then only reads the chosen ids.
 """
 from __future__ import annotations
 
@@ -74,6 +76,18 @@ class Stepper(Protocol):
         """Append one token (0-d tensor on `device`); return logits [V] for the next position."""
 
 
+class StepSampler(Protocol):
+    """Sampling inside the backend's decode step, for one generation (its parameters are the backend's to
+    check: it offers a StepSampler only for those it samples like engine.sampling.Sampler)."""
+
+    def first(self, logits: torch.Tensor, history: torch.Tensor, seed: int) -> torch.Tensor:
+        """Pick the token after the prompt from its logits [V]; history: the prompt's ids [T] on the device.
+        Returns a 0-d id on the device, valid until the next `step` (which reads it)."""
+
+    def step(self) -> torch.Tensor:
+        """Append the token the last pick chose and pick the next; returns it as `first` does."""
+
+
 class _Scores:
     """The log-probabilities of one position, taken before the sampler touches the logits. On a GPU they stay
     queued on the device until `event` reads them (after the per-token sync the loop makes anyway)."""
@@ -103,10 +117,12 @@ def _bias(controls: TokenControls, eos: set[int], logits: torch.Tensor) -> torch
 
 def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: GenerationParams,
            eos_token_ids: Sequence[int], cancel: threading.Event | None = None,
-           context_length: int | None = None) -> Iterator[GenerationEvent]:
+           context_length: int | None = None,
+           step_sampler: StepSampler | None = None) -> Iterator[GenerationEvent]:
     """Generate up to `params.max_new_tokens` tokens, yielding text pieces, then stats, then done. With
     TokenControls params it also honours their logit bias, bans and special-token choice, and yields a
-    TokenEvent per token (prompt tokens first, when asked) ahead of its text."""
+    TokenEvent per token (prompt tokens first, when asked) ahead of its text. step_sampler: the stepper's own
+    sampling for these params (None: engine.sampling.Sampler after each step)."""
     controls = params if isinstance(params, TokenControls) else None
     k = (controls.logprobs or 0) if controls is not None else 0
     scoring = controls is not None and controls.logprobs is not None
@@ -174,17 +190,23 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
                 if controls.grammar is not None:
                     from engine.grammar import Constraint   # only grammar requests need llguidance loaded
                     constraint = Constraint(tokenizer, sorted(eos), controls.grammar)
+            # `ahead`: what the last step left, the logits for the shared sampler or the token the step picked.
+            ahead = logits if step_sampler is None else step_sampler.first(logits, history[:n_prompt], sampler.seed)
+            advance = stepper.step if step_sampler is None else lambda _token: step_sampler.step()
             while True:
-                allowed = logits if constraint is None else constraint.mask(logits)
-                token = sampler(allowed, history[: n_prompt + n_new])
-                scores = _Scores(logits, token, k) if scoring else None
-                history[n_prompt + n_new] = token
+                if step_sampler is None:
+                    allowed = ahead if constraint is None else constraint.mask(ahead)
+                    token = sampler(allowed, history[: n_prompt + n_new])
+                    history[n_prompt + n_new] = token
+                else:
+                    token = ahead   # the step sampler keeps its own history
+                scores = _Scores(ahead, token, k) if scoring else None
                 queued = overlap and n_new + 1 < max_new
                 if queued:
                     token_host.copy_(token, non_blocking=True)
                     chosen = torch.cuda.Event()
                     chosen.record()
-                    logits = stepper.step(token)
+                    ahead = advance(token)
                     chosen.synchronize()
                     token_id = int(token_host)  # the one host sync per token
                 else:
@@ -213,7 +235,7 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
                     reason = "cancelled"
                     break
                 if not queued:
-                    logits = stepper.step(token)
+                    ahead = advance(token)
     except torch.OutOfMemoryError:
         yield from finish("error", "out of memory while generating: shorten the prompt or max_new_tokens")
         return

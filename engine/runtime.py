@@ -6,6 +6,8 @@ so each decode step is captured once as a CUDA graph and replayed. Attention rea
 power-of-two bucket of the current length (one graph per bucket, sharing one memory pool): reading the
 whole static cache every token would cost as much as the weights at long contexts.
 On CPU there are no graphs; attention reads exactly the filled part of the cache.
+Under graphs the step also samples (engine.graph_sampling) for every generation whose parameters that sampler
+expresses, so the host reads back only the chosen id; the others keep the shared sampler after the step.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Iterator, Sequence
 import torch
 
 from engine.generation import GenerationEvent, stream
+from engine.graph_sampling import GraphSampler, Plan, unsupported
 from engine.llama import ACTIVATIONS, SUPPORTED_MODEL_TYPES, ModelArgs, Transformer
 from engine.model import Model, Prompt, prompt_ids
 from engine.sampling import GenerationParams
@@ -46,7 +49,10 @@ def unsupported_reason(config: dict) -> str | None:
 class Engine:
     """A Transformer with its KV cache, the prefill/decode calls, and the decode graphs."""
 
-    def __init__(self, model: Transformer, max_seq_len: int, use_graphs: bool, prefill_chunk: int = 2048):
+    def __init__(self, model: Transformer, max_seq_len: int, use_graphs: bool, prefill_chunk: int = 2048,
+                 sample_in_step: bool | None = None):
+        """sample_in_step: pick tokens inside the decode step (engine.graph_sampling); None: when graphs are
+        used (on CPU it only serves tests: the same ops, eagerly)."""
         self.model = model
         self.device = model.tok_embeddings.weight.device
         self.max_seq_len = max_seq_len
@@ -64,8 +70,11 @@ class Engine:
         # Static inputs the graphs read: overwrite them in place, then replay.
         self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # One graph per cache bucket and sampling plan (None: the step returns logits only).
+        self.graphs: dict[tuple[int, Plan | None], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        in_step = self.use_graphs if sample_in_step is None else sample_in_step
+        self.sampler = GraphSampler(model.args.vocab_size, max_seq_len, self.device) if in_step else None
 
     def prefill(self, prompt_ids: Sequence[int], cancel: threading.Event | None = None) -> torch.Tensor:
         """Run the prompt in chunks (bounded activation memory); returns fp32 logits [V] after it. A set
@@ -90,28 +99,66 @@ class Engine:
         """Append `token` (0-d, on device) at position `pos`; returns fp32 logits [V]. Under graphs the
         result is a static buffer that the next call overwrites: read it before then."""
         self.token.copy_(token.view(1, 1))
+        return self._run(pos, None)[0, -1]
+
+    def sampling_plan(self, params: GenerationParams) -> Plan | None:
+        """How the decode step samples a generation with these params, or None when the shared sampler must
+        (engine.graph_sampling.unsupported names why): the one place that chooses."""
+        if self.sampler is None or unsupported(params) is not None:
+            return None
+        return Plan.of(params, self.sampler.vocab)
+
+    def pick(self, logits: torch.Tensor, plan: Plan) -> torch.Tensor:
+        """Pick the token after the prompt from its logits [V] (eagerly; `self.sampler` started). Returns the
+        static token buffer (0-d), which the next decode_and_pick reads and overwrites."""
+        self.sampler.before_pick(plan)
+        self.token.copy_(self.sampler.pick(logits, plan).view(1, 1))
+        return self.token.view(())
+
+    def decode_and_pick(self, pos: int, plan: Plan) -> torch.Tensor:
+        """Append the token in the token buffer at position `pos` and pick the next into it, in one step (one
+        graph replay); returns the buffer as `pick` does."""
+        self.sampler.before_pick(plan)
+        self._run(pos, plan)
+        return self.token.view(())
+
+    def _step(self, kv_len: int, plan: Plan | None) -> torch.Tensor:
+        """One decode step over the static inputs: logits [1, 1, V]; with a plan it also writes the picked
+        token into the token buffer."""
+        logits = self.model(self.token, self.pos, kv_len=kv_len)
+        if plan is not None:
+            self.token.copy_(self.sampler.pick(logits[0, -1], plan).view(1, 1))
+        return logits
+
+    def _run(self, pos: int, plan: Plan | None) -> torch.Tensor:
+        """The step at position `pos`: eagerly, or by replaying (first capturing) its graph."""
         self.pos.fill_(pos)
         if not self.use_graphs:
-            return self.model(self.token, self.pos, kv_len=pos + 1)[0, -1]
-        kv_len = self.bucket(pos + 1)
-        if kv_len not in self.graphs:
-            self.graphs[kv_len] = self._capture(kv_len)
-        graph, logits = self.graphs[kv_len]
+            return self._step(pos + 1, plan)
+        key = (self.bucket(pos + 1), plan)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        graph, logits = self.graphs[key]
         graph.replay()
-        return logits[0, -1]
+        return logits
 
-    def _capture(self, kv_len: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, kv_len: int, plan: Plan | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # Warm up on a side stream (lazy inits, workspace allocations) before capturing. Both runs write
         # the current token's K/V into its own slot, which the replay then rewrites with the same values.
+        # A picking step also changes the token and the sampler's buffers: each run puts them back.
+        kept = [self.token, *self.sampler.state()] if plan is not None else []
+        saved = [t.clone() for t in kept]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.model(self.token, self.pos, kv_len=kv_len)
+                self._step(kv_len, plan)
+                for t, copy in zip(kept, saved):
+                    t.copy_(copy)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model(self.token, self.pos, kv_len=kv_len)
+            logits = self._step(kv_len, plan)
         return graph, logits
 
 
@@ -138,6 +185,30 @@ class EngineStepper:
         self.pos += 1
         return logits
 
+    def sampling(self, params: GenerationParams) -> "InStepSampling | None":
+        """This generation's sampling inside the decode step (engine.generation.StepSampler), or None when the
+        shared sampler takes it."""
+        plan = self.engine.sampling_plan(params)
+        return None if plan is None else InStepSampling(self, params, plan)
+
+
+class InStepSampling:
+    """engine.generation.StepSampler over an EngineStepper: the engine's GraphSampler picks each token inside
+    the decode step."""
+
+    def __init__(self, stepper: EngineStepper, params: GenerationParams, plan: Plan):
+        self.stepper, self.params, self.plan = stepper, params, plan
+
+    def first(self, logits: torch.Tensor, history: torch.Tensor, seed: int) -> torch.Tensor:
+        engine = self.stepper.engine
+        engine.sampler.start(self.params, self.plan, history, seed)
+        return engine.pick(logits, self.plan)
+
+    def step(self) -> torch.Tensor:
+        token = self.stepper.engine.decode_and_pick(self.stepper.pos, self.plan)
+        self.stepper.pos += 1
+        return token
+
 
 class EngineModel(Model):
     """A loaded model run by Hearth's engine (the engine.model.Model contract)."""
@@ -156,8 +227,9 @@ class EngineModel(Model):
 
     def generate(self, prompt: Prompt, params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
-        return stream(EngineStepper(self.engine, cancel), self.tokenizer, prompt_ids(prompt), params, self.eos_token_ids,
-                      cancel, self.context_length)
+        stepper = EngineStepper(self.engine, cancel)
+        return stream(stepper, self.tokenizer, prompt_ids(prompt), params, self.eos_token_ids, cancel,
+                      self.context_length, stepper.sampling(params))
 
     def unload(self) -> None:
         device = self.engine.device
@@ -224,7 +296,7 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     engine = Engine(model, context_length, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512)
     where = f"cuda x{len(devices)}" if len(devices) > 1 else device
     runtime = (f"hearth engine ({where}, {', '.join(sorted(kinds))}"
-               f"{', CUDA graph' if graphs else ''})")
+               f"{', CUDA graph with sampling in it' if graphs else ''})")
     if progress:
         progress(1.0, "ready")
     return EngineModel(model_dir, engine, tokenizer, eos_token_ids, context_length, loader, runtime, memory)
