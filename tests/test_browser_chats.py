@@ -42,7 +42,7 @@ def test_search_opens_export_downloads_import_shows_the_turns(tmp_path, models_d
     data = tmp_path / "user_data"
     store = ConversationStore(data / "conversations")
     geography = store.save_messages(None, GEOGRAPHY, system_message="Answer in one sentence.")
-    store.save_messages(None, COOKING)
+    store.rename(store.save_messages(None, COOKING).id, "Kitchen notes")
     app = start_app(["--models-dir", str(models_dir), "--data-dir", str(data)], tmp_path / "app.log")
     try:
         with browser_page(tmp_path) as (page, shoot):
@@ -123,5 +123,11 @@ def test_search_opens_export_downloads_import_shows_the_turns(tmp_path, models_d
             hit.click()
             page.wait_for_function(f"() => {USERS}.join() === 'What is the capital of France?'", timeout=60_000)
             assert page.locator("#system-message textarea").input_value() == "Answer in one sentence."
+            # A word only in a (renamed) title finds that chat; its hit is the title alone.
+            page.locator("#chat-search textarea, #chat-search input").first.fill("kitchen")
+            page.locator("#chat-search input, #chat-search textarea").first.press("Enter")
+            status.get_by_text("1 chat(s) hold “kitchen”").wait_for()
+            assert page.locator("#chat-search-results label").all_inner_texts() == ["Kitchen notes"]
+            shoot("6-title-hit")
     finally:
         app.stop()

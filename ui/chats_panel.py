@@ -56,7 +56,8 @@ def build_chats_panel(conversations: ConversationStore, *, chatbot, conversation
 
     def on_search(text):
         hits = search(conversations.list(), text or "")
-        found = [(f"{hit.title} — {hit.snippet}", hit.id) for hit in hits]
+        # A hit only in the title has the title as its snippet: no need to say it twice.
+        found = [(hit.title if hit.snippet == hit.title else f"{hit.title} — {hit.snippet}", hit.id) for hit in hits]
         if not (text or "").strip():
             line = "type a word to search for"
         elif not hits:
