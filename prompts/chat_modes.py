@@ -54,12 +54,10 @@ class ChatSetup:
         return [{"role": "assistant", "content": text}] if self.uses_character and text else []
 
     def stops(self) -> tuple[str, ...]:
-        """Where a reply ends: a line that starts another speaker's turn. (text-generation-webui stops
-        chat-instruct only at the template's end of turn; the user's label is added here as well, since a
-        small model otherwise writes the user's next line too.)"""
-        if self.mode == CHAT:
-            return (f"\n{self.your_name}:", f"\n{self.character.name}:")
-        return (f"\n{self.your_name}:",)
+        """Where a reply ends: a line that starts a speaker's turn. (text-generation-webui stops chat-instruct
+        only at the template's end of turn; the labels are added here as well, since a small model otherwise
+        goes on writing the dialogue, both sides of it, inside its one reply.)"""
+        return (f"\n{self.your_name}:", f"\n{self.character.name}:")
 
 
 def _speaker(setup: ChatSetup, message: Message) -> str:

@@ -33,7 +33,7 @@ class CharactersPanel:
                                             scale=1, max_lines=1)
                 self.upload = gr.File(label="Import a character: .yaml, .json or a TavernAI/SillyTavern .png card",
                                       file_types=list(IMPORT_SUFFIXES), type="filepath",
-                                      elem_id="character-upload", scale=2, height=90)
+                                      elem_id="character-upload", scale=2, height=130)
             self.status = gr.Markdown("", elem_id="character-status")
         self._choices: Callable = lambda selected=None: gr.skip()
 
