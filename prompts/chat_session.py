@@ -1,21 +1,29 @@
 """Chat actions on a message history (send, regenerate, continue, remove last), independent of any UI.
 
-A history is a list of {"role", "content"} dicts, the shape Gradio's Chatbot and the OpenAI API both use.
-Each action is a generator of (history, status) pairs, so a UI can stream them and a test can drain them.
+A history is a list of {"role", "content"} dicts, the shape Gradio's Chatbot and the OpenAI API both use; a
+reply a reasoning model thought about also holds its thinking (prompts.reasoning.REASONING_FIELDS), which
+never goes back to the model as the reply's text. Each action is a generator of (history, status) pairs, so
+a UI can stream them and a test can drain them.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from engine.generation import DoneEvent, QueuedEvent, StatsEvent, TextEvent
 from engine.model import Prompt
 from engine.sampling import GenerationParams
+from prompts.chat import encode
+from prompts.template_options import TemplateOptions
 from prompts.chat_modes import ChatSetup, build_prompt
+from prompts.reasoning import (THINKING_NOW, ReasoningSplitter, folded, for_template, reasoning_of,
+                               splitter_for)
 
 History = list[dict[str, Any]]
 # Reply versions (text-generation-webui's arrows): the history index of a reply (as a string, a JSON key) ->
-# {"texts": every text that reply has had, oldest first, "shown": the index of the one in the history}.
+# {"texts": every text that reply has had, oldest first, "shown": the index of the one in the history,
+#  "reasoning": each text's thinking (its reasoning fields, {} for none), beside "texts"}.
 Versions = dict[str, dict[str, Any]]
 
 STOP_REASONS = {"eos": "end of reply", "stop_string": "stop string", "max_tokens": "max_new_tokens reached",
@@ -34,7 +42,10 @@ def message_text(content: Any) -> str:
 
 
 def normalize(history: History | None) -> History:
-    return [{"role": m["role"], "content": message_text(m.get("content"))} for m in (history or [])
+    """{role, content} messages, a reply's thinking in its reasoning fields (a Chatbot's thought parts are
+    folded back into their replies: prompts.reasoning.folded)."""
+    return [{"role": m["role"], "content": message_text(m.get("content")),
+             **(reasoning_of(m) if m["role"] == "assistant" else {})} for m in folded(history)
             if m.get("role") in ("user", "assistant", "system")]
 
 
@@ -93,31 +104,90 @@ def _stream(state, prompt: Prompt, params: GenerationParams, key: str,
         events.close()   # a consumer that left early (a closed tab) stops the reply, or gives up its place
 
 
+class _Thinking:
+    """Streams a reply into `message`: the reply into its content, the model's thinking (prompts.reasoning)
+    into its reasoning fields, with how long the thinking took and how many tokens it was."""
+
+    def __init__(self, state, message: dict[str, Any], prompt: Prompt, template_source: str, continue_last: bool):
+        self.splitter = splitter_for(prompt.text, template_source)
+        if continue_last and message["content"]:   # going on with a reply: its thinking is over
+            self.splitter = ReasoningSplitter(self.splitter.syntaxes, replying=True)
+        self.message = message
+        self.before = reasoning_of(message)        # Continue keeps the thinking the reply had
+        self.tokenizer = getattr(state.model, "tokenizer", None)
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.pieces = 0   # text pieces inside the block: the token count while it streams
+
+    def feed(self, text: str) -> None:
+        now = time.monotonic()
+        if self.started is None:
+            self.started = now
+        was_inside = self.splitter.in_block
+        _, reply = self.splitter.feed(text)
+        self.message["content"] += reply
+        if was_inside or self.splitter.in_block:
+            self.pieces += 1
+        if was_inside and not self.splitter.in_block:
+            self.ended = now
+        self._show(now, done=False)
+
+    def finish(self) -> None:
+        _, reply = self.splitter.flush()
+        self.message["content"] += reply
+        self._show(time.monotonic(), done=True)
+        self.message.pop(THINKING_NOW, None)
+
+    def _show(self, now: float, done: bool) -> None:
+        thinking = self.splitter.thinking
+        if not thinking:
+            return
+        before = self.before.get("reasoning_content", "")
+        thinking_now = self.splitter.in_block and not done
+        if not thinking_now and self.ended is None:
+            self.ended = now
+        tokens = self.pieces
+        if not thinking_now and self.tokenizer is not None:   # counted exactly once the block is whole
+            tokens = len(encode(self.tokenizer, thinking))
+        self.message.update({
+            "reasoning_content": f"{before}\n\n{thinking}" if before else thinking,
+            "reasoning_tokens": self.before.get("reasoning_tokens", 0) + tokens,
+            "reasoning_seconds": round(self.before.get("reasoning_seconds", 0.0)
+                                       + (self.ended or now) - (self.started or now), 1),
+            THINKING_NOW: thinking_now})
+
+
 def _stream_into(state, history: History, system_message: str | None, params: GenerationParams, key: str,
                  continue_last: bool, template: str | None = None,
-                 setup: ChatSetup | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+                 setup: ChatSetup | None = None,
+                 enable_thinking: bool | None = None) -> Iterator[tuple[History, ReplyStatus]]:
     """Generate into history[-1] (an assistant message), yielding after every text piece. The prompt goes
-    through the resolved template and is cut to fit context_length - max_new_tokens."""
-    messages = ([{"role": "system", "content": system_message}] if system_message else []) + history
+    through the resolved template and is cut to fit context_length - max_new_tokens. Earlier replies go to
+    the template without their thinking as content (prompts.reasoning.for_template). `enable_thinking`
+    reaches a template that takes it (Qwen3's switch); None leaves the template's default."""
+    messages = ([{"role": "system", "content": system_message}] if system_message else []) \
+        + [for_template(m) for m in history]
+    chosen = state.resolve_template(template)
+    # Only a template that reads the switch gets it: a server's own template cannot be handed one.
+    options = TemplateOptions(enable_thinking=enable_thinking if chosen.takes("enable_thinking") else None)
     characters = setup is not None and setup.uses_character
     if characters:   # Chat, Chat-instruct: the character's transcript (prompts.chat_modes)
         prompt = build_prompt(state, setup, messages if continue_last else messages[:-1],
                               system_message=system_message, template=template,
                               max_new_tokens=params.max_new_tokens, continue_last=continue_last)
     elif continue_last:
-        prompt = state.continue_prompt(messages, template, params.max_new_tokens)
+        prompt = state.continue_prompt(messages, template, params.max_new_tokens, options=options)
     else:
-        prompt = state.chat_prompt(messages[:-1], template, params.max_new_tokens)
-
-    def append(text: str) -> None:
-        history[-1]["content"] += text
+        prompt = state.chat_prompt(messages[:-1], template, params.max_new_tokens, options=options)
+    thinking = _Thinking(state, history[-1], prompt, chosen.jinja, continue_last)
 
     final = None
-    for snapshot, status in _stream(state, prompt, params, key, append, lambda: history):
+    for snapshot, status in _stream(state, prompt, params, key, thinking.feed, lambda: history):
         if status.done:
             final = status
             break
         yield snapshot, status
+    thinking.finish()
     # A reply cut at a stop string ("... USER:") would keep the space before it.
     if final is not None and not continue_last:
         # A character's reply follows "Name:" and so starts with a space (text-generation-webui strips it too).
@@ -135,17 +205,20 @@ def notebook(state, text: str, params: GenerationParams, key: str = "default") -
 
 def send(state, history: History, user_message: str, params: GenerationParams, key: str = "default",
          system_message: str | None = None, template: str | None = None,
-         setup: ChatSetup | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+         setup: ChatSetup | None = None,
+         enable_thinking: bool | None = None) -> Iterator[tuple[History, ReplyStatus]]:
     """Reply to `user_message` after `history`. `setup`: the chat mode and character (prompts.chat_modes);
-    None or Instruct: the model's template over the plain turns. Regenerate and Continue take it too."""
+    None or Instruct: the model's template over the plain turns. `enable_thinking`: the thinking switch for
+    templates that take one (None: the template's default). Regenerate and Continue take both too."""
     history = normalize(history) + [{"role": "user", "content": user_message},
                                     {"role": "assistant", "content": ""}]
-    yield from _stream_into(state, history, system_message, params, key, False, template, setup)
+    yield from _stream_into(state, history, system_message, params, key, False, template, setup, enable_thinking)
 
 
 def regenerate(state, history: History, params: GenerationParams, key: str = "default",
                system_message: str | None = None, template: str | None = None,
-               setup: ChatSetup | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+               setup: ChatSetup | None = None,
+               enable_thinking: bool | None = None) -> Iterator[tuple[History, ReplyStatus]]:
     history = normalize(history)
     if history and history[-1]["role"] == "assistant":
         history = history[:-1]
@@ -153,17 +226,18 @@ def regenerate(state, history: History, params: GenerationParams, key: str = "de
         yield history, ReplyStatus("nothing to regenerate", done=True)
         return
     history.append({"role": "assistant", "content": ""})
-    yield from _stream_into(state, history, system_message, params, key, False, template, setup)
+    yield from _stream_into(state, history, system_message, params, key, False, template, setup, enable_thinking)
 
 
 def continue_reply(state, history: History, params: GenerationParams, key: str = "default",
                    system_message: str | None = None, template: str | None = None,
-                   setup: ChatSetup | None = None) -> Iterator[tuple[History, ReplyStatus]]:
+                   setup: ChatSetup | None = None,
+                   enable_thinking: bool | None = None) -> Iterator[tuple[History, ReplyStatus]]:
     history = normalize(history)
     if not history or history[-1]["role"] != "assistant":
         yield history, ReplyStatus("nothing to continue: the last message is not a reply", done=True)
         return
-    yield from _stream_into(state, history, system_message, params, key, True, template, setup)
+    yield from _stream_into(state, history, system_message, params, key, True, template, setup, enable_thinking)
 
 
 def remove_last(history: History) -> tuple[History, str]:
@@ -178,13 +252,17 @@ def remove_last(history: History) -> tuple[History, str]:
     return history, text
 
 
-def edit(history: History, index: int, text: str) -> tuple[History, bool]:
-    """Message `index` of `history` with `text` as its content. An edited user message drops what came after
-    it, so the next reply answers the new text; an edited reply keeps the rest. Returns (history, whether a
-    reply should now be generated). IndexError for an index outside the history."""
+def edit(history: History, index: int, text: str, thinking: bool = False) -> tuple[History, bool]:
+    """Message `index` of `history` with `text` as its content (with `thinking`: as its reply's thinking).
+    An edited user message drops what came after it, so the next reply answers the new text; an edited reply
+    keeps the rest. Returns (history, whether a reply should now be generated). IndexError for an index
+    outside the history."""
     history = normalize(history)
     if not 0 <= index < len(history):
         raise IndexError(f"no message {index} in this chat of {len(history)}")
+    if thinking:
+        history[index]["reasoning_content"] = text
+        return normalize(history), False   # emptied thinking goes, with its counts
     history[index]["content"] = text
     if history[index]["role"] == "user":
         del history[index + 1:]
@@ -195,12 +273,17 @@ def edit(history: History, index: int, text: str) -> tuple[History, bool]:
 def remember(versions: Versions, history: History, new: bool = False) -> Versions:
     """`versions` with the last reply's text kept as its shown version: added unless it is the shown one
     already; with `new` (a reply just generated) always added, so even an identical regeneration counts."""
-    versions = {k: {"texts": list(v["texts"]), "shown": v["shown"]} for k, v in (versions or {}).items()}
+    versions = {k: {"texts": list(v["texts"]), "shown": v["shown"],
+                    "reasoning": list(v.get("reasoning") or [{} for _ in v["texts"]])}
+                for k, v in (versions or {}).items()}
     if history and history[-1]["role"] == "assistant":
-        entry = versions.setdefault(str(len(history) - 1), {"texts": [], "shown": -1})
+        entry = versions.setdefault(str(len(history) - 1), {"texts": [], "shown": -1, "reasoning": []})
         text = message_text(history[-1]["content"])
-        if new or not entry["texts"] or entry["texts"][entry["shown"]] != text:
+        thinking = reasoning_of(history[-1])
+        shown = (entry["texts"][entry["shown"]], entry["reasoning"][entry["shown"]]) if entry["texts"] else None
+        if new or shown != (text, thinking):
             entry["texts"].append(text)
+            entry["reasoning"].append(thinking)
             entry["shown"] = len(entry["texts"]) - 1
     return versions
 
@@ -219,8 +302,9 @@ def browse(versions: Versions, history: History, step: int) -> tuple[History, Ve
     if not entry or history[-1]["role"] != "assistant":
         return history, versions
     shown = max(0, min(len(entry["texts"]) - 1, entry["shown"] + step))
-    history[-1]["content"] = entry["texts"][shown]
-    return history, {**versions, key: {"texts": entry["texts"], "shown": shown}}
+    thinking = (entry.get("reasoning") or [{} for _ in entry["texts"]])[shown]
+    history[-1] = {"role": "assistant", "content": entry["texts"][shown], **thinking}
+    return history, {**versions, key: {**entry, "shown": shown}}
 
 
 def version_label(versions: Versions, history: History) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.atomic import write_atomic
+from prompts.reasoning import reasoning_of
 
 ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyz-")
 
@@ -22,7 +23,8 @@ ID_CHARS = set("0123456789abcdefghijklmnopqrstuvwxyz-")
 class Conversation:
     id: str
     title: str
-    messages: list[dict[str, str]] = field(default_factory=list)
+    # {role, content}; a reply a reasoning model thought about also has its reasoning fields (prompts.reasoning)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     system_message: str = ""
     mode: str = "Instruct"   # prompts.chat_modes: Chat, Chat-instruct or Instruct; each mode has its own chats
     character: str = ""      # the character's key (prompts.characters) in Chat and Chat-instruct
@@ -116,7 +118,7 @@ class ConversationStore:
             conv = self.open(conversation_id) if conversation_id else self.new()
         except ValueError:
             conv = self.new()
-        conv.messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        conv.messages = [{"role": m["role"], "content": m["content"], **reasoning_of(m)} for m in messages]
         for key, value in fields.items():
             setattr(conv, key, value)
         return self.save(conv)
@@ -206,7 +208,11 @@ def _versions(value: Any) -> dict[str, dict[str, Any]]:
         texts, shown = entry.get("texts"), entry.get("shown")
         if isinstance(texts, list) and all(isinstance(t, str) for t in texts) and isinstance(shown, int) \
                 and 0 <= shown < len(texts):
-            found[key] = {"texts": texts, "shown": shown}
+            thinking = entry.get("reasoning")
+            if not (isinstance(thinking, list) and len(thinking) == len(texts)
+                    and all(isinstance(r, dict) for r in thinking)):
+                thinking = [{} for _ in texts]
+            found[key] = {"texts": texts, "shown": shown, "reasoning": [reasoning_of(r) for r in thinking]}
     return found
 
 
@@ -225,7 +231,7 @@ def _from_dict(data: Any, where: str) -> Conversation:
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                 or not isinstance(m.get("content"), str):
             raise ValueError(f"{where} is corrupt: a message is not {{role, content}}")
-        messages.append({"role": m["role"], "content": m["content"]})
+        messages.append({"role": m["role"], "content": m["content"], **reasoning_of(m)})
     try:
         return Conversation(id=str(data["id"]), title=str(data.get("title") or "Untitled"), messages=messages,
                             system_message=str(data.get("system_message") or ""),

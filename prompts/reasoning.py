@@ -14,11 +14,12 @@ the closing marker; a block still open when the text ends is all thinking (the m
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from engine.generation import DoneEvent, TextEvent
-from engine.model import Prompt
+from engine.model import Prompt, content_text
 
 
 @dataclass(frozen=True)
@@ -245,3 +246,83 @@ def for_template(message: dict[str, Any]) -> dict[str, Any]:
     if thinking:
         out["reasoning_content"] = thinking
     return out
+
+
+# ---- the thinking as a chat shows it ----------------------------------------------------------------------
+# Gradio's Chatbot shows a "thought" as a message of its own before the reply, whose metadata has a title (open
+# with a spinner while "pending", closed when "done", `log` and `duration` beside the title). A history goes
+# to the Chatbot through `shown` and comes back through `folded` (chat_session.normalize), so the actions only
+# ever see the thinking in the reply's own message.
+THINKING_TITLE = "Thinking"
+TOKENS_LOG = re.compile(r"^(\d+) tokens?$")
+# While a reply streams, its message says whether it is inside its thinking block (shown open); transient, so
+# `folded` and the saved conversation never have it.
+THINKING_NOW = "thinking_now"
+
+
+def _thought(message: dict[str, Any]) -> bool:
+    metadata = message.get("metadata") or {}
+    return message.get("role") == "assistant" and metadata.get("title") == THINKING_TITLE
+
+
+def shown(history: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """`history` as the Chatbot displays it: each reply with thinking becomes a thought, then the reply."""
+    out: list[dict[str, Any]] = []
+    for message in history or []:
+        thinking = {} if _thought(message) else reasoning_of(message)
+        if message.get("role") != "assistant" or not thinking:
+            out.append(message)
+            continue
+        metadata: dict[str, Any] = {"title": THINKING_TITLE,
+                                    "status": "pending" if message.get(THINKING_NOW) else "done"}
+        if "reasoning_tokens" in thinking:
+            tokens = thinking["reasoning_tokens"]
+            metadata["log"] = f"{tokens} token" if tokens == 1 else f"{tokens} tokens"
+        if "reasoning_seconds" in thinking:
+            metadata["duration"] = thinking["reasoning_seconds"]
+        out.append({"role": "assistant", "content": thinking["reasoning_content"], "metadata": metadata})
+        out.append({"role": "assistant", "content": message.get("content", "")})
+    return out
+
+
+def folded(messages: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """Messages as the Chatbot holds them, with each thought put back into the reply after it."""
+    out: list[dict[str, Any]] = []
+    thinking: dict[str, Any] | None = None
+    for message in messages or []:
+        if _thought(message):
+            if thinking is not None:   # two thoughts in a row: the first one's reply is empty
+                out.append({"role": "assistant", "content": "", **thinking})
+            metadata = message.get("metadata") or {}
+            thinking = {"reasoning_content": content_text(message.get("content"))}
+            tokens = TOKENS_LOG.match(str(metadata.get("log") or ""))
+            if tokens:
+                thinking["reasoning_tokens"] = int(tokens.group(1))
+            if isinstance(metadata.get("duration"), (int, float)):
+                thinking["reasoning_seconds"] = float(metadata["duration"])
+            continue
+        if thinking is not None:
+            if message.get("role") == "assistant":
+                message = {**message, **thinking}
+            else:
+                out.append({"role": "assistant", "content": "", **thinking})
+            thinking = None
+        out.append(message)
+    if thinking is not None:
+        out.append({"role": "assistant", "content": "", **thinking})
+    return out
+
+
+def message_index(history: list[dict[str, Any]], shown_index: int) -> tuple[int, bool]:
+    """(the index in `history` (folded) of the message the Chatbot shows at `shown_index`, whether that is its
+    thinking part). An index past the end maps past the end, for the caller to report."""
+    position = 0
+    for index, message in enumerate(history):
+        if message.get("role") == "assistant" and reasoning_of(message):
+            if shown_index == position:
+                return index, True
+            position += 1
+        if shown_index == position:
+            return index, False
+        position += 1
+    return len(history) + shown_index - position, False

@@ -52,6 +52,8 @@ def template_messages(messages: Sequence[Message]) -> list[Message]:
     for message in messages:
         kept = {"role": message["role"], "content": message.get("content") or ""}
         kept.update({k: message[k] for k in _TOOL_FIELDS if message.get(k) is not None})
+        if message.get("reasoning_content"):   # a reply's thinking, for templates that show it (Qwen3's tool loop)
+            kept["reasoning_content"] = message["reasoning_content"]
         if "tool_calls" in kept:
             kept["tool_calls"] = [_template_call(c) for c in kept["tool_calls"]]
         out.append(kept)
