@@ -189,6 +189,38 @@ def bench_engine_model(model: EngineModel) -> dict:
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "runtime": model.runtime}
 
 
+def bench_samplers(folder: Path) -> dict:
+    """Greedy and chat-sampler decode (temperature 0.7, top_p 0.9, top_k 20, repetition_penalty 1.15) and min_p
+    0.05 alone, through model.generate as the app runs them (the sampler inside the captured step); the chat
+    sampler also through the shared sampler after the step, the path every request took before. Median of 3."""
+    from transformers import AutoTokenizer
+
+    from engine.model import Prompt
+
+    model = load_engine_model(folder, tokenizer=AutoTokenizer.from_pretrained(folder), eos_token_ids=[],
+                              context_length=4096, loader="bench")
+    ids = prompt_ids(PROMPT)
+    runs = {"greedy": GenerationParams(max_new_tokens=NEW, temperature=0, top_k=0, top_p=1.0, seed=1),
+            "chat_sampler": GenerationParams(max_new_tokens=NEW, temperature=0.7, top_p=0.9, top_k=20,
+                                             repetition_penalty=1.15, seed=1),
+            "min_p_0.05": GenerationParams(max_new_tokens=NEW, temperature=1.0, top_k=0, top_p=1.0, min_p=0.05,
+                                           seed=1)}
+
+    def tok_s(generate) -> float:
+        collect(generate())  # captures the graphs this plan needs
+        return round(sorted(collect(generate())[2].tokens_per_second for _ in range(3))[1], 1)
+
+    result = {"runtime": model.runtime,
+              "in_step": {name: model.engine.sampling_plan(p) is not None for name, p in runs.items()}}
+    for name, p in runs.items():
+        result[f"{name}_tok_s"] = tok_s(lambda: model.generate(Prompt(text="", ids=ids), p))
+    result["chat_sampler_after_the_step_tok_s"] = tok_s(lambda: stream(
+        EngineStepper(model.engine), model.tokenizer, ids, runs["chat_sampler"], [], None, model.context_length))
+    result["chat_over_greedy"] = round(result["chat_sampler_tok_s"] / result["greedy_tok_s"], 3)
+    model.unload()
+    return result
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights on the GPU: parameters, buffers (not the KV cache) and the packed kernels' tensors,
     each storage counted once (a tied head shares the embedding's)."""
@@ -448,6 +480,7 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
         measure(results, f"hearth_7b_{name}", lambda: bench_folder(folder))
         if name != "gptq_4bit_g128":
             shutil.rmtree(folder, ignore_errors=True)
+    measure(results, "hearth_7b_gptq_4bit_g128_samplers", lambda: bench_samplers(work / "gptq_4bit_g128"))
     # the checkpoints' tokenizer (copied from TOKENIZER when they were written)
     tokenizer = AutoTokenizer.from_pretrained(work / "gptq_4bit_g128" if (work / "gptq_4bit_g128").is_dir()
                                               else TOKENIZER)
