@@ -3,6 +3,7 @@ model (forced tools by constrained decoding, streamed and whole; a tool loop), r
 the parser for the three call formats models emit (Hermes/Qwen, Llama 3.1, Mistral), whole and streamed."""
 import json
 
+import jsonschema
 import openai
 import pytest
 
@@ -19,16 +20,6 @@ TIME = {"type": "function", "function": {
     "name": "get_time", "description": "The time in a time zone",
     "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]}}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-
-
-def assert_valid_weather_arguments(arguments: str) -> None:
-    """The get_weather parameters schema, checked by hand (no JSON-schema validator is installed)."""
-    args = json.loads(arguments)
-    assert set(args) == {"city", "unit"}
-    assert isinstance(args["city"], str)
-    assert args["unit"] in ("celsius", "fahrenheit")
 
 
 # ---- the parser ---------------------------------------------------------------------------------------------
@@ -110,7 +101,7 @@ def test_a_forced_named_tool_returns_a_call_whose_arguments_fit_the_schema(clien
     assert len(choice.message.tool_calls) == 1
     call = choice.message.tool_calls[0]
     assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
-    assert_valid_weather_arguments(call.function.arguments)
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
 
 
 def test_required_streams_a_call_as_deltas_id_and_name_then_arguments(client):
