@@ -2,8 +2,9 @@
 
 Batch-1 decode replays a CUDA graph of the whole step; its tiny elementwise kernels each still cost ~2-3 us
 there, about as much as a small GEMV. Eager PyTorch spends seven on RoPE plus the KV-cache write (neg, cat,
-three multiply/adds, two index_copy_), two on SwiGLU (silu, mul) and two on each residual add followed by
-an RMSNorm; these replace them with one each.
+three multiply/adds, two index_copy_; three more with Qwen3's and Gemma 3's q/k norms), two on SwiGLU or
+GeGLU (act, mul) and two on each residual add followed by an RMSNorm (three with Gemma's norm on attention's
+output before the add); these replace them with one each.
 Used on CUDA outside torch.compile (which fuses the same steps itself); CPU keeps the plain ops.
 """
 from __future__ import annotations
@@ -26,8 +27,9 @@ def _kernels():
 
     @triton.jit
     def rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, H, H_KV, T,
-                            HALF: tl.constexpr):
-        # qkv: [S, H + 2 H_kv, D]; cos, sin: [S, D]; pos: [S]; q: [S, H, D]; caches: [H_kv, T, D]
+                            qw_ptr, kw_ptr, eps, HALF: tl.constexpr, NORM: tl.constexpr):
+        # qkv: [S, H + 2 H_kv, D]; cos, sin: [S, D]; pos: [S]; q: [S, H, D]; caches: [H_kv, T, D];
+        # NORM: each q and k head first RMS-normalised with weights qw / kw [D] (Qwen3, Gemma 3)
         s = tl.program_id(0)
         h = tl.program_id(1)
         D: tl.constexpr = 2 * HALF
@@ -38,6 +40,12 @@ def _kernels():
             # HF's rotate-half RoPE: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in fp32
             x1 = tl.load(row + d).to(tl.float32)
             x2 = tl.load(row + HALF + d).to(tl.float32)
+            if NORM:   # rounded to the activation dtype between norm and RoPE, as the unfused steps do
+                w_ptr = qw_ptr if h < H else kw_ptr
+                scale = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
+                ty = qkv_ptr.dtype.element_ty
+                x1 = (x1 * scale * tl.load(w_ptr + d).to(tl.float32)).to(ty).to(tl.float32)
+                x2 = (x2 * scale * tl.load(w_ptr + HALF + d).to(tl.float32)).to(ty).to(tl.float32)
             c1 = tl.load(cos_ptr + s * D + d).to(tl.float32)
             c2 = tl.load(cos_ptr + s * D + HALF + d).to(tl.float32)
             s1 = tl.load(sin_ptr + s * D + d).to(tl.float32)
@@ -53,73 +61,95 @@ def _kernels():
             tl.store(v_cache_ptr + ((h - H - H_KV) * T + pos).to(tl.int64) * D + full, tl.load(row + full))
 
     @triton.jit
-    def silu_mul_kernel(gate_up_ptr, out_ptr, HIDDEN, BLOCK: tl.constexpr):
-        # gate_up: [M, 2 * HIDDEN] (gate first) -> out: [M, HIDDEN] = silu(gate) * up
+    def act_mul_kernel(gate_up_ptr, out_ptr, HIDDEN, BLOCK: tl.constexpr, GELU: tl.constexpr):
+        # gate_up: [M, 2 * HIDDEN] (gate first) -> out: [M, HIDDEN] = act(gate) * up, act silu or GELU (tanh)
         m = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = i < HIDDEN
         gate = tl.load(gate_up_ptr + m * 2 * HIDDEN + i, mask=ok, other=0).to(tl.float32)
         up = tl.load(gate_up_ptr + m * 2 * HIDDEN + HIDDEN + i, mask=ok, other=0).to(tl.float32)
-        tl.store(out_ptr + m * HIDDEN + i, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=ok)
+        if GELU:   # 0.5 x (1 + tanh(u)) = x sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3)
+            act = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+        else:
+            act = gate * tl.sigmoid(gate)
+        tl.store(out_ptr + m * HIDDEN + i, (act * up).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, order_ptr, h_ptr, out_ptr, D, eps, BLOCK: tl.constexpr,
-                            HAS_ORDER: tl.constexpr):
+    def add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, order_ptr, pre_w_ptr, h_ptr, out_ptr, D, eps, pre_eps,
+                            BLOCK: tl.constexpr, HAS_ORDER: tl.constexpr, PRE: tl.constexpr):
         # one row: h = x + delta (rounded to the activation dtype, as the unfused add would), out = rms_norm(h),
-        # written in `order` when given (out[i] = rms_norm(h)[order[i]]: the next matmul's input order)
+        # written in `order` when given (out[i] = rms_norm(h)[order[i]]: the next matmul's input order).
+        # PRE (Gemma's norm on what attention returns): delta is first rms_norm(delta) * pre_w, rounded.
         row = tl.program_id(0).to(tl.int64) * D
         i = tl.arange(0, BLOCK)
         ok = i < D
-        h = (tl.load(x_ptr + row + i, mask=ok, other=0).to(tl.float32)
-             + tl.load(delta_ptr + row + i, mask=ok, other=0).to(tl.float32)).to(h_ptr.dtype.element_ty)
+        ty = h_ptr.dtype.element_ty
+        delta = tl.load(delta_ptr + row + i, mask=ok, other=0).to(tl.float32)
+        pre_scale = 1.0
+        if PRE:
+            pre_scale = tl.rsqrt(tl.sum(delta * delta, axis=0) / D + pre_eps)
+            delta = (delta * pre_scale * tl.load(pre_w_ptr + i, mask=ok, other=0).to(tl.float32)).to(ty).to(tl.float32)
+        h = (tl.load(x_ptr + row + i, mask=ok, other=0).to(tl.float32) + delta).to(ty)
         tl.store(h_ptr + row + i, h, mask=ok)
         hf = h.to(tl.float32)
         scale = tl.rsqrt(tl.sum(hf * hf, axis=0) / D + eps)
         if HAS_ORDER:
             # the same sums read again in the output's order (x and delta are inputs: no race with h's store)
             j = tl.load(order_ptr + i, mask=ok, other=0)
-            hf = (tl.load(x_ptr + row + j, mask=ok, other=0).to(tl.float32)
-                  + tl.load(delta_ptr + row + j, mask=ok, other=0).to(tl.float32)).to(h_ptr.dtype.element_ty)
-            hf = hf.to(tl.float32)
+            dj = tl.load(delta_ptr + row + j, mask=ok, other=0).to(tl.float32)
+            if PRE:
+                dj = (dj * pre_scale * tl.load(pre_w_ptr + j, mask=ok, other=0).to(tl.float32)).to(ty).to(tl.float32)
+            hf = (tl.load(x_ptr + row + j, mask=ok, other=0).to(tl.float32) + dj).to(ty).to(tl.float32)
         else:
             j = i
         w = tl.load(w_ptr + j, mask=ok, other=0).to(tl.float32)
         tl.store(out_ptr + row + i, (hf * scale * w).to(out_ptr.dtype.element_ty), mask=ok)
 
-    return triton, rotary_cache_kernel, silu_mul_kernel, add_rms_norm_kernel
+    return triton, rotary_cache_kernel, act_mul_kernel, add_rms_norm_kernel
 
 
 def rotary_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
-                      k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int,
+                      qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """Rotate q and k by RoPE, write k and v into the caches at input_pos; returns q [1, S, H, D].
     qkv: [1, S, H + 2 H_kv, D] contiguous, D a power of two; cos, sin: [S, D] (or views of it);
-    caches: [1, H_kv, T, D]."""
+    caches: [1, H_kv, T, D]. qk_norm: (q weight [D], k weight [D], eps) to RMS-normalise each q and k head
+    before RoPE (one kernel instead of a norm each, and the cat that put them back)."""
     triton, kernel, _, _ = _kernels()
     _, S, heads, D = qkv.shape
     q = torch.empty(1, S, n_heads, D, dtype=qkv.dtype, device=qkv.device)
+    qw, kw, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
     kernel[(S, heads)](qkv, cos, sin, input_pos, q, k_cache, v_cache, n_heads, n_kv_heads, k_cache.shape[2],
-                       HALF=D // 2)
+                       qw, kw, eps, HALF=D // 2, NORM=qk_norm is not None)
     return q
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """SwiGLU's silu(gate) * up from the fused gate-up projection [..., 2 * hidden] -> [..., hidden]."""
+FUSED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
+
+
+def act_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """The gated MLP's act(gate) * up from the fused gate-up projection [..., 2 * hidden] -> [..., hidden]:
+    SwiGLU (act "silu") or Gemma's GeGLU ("gelu_pytorch_tanh")."""
     triton, _, kernel, _ = _kernels()
     hidden = gate_up.shape[-1] // 2
     rows = gate_up.numel() // gate_up.shape[-1]
     out = torch.empty(*gate_up.shape[:-1], hidden, dtype=gate_up.dtype, device=gate_up.device)
-    kernel[(rows, triton.cdiv(hidden, 1024))](gate_up, out, hidden, BLOCK=1024)
+    kernel[(rows, triton.cdiv(hidden, 1024))](gate_up, out, hidden, BLOCK=1024, GELU=act == "gelu_pytorch_tanh")
     return out
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                 order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 order: torch.Tensor | None = None,
+                 pre: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, rms_norm(h) * weight) with h = x + delta, over the last dim; x, delta contiguous, same shape.
-    order: the norm's output comes in this order of the last dim (h does not)."""
+    order: the norm's output comes in this order of the last dim (h does not). pre: (weight, eps) of a norm
+    applied to delta first (h = x + rms_norm(delta) * weight)."""
     triton, _, _, kernel = _kernels()
     D = x.shape[-1]
     h, out = torch.empty_like(x), torch.empty_like(x)
     block = triton.next_power_of_2(D)
-    kernel[(x.numel() // D,)](x, delta, weight, order if order is not None else weight, h, out, D, eps,
-                              BLOCK=block, HAS_ORDER=order is not None, num_warps=8 if block >= 4096 else 4)
+    pre_w, pre_eps = pre if pre is not None else (weight, 0.0)
+    kernel[(x.numel() // D,)](x, delta, weight, order if order is not None else weight, pre_w, h, out, D, eps,
+                              pre_eps, BLOCK=block, HAS_ORDER=order is not None, PRE=pre is not None,
+                              num_warps=8 if block >= 4096 else 4)
     return h, out

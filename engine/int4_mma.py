@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(WARPS * 32)
 int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* __restrict__ w,
          const void* __restrict__ scales, const void* __restrict__ zero_bias, u16* __restrict__ y,
          int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift,
-         const int* __restrict__ experts, int w_stride, int s_stride, int z_stride, int x_stride, int y_stride) {
+         const long long* __restrict__ experts, int w_stride, int s_stride, int z_stride, int x_stride, int y_stride) {
     static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
     if (EXPERTS) {
         const int slot = blockIdx.y;

@@ -343,16 +343,21 @@ class Attention(nn.Module):
         B, S, _ = x.shape
         H, H_kv = self.n_heads, self.n_kv_heads
         qkv = self.wqkv(x).view(B, S, H + 2 * H_kv, self.head_dim)            # [B, S, H + 2 H_kv, D]
-        if self.q_norm is not None:   # Qwen3 / Gemma 3: each head of q and k normalised before RoPE
-            qkv = torch.cat((self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H:H + H_kv]), qkv[:, :, H + H_kv:]),
-                            dim=2)
         cache = self.kv_cache
         whole_heads = cos.shape[-1] == self.head_dim   # the fused kernel rotates whole heads only
-        if fused_ops.usable(qkv) and self.head_dim & (self.head_dim - 1) == 0 and whole_heads:
-            # One kernel: RoPE on q and k, k and v into the cache (Triton wants a power-of-two head size).
-            q = fused_ops.rotary_into_cache(qkv, cos, sin, input_pos, cache.k, cache.v, H, H_kv).transpose(1, 2)
+        norms = self.q_norm is not None and self.q_norm.out_order is None and self.k_norm.out_order is None
+        qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if norms else None
+        if fused_ops.usable(qkv) and self.head_dim & (self.head_dim - 1) == 0 and whole_heads and \
+                (self.q_norm is None or norms):
+            # One kernel: q/k norms (Qwen3 / Gemma 3), RoPE on q and k, k and v into the cache (Triton wants a
+            # power-of-two head size).
+            q = fused_ops.rotary_into_cache(qkv, cos, sin, input_pos, cache.k, cache.v, H, H_kv,
+                                            qk_norm).transpose(1, 2)
             k, v = cache.k[:, :, :kv_len], cache.v[:, :, :kv_len]
         else:
+            if self.q_norm is not None:   # Qwen3 / Gemma 3: each head of q and k normalised before RoPE
+                qkv = torch.cat((self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H:H + H_kv]),
+                                 qkv[:, :, H + H_kv:]), dim=2)
             # Rotate q and k together: one set of kernels instead of two (decode is launch-bound on GPU).
             qk = apply_rotary(qkv[:, :, : H + H_kv], cos, sin)
             q = qk[:, :, :H].transpose(1, 2)                                  # [B, H, S, D]
@@ -395,8 +400,8 @@ class FeedForward(nn.Module):
 
     def activate(self, gate_up: torch.Tensor) -> torch.Tensor:
         """act(gate) * up from w13's output [..., 2 * hidden]."""
-        if self.act == "silu" and fused_ops.usable(gate_up):
-            return fused_ops.silu_mul(gate_up)                                # SwiGLU, one kernel
+        if self.act in fused_ops.FUSED_ACTIVATIONS and fused_ops.usable(gate_up):
+            return fused_ops.act_mul(gate_up, self.act)                       # SwiGLU / GeGLU, one kernel
         gate, up = gate_up.split(self.hidden, dim=-1)
         return ACTIVATIONS[self.act](gate) * up
 
@@ -418,20 +423,21 @@ class Block(nn.Module):
         add is done together with the norm that follows it. Returns (h, mlp_out); h + mlp_out is the output."""
         x, normed = add_norm(x, delta, self.attention_norm)
         attended = self.attention(normed, cos, sin, mask, input_pos, kv_len)
-        if self.post_attention_norm is not None:
-            attended = self.post_attention_norm(attended)
-        h, normed = add_norm(x, attended, self.ffn_norm)
+        h, normed = add_norm(x, attended, self.ffn_norm, self.post_attention_norm)
         out = self.feed_forward(normed)
         return h, out if self.post_ffn_norm is None else self.post_ffn_norm(out)
 
 
-def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, norm(h)) with h = x + delta (x itself when delta is None): on CUDA one kernel for both."""
+def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm,
+             pre: RMSNorm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, norm(h)) with h = x + delta (x itself when delta is None), delta first normalised by `pre` when
+    given (Gemma's norm on attention's output): on CUDA one kernel for all."""
     if delta is None:
         return x, norm(x)
-    if fused_ops.usable(x):
-        return fused_ops.add_rms_norm(x, delta, norm.weight, norm.eps, norm.out_order)
-    h = x + delta
+    if fused_ops.usable(x) and (pre is None or pre.out_order is None):
+        return fused_ops.add_rms_norm(x, delta, norm.weight, norm.eps, norm.out_order,
+                                      None if pre is None else (pre.weight, pre.eps))
+    h = x + (delta if pre is None else pre(delta))
     return h, norm(h)
 
 

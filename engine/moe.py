@@ -51,10 +51,12 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])                                                     # [M, D]
-        probs = F.softmax(self.gate(x2).float(), dim=-1)                                  # [M, E]
-        weights, ids = probs.topk(self.top_k, dim=-1)                                     # [M, k]
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        logits = self.gate(x2).float()                                                    # [M, E]
+        if self.norm_topk_prob:   # softmax over all, top k, renormalised = softmax over the top k: 2 kernels fewer
+            top, ids = logits.topk(self.top_k, dim=-1)                                    # [M, k]
+            weights = F.softmax(top, dim=-1)
+        else:
+            weights, ids = F.softmax(logits, dim=-1).topk(self.top_k, dim=-1)
         weights = weights.to(x.dtype)
         if self.stacked is not None and x2.shape[0] == 1:
             out = self._decode_slots(x2, ids[0], weights[0])
@@ -84,12 +86,11 @@ class MoEFeedForward(nn.Module):
     def _decode_slots(self, x2: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         # x2: [1, D]; ids, weights: [k].
         if self.in_place is not None:
-            ids32 = ids.to(torch.int32)
             w13, w2 = self.in_place["w13"], self.in_place["w2"]
-            gate_up = int4_mma.expert_matmul(x2.to(torch.bfloat16), w13, ids32, int4_mma.config_for(self.top_k * w13.n))
+            gate_up = int4_mma.expert_matmul(x2.to(torch.bfloat16), w13, ids, int4_mma.config_for(self.top_k * w13.n))
             hidden = self.slots[0].activate(gate_up)                                      # [k, F]
-            y = int4_mma.expert_matmul(hidden.contiguous(), w2, ids32, int4_mma.config_for(self.top_k * w2.n))
-            return (y.float() * weights.float()[:, None]).sum(0, keepdim=True).to(x2.dtype)
+            y = int4_mma.expert_matmul(hidden.contiguous(), w2, ids, int4_mma.config_for(self.top_k * w2.n))
+            return torch.mm(weights[None].to(y.dtype), y).to(x2.dtype)                   # sum of w_j y_j: [1, D]
         # Gather the chosen experts into the slots, then run each slot.
         for stacked, slot in zip(self.stacked, self.slot_tensors):
             torch.index_select(stacked, 0, ids, out=slot)

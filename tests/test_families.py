@@ -316,7 +316,7 @@ def test_expert_matmul_reads_each_chosen_expert_in_place(zeros):
         first, words=torch.stack([p.words for p in packed]),
         store=int4_mma.ScaleStore(torch.stack([p.store.scales for p in packed])),
         zero_bias=torch.stack([p.zero_bias for p in packed]) if zeros else None)
-    ids = torch.tensor([3, 0, 3, 4], dtype=torch.int32, device="cuda")
+    ids = torch.tensor([3, 0, 3, 4], device="cuda")   # int64, as topk gives them
     config = int4_mma.config_for(len(ids) * N)
     for rows in (1, len(ids)):
         x = (torch.randn(rows, K, device="cuda") * 0.5).bfloat16()
