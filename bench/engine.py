@@ -12,6 +12,9 @@
                                                              the GPU (bench/families.py): Qwen3-8B AWQ, Gemma-3-12B,
                                                              Phi-4, Mixtral-8x7B, Qwen3-30B-A3B, and transformers
                                                              generate() on the Qwen3-8B shape.
+                                                             --only ROWS: just the rows whose names contain one of
+                                                             these (comma-separated), e.g.
+                                                             hearth_7b_gptq_3bit_g128,hearth_70b_gptq_3bit.
                                                              Each Hearth row: weights GiB on the GPU next to the
                                                              packed bytes (the checkpoint's, or counted for 70B and
                                                              GGUF: the blocks' bytes plus a bf16 embedding).

@@ -17,8 +17,9 @@ levels is made:
   and two pairs made of the halves' spare bit 15 (bit b of such a level: word 3s + b); steps 5-7, the
   "eighths", take the bit-3 fields. These raw values go into the mma unchanged; one more mma (A all ones)
   sums x per step class, and each group takes s ((sum) - (128 + z) sum(x)) and, for the eighths,
-  s / 8 ((sum) - (128 + 8z) sum(x)): ~1.6 instructions a pair against ~5 for a 2-bit plane plus a plane of
-  third bits, which left 3-bit instruction-bound below 4-bit's speed (bench/NOTES-engine.md).
+  s / 8 ((sum) - (128 + 8z) sum(x)): ~1.8 instructions a pair (57 LOP3s and shifts for a chunk's 32 pairs,
+  sm_90 SASS) against ~5 for the 2-bit plane plus a plane of third bits this replaced, which had left 3-bit
+  instruction-bound below 4-bit's speed (bench/NOTES-engine.md).
 - 8-bit: a chunk is 64 inputs, two 16-byte loads per lane (plane i / 2, word 2(i % 2) + p / 2, the pair's
   levels in bytes p % 2 and 2 + p % 2). 128 + q needs 8 mantissa bits, which bf16 lacks, so each level is
   placed in the mantissa of 2^23 as an fp32 (one byte permute), 2^23 + z is subtracted (exact), and the
