@@ -53,6 +53,9 @@ def effective_settings(model_dir: Path, saved: dict[str, Any], detections: list[
     result["preset"] = pick((saved.get("preset"), SAVED), (None, f"none ({SETTINGS} generation values)"))
     result["system_message"] = pick((saved.get("system_message"), SAVED),
                                     (None, "none (the template's default)"))
+    # Qwen3's thinking switch, for templates that take enable_thinking; unset leaves the template's own default.
+    result["enable_thinking"] = pick((saved.get("enable_thinking"), SAVED),
+                                     (None, "none (the template's default: on for Qwen3)"))
     saved_sampler = saved.get("sampler") or {}
     defaults = asdict(generation_defaults)
     preset_name, preset_values = preset if preset is not None else ("", {})
@@ -125,6 +128,7 @@ def settings_to_save(loader: str | None, loader_options: dict[str, Any], instruc
         "preset": (preset or "").strip() or None,
         "system_message": system_message or None,
         "sampler": previous.get("sampler") or None,
+        "enable_thinking": previous.get("enable_thinking"),   # set by the Text Generation tab's switch
     }
 
 

@@ -39,7 +39,7 @@ from core.atomic import write_atomic
 FILE_NAME = "config-user.yaml"
 # What one model's entry may hold; anything else is reported and ignored, never silently kept.
 SAVED_KEYS = ("loader", "loader_options", "context_length", "instruction_template", "preset", "system_message",
-              "sampler")
+              "sampler", "enable_thinking")
 MAPPING_KEYS = ("loader_options", "sampler")
 # Which repo and branch the entry was saved for; kept beside the settings, never handed out as one.
 SOURCE_KEYS = ("repo", "branch")
@@ -111,6 +111,8 @@ class SettingsStore:
                 self.report(f"{self.path.name}: unknown key {key!r} for {name}; ignored")
             elif key in MAPPING_KEYS and not isinstance(value, dict):
                 self.report(f"{self.path.name}: {key} for {name} must be a mapping; ignored")
+            elif key == "enable_thinking" and not isinstance(value, bool):
+                self.report(f"{self.path.name}: enable_thinking for {name} must be true or false; ignored")
             elif value is not None:
                 clean[key] = value
         return clean

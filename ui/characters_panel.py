@@ -12,6 +12,7 @@ from typing import Callable
 
 import gradio as gr
 
+from prompts import reasoning
 from prompts.characters import IMPORT_SUFFIXES, MAX_IMPORT_BYTES, CharacterError, CharacterStore, ChatProfile
 from prompts.chat_modes import CHARACTER_MODES, CHAT_MODES, INSTRUCT, ChatSetup
 from prompts.conversations import ConversationStore
@@ -64,7 +65,7 @@ class CharactersPanel:
         character = key if mode_name in CHARACTER_MODES else None
         conv = self.conversations.latest(mode_name, character)
         if conv is not None:
-            return conv.messages, conv.id, self._choices(conv.id)
+            return reasoning.shown(conv.messages), conv.id, self._choices(conv.id)   # with thinking parts
         if mode_name not in CHARACTER_MODES:
             return [], "", self._choices("")
         return self._greet("", mode_name, key)

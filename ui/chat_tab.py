@@ -9,13 +9,14 @@ import gradio as gr
 from engine.sampling import GenerationParams
 from loaders.base import LoadError
 from core.options import OptionError
-from prompts import chat_session
+from prompts import chat_session, reasoning
 from prompts.chat_modes import CHAT_MODES, INSTRUCT
 from prompts.conversations import ConversationStore
 from prompts.presets import PRESETS_DIR, load_presets, save_preset
 from prompts.sandbox import TemplateRenderError
 from ui.chats_panel import build_chats_panel
 from ui.characters_panel import CharactersPanel
+from ui import chat_render
 from ui.widgets import values_from, widgets_for
 
 MODES = (*CHAT_MODES, "Notebook")
@@ -83,6 +84,7 @@ def build_chat_tab(state) -> dict:
             preset = gr.Dropdown(load_presets().names(), value=None, label="Preset", elem_id="preset")
             preset_name = gr.Textbox(label="New preset name", elem_id="preset-name")
             save_preset_btn = gr.Button("Save as new preset", elem_id="preset-save")
+            thinking = gr.Checkbox(True, label="Enable thinking", elem_id="chat-enable-thinking")
         with gr.Accordion("Conversations", open=False, elem_id="conversations"):
             conversation_id = gr.State("")   # the conversation on screen: every change is saved into it
             gr.Markdown(f"Saved in `{conversations.folder}` (settings `data_dir`, `--data-dir`).",
@@ -177,9 +179,9 @@ def build_chat_tab(state) -> dict:
             except USER_ERRORS:
                 system = ""
         return (describe_template(None), system, saved.get("preset"), AUTO, conversation_choices(),
-                describe_file_problems())
+                describe_file_problems(), chat_render.switch_update(state))
 
-    refresh_outputs = [template_info, system_message, preset, template, conversation_list, file_problems]
+    refresh_outputs = [template_info, system_message, preset, template, conversation_list, file_problems, thinking]
 
     def refresh_model():
         """`refresh`, plus the sliders set to what the next generation uses unless changed: the loaded model's
@@ -201,7 +203,7 @@ def build_chat_tab(state) -> dict:
                 last = new_history
                 shown, tokens = prompt_outputs(reply)
                 text = reply.text if not reply.error else f"⚠️ {reply.text}"
-                yield new_history, text, shown, tokens, gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                yield reasoning.shown(new_history), text, shown, tokens, gr.skip(), gr.skip(), gr.skip(), gr.skip()
             finished = True
         except USER_ERRORS as exc:
             yield history, f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -237,13 +239,15 @@ def build_chat_tab(state) -> dict:
         choice = choice_of(template_name)
         # conv_id is read when the reply starts: the conversation saved below, whose character it records.
         action = lambda key: chat_session.send(state, history, text, params, key, system or None, choice,
-                                               characters.setup(mode_name, conv_id))
+                                               characters.setup(mode_name, conv_id),
+                                               chat_render.enable_thinking(state))
         shown = chat_session.normalize(history) + [{"role": "user", "content": text}]
         # Saved before any reply, so the message survives a reload, a restart or a failed load.
         conv_id = save(conv_id, shown, mode_name, system, template_name)
         # The input box is cleared once, here: clearing it on every streamed update would wipe what the user
         # types for the next turn while this reply is still coming.
-        yield shown, "", "queued…", gr.skip(), gr.skip(), conv_id, conversation_choices(conv_id), gr.skip(), ""
+        yield (reasoning.shown(shown), "", "queued…", gr.skip(), gr.skip(), conv_id, conversation_choices(conv_id),
+               gr.skip(), "")
         while startup is not None and not startup.finished.wait(1.0):   # Send waits for the start-up load
             yield gr.skip(), gr.skip(), startup.line(), *unchanged
         for out in stream_chat(action, history, conv_id, mode_name, system, template_name, request):
@@ -252,7 +256,8 @@ def build_chat_tab(state) -> dict:
     def on_regenerate(request: gr.Request, history, conv_id, mode_name, system, template_name, versions, *values):
         params = params_of(values)
         action = lambda key: chat_session.regenerate(state, history, params, key, system or None,
-                                                     choice_of(template_name), characters.setup(mode_name, conv_id))
+                                                     choice_of(template_name), characters.setup(mode_name, conv_id),
+                                                     chat_render.enable_thinking(state))
         # The reply being replaced stays a version (the arrows bring it back).
         versions = chat_session.remember(versions, chat_session.normalize(history))
         yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request, versions)
@@ -261,7 +266,8 @@ def build_chat_tab(state) -> dict:
         params = params_of(values)
         action = lambda key: chat_session.continue_reply(state, history, params, key, system or None,
                                                          choice_of(template_name),
-                                                         characters.setup(mode_name, conv_id))
+                                                         characters.setup(mode_name, conv_id),
+                                                         chat_render.enable_thinking(state))
         yield from stream_chat(action, history, conv_id, mode_name, system, template_name, request, versions)
 
     def on_reply_to_edit(request: gr.Request, needed, history, conv_id, mode_name, system, template_name, versions,
@@ -276,7 +282,7 @@ def build_chat_tab(state) -> dict:
         history, versions = chat_session.browse(versions, history, step)
         if conv_id:
             save(conv_id, history, mode_name, system, template_name, versions)
-        return history, versions, chat_session.version_label(versions, history)
+        return reasoning.shown(history), versions, chat_session.version_label(versions, history)
 
     def on_notebook(request: gr.Request, text, *values):
         try:
@@ -326,7 +332,7 @@ def build_chat_tab(state) -> dict:
             conv = conversations.open(conv_id)
         except ValueError as exc:
             return gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}"
-        return conv.messages, conv.id, conv.system_message, f"opened “{conv.title}”"
+        return reasoning.shown(conv.messages), conv.id, conv.system_message, f"opened “{conv.title}”"
 
     def on_page_load():
         """A reload or a restart reopens the conversation saved last, with its list and trash."""
@@ -334,8 +340,8 @@ def build_chat_tab(state) -> dict:
         if not listed:
             return [], "", gr.skip(), conversation_choices(""), trash_choices()
         conv = listed[0]
-        return (conv.messages, conv.id, conv.system_message or gr.skip(), conversation_choices(conv.id),
-                trash_choices())
+        return (reasoning.shown(conv.messages), conv.id, conv.system_message or gr.skip(),
+                conversation_choices(conv.id), trash_choices())
 
     def on_rename(conv_id, title):
         try:
@@ -368,7 +374,8 @@ def build_chat_tab(state) -> dict:
             conv = conversations.restore(trash_id)
         except ValueError as exc:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}"
-        return conv.messages, conv.id, conversation_choices(conv.id), trash_choices(), f"restored “{conv.title}”"
+        return (reasoning.shown(conv.messages), conv.id, conversation_choices(conv.id), trash_choices(),
+                f"restored “{conv.title}”")
 
     def on_empty_trash():
         removed = conversations.empty_trash()
@@ -388,22 +395,23 @@ def build_chat_tab(state) -> dict:
         versions = chat_session.prune(versions, history)
         if conv_id:
             save(conv_id, history, mode_name, system, template_name, versions)
-        return history, text, versions, chat_session.version_label(versions, history)
+        return reasoning.shown(history), text, versions, chat_session.version_label(versions, history)
 
     def on_edit(history, conv_id, mode_name, system, template_name, versions, edit: gr.EditData):
         """An edited message is saved; an edited user message drops the turns after it, and `regenerate`
         (chained after this) answers it anew; an edited reply with versions keeps its edit as one more."""
-        index = edit.index if isinstance(edit.index, int) else edit.index[0]
         history = chat_session.normalize(history)
+        # The Chatbot counts a reply's thinking part as a message of its own.
+        index, part = reasoning.message_index(history, edit.index if isinstance(edit.index, int) else edit.index[0])
         try:
-            history, reply_needed = chat_session.edit(history, index, chat_session.message_text(edit.value))
+            history, reply_needed = chat_session.edit(history, index, chat_session.message_text(edit.value), part)
         except IndexError as exc:
-            return history, conv_id, gr.skip(), False, gr.skip(), gr.skip(), f"⚠️ {exc}"
+            return reasoning.shown(history), conv_id, gr.skip(), False, gr.skip(), gr.skip(), f"⚠️ {exc}"
         versions = chat_session.prune(versions, history)
         if str(index) in versions:
             versions = chat_session.remember(versions, history[:index + 1])
         conv_id = save(conv_id, history, mode_name, system, template_name, versions)
-        return (history, conv_id, conversation_choices(conv_id), reply_needed, versions,
+        return (reasoning.shown(history), conv_id, conversation_choices(conv_id), reply_needed, versions,
                 chat_session.version_label(versions, history), "edited the message")
 
     # ---- wiring ---------------------------------------------------------------------------------------------
@@ -440,6 +448,7 @@ def build_chat_tab(state) -> dict:
     template.change(describe_template, [template], [template_info], queue=False)
     preset.change(on_preset, [preset], params_in, queue=False)
     save_preset_btn.click(on_save_preset, [preset_name, *params_in], [preset, status], queue=False)
+    thinking.input(lambda value: chat_render.save_switch(state, value), [thinking], [status], queue=False)
     created = new_btn.click(on_new, [mode, system_message, template], [chatbot, conversation_id, conversation_list,
                                                                       conversation_status], queue=False)
     opened = open_btn.click(on_open, [conversation_list], [chatbot, conversation_id, system_message,

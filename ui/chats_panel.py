@@ -10,7 +10,7 @@ from typing import Callable
 import gradio as gr
 
 from core.atomic import write_atomic
-from prompts import chat_session
+from prompts import chat_session, reasoning
 from prompts.chat_export import FORMATS, ChatImportError, export_name, export_text, read_chat_file
 from prompts.chat_search import search
 from prompts.conversations import ConversationStore, title_from
@@ -74,7 +74,8 @@ def build_chats_panel(conversations: ConversationStore, *, chatbot, conversation
             conv = conversations.open(conv_id)
         except ValueError as exc:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"⚠️ {exc}", None
-        return conv.messages, conv.id, conv.system_message, choices(conv.id), f"opened “{conv.title}”", None
+        return (reasoning.shown(conv.messages), conv.id, conv.system_message, choices(conv.id),
+                f"opened “{conv.title}”", None)
 
     def on_export(fmt_key, history, conv_id, system, versions):
         """The chat on screen (its messages, system message and reply versions) as a file to download."""
@@ -109,7 +110,7 @@ def build_chats_panel(conversations: ConversationStore, *, chatbot, conversation
         conv = conversations.add(conversations.new(messages=chat.messages, system_message=chat.system_message,
                                                    versions=chat.versions))
         notes = "".join(f"; {note}" for note in chat.notes)
-        return (conv.messages, conv.id, conv.system_message, choices(conv.id),
+        return (reasoning.shown(conv.messages), conv.id, conv.system_message, choices(conv.id),
                 f"imported “{conv.title}” from {Path(path).name} ({FORMATS[chat.format]}, "
                 f"{len(conv.messages)} messages){notes}")
 
