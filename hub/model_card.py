@@ -2,7 +2,7 @@
 
 TheBloke-style cards open with front matter between `---` lines (prompt_template, model_type, base_model,
 quantized_by, ...) and list each branch's quantization in a Markdown table whose first column is "Branch".
-prompts/ imports `read_front_matter` to find a model's prompt template.
+The front matter is read by core.front_matter, as the prompt-template search reads it.
 """
 from __future__ import annotations
 
@@ -10,48 +10,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from core.front_matter import FrontMatterError, read_front_matter
 
 _LINK = re.compile(r"\[([^\]]*)\]\([^)]*\)")
 _SEPARATOR_CELL = re.compile(r"^:?-{2,}:?$")
-
-
-class ModelCardError(ValueError):
-    """The card's front matter is not valid YAML; the message says where."""
-
-
-def _front_matter_block(text: str) -> str | None:
-    text = text.lstrip("\ufeff")
-    lines = text.splitlines()
-    if not lines or lines[0].strip() != "---":
-        return None
-    for i, line in enumerate(lines[1:], start=1):
-        if line.strip() in ("---", "..."):
-            return "\n".join(lines[1:i])
-    return None          # an opening '---' with no closing one is a horizontal rule, not front matter
-
-
-def read_front_matter(text: str) -> dict:
-    """The YAML front matter of a README as a dict; {} when the card has none.
-
-    Raises ModelCardError (a ValueError) when the front matter is present but is not a YAML mapping, so the
-    caller can tell the user instead of silently using no template.
-    """
-    block = _front_matter_block(text)
-    if block is None:
-        return {}
-    try:
-        data = yaml.safe_load(block)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 2}" if mark is not None else ""   # +2: 0-based, after the '---' line
-        problem = getattr(exc, "problem", None) or "cannot be parsed"
-        raise ModelCardError(f"The model card's front matter is not valid YAML{where}: {problem}.") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ModelCardError("The model card's front matter is not a YAML mapping of keys to values.")
-    return data
 
 
 def _cells(line: str) -> list[str]:
@@ -123,7 +85,7 @@ def summarize_card(text: str, branch: str) -> CardSummary:
     summary = CardSummary()
     try:
         front = read_front_matter(text)
-    except ModelCardError as exc:
+    except FrontMatterError as exc:
         summary.problems.append(str(exc))
         front = {}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prompts.front_matter import read_front_matter
+from core.front_matter import read_front_matter
 from prompts.sandbox import TemplateRenderError
 from prompts.library import CARD, ChatTemplate, TemplateLibrary
 

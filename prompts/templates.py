@@ -22,7 +22,7 @@ from loaders.base import LoadError
 from core.folder import read_json, read_text
 from loaders.gguf_header import gguf_chat_template
 from prompts.card_template import template_from_card
-from prompts.front_matter import FrontMatterError
+from core.front_matter import FrontMatterError
 from prompts.library import CHOSEN, DEFAULT, MATCH_FILE, MATCHED, SAVED, TOKENIZER, ChatTemplate, TemplateLibrary
 from prompts.sandbox import TemplateRenderError
 

@@ -10,7 +10,7 @@ import pytest
 from app import inspect_model
 from conftest import make_state
 from prompts.card_template import template_from_card
-from prompts.front_matter import read_front_matter
+from core.front_matter import read_front_matter
 from prompts.library import load_library
 from prompts.templates import resolve_template
 

@@ -1,4 +1,5 @@
-"""Model card (README.md) front matter: the YAML between the leading `---` lines.
+"""Model card (README.md) front matter: the YAML between the leading `---` lines (closed by `---` or `...`).
+The Download tab's card summary and the prompt-template search read it through this one reader.
 
 Cards copied from web pages sometimes arrive with their whitespace collapsed, so the whole front matter sits
 on one line (`--- license: other ... prompt_template: '...' quantized_by: TheBloke ---`). That is no longer
@@ -33,7 +34,7 @@ def read_front_matter(text: str) -> dict[str, Any]:
     collapsed = re.match(r"---\s(.*)\s---\s*$", first_line)
     if collapsed:
         return _scan_collapsed(collapsed.group(1))
-    block = re.match(r"---[ \t]*\r?\n(.*?)\r?\n---[ \t]*(\r?\n|$)", text, re.S)
+    block = re.match(r"---[ \t]*\r?\n(.*?)\r?\n(?:---|\.\.\.)[ \t]*(\r?\n|$)", text, re.S)
     if not block:
         return {}        # an opening '---' with no closing one is a horizontal rule, not front matter
     try:
