@@ -270,8 +270,8 @@ def test_sampling_inside_the_captured_step_gives_the_eager_ids(tmp_path):
     # One engine under CUDA graphs: the sampler captured inside the decode step against the same sampler run
     # eagerly on the logits of the step's plain graph, same seed; the prompt crosses the first cache bucket,
     # so two picking graphs are captured and replayed.
-    model_dir = write_word_tokenizer(tiny_llama_dir(tmp_path / "m", vocab_size=2048, hidden=128, intermediate=256,
-                                                    max_position_embeddings=1024), 2048)
+    model_dir = write_word_tokenizer(tiny_llama_dir(tmp_path / "m", vocab_size=2048, hidden=128, intermediate=256),
+                                     2048)
     model, _ = load_transformer(model_dir, [torch.device("cuda")], torch.bfloat16)
     engine = Engine(model, 1024, use_graphs=True, prefill_chunk=128)
     prompt = torch.randint(3, 2048, (240,), generator=torch.Generator().manual_seed(0)).tolist()
