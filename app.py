@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = gen.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="raw text sent as is")
     what.add_argument("--chat", help="a user message, formatted with the model's chat template")
+    gen.add_argument("--lora", action="append", default=[], metavar="ADAPTER[:WEIGHT]",
+                     help="apply this LoRA adapter (a folder in models/) at this weight (default 1); repeatable")
     add_option_flags(gen, GenerationParams, "generation")
 
     inspect = verbs.add_parser("inspect", help="print as JSON what Hearth knows about a model")
@@ -116,18 +118,23 @@ def cmd_install_default_model(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from core.errors import LoadError
     from engine.generation import DoneEvent, StatsEvent, TextEvent
     from engine.sampling import GenerationParams
+    from loaders.lora import parse_lora_arg
 
     state = make_state(args)
     state.load_model(args.model, args.loader)
     runtime = state.model.runtime
     try:
+        if args.lora:   # replaces any adapters saved for the model
+            loras = dict(parse_lora_arg(text) for text in args.lora)
+            runtime += "; LoRA " + ", ".join(f"{k} x{v:g}" for k, v in state.set_loras(loras).items())
         if args.chat is not None:
             prompt = state.chat_prompt([{"role": "user", "content": args.chat}])
         else:
             prompt = state.raw_prompt(args.prompt)
-    except ValueError as exc:  # e.g. an empty --prompt: nothing for the model to continue from
+    except (ValueError, LoadError) as exc:  # an empty --prompt; an adapter that does not fit the model
         state.unload_model()
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -173,6 +180,8 @@ def inspect_model(state, name: str) -> dict:
         "template_reason": template.reason,
         **({"template_warning": template.warning} if template.warning else {}),
         **_loader_facts(state, name, detections),
+        # every adapter in models/ with the base it was trained on (`generate --lora NAME` applies one)
+        "loras": [info.describe() for info in state.list_loras()],
     }
 
 

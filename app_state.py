@@ -28,6 +28,7 @@ from core.folder import reading_once
 from loaders.gguf_loader import GGUFLoader
 from loaders.gptq_loader import GPTQLoader
 from loaders.llamacpp_loader import LlamaCppLoader
+from loaders.lora import LoraInfo, is_lora_folder, list_loras, read_info
 from loaders.model_settings import effective_settings, loader_options_to_apply, with_chosen_options
 from core.options import OptionError, build
 from loaders.remote_loader import RemoteLoader
@@ -50,7 +51,7 @@ STARTUP_WAIT_SECONDS = 600.0
 
 def _is_model_folder(path: Path) -> bool:
     return (path.is_dir() and not path.name.startswith(".") and bool(MODEL_NAME.match(path.name))
-            and (any(path.glob("*.json")) or any(path.glob("*.gguf"))))
+            and (any(path.glob("*.json")) or any(path.glob("*.gguf"))) and not is_lora_folder(path))
 
 
 def release_freed_memory() -> None:
@@ -215,7 +216,7 @@ class AppState:
                 if loaded.settings is not None:
                     effective = {**effective, "loader_options": loaded.settings["loader_options"]}
                 self.loaded = LoadedModel(loaded.model, self.template_library, dict(self.settings_store.get(name)),
-                                          effective)
+                                          effective, loras=loaded.loras)
         return entry
 
     @property
@@ -238,6 +239,46 @@ class AppState:
             known = ", ".join(self.list_models()) or "none"
             raise LoadError(f"no model named {name!r} in {self.models_dir} (available: {known})")
         return folder
+
+    # ---- LoRA adapters ------------------------------------------------------------------------------------
+    def list_loras(self) -> list[LoraInfo]:
+        return list_loras(self.models_dir)
+
+    def lora_info(self, name: str) -> LoraInfo:
+        """The adapter folder `name` in models/; LoadError for anything else."""
+        folder = self.models_dir / name
+        if not MODEL_NAME.match(name) or not folder.is_dir() or not is_lora_folder(folder):
+            known = ", ".join(info.name for info in self.list_loras()) or "none"
+            raise LoadError(f"no LoRA adapter named {name!r} in {self.models_dir} (available: {known})")
+        return read_info(folder)
+
+    def applied_loras(self) -> dict[str, float]:
+        """{adapter: weight} on the loaded model; {} without one."""
+        loaded = self.loaded
+        return dict(loaded.loras.applied) if loaded is not None else {}
+
+    def set_loras(self, wanted: dict[str, float], allow_pickle: bool = False, save: bool = False) -> dict[str, float]:
+        """Make `wanted` ({adapter: weight}) the loaded model's adapters, without reloading it; {} removes them
+        all. It waits for the generation in progress to end (never changes a model mid-reply). `save`: also
+        remember them for this model, to apply at each load. LoadError, the model unchanged, when they do not
+        fit it. Returns what is applied."""
+        loaded = self.require_loaded()
+        infos = [(self.lora_info(lora), float(weight)) for lora, weight in wanted.items()]
+        applied: dict[str, float] = {}
+
+        def work(cancel: threading.Event) -> Iterator[GenerationEvent]:
+            applied.update(loaded.loras.set(infos, allow_pickle))
+            yield DoneEvent(reason="stop", text="")
+
+        with self.model_lock:
+            if self.loaded is not loaded:
+                raise LoadError("the model changed meanwhile; apply the adapters again")
+            for _ in self.generations.submit(work, "lora"):
+                pass
+        if save and loaded.model.model_dir is not None:
+            entry = dict(self.settings_store.get(loaded.name))
+            self.settings_store.save(loaded.name, {**entry, "loras": applied or None})
+        return applied
 
     def detect(self, name: str) -> list[Detection]:
         return self.registry.detect_all(self.model_dir(name))
@@ -309,7 +350,19 @@ class AppState:
             except Exception:   # a template that cannot even be resolved: the load must not leak the model
                 model.unload()
                 raise
+            self._apply_saved_loras(name, saved.get("loras") or {}, progress)
             return model
+
+    def _apply_saved_loras(self, name: str, saved: dict[str, Any], progress: Progress) -> None:
+        """The adapters saved for this model, applied again; one that cannot be is reported, the load stands."""
+        if not saved:
+            return
+        try:
+            wanted = [(self.lora_info(str(lora)), float(weight)) for lora, weight in saved.items()]
+            applied = self.loaded.loras.set(wanted)
+            progress(1.0, "LoRA " + ", ".join(f"{k} x{v:g}" for k, v in applied.items()))
+        except (LoadError, TypeError, ValueError) as exc:
+            self.settings_store.report(f"the LoRA adapters saved for {name} were not applied: {exc}")
 
     def unload_model(self) -> int:
         """Unload the model. Generations running on it or waiting for it are stopped first (each ends with

@@ -15,6 +15,7 @@ from api.errors import ApiError, install_error_handlers, refusal
 from api.generation_run import GenerationRun
 from api.dialect import MAX_CHOICES, adjust_prompt, enable_thinking, refuse_unsupported, token_controls, \
     with_controls
+from api.lora_routes import add_lora_routes
 from api.logprobs import CompletionLogprobs, chat_logprobs, token_text
 from api.tools import ToolRequest, ToolStream, argument_chunks, forced_controls, parse_tool_calls, tool_request
 from api.openai_format import SSE_DONE, Reply, finish_reason, model_card, sse
@@ -389,9 +390,9 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
         await keys.require_user(request)
         model = state.model
         if model is None:
-            return {"model_name": None, "loader": None, "runtime": None, "context_length": None}
+            return {"model_name": None, "loader": None, "runtime": None, "context_length": None, "lora_names": []}
         return {"model_name": model.name, "loader": model.loader, "runtime": model.runtime,
-                "context_length": model.context_length}
+                "context_length": model.context_length, "lora_names": list(state.applied_loras())}
 
     @app.get("/v1/internal/model/list")
     async def model_list(request: Request):
@@ -419,4 +420,5 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
         stopped = await run_in_threadpool(state.unload_model)   # generations on the model end first
         return {"unloaded": was_loaded, "stopped_generations": stopped}
 
+    add_lora_routes(app, state, keys)
     return app

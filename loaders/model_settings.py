@@ -113,7 +113,7 @@ def settings_to_save(loader: str | None, loader_options: dict[str, Any], instruc
     loader's own context_length option (the one widget for it) and is stored at the top level only; it is
     saved unless it is 0 or simply the model's own value the widget was showing (`current_context`, not
     saved before), so that saving a template does not pin the context. Sampler overrides saved earlier
-    (from the API or by hand) are kept.
+    (from the API or by hand) and the saved LoRA adapters are kept.
     """
     options = dict(loader_options)
     context = options.pop("context_length", None)
@@ -129,6 +129,7 @@ def settings_to_save(loader: str | None, loader_options: dict[str, Any], instruc
         "system_message": system_message or None,
         "sampler": previous.get("sampler") or None,
         "enable_thinking": previous.get("enable_thinking"),   # set by the Text Generation tab's switch
+        "loras": previous.get("loras") or None,   # saved with the adapters (Model tab's LoRA section, API)
     }
 
 

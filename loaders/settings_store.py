@@ -10,6 +10,7 @@ The file is keyed like text-generation-webui's (`<folder name>$:`), one mapping 
       preset: Deterministic
       system_message: You are terse.
       sampler: {temperature: 0.2}
+      loras: {my-style-lora: 0.8}
       repo: HuggingFaceTB/SmolLM2-135M-Instruct
       branch: main
 
@@ -39,8 +40,9 @@ from core.atomic import write_atomic
 FILE_NAME = "config-user.yaml"
 # What one model's entry may hold; anything else is reported and ignored, never silently kept.
 SAVED_KEYS = ("loader", "loader_options", "context_length", "instruction_template", "preset", "system_message",
-              "sampler", "enable_thinking")
-MAPPING_KEYS = ("loader_options", "sampler")
+              "sampler", "loras", "enable_thinking")
+# loras: {adapter folder: weight}, applied again at each load of this model (loaders.lora_apply)
+MAPPING_KEYS = ("loader_options", "sampler", "loras")
 # Which repo and branch the entry was saved for; kept beside the settings, never handed out as one.
 SOURCE_KEYS = ("repo", "branch")
 # The record hub/download.py writes into each folder it downloads (hub imports loaders, so not the reverse).

@@ -163,3 +163,144 @@ def test_engine_with_adapter_on_gptq_act_order_base_equals_peft_over_dequantized
     torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
     engine_lora.apply(model, [])
     assert torch.equal(engine_logits(model), base)
+
+
+@pytest.fixture(scope="module")
+def lora_state(loras, tmp_path_factory):
+    """An AppState over models/ with the adapters, the default model loaded; plus an adapter for another model
+    size (`lora-tiny`, hidden 64 against the default model's 576)."""
+    tiny = tiny_llama_dir(tmp_path_factory.mktemp("tiny") / "tiny")
+    if not (loras / "lora-tiny").exists():
+        write_lora(hf_model(tiny), loras / "lora-tiny", seed=3, base="tiny")
+    state = make_state(loras)
+    state.load_model(DEFAULT_MODEL)
+    yield state
+    state.unload_model()
+
+
+def greedy(state) -> str:
+    from engine.generation import collect
+
+    prompt = state.raw_prompt("The capital of France is")
+    text, done, _ = collect(iter(state.generate(prompt, state.generation_params(temperature=0, max_new_tokens=8))))
+    assert done.reason in ("max_tokens", "stop"), done
+    return text
+
+
+def test_adapters_switch_without_reload_and_a_mismatched_one_leaves_the_model_serving(lora_state):
+    from loaders.base import LoadError
+
+    state = lora_state
+    model = state.model
+    base = greedy(state)
+    # weight 8: strong enough to change the greedy words, not only the logits
+    assert state.set_loras({"lora-a": 8.0, "lora-b": 8.0}) == {"lora-a": 8.0, "lora-b": 8.0}
+    adapted = greedy(state)
+    assert adapted != base and state.model is model          # applied to the same loaded model, no reload
+    mismatch = r"LoRA lora-tiny: model.layers.0.* has A \[8, \d+\] .*but the loaded model.s layer takes \d+ inputs"
+    with pytest.raises(LoadError, match=mismatch):
+        state.set_loras({"lora-tiny": 1.0})
+    assert state.applied_loras() == {"lora-a": 8.0, "lora-b": 8.0}   # unchanged, and still serving with them
+    assert greedy(state) == adapted
+    with pytest.raises(LoadError, match="no LoRA adapter named 'nope'"):
+        state.set_loras({"nope": 1.0})
+    state.set_loras({"lora-a": 0.0, "lora-b": 0.0})   # the same set at weight 0: in place, exactly the base
+    assert greedy(state) == base
+    assert state.set_loras({}) == {}
+    assert greedy(state) == base
+
+
+def test_saved_adapters_are_applied_again_at_load(lora_state):
+    state = lora_state
+    state.set_loras({"lora-b": 0.5}, save=True)
+    assert state.settings_store.get(DEFAULT_MODEL)["loras"] == {"lora-b": 0.5}
+    try:
+        state.load_model(DEFAULT_MODEL)
+        assert state.applied_loras() == {"lora-b": 0.5}
+        # Saving the Model tab's settings keeps them (saved and applied)
+        state.save_model_settings(DEFAULT_MODEL, {**state.settings_store.get(DEFAULT_MODEL), "preset": "Default"})
+        assert state.applied_loras() == {"lora-b": 0.5}
+        assert state.settings_store.get(DEFAULT_MODEL)["loras"] == {"lora-b": 0.5}
+    finally:
+        state.settings_store.delete(DEFAULT_MODEL)
+        state.set_loras({})
+
+
+def test_cli_generate_takes_lora_weights_and_refuses_a_mismatched_one(lora_state, loras):
+    def run(*loras_args):
+        args = [sys.executable, str(REPO / "app.py"), "generate", "--models-dir", str(loras), "--model",
+                DEFAULT_MODEL, "--prompt", "The capital of France is", "--max-new-tokens", "4", "--temperature", "0"]
+        for text in loras_args:
+            args += ["--lora", text]
+        return subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+    good = run("lora-a:0.5", "lora-b")
+    assert good.returncode == 0, good.stderr
+    assert "LoRA lora-a x0.5, lora-b x1" in good.stderr
+    bad = run("lora-tiny")
+    assert bad.returncode == 1 and "error: LoRA lora-tiny" in bad.stderr
+    inspect = subprocess.run([sys.executable, str(REPO / "app.py"), "inspect", "--models-dir", str(loras), "--model",
+                              DEFAULT_MODEL], capture_output=True, text=True, timeout=600, cwd=REPO)
+    listed = {info["name"]: info["base_model"] for info in json.loads(inspect.stdout)["loras"]}
+    assert listed == {"lora-a": DEFAULT_MODEL, "lora-b": DEFAULT_MODEL, "lora-tiny": "tiny"}
+
+
+def test_parse_lora_arg():
+    assert parse_lora_arg("my-lora") == ("my-lora", 1.0)
+    assert parse_lora_arg("my-lora:0.25") == ("my-lora", 0.25)
+    with pytest.raises(ValueError, match="finite"):
+        parse_lora_arg("my-lora:nan")
+
+
+def test_api_lora_load_and_unload_need_the_admin_key(lora_state):
+    import httpx
+
+    from api.server import ApiConfig, ApiServer
+    from tests.conftest import free_port
+
+    server = ApiServer(lora_state, ApiConfig(port=free_port(), api_key="user", admin_key="admin")).start()
+    try:
+        with httpx.Client(base_url=server.url.removesuffix("/v1"), timeout=600) as http:
+            user, admin = {"Authorization": "Bearer user"}, {"Authorization": "Bearer admin"}
+            body = {"lora_names": ["lora-a", "lora-b"], "lora_weights": [1.0, 0.5]}
+            assert http.post("/v1/internal/lora/load", json=body, headers=user).status_code == 403
+            listed = http.get("/v1/internal/lora/list", headers=user).json()
+            assert listed["lora_names"] == ["lora-a", "lora-b", "lora-tiny"]
+            r = http.post("/v1/internal/lora/load", json=body, headers=admin)
+            assert r.status_code == 200, r.text
+            assert r.json() == {"lora_names": ["lora-a", "lora-b"], "lora_weights": [1.0, 0.5]}
+            assert http.get("/v1/internal/model/info", headers=user).json()["lora_names"] == ["lora-a", "lora-b"]
+            bad = http.post("/v1/internal/lora/load", json={"lora_names": ["lora-tiny"]}, headers=admin)
+            assert bad.status_code == 400 and "lora-tiny" in bad.json()["error"]["message"]
+            assert http.post("/v1/internal/lora/unload", headers=user).status_code == 403
+            assert http.post("/v1/internal/lora/unload", headers=admin).json() == {"lora_names": []}
+            assert http.get("/v1/internal/model/info", headers=user).json()["lora_names"] == []
+    finally:
+        server.stop()
+        lora_state.set_loras({})
+
+
+@needs_cuda
+def test_cuda_graph_decode_with_a_lora_equals_eager(tmp_path):
+    """A rank-16 adapter on every linear of a GPTQ act-order model: decode replayed from CUDA graphs equals
+    eager decode; a new weight is read by the graphs already captured (in place), and removal restores them."""
+    from tests.test_engine import cuda_tiny_gptq
+
+    model_dir = cuda_tiny_gptq(tmp_path)
+    write_lora(hf_model(tmp_path / "fp"), tmp_path / "lora", seed=4, r=16, lora_alpha=32, base="fp")
+    ids = torch.randint(0, 256, (40,)).tolist()
+    outs = []
+    for graphs in (False, True):
+        model, _ = load_transformer(model_dir, [torch.device("cuda")], torch.bfloat16)
+        weights = read_weights(read_info(tmp_path / "lora"))
+        engine_lora.apply(model, [(weights, 1.0)])
+        engine = Engine(model, 1024, use_graphs=graphs, prefill_chunk=128)
+        with torch.no_grad():
+            steps = [engine.prefill(ids[:30]).clone()]
+            for pos in range(30, 36):
+                steps.append(engine.decode(torch.tensor(ids[pos], device="cuda"), pos).clone())
+            engine_lora.reweight(model, [(weights, 0.5)])
+            for pos in range(36, 40):
+                steps.append(engine.decode(torch.tensor(ids[pos], device="cuda"), pos).clone())
+        outs.append(torch.stack(steps))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=1e-3)
