@@ -18,6 +18,7 @@ from typing import Sequence
 
 from engine.model import Message, Prompt
 from prompts.characters import DEFAULT_CHARACTER, DEFAULT_YOUR_NAME, Character, substitute
+from prompts.template_options import NO_OPTIONS, TemplateOptions
 from prompts.truncation import fit_messages
 
 CHAT, CHAT_INSTRUCT, INSTRUCT = "Chat", "Chat-instruct", "Instruct"
@@ -96,10 +97,11 @@ def chat_instruct_messages(setup: ChatSetup, history: Sequence[Message], system_
 
 def build_prompt(state, setup: ChatSetup, history: Sequence[Message], *, system_message: str | None = None,
                  template: str | None = None, max_new_tokens: int | None = None,
-                 continue_last: bool = False) -> Prompt:
+                 continue_last: bool = False, options: TemplateOptions = NO_OPTIONS) -> Prompt:
     """The Prompt for the character's next reply to `history` (with `continue_last`: going on with its last
     reply), in Chat or Chat-instruct mode, cut to context_length - max_new_tokens by dropping the oldest
-    whole turns. `state` renders and counts (app_state.AppState: raw_prompt, chat_prompt, continue_prompt)."""
+    whole turns. `state` renders and counts (app_state.AppState: raw_prompt, chat_prompt, continue_prompt).
+    `options` (the thinking switch) reach the instruction template of Chat-instruct; Chat has no template."""
     if not setup.uses_character:
         raise ValueError(f"{setup.mode} is not a character mode")
     history = [m for m in history if m["role"] in ("user", "assistant")]
@@ -108,7 +110,9 @@ def build_prompt(state, setup: ChatSetup, history: Sequence[Message], *, system_
         if setup.mode == CHAT:
             return state.raw_prompt(transcript(setup, kept, continue_last=continue_last))
         outer = chat_instruct_messages(setup, kept, system_message, continue_last)
-        return state.continue_prompt(outer, template) if continue_last else state.chat_prompt(outer, template)
+        if continue_last:
+            return state.continue_prompt(outer, template, options=options)
+        return state.chat_prompt(outer, template, options=options)
 
     model = state.require_model()
     dropped, notice = 0, ""

@@ -174,7 +174,7 @@ def _stream_into(state, history: History, system_message: str | None, params: Ge
     if characters:   # Chat, Chat-instruct: the character's transcript (prompts.chat_modes)
         prompt = build_prompt(state, setup, messages if continue_last else messages[:-1],
                               system_message=system_message, template=template,
-                              max_new_tokens=params.max_new_tokens, continue_last=continue_last)
+                              max_new_tokens=params.max_new_tokens, continue_last=continue_last, options=options)
     elif continue_last:
         prompt = state.continue_prompt(messages, template, params.max_new_tokens, options=options)
     else:

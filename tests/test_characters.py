@@ -15,6 +15,7 @@ from prompts.chat_modes import (CHAT, CHAT_INSTRUCT, INSTRUCT, ChatSetup, build_
                                 transcript)
 from prompts.conversations import ConversationStore
 from engine.sampling import GenerationParams
+from tests.test_reasoning import thinker  # noqa: F401 (a fixture: the default model under a Qwen3-style template)
 
 V1 = {"name": "Alice", "description": "{{char}} is a botanist who talks to {{user}} about ferns.",
       "personality": "patient", "scenario": "A greenhouse in spring.",
@@ -233,6 +234,18 @@ def test_a_character_chat_is_multi_turn_with_the_real_model(loaded_state):
     assert status.prompt.text.count("\nSam: ") == 2      # both questions, labelled with the user's name
     for reply in history[2::2]:
         assert reply["content"] == reply["content"].strip() and "\nSam:" not in reply["content"]
+
+
+def test_chat_instruct_hands_the_thinking_switch_to_the_instruction_template(thinker):
+    # A Qwen3-style template closes an empty think block when thinking is off; Chat-instruct goes through it.
+    params = GenerationParams(max_new_tokens=4, temperature=0, seed=1)
+    setup = ChatSetup(CHAT_INSTRUCT, ALICE, "Sam")
+    *_, (_, status) = chat_session.send(thinker, HISTORY[:3], "Which fern?", params, "t", setup=setup,
+                                        enable_thinking=False)
+    assert 'for the character "Alice"' in status.prompt.text
+    assert status.prompt.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    *_, (_, status) = chat_session.send(thinker, HISTORY[:3], "Which fern?", params, "t", setup=setup)
+    assert status.prompt.text.endswith("<|im_start|>assistant\n<think>\n")
 
 
 # ---- conversations record their mode and character -----------------------------------------------------------
