@@ -140,3 +140,21 @@ def test_cancel_reaches_the_sessions_first_download_not_a_second_one(ui, hub_env
     _, status, _ = second.result(timeout=120)
     assert "downloaded and verified" in status
     assert state.list_models() == ["org_second-model"]
+
+
+def test_a_gguf_repo_lists_its_files_by_quant_type_and_one_file_downloads(ui, hub_env):
+    state, client = ui
+    hub_env.add_repo("TheBloke/Mistral-7B-GGUF", {"README.md": b"# card", "mistral.Q8_0.gguf": random_bytes(5000, 2),
+                                                  "mistral.Q4_K_M.gguf": random_bytes(3000, 1),
+                                                  "mistral.Q2_K.gguf": random_bytes(2000, 3)})
+    files, status = client.predict("TheBloke/Mistral-7B-GGUF", None, "", api_name="/download_list_files")
+    assert status.startswith("⚠️ TheBloke/Mistral-7B-GGUF has 3 GGUF files")
+    rows = [line for line in files.splitlines() if ".gguf" in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["**Q2_K**", "**Q4_K_M**", "**Q8_0**"]   # smallest first
+    assert "medium, balanced quality - recommended" in rows[1] and "`mistral.Q4_K_M.gguf`" in rows[1]
+    assert "3.00 KB" in rows[1] and "| 4 |" in rows[1]
+
+    _, status, _ = client.predict("TheBloke/Mistral-7B-GGUF", None, "mistral.Q4_K_M.gguf", api_name="/download_start")
+    assert "downloaded and verified" in status
+    folder = state.models_dir / "TheBloke_Mistral-7B-GGUF"
+    assert sorted(p.name for p in folder.iterdir()) == ["hearth-download.json", "mistral.Q4_K_M.gguf"]

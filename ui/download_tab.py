@@ -12,7 +12,8 @@ import gradio as gr
 
 from hub.download import DownloadProgress, DownloadResult, describe, download_model, format_eta, plan_download
 from hub.errors import ChoiceNeeded, DownloadCancelled, HubError
-from hub.listing import human_size, list_branches
+from hub.gguf_files import group_by_quant
+from hub.listing import human_size, list_branches, list_files
 from hub.model_card import summarize_model_folder
 from hub.repo_id import RepoRef, parse_repo_spec
 
@@ -72,6 +73,19 @@ def _file_table(plan) -> str:
 
 def _choice_message(exc: ChoiceNeeded) -> str:
     return f"⚠️ {exc}\n\n" + "\n".join(f"- `{c}`" for c in exc.choices)
+
+
+def _gguf_table(ref: RepoRef, groups) -> str:
+    """The repo's GGUF files by quant type, each type's bits and the cards' note in its first row."""
+    lines = [f"**{ref}**: {sum(len(g.models) for g in groups)} GGUF models. Type one file name into *Specific "
+             f"file* and press Download.", "", "| Quant type | Bits | Use case | File | Size |",
+             "| --- | ---: | --- | --- | ---: |"]
+    for group in groups:
+        for i, model in enumerate(group.models):
+            parts = f" ({model.parts} parts)" if model.parts > 1 else ""
+            head = f"**{group.quant}** | {group.bits} | {group.note}" if i == 0 else " | | "
+            lines.append(f"| {head} | `{model.path}`{parts} | {human_size(model.size)} |")
+    return "\n".join(lines)
 
 
 def _download_work(ref: RepoRef, models_dir) -> Callable[[threading.Event], Iterator[object]]:
@@ -148,9 +162,13 @@ def build_download_tab(state, on_models_changed: Any = None) -> dict:
 
     def on_list_files(repo_text: str, branch: str | None, file: str | None):
         try:
-            plan = plan_download(_ref_from_inputs(repo_text, branch, file), state.models_dir)
-        except ChoiceNeeded as exc:
-            return "", _choice_message(exc)
+            ref = _ref_from_inputs(repo_text, branch, file)
+            plan = plan_download(ref, state.models_dir)
+        except ChoiceNeeded as exc:   # several GGUF models in the branch: show them by quant type to pick from
+            try:
+                return _gguf_table(ref, group_by_quant(list_files(ref).files)), f"⚠️ {exc}"
+            except HubError:
+                return "", _choice_message(exc)
         except HubError as exc:
             return "", f"⚠️ {exc}"
         return _file_table(plan), ""
