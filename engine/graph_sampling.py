@@ -106,6 +106,7 @@ class GraphSampler:
         self.noise = torch.ones(NOISE_ROWS, vocab, dtype=torch.float32, device=device)
         self.row = scalar(0, torch.long)                # the noise row the next pick reads
         self.one = torch.ones(1, device=device)
+        self.first = torch.zeros(1, dtype=torch.long, device=device)   # index 0: `x[0] = v` would copy v in
         self.generator = torch.Generator(device=device)
         self.picks = 0                                  # picks queued since `start` (host side)
 
@@ -180,8 +181,7 @@ class GraphSampler:
         if plan.top_p:
             probs = x.softmax(-1)
             # Keep a token while the mass before it is < top_p; the first always stays.
-            drop = probs.cumsum(-1) - probs >= self.top_p
-            drop[0] = False
+            drop = (probs.cumsum(-1) - probs >= self.top_p).index_fill(0, self.first, False)
             x = x.masked_fill(drop, neg_inf)
         if plan.typical_p:
             logp = x.log_softmax(-1)
@@ -189,8 +189,7 @@ class GraphSampler:
             entropy = -(probs * torch.nan_to_num(logp, neginf=0.0)).sum()
             order = torch.argsort((-logp - entropy).abs())
             in_order = probs.gather(0, order)
-            drop_in_order = in_order.cumsum(-1) - in_order >= self.typical_p
-            drop_in_order[0] = False
+            drop_in_order = (in_order.cumsum(-1) - in_order >= self.typical_p).index_fill(0, self.first, False)
             x = x.masked_fill(drop_in_order.scatter(0, order, drop_in_order), neg_inf)
         if plan.min_p:
             probs = x.softmax(-1)
