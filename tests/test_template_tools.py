@@ -195,10 +195,9 @@ def test_openai_client_tools_and_a_tool_loop_go_through_the_template(tools_clien
             {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"}]
     second = tools_client.chat.completions.create(model=TOOLS_MODEL, messages=loop, tools=[WEATHER],
                                                   max_tokens=8, temperature=0)
-    expected = tools_state.chat_prompt(loop, options=TemplateOptions(tools=(WEATHER,))).text
-    assert "<tool_response>\n18 C and sunny\n</tool_response>" in expected
-    assert second.usage.prompt_tokens == len(tools_state.chat_prompt(
-        loop, options=TemplateOptions(tools=(WEATHER,))).ids)
+    expected = tools_state.chat_prompt(loop, options=TemplateOptions(tools=(WEATHER,)))
+    assert "<tool_response>\n18 C and sunny\n</tool_response>" in expected.text
+    assert second.usage.prompt_tokens == len(expected.ids)
 
 
 def test_openai_client_enable_thinking_reaches_the_template(tools_client, tools_state):
