@@ -17,8 +17,8 @@ from engine.sampling import GenerationParams
 from prompts.chat import encode
 from prompts.template_options import TemplateOptions
 from prompts.chat_modes import ChatSetup, build_prompt
-from prompts.reasoning import (THINKING_NOW, ReasoningSplitter, folded, for_template, reasoning_of,
-                               splitter_for)
+from prompts.reasoning import (THINKING_NOW, ReasoningSplitter, continuation, folded, for_template,
+                               reasoning_of, splitter_for)
 
 History = list[dict[str, Any]]
 # Reply versions (text-generation-webui's arrows): the history index of a reply (as a string, a JSON key) ->
@@ -108,12 +108,12 @@ class _Thinking:
     """Streams a reply into `message`: the reply into its content, the model's thinking (prompts.reasoning)
     into its reasoning fields, with how long the thinking took and how many tokens it was."""
 
-    def __init__(self, state, message: dict[str, Any], prompt: Prompt, template_source: str, continue_last: bool):
-        self.splitter = splitter_for(prompt.text, template_source)
-        if continue_last and message["content"]:   # going on with a reply: its thinking is over
-            self.splitter = ReasoningSplitter(self.splitter.syntaxes, replying=True)
+    def __init__(self, state, message: dict[str, Any], splitter: ReasoningSplitter):
+        self.splitter = splitter
         self.message = message
         self.before = reasoning_of(message)        # Continue keeps the thinking the reply had
+        # Continue inside an unfinished block thinks on in the same text; a block of its own comes after a break.
+        self.joint = "" if splitter.in_block else "\n\n"
         self.tokenizer = getattr(state.model, "tokenizer", None)
         self.started: float | None = None
         self.ended: float | None = None
@@ -150,7 +150,7 @@ class _Thinking:
         if not thinking_now and self.tokenizer is not None:   # counted exactly once the block is whole
             tokens = len(encode(self.tokenizer, thinking))
         self.message.update({
-            "reasoning_content": f"{before}\n\n{thinking}" if before else thinking,
+            "reasoning_content": f"{before}{self.joint}{thinking}" if before else thinking,
             "reasoning_tokens": self.before.get("reasoning_tokens", 0) + tokens,
             "reasoning_seconds": round(self.before.get("reasoning_seconds", 0.0)
                                        + (self.ended or now) - (self.started or now), 1),
@@ -171,6 +171,13 @@ def _stream_into(state, history: History, system_message: str | None, params: Ge
     # Only a template that reads the switch gets it: a server's own template cannot be handed one.
     options = TemplateOptions(enable_thinking=enable_thinking if chosen.takes("enable_thinking") else None)
     characters = setup is not None and setup.uses_character
+    splitter = None
+    if continue_last and not characters and history[-1].get("reasoning_content"):
+        # Continue goes on from the reply as the model wrote it, thinking block included (the prompt for a new
+        # reply shows whether the template opens that block itself).
+        opening = state.chat_prompt(messages[:-1], template, options=options).text
+        tail, splitter = continuation(history[-1], opening, chosen.jinja)
+        messages[-1] = {**messages[-1], "content": tail}
     if characters:   # Chat, Chat-instruct: the character's transcript (prompts.chat_modes)
         prompt = build_prompt(state, setup, messages if continue_last else messages[:-1],
                               system_message=system_message, template=template,
@@ -179,7 +186,11 @@ def _stream_into(state, history: History, system_message: str | None, params: Ge
         prompt = state.continue_prompt(messages, template, params.max_new_tokens, options=options)
     else:
         prompt = state.chat_prompt(messages[:-1], template, params.max_new_tokens, options=options)
-    thinking = _Thinking(state, history[-1], prompt, chosen.jinja, continue_last)
+    if splitter is None:
+        splitter = splitter_for(prompt.text, chosen.jinja)
+        if continue_last and history[-1]["content"]:   # going on with a reply: its thinking is over
+            splitter = ReasoningSplitter(splitter.syntaxes, replying=True)
+    thinking = _Thinking(state, history[-1], splitter)
 
     final = None
     for snapshot, status in _stream(state, prompt, params, key, thinking.feed, lambda: history):

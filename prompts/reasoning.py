@@ -27,16 +27,20 @@ class Syntax:
     """One way of marking thinking. `strip`: markers around the reply that are dropped from it (harmony's
     channel headers). `anywhere`: the block may open after reply text (harmony's analysis channel comes again
     between tool calls); otherwise it opens only before the reply starts, so a reply that talks about a
-    `<think>` tag is left alone."""
+    `<think>` tag is left alone. `inner` and `after`: what the model writes inside the markers around its
+    thinking and between the block and its reply (Continue writes a block back the same way)."""
     open: str
     close: str
     strip: tuple[str, ...] = ()
     anywhere: bool = False
+    inner: str = "\n"
+    after: str = "\n\n"
 
 
 THINK = Syntax("<think>", "</think>")
 HARMONY = Syntax("<|channel|>analysis<|message|>", "<|end|>",
-                 strip=("<|start|>assistant", "<|channel|>final<|message|>"), anywhere=True)
+                 strip=("<|start|>assistant", "<|channel|>final<|message|>"), anywhere=True, inner="",
+                 after="<|start|>assistant<|channel|>final<|message|>")
 # Markers a template may define for itself; used when the template's source names the opening one.
 TEMPLATE_SYNTAXES = (
     Syntax("<thinking>", "</thinking>"),
@@ -179,6 +183,23 @@ def splitter_for(prompt_text: str = "", template_source: str = "") -> ReasoningS
         if tail.endswith(syntax.close):
             return ReasoningSplitter(syntaxes, replying=True)
     return ReasoningSplitter(syntaxes)
+
+
+def continuation(message: dict[str, Any], prompt_text: str,
+                 template_source: str = "") -> tuple[str, ReasoningSplitter]:
+    """For Continue of a reply with thinking: the text it goes on from, as the model wrote it, and the
+    splitter for what follows. The thinking is written back as its block (closed once the reply had begun;
+    left open, to be thought on, when it stopped while thinking), then the reply so far. `prompt_text`: the
+    prompt for a new reply, whose end says whether the template opens the block itself."""
+    syntaxes = syntaxes_for(template_source)
+    thinking, content = message.get("reasoning_content") or "", message.get("content") or ""
+    tail = prompt_text.rstrip()
+    opened = next((s for s in syntaxes if tail.endswith(s.open)), None)
+    syntax = opened or syntaxes[-1]   # the template's own markers before <think>
+    block = ("" if opened else syntax.open + syntax.inner) + thinking
+    if not content:
+        return block, ReasoningSplitter(syntaxes, inside=syntax)
+    return block + syntax.inner + syntax.close + syntax.after + content, ReasoningSplitter(syntaxes, replying=True)
 
 
 def split_reply(text: str, prompt_text: str = "", template_source: str = "") -> tuple[str, str]:

@@ -264,3 +264,61 @@ def test_enable_thinking_false_reaches_the_template_and_the_reply_has_no_thinkin
     assert history[-1]["content"] and "reasoning_content" not in history[-1]
     _, history, status = drain(chat_session.send(thinker, [], "Hi", params, "t", enable_thinking=True))
     assert status.prompt.text.endswith("<think>\n") and history[-1]["reasoning_content"]
+
+
+def test_continue_keeps_the_replys_thinking_and_goes_on_with_its_text(thinker):
+    from engine.sampling import GenerationParams
+
+    params = GenerationParams(max_new_tokens=6, temperature=0.0)
+    history = [CHAT[0], {**REPLY, "content": "It is"}]
+    _, history, status = drain(chat_session.continue_reply(thinker, history, params, "t"))
+    # the template opened the block: the reply goes on after its own thinking, closed, as the model wrote it
+    assert status.prompt.text.endswith("<|im_start|>assistant\n<think>\n2 and 2 make 4\n</think>\n\nIt is")
+    reply = history[-1]
+    assert reply["content"].startswith("It is") and len(reply["content"]) > len("It is")
+    assert reply["reasoning_content"] == "2 and 2 make 4" and reply["reasoning_tokens"] == 6
+
+
+def test_the_thinking_switch_is_a_saved_per_model_setting_with_its_source(thinker):
+    from loaders.model_settings import SAVED
+    from ui import chat_render
+
+    assert chat_render.enable_thinking(thinker) is None   # unset: the template's own default
+    assert chat_render.switch_update(thinker)["value"] is True
+    try:
+        assert chat_render.save_switch(thinker, False).startswith("thinking off for **Thinker**")
+        effective = thinker.model_settings["enable_thinking"]
+        assert (effective.value, effective.source) == (False, SAVED)
+        update = chat_render.switch_update(thinker)
+        assert update["value"] is False and update["info"] == chat_render.SWITCH_INFO[True]
+        # the Model tab's Save keeps it
+        from loaders.model_settings import settings_to_save
+        entry = settings_to_save(None, {}, None, None, None, thinker.settings_store.get("Thinker"))
+        assert entry["enable_thinking"] is False
+    finally:
+        thinker.save_model_settings("Thinker", {})
+    assert chat_render.enable_thinking(thinker) is None
+
+
+def test_a_saved_thinking_switch_that_is_not_true_or_false_is_reported_and_ignored(tmp_path):
+    from loaders.settings_store import SettingsStore
+
+    (tmp_path / "config-user.yaml").write_text("Thinker$:\n  enable_thinking: sometimes\n  preset: min_p\n")
+    store = SettingsStore(tmp_path)
+    assert store.get("Thinker") == {"preset": "min_p"}
+    assert any("enable_thinking for Thinker must be true or false" in p for p in store.problems)
+
+
+def test_continue_writes_the_thinking_back_as_the_model_wrote_it():
+    from prompts.reasoning import continuation
+
+    reply = {"role": "assistant", "content": "It is", "reasoning_content": "add them"}
+    tail, splitter = continuation(reply, "<|im_start|>assistant\n<think>\n")   # the template opened the block
+    assert tail == "add them\n</think>\n\nIt is" and not splitter.in_block
+    tail, splitter = continuation(reply, "<|im_start|>assistant\n")            # the model opened it
+    assert tail == "<think>\nadd them\n</think>\n\nIt is"
+    assert splitter.feed(" 4.") == ("", " 4.")                                # no strip: it goes on with the text
+    tail, splitter = continuation({**reply, "content": ""}, "<|im_start|>assistant\n")   # stopped while thinking
+    assert tail == "<think>\nadd them" and splitter.in_block
+    tail, _ = continuation(reply, "<|start|>assistant", HARMONY_TEMPLATE)
+    assert tail == "<|channel|>analysis<|message|>add them<|end|><|start|>assistant<|channel|>final<|message|>It is"
