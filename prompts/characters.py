@@ -240,7 +240,6 @@ class CharacterStore:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.problems: list[str] = []
 
     def _files(self) -> dict[str, Path]:
         files: dict[str, Path] = {}

@@ -147,8 +147,8 @@ class CharactersPanel:
             conv = None
         if conv is None or conv.mode not in CHAT_MODES:
             return gr.skip(), gr.skip()
-        if conv.character:
-            self.profile.update(character=conv.character)
+        if conv.character and conv.character != self.profile.read()["character"]:
+            self.profile.update(character=conv.character)   # new chats now get this character too
         return conv.mode, (gr.update(choices=self.store.names(), value=conv.character) if conv.character
                            else gr.skip())
 
