@@ -10,16 +10,19 @@ the end of a piece that could still become a marker, and gives out (thinking, re
 are certain. A template can open the block itself in the generation prompt (Qwen3-Thinking's ends with
 `<think>\\n`): `splitter_for` reads the prompt's end and starts inside the block. Then the model writes only
 the closing marker; a block still open when the text ends is all thinking (the model ran out of tokens).
+
+The API uses the same pieces, in the field DeepSeek, vLLM and llama.cpp's server use (Open WebUI and
+SillyTavern read it): a stream makes `splitter_for(prompt.text, template.jinja)`, sends each TextEvent's text
+through `feed` (thinking -> `delta.reasoning_content`, reply -> `delta.content`) and `flush`es at the end; a
+whole reply is `split_reply(text, prompt.text, template.jinja)` (-> `message.reasoning_content`, `content`).
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
-from engine.generation import DoneEvent, TextEvent
-from engine.model import Prompt, content_text
+from engine.model import content_text
 
 
 @dataclass(frozen=True)
@@ -208,34 +211,6 @@ def split_reply(text: str, prompt_text: str = "", template_source: str = "") -> 
     splitter.feed(text)
     splitter.flush()
     return splitter.thinking, splitter.reply
-
-
-@dataclass(frozen=True)
-class ReasoningEvent:
-    """A piece of the model's thinking (the reply's pieces stay TextEvents)."""
-    text: str
-
-
-def split_events(events: Iterable[Any], prompt: Prompt, template_source: str = "") -> Iterator[Any]:
-    """A generation's events with the thinking taken out of the text: TextEvents carry only the reply,
-    ReasoningEvents the thinking, and the DoneEvent's text is the reply alone. Other events pass as they are.
-    For the API: `delta.reasoning_content` / `message.reasoning_content` are the ReasoningEvents' text."""
-    splitter = splitter_for(prompt.text, template_source)
-
-    def pieces(thinking: str, reply: str) -> Iterator[Any]:
-        if thinking:
-            yield ReasoningEvent(thinking)
-        if reply:
-            yield TextEvent(reply)
-
-    for event in events:
-        if isinstance(event, TextEvent):
-            yield from pieces(*splitter.feed(event.text))
-        elif isinstance(event, DoneEvent):
-            yield from pieces(*splitter.flush())
-            yield dataclasses.replace(event, text=splitter.reply)
-        else:
-            yield event
 
 
 # ---- a reply's thinking in a chat history ------------------------------------------------------------------

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 
 import pytest
 
-from engine.generation import DoneEvent, StatsEvent, TextEvent
-from engine.model import Prompt
 from prompts import chat_session
 from prompts.conversations import ConversationStore
-from prompts.reasoning import (HARMONY, THINK, THINKING_NOW, TEMPLATE_SYNTAXES, ReasoningEvent, folded,
-                               message_index, shown, split_events, split_reply, splitter_for, syntaxes_for)
+from prompts.reasoning import (HARMONY, THINK, THINKING_NOW, TEMPLATE_SYNTAXES, folded,
+                               message_index, shown, split_reply, splitter_for, syntaxes_for)
 
 HARMONY_TEMPLATE = "{{ '<|start|>assistant<|channel|>' }}"   # names harmony's markers, as gpt-oss's does
 
@@ -106,16 +103,6 @@ def test_harmony_thinking_between_tool_calls_is_joined_and_the_headers_are_dropp
     thinking, reply = split_reply(text, template_source=HARMONY_TEMPLATE)
     assert thinking == "first\n\nsecond"
     assert reply == "<|channel|>commentary<|message|>call<|end|>answer"
-
-
-def test_split_events_gives_the_api_reasoning_events_and_a_reply_only_done_text():
-    prompt = Prompt(text="<|im_start|>assistant\n")
-    events = [TextEvent("<thi"), TextEvent("nk>why"), TextEvent(" not</think>\n"), TextEvent("Because."),
-              StatsEvent(1, 4, 0.1, 0.01, 10.0), DoneEvent(reason="eos", text="<think>why not</think>\nBecause.")]
-    out = list(split_events(events, prompt))
-    assert [e.text for e in out if isinstance(e, ReasoningEvent)] == ["why", " not"]
-    assert [e.text for e in out if isinstance(e, TextEvent)] == ["Because."]
-    assert isinstance(out[-2], StatsEvent) and out[-1] == DoneEvent(reason="eos", text="Because.")
 
 
 # ---- the chat: history, display, saved conversations -------------------------------------------------------
