@@ -418,14 +418,14 @@ class Block(nn.Module):
         self.post_attention_norm = RMSNorm(args.dim, args.norm_eps) if args.sandwich_norms else None
         self.post_ffn_norm = RMSNorm(args.dim, args.norm_eps) if args.sandwich_norms else None
 
-    def forward(self, x, delta, cos, sin, mask, input_pos, kv_len: int):
-        """This layer's input is x + delta (delta: the previous layer's MLP output, or None): each residual
-        add is done together with the norm that follows it. Returns (h, mlp_out); h + mlp_out is the output."""
-        x, normed = add_norm(x, delta, self.attention_norm)
+    def forward(self, x, delta, delta_norm, cos, sin, mask, input_pos, kv_len: int):
+        """This layer's input is x + delta_norm(delta) (delta: the previous layer's MLP output, or None;
+        delta_norm: that layer's post_ffn_norm, or None): each residual add is done together with the norms
+        around it. Returns (h, mlp_out); h + post_ffn_norm(mlp_out) is the output."""
+        x, normed = add_norm(x, delta, self.attention_norm, delta_norm)
         attended = self.attention(normed, cos, sin, mask, input_pos, kv_len)
         h, normed = add_norm(x, attended, self.ffn_norm, self.post_attention_norm)
-        out = self.feed_forward(normed)
-        return h, out if self.post_ffn_norm is None else self.post_ffn_norm(out)
+        return h, self.feed_forward(normed)
 
 
 def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm,
@@ -496,17 +496,22 @@ class Transformer(nn.Module):
             x = x * float(torch.tensor(self.args.embed_scale, dtype=x.dtype))
         tables = self.tables(input_pos, kv_len, x)
         delta = None  # the last layer's MLP output, added to x together with the next norm
+        pending = None  # that layer's norm on its MLP output (Gemma), applied in the same kernel as the add
         for layer in self.layers:
             device = layer.attention_norm.weight.device
             if x.device != device:  # layers split across GPUs: hand the activations on
                 x, input_pos = x.to(device), input_pos.to(device)
                 tables = {k: tuple(t.to(device) for t in v) for k, v in tables.items()}
-                delta = None if delta is None else delta.to(device)
-            x, delta = layer(x, delta, *tables[layer.sliding], input_pos, kv_len)
+                if delta is not None:
+                    delta, pending = (delta if pending is None else pending(delta)).to(device), None
+            x, delta = layer(x, delta, pending, *tables[layer.sliding], input_pos, kv_len)
+            pending = layer.post_ffn_norm
         if last_only:
             x, delta = x[:, -1:], delta[:, -1:]
         device = self.norm.weight.device
-        _, x = add_norm(x.to(device), delta.to(device), self.norm)
+        if pending is not None and delta.device != device:
+            delta, pending = pending(delta), None
+        _, x = add_norm(x.to(device), delta.to(device), self.norm, pending)
         logits = self.output(x).float()
         if self.args.final_softcap:   # Gemma 2: logits squashed into (-cap, cap)
             cap = self.args.final_softcap
