@@ -148,7 +148,7 @@ def test_model_tab_save_entry_drops_blanks_and_keeps_saved_sampler():
                              {"sampler": {"temperature": 0.1}})
     assert entry == {"loader": "gptq", "loader_options": {"cpu_kernel": "int4"}, "context_length": None,
                      "instruction_template": None, "preset": None, "system_message": None,
-                     "sampler": {"temperature": 0.1}}
+                     "sampler": {"temperature": 0.1}, "enable_thinking": None, "loras": None}
     entry = settings_to_save("gptq", {"context_length": 8192.0}, "ChatML", "Deterministic", "Be brief.", {})
     assert (entry["context_length"], entry["instruction_template"], entry["preset"]) == (8192, "ChatML",
                                                                                          "Deterministic")
