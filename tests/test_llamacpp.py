@@ -63,6 +63,96 @@ def greedy(state, max_new_tokens=40, **params):
     return state.generation_params(temperature=0.0, max_new_tokens=max_new_tokens, **params)
 
 
+def float_copy(src: Path, dst: Path) -> None:
+    """A copy of the GGUF `src` with every quantized tensor dequantized exactly to F32 (the weights the converted
+    folder holds): on it llama.cpp's matrix products are plain float, as transformers' are."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+
+    reader = GGUFReader(src)
+    writer = GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "split.")) or key == "general.architecture":
+            continue
+        value = 0 if key == "general.file_type" else field.contents()     # 0: "all F32"
+        writer.add_key_value(key, value, field.types[0], field.types[-1] if field.types[0] == GGUFValueType.ARRAY
+                             else None)
+    for tensor in reader.tensors:
+        if tensor.tensor_type == GGMLQuantizationType.F32:
+            writer.add_tensor(tensor.name, np.array(tensor.data))
+        else:
+            writer.add_tensor(tensor.name, quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def last_logits(model, ids: list[int]):
+    """llama.cpp's logits for the token after `ids` (a fresh evaluation of the whole prompt; llama-cpp-python
+    keeps no logits itself unless the model was opened with logits_all)."""
+    import numpy as np
+
+    model.llm.reset()
+    model.llm.eval(ids)
+    return np.ctypeslib.as_array(model.llm._ctx.get_logits(), shape=(model.llm.n_vocab(),)).copy()
+
+
+def test_llamacpp_computes_the_reference_logits_and_its_q4_1_reply_differs_by_8_bit_activations(
+        tmp_path, gguf_models, default_model_dir):
+    """Why llama.cpp does not answer "Paris" on the default model's Q4_1 file (and is not its default runtime):
+    on the same weights in F32 its logits are transformers' own (so Hearth's prompt, tokenizer bridge, template
+    and BOS handling are exact), and greedy decoding starts "The capital of France is Paris." At the reply's
+    first token the reference's two best candidates ("The", "L") are under 0.1 apart, and llama.cpp's quantized
+    products round every activation to 8 bits a block of 32 (Q8_1 against Q4_1 weights, Q8_0 against the Q8_0
+    output) which moves logits by more than that: the same 8-bit rounding, done in torch on the float model,
+    turns its first token into "L" as well."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    models = tmp_path / "models"
+    (models / "smol-F32").mkdir(parents=True)
+    float_copy(gguf_models / "smol-Q4_1" / "SmolLM2-135M-Instruct.Q4_1.gguf",
+               models / "smol-F32" / "smol.F32.gguf")
+    (models / "smol-Q4_1").symlink_to(gguf_models / "smol-Q4_1", target_is_directory=True)
+    state = make_state(models)
+    exact_cache = {"cache_type_k": "f32", "cache_type_v": "f32"}
+    model = state.load_model("smol-F32", "llama.cpp", exact_cache)
+    prompt = state.chat_prompt(GOLDEN)
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    assert prompt.ids == tok(prompt.text, add_special_tokens=False)["input_ids"]
+    float_logits = last_logits(model, prompt.ids)
+    reply = collect(state.generate(prompt, greedy(state, max_new_tokens=12)))[0]
+    state.unload_model()
+
+    reference = AutoModelForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref = reference(torch.tensor([prompt.ids])).logits[0, -1].numpy()
+    the, l_ = (tok(word, add_special_tokens=False)["input_ids"][0] for word in ("The", "L"))
+    assert ref.argmax() == the and 0 < ref[the] - ref[l_] < 0.1
+    assert np.abs(float_logits - ref).max() < 0.02 and float_logits.argmax() == the
+    assert reply.startswith("The capital of France is Paris")
+
+    q4_1 = last_logits(state.load_model("smol-Q4_1", "llama.cpp", exact_cache), prompt.ids)
+    state.unload_model()
+    assert q4_1.argmax() == l_ and np.abs(q4_1 - ref).mean() > ref[the] - ref[l_]
+
+    def eight_bit(module, args):       # ggml's quantize_row_q8_0/q8_1: a scale (fp16) per 32, rounded levels
+        x = args[0]
+        blocks = x.reshape(-1, 32)
+        scale = (blocks.abs().amax(-1, keepdim=True) / 127).half().float()
+        levels = torch.round(blocks / torch.where(scale > 0, scale, 1))
+        return ((levels * scale).reshape(x.shape),)
+
+    for module in reference.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(eight_bit)
+    with torch.no_grad():
+        rounded = reference(torch.tensor([prompt.ids])).logits[0, -1]
+    assert rounded.argmax() == l_
+
+
 def test_detection_ranks_llamacpp_after_the_engine_where_the_engine_runs_the_file_and_says_why(gguf_models):
     state = make_state(gguf_models)
     found = state.registry.detect_all(gguf_models / "smol-Q4_1")
