@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from engine.llama import Transformer
+from engine.moe import tensor_leaves
 
 
 @dataclass
@@ -188,7 +189,7 @@ def apply(model: Transformer, adapters: list[tuple[LoraWeights, float]]) -> None
     for entries in by_layer.values():
         t = found[entries[0][1]]
         base = getattr(t.parent, t.attr)
-        device = next(iter([*base.parameters(), *base.buffers()])).device
+        device = tensor_leaves(base)[0][2].device   # packed CUDA layers keep their tensors in a dataclass
         dtype = model.tok_embeddings.weight.dtype
         n = max(x.stop for x in found.values() if x.parent is t.parent and x.attr == t.attr)
         a_rows, b_cols, owners, scalings = [], [], [], []
