@@ -24,9 +24,10 @@
                                                              7B/70B layer shapes; gguf: the GGUF forms (Q4_K, Q8_0,
                                                              Q6_K) at the default launch shape.
   python bench/engine.py --cpu [--trials N]                 the default model on CPU: llama.cpp (original Q4_1
-                                                             GGUF) vs Hearth's engine vs transformers (converted
-                                                             folder); load s, peak RSS, prompt and decode tok/s at
-                                                             64 and 256 new tokens, greedy texts compared.
+                                                             GGUF, and an F16 copy written to --work) vs Hearth's
+                                                             engine vs transformers (converted folder); load s,
+                                                             peak RSS, prompt and decode tok/s at 64 and 256 new
+                                                             tokens, greedy texts compared, the golden reply.
 
 Decode: 128-token prompt, 256 new tokens, greedy, through the same stream() the app uses (one host sync per
 token). Prefill: one 2048-token prompt. Random weights never hit EOS: eos ids are left empty.
@@ -729,52 +730,97 @@ def gguf_sweep() -> dict:
 
 CPU_RUNTIMES = {   # name: (models/ folder, loader, loader options)
     "llama.cpp": ("SmolLM2-135M-Instruct-GGUF", "llama.cpp", {}),
+    "llama.cpp_f16": ("SmolLM2-135M-Instruct-F16", "llama.cpp", {}),
     "hearth_engine": ("SmolLM2-135M-Instruct", "transformers", {"runtime": "engine"}),
     "transformers": ("SmolLM2-135M-Instruct", "transformers", {"runtime": "transformers"}),
 }
 CPU_PROMPT = [{"role": "user", "content": "Explain gravity to a child."}]
+GOLDEN = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def cpu_one(runtime: str) -> dict:
+def cpu_models(work: Path) -> Path:
+    """A models/ folder for --cpu: the installed default model's two folders, linked, and SmolLM2-135M-Instruct-F16
+    beside them: the Q4_1 file's weights dequantized to F16, for llama.cpp. On quantized weights llama.cpp rounds
+    activations to 8 bits, which turns the default model's golden reply away from Paris (tests/test_llamacpp.py);
+    on F16 weights it does not, so this row is llama.cpp on the weights the engine runs."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, quants
+
+    models = work / "cpu-models"
+    models.mkdir(parents=True, exist_ok=True)
+    for name in ("SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct-GGUF"):
+        if not (models / name).exists():
+            (models / name).symlink_to(REPO / "models" / name, target_is_directory=True)
+    target = models / "SmolLM2-135M-Instruct-F16" / "SmolLM2-135M-Instruct.F16.gguf"
+    if target.is_file():
+        return models
+    target.parent.mkdir(exist_ok=True)
+    reader = GGUFReader(next((REPO / "models" / "SmolLM2-135M-Instruct-GGUF").glob("*.gguf")))
+    writer = GGUFWriter(str(target) + ".tmp", reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith(("GGUF.", "split.")) or key == "general.architecture":
+            continue
+        value = 1 if key == "general.file_type" else field.contents()      # 1: "mostly F16"
+        writer.add_key_value(key, value, field.types[0],
+                             field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None)
+    for tensor in reader.tensors:
+        if tensor.tensor_type == GGMLQuantizationType.F32:     # norms stay F32, as llama.cpp's converter keeps them
+            writer.add_tensor(tensor.name, np.array(tensor.data))
+        else:
+            writer.add_tensor(tensor.name, quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(str(target) + ".tmp", target)
+    return models
+
+
+def cpu_one(runtime: str, models: Path) -> dict:
     """One runtime in this process (so its peak RSS is its own): load, then greedy replies of 64 and 256 new
-    tokens to the same chat prompt, through the app's own path (AppState: template, prompt, Model.generate)."""
+    tokens to the same chat prompt, through the app's own path (AppState: template, prompt, Model.generate), and
+    its greedy reply to the golden question."""
     import resource
 
     from app_settings import AppSettings
     from app_state import AppState
 
     folder, loader, options = CPU_RUNTIMES[runtime]
-    state = AppState(AppSettings(models_dir=REPO / "models"))
+    state = AppState(AppSettings(models_dir=models))
     t = time.perf_counter()
     model = state.load_model(folder, loader, options)
     load_s = time.perf_counter() - t
     prompt = state.chat_prompt(CPU_PROMPT)
     result = {"load_s": round(load_s, 2), "runtime": model.runtime, "prompt_tokens": len(prompt.ids)}
+    greedy = dict(temperature=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0)
     for new in (64, 256):
-        text, done, stats = collect(state.generate(prompt, state.generation_params(
-            temperature=0.0, max_new_tokens=new, repetition_penalty=1.0, presence_penalty=0.0,
-            frequency_penalty=0.0)))
+        text, done, stats = collect(state.generate(prompt, state.generation_params(max_new_tokens=new, **greedy)))
         assert done.error is None, done.error
         decode_s = stats.seconds - stats.time_to_first_token
         result[f"new_{new}"] = {"new_tokens": stats.new_tokens, "end": done.reason,
                                 "prompt_tok_s": round(stats.prompt_tokens / stats.time_to_first_token, 1),
                                 "decode_tok_s": round((stats.new_tokens - 1) / decode_s, 1) if decode_s > 0 else None,
                                 "text": text}
+    result["golden"] = collect(state.generate(state.chat_prompt(GOLDEN),
+                                              state.generation_params(max_new_tokens=16, **greedy)))[0]
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     state.unload_model()
     return result
 
 
-def cpu(trials: int = 3) -> dict:
-    """The default model on this CPU: llama.cpp on the original Q4_1 GGUF, Hearth's engine and transformers on
-    the converted folder; same chat prompt, greedy. Each run is a fresh process (load time and peak RSS are its
-    own) and the runtimes alternate (llama.cpp, engine, transformers, llama.cpp, ...) so that load from other
-    processes hits all alike; medians of `trials`. decode tok/s excludes the prompt (time to first token)."""
+def cpu(work: Path, trials: int = 3) -> dict:
+    """The default model on this CPU: llama.cpp on the original Q4_1 GGUF and on its F16 copy, Hearth's engine and
+    transformers on the converted folder; same chat prompt, greedy. Each run is a fresh process (load time and
+    peak RSS are its own) and the runtimes alternate (llama.cpp, llama.cpp_f16, engine, transformers, llama.cpp,
+    ...) so that load from other processes hits all alike; medians of `trials`. decode tok/s excludes the prompt
+    (time to first token). The load average is read before and after."""
+    models = cpu_models(work)
+    load_before = os.getloadavg()
     runs: dict[str, list[dict]] = {name: [] for name in CPU_RUNTIMES}
     for _ in range(trials):
         for name in CPU_RUNTIMES:
-            out = subprocess.run([sys.executable, __file__, "--cpu-one", name], capture_output=True, text=True,
-                                 cwd=REPO)
+            out = subprocess.run([sys.executable, __file__, "--cpu-one", name, "--work", str(work)],
+                                 capture_output=True, text=True, cwd=REPO)
             if out.returncode != 0:
                 raise SystemExit(f"{name} failed: {out.stderr[-2000:]}")
             runs[name].append(json.loads(out.stdout))
@@ -788,12 +834,13 @@ def cpu(trials: int = 3) -> dict:
             row[f"prompt_tok_s_{new}"] = median([r[key]["prompt_tok_s"] for r in results])
             row[f"decode_tok_s_{new}"] = median([r[key]["decode_tok_s"] or 0.0 for r in results])
             row[f"new_tokens_{new}"] = results[0][key]["new_tokens"]
+        row["golden_reply"] = results[0]["golden"]
         summary[name] = row
     texts = {name: results[0]["new_256"]["text"] for name, results in runs.items()}
     reference = texts["transformers"]
     return {"device": "cpu", "cpus": os.cpu_count(), "torch": torch.__version__, "trials": trials,
-            "load_average_1_5_15": os.getloadavg(), "prompt_tokens": runs["llama.cpp"][0]["prompt_tokens"],
-            **summary,
+            "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": os.getloadavg(),
+            "prompt_tokens": runs["llama.cpp"][0]["prompt_tokens"], **summary,
             "greedy_text_matches_transformers": {name: text == reference for name, text in texts.items()},
             "greedy_texts": texts}
 
@@ -821,13 +868,13 @@ def main() -> None:
         global TOKENIZER
         TOKENIZER = args.tokenizer
     if args.cpu_one:
-        print(json.dumps(cpu_one(args.cpu_one)))
+        print(json.dumps(cpu_one(args.cpu_one, args.work / "cpu-models")))
         return
     if args.gpu:
         results = gpu(args.work, args.exllamav2, args.only.split(",") if args.only else None)
     else:
         sweeps = {"int4": gemv_sweep, "lowbit": lowbit_sweep, "lowbit3": lambda: lowbit_sweep((3,)), "gguf": gguf_sweep}
-        results = {name: sweeps[name]() for name in args.sweep.split(",")} if args.gemv else cpu(args.trials)
+        results = {name: sweeps[name]() for name in args.sweep.split(",")} if args.gemv else cpu(args.work, args.trials)
     text = json.dumps(results, indent=1)
     print(text)
     if os.environ.get("OUT"):

@@ -2,8 +2,11 @@
 
 llama.cpp reads every GGUF quant type and architecture with hand-tuned CPU kernels and offloads layers to a GPU.
 Detection scores it above the `gguf` loader for the files Hearth's engine cannot run, and below it for the ones
-it runs: on 2 CPU cores llama.cpp decodes the default model's Q4_1 file faster, but its greedy answer was wrong
-(its Q4_0 copy was right; bench/engine.py --cpu), so it is picked by hand (Model tab, saved per model) there.
+it runs: on 2 CPU cores llama.cpp decodes the default model's Q4_1 file faster, but its products round every
+activation to 8 bits (a scale per 32 values, Q8_1/Q8_0) against quantized weights, which moves logits by more
+than the 0.08 between the golden reply's first two candidates, so greedy decoding does not answer "Paris" there
+(on the same weights in F32 its logits are transformers' own: tests/test_llamacpp.py). It is picked by hand
+(Model tab, saved per model) for those files.
 
 Hearth keeps the prompt: it renders the GGUF's own chat template (prompts.templates reads it from the
 metadata) with the GGUF's own vocabulary (loaders.llamacpp_tokenizer), and hands llama.cpp the token ids.
@@ -217,8 +220,7 @@ class LlamaCppLoader:
         refusal = engine_refusal(header)
         if refusal is None:
             # Hearth's engine (the gguf loader) runs it: llama.cpp is the alternative. Measured on CPU, llama.cpp
-            # 0.3.36 is faster but answered the default model's Q4_1 file wrongly (bench/engine.py --cpu), so it
-            # is not preferred until it is right.
+            # is faster, but its 8-bit activations change the default model's greedy reply (module docstring).
             score, why = 0.4, "Hearth's engine (the gguf loader) runs this architecture and type"
         else:
             score, why = 0.7, f"Hearth's engine cannot run it ({refusal})"
