@@ -80,10 +80,11 @@ class ReasoningSplitter:
     """Text in, (thinking, reply) deltas out; `thinking` and `reply` hold everything so far.
 
     `inside`: the block the generation starts in (the prompt opened it); `replying`: the prompt already closed
-    a block (Qwen3 with enable_thinking off ends its prompt with an empty one), so the text is all reply."""
+    a block (Qwen3 with enable_thinking off ends its prompt with an empty one), so the text is all reply.
+    `resumed`: the block's thinking so far is in the prompt (Continue), so the text goes on from it as is."""
 
     def __init__(self, syntaxes: tuple[Syntax, ...] = (THINK,), inside: Syntax | None = None,
-                 replying: bool = False):
+                 replying: bool = False, resumed: bool = False):
         self.syntaxes = syntaxes
         self._inside = inside
         self._started = replying or inside is not None   # past the point where a start-only block can open
@@ -93,6 +94,7 @@ class ReasoningSplitter:
         self.thinking = ""
         self.reply = ""
         self.blocks = 1 if inside is not None else 0
+        self._resumed = resumed
 
     @property
     def in_block(self) -> bool:
@@ -158,7 +160,7 @@ class ReasoningSplitter:
         self.blocks += 1
 
     def _think(self, text: str) -> str:
-        if not self.thinking:
+        if not self.thinking and not self._resumed:   # the break after the opening marker
             text = text.lstrip()
         text = self._spaces + text
         kept = text.rstrip()
@@ -201,7 +203,7 @@ def continuation(message: dict[str, Any], prompt_text: str,
     syntax = opened or syntaxes[-1]   # the template's own markers before <think>
     block = ("" if opened else syntax.open + syntax.inner) + thinking
     if not content:
-        return block, ReasoningSplitter(syntaxes, inside=syntax)
+        return block, ReasoningSplitter(syntaxes, inside=syntax, resumed=True)
     return block + syntax.inner + syntax.close + syntax.after + content, ReasoningSplitter(syntaxes, replying=True)
 
 

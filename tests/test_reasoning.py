@@ -307,5 +307,6 @@ def test_continue_writes_the_thinking_back_as_the_model_wrote_it():
     assert splitter.feed(" 4.") == ("", " 4.")                                # no strip: it goes on with the text
     tail, splitter = continuation({**reply, "content": ""}, "<|im_start|>assistant\n")   # stopped while thinking
     assert tail == "<think>\nadd them" and splitter.in_block
+    assert splitter.feed(" up</think>\n\n4") == (" up", "4")              # thinks on from where it stopped
     tail, _ = continuation(reply, "<|start|>assistant", HARMONY_TEMPLATE)
     assert tail == "<|channel|>analysis<|message|>add them<|end|><|start|>assistant<|channel|>final<|message|>It is"
