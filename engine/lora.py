@@ -142,15 +142,18 @@ def _in_features(module: nn.Module) -> int:
     return module.weight.shape[1]
 
 
+def layer_shapes(model: Transformer) -> dict[str, tuple[int, int]]:
+    """{HF linear name: (inputs, outputs)} for every layer the engine can adapt."""
+    return {name: (_in_features(getattr(t.parent, t.attr)), t.stop - t.start) for name, t in targets(model).items()}
+
+
 def check(model: Transformer, adapter: LoraWeights) -> None:
     """ValueError naming the first module or shape of `adapter` this model does not have."""
-    found = targets(model)
+    shapes = layer_shapes(model)
     for name, (a, b, _) in adapter.layers.items():
-        target = found.get(name)
-        if target is None:
+        if name not in shapes:
             raise ValueError(f"LoRA {adapter.name}: the loaded model has no layer {name} that the engine can adapt")
-        k = _in_features(getattr(target.parent, target.attr))
-        n = target.stop - target.start
+        k, n = shapes[name]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[1] != k or b.shape[0] != n:
             raise ValueError(f"LoRA {adapter.name}: {name} has A {list(a.shape)} and B {list(b.shape)}, but the "
                              f"loaded model's layer takes {k} inputs and gives {n} outputs (an adapter for "

@@ -110,6 +110,33 @@ def list_loras(models_dir: Path) -> list[LoraInfo]:
     return found
 
 
+def adapter_shapes(info: LoraInfo) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """{module: (A's shape [r, K], B's shape [N, r])} from the file's header, without reading the tensors:
+    enough to tell whether the adapter fits a model. PEFT modules by Hugging Face name; GGUF ones by the
+    GGUF name of the weight they adapt ("blk.0.attn_q.weight"). {} for a pickled file (its shapes are known
+    only by unpickling it)."""
+    if info.kind == "gguf":
+        from gguf import GGUFReader
+
+        found: dict[str, dict[str, tuple[int, ...]]] = {}
+        for tensor in GGUFReader(str(info.gguf_file)).tensors:
+            base, _, part = tensor.name.rpartition(".lora_")
+            if part in ("a", "b"):   # GGUF lists dimensions fastest first: reversed, they read as torch's
+                found.setdefault(base, {})[part] = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        return {name: (ab["a"], ab["b"]) for name, ab in found.items() if set(ab) == {"a", "b"}}
+    if info.pickled:
+        return {}
+    from safetensors import safe_open
+
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    with safe_open(str(info.folder / SAFETENSORS_FILE), framework="pt") as f:
+        for key in f.keys():
+            m = re.fullmatch(r"(.+)\.lora_(A|B)(?:\.[^.]+)?\.weight", key.removeprefix(PEFT_PREFIX))
+            if m:
+                pairs.setdefault(m[1], {})[m[2]] = tuple(f.get_slice(key).get_shape())
+    return {name: (ab["A"], ab["B"]) for name, ab in pairs.items() if set(ab) == {"A", "B"}}
+
+
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """peft's per-module override: a pattern key matches a module name ending in it (as peft matches)."""
     for key, value in patterns.items():

@@ -10,6 +10,7 @@ with the adapters it had.
 from __future__ import annotations
 
 import ctypes
+import re
 from typing import Protocol
 
 from core.errors import LoadError
@@ -17,17 +18,24 @@ from engine import lora as engine_lora
 from engine.model import Model
 from engine.runtime import EngineModel
 from loaders.llamacpp_loader import LlamaCppModel
-from loaders.lora import LoraInfo, read_weights
+from loaders.lora import LoraInfo, adapter_shapes, read_weights
 from loaders.transformers_loader import TransformersModel
 
 Wanted = list[tuple[LoraInfo, float]]
 
 
 class Runtime(Protocol):
+    kind: str   # the adapter files it applies: "peft" or "gguf"
+
     def set(self, wanted: Wanted, allow_pickle: bool) -> None: ...
+
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        """{adaptable layer: (inputs, outputs)}, named as the adapters it takes name them."""
 
 
 class EngineAdapters:
+    kind = "peft"
+
     def __init__(self, model: EngineModel):
         self.model = model
         self.applied: list[tuple[engine_lora.LoraWeights, float]] = []
@@ -47,9 +55,13 @@ class EngineAdapters:
         engine.graphs.clear()   # captured over the old layers: the next decode step captures anew
         self.applied = adapters
 
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return engine_lora.layer_shapes(self.model.engine.model)
+
 
 class PeftAdapters:
     """transformers' own adapter support (peft underneath): one named adapter per LoRA folder."""
+    kind = "peft"
 
     def __init__(self, model: TransformersModel):
         self.model = model
@@ -83,16 +95,26 @@ class PeftAdapters:
             raise LoadError(f"{info.name} only has a pickled adapter_model.bin, which can run code when loaded; "
                             "enable allow_pickle if you trust its source")
         try:
-            hf.load_adapter(str(info.folder), adapter_name=info.name, local_files_only=True)
+            # a local folder, read from disk (transformers 5.23 fails on local_files_only=True: its load config
+            # has no such field)
+            hf.load_adapter(str(info.folder), adapter_name=info.name)
         except (ValueError, RuntimeError, KeyError) as exc:
             if info.name in (getattr(hf, "peft_config", None) or {}):
                 hf.delete_adapter(info.name)   # a half-made adapter must not stay in the model
             raise LoadError(f"LoRA {info.name} does not fit {self.model.name}: {str(exc).splitlines()[0]}") from None
         self.loaded.append(info.name)
 
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        from torch import nn
+
+        # with adapters loaded, peft keeps the original linear as `<name>.base_layer`
+        return {name.removesuffix(".base_layer"): (m.in_features, m.out_features)
+                for name, m in self.model.hf_model.named_modules() if isinstance(m, nn.Linear)}
+
 
 class LlamaCppAdapters:
     """llama.cpp's adapter API: each GGUF adapter loaded once, the active set and scales given per context."""
+    kind = "gguf"
 
     def __init__(self, model: LlamaCppModel):
         self.model = model
@@ -120,6 +142,13 @@ class LlamaCppAdapters:
             raise LoadError("llama.cpp refused the adapter set")
         llm.reset()   # the prompt tokens it keeps for reuse were computed under the previous set
 
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        from gguf import GGUFReader
+
+        # a GGUF weight lists its dimensions fastest first: [inputs, outputs]
+        return {t.name: (int(t.shape[0]), int(t.shape[1])) for t in GGUFReader(str(self.model.path)).tensors
+                if len(t.shape) == 2}
+
 
 def runtime_for(model: Model) -> Runtime | None:
     """The adapter support of the runtime that runs `model`; None where there is none (a remote server)."""
@@ -130,6 +159,42 @@ def runtime_for(model: Model) -> Runtime | None:
     if isinstance(model, LlamaCppModel):
         return LlamaCppAdapters(model)
     return None
+
+
+def _plain(name: str) -> str:
+    """A model name compared loosely: its last path part, lower case, letters and digits only."""
+    return re.sub(r"[^a-z0-9]", "", name.rstrip("/").rsplit("/", 1)[-1].lower())
+
+
+def fit_problems(info: LoraInfo, model: Model | None) -> list[str]:
+    """Why `info` may not fit the loaded `model` (the Model tab shows them beside the adapter): another
+    base model by name, an adapter file its runtime does not take, or layers it lacks or shapes that differ.
+    [] when none is seen (or no model is loaded)."""
+    if model is None:
+        return []
+    problems = []
+    base = _plain(info.base_model)
+    if base and base not in _plain(model.name) and _plain(model.name) not in base:
+        problems.append(f"made for {info.base_model}, the loaded model is {model.name}")
+    runtime = runtime_for(model)
+    if runtime is None:
+        return [*problems, f"{model.name} takes no LoRA adapters from Hearth"]
+    if info.kind != runtime.kind:
+        return [*problems, f"a {info.kind.upper()} adapter: {model.runtime} takes {runtime.kind.upper()} ones"]
+    layers = runtime.layer_shapes()
+    missing, wrong = [], []
+    for name, (a, b) in adapter_shapes(info).items():
+        if name not in layers:
+            missing.append(name)
+        elif (a[-1], b[0]) != layers[name]:
+            wrong.append(f"{name} is {a[-1]} inputs → {b[0]} outputs in the adapter, {layers[name][0]} → "
+                         f"{layers[name][1]} in the model")
+    if missing:
+        problems.append(f"the loaded model has no layer {missing[0]}" + (f" (and {len(missing) - 1} more)"
+                                                                          if len(missing) > 1 else ""))
+    if wrong:
+        problems.append(f"shapes differ: {wrong[0]}" + (f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""))
+    return problems
 
 
 class LoraSet:

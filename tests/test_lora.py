@@ -4,6 +4,7 @@ The GPU test (an adapter inside the captured decode graph equals eager) skips wi
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -304,3 +305,142 @@ def test_cuda_graph_decode_with_a_lora_equals_eager(tmp_path):
                 steps.append(engine.decode(torch.tensor(ids[pos], device="cuda"), pos).clone())
         outs.append(torch.stack(steps))
     torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=1e-3)
+
+
+def test_fit_problems_name_another_base_and_other_shapes(lora_state, loras):
+    """What the Model tab warns with: nothing for an adapter made for the loaded model; another base model
+    and the first layer whose shapes differ for one made for another model size."""
+    from loaders.lora_apply import fit_problems
+
+    model = lora_state.model
+    assert fit_problems(read_info(loras / "lora-a"), model) == []
+    assert fit_problems(read_info(loras / "lora-b"), model) == []
+    problems = fit_problems(read_info(loras / "lora-tiny"), model)
+    assert problems[0] == f"made for tiny, the loaded model is {DEFAULT_MODEL}"
+    assert problems[1].startswith("shapes differ: model.layers.0.") and "in the adapter, " in problems[1]
+    assert "576 in the model" in problems[1] or "576 → " in problems[1]
+    assert fit_problems(read_info(loras / "lora-a"), None) == []
+
+
+def test_transformers_model_with_adapters_through_loraset_equals_peft(loras, default_model_dir):
+    """The transformers loader's model (fp32, CPU) takes adapters through LoraSet (peft inside transformers):
+    its logits equal transformers+peft's; a new weight and removal are exact."""
+    from loaders.lora_apply import LoraSet, fit_problems
+
+    state = make_state(loras)
+    model = state.load_model(DEFAULT_MODEL, "transformers", {"dtype": "float32", "device": "cpu",
+                                                            "runtime": "transformers"})
+    try:
+        def logits():
+            with torch.no_grad():
+                return model.hf_model(PROMPT[None]).logits[0].float()
+
+        base = logits()
+        assert fit_problems(read_info(loras / "lora-a"), model) == []
+        loras_set = LoraSet(model)
+        a, b = read_info(loras / "lora-a"), read_info(loras / "lora-b")
+        loras_set.set([(a, 1.0)])
+        one = logits()
+        assert rel_err(one, base) > 0.02
+        torch.testing.assert_close(one, peft_logits(hf_model(default_model_dir), [(loras / "lora-a", 1.0)]),
+                                   atol=2e-4, rtol=1e-4)
+        loras_set.set([(a, 0.5), (b, 1.5)])
+        torch.testing.assert_close(logits(), peft_logits(hf_model(default_model_dir), [(loras / "lora-a", 0.5),
+                                                                                      (loras / "lora-b", 1.5)]),
+                                   atol=2e-4, rtol=1e-4)
+        loras_set.set([(a, 1.0), (b, 0.0)])   # reweighted in place: lora-b at 0 is exactly absent
+        assert torch.equal(logits(), one)
+        loras_set.set([(a, 0.0), (b, 0.0)])
+        assert torch.equal(logits(), base)
+        loras_set.set([])
+        assert loras_set.applied == {}
+        assert torch.equal(logits(), base)
+    finally:
+        state.unload_model()
+
+
+def peft_to_gguf(peft_dir, out, n_head: int, n_kv_head: int) -> None:
+    """A GGUF LoRA adapter from a PEFT one, in the layout of llama.cpp's convert_lora_to_gguf.py: general.type
+    "adapter", adapter.type "lora", adapter.lora.alpha; per adapted weight `blk.N.<name>.weight.lora_a` (A, [r, K])
+    and `.lora_b` (B, [N, r]), B's rows of q and k in the interleaved-RoPE order the model converter gives
+    those weights."""
+    import numpy as np
+    from gguf import GGUFWriter
+    from safetensors.torch import load_file
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+
+    def permute(w: torch.Tensor, heads: int) -> torch.Tensor:   # convert_hf_to_gguf.py's LlamaModel.permute
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    writer = GGUFWriter(str(out), "llama")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(config["lora_alpha"]))
+    for key, a in sorted(load_file(str(peft_dir / "adapter_model.safetensors")).items()):
+        if ".lora_A." not in key:
+            continue
+        b = load_file(str(peft_dir / "adapter_model.safetensors"))[key.replace(".lora_A.", ".lora_B.")]
+        layer, module = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.(.+)\.lora_A\.weight", key).groups()
+        if module == "self_attn.q_proj":
+            b = permute(b, n_head)
+        elif module == "self_attn.k_proj":
+            b = permute(b, n_kv_head)
+        name = f"blk.{layer}.{names[module]}.weight"
+        writer.add_tensor(f"{name}.lora_a", a.float().numpy().astype(np.float32))
+        writer.add_tensor(f"{name}.lora_b", b.float().contiguous().numpy().astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_llamacpp_model_takes_a_gguf_adapter_and_weight_0_or_removal_gives_the_base(loras, smollm2_q4_1,
+                                                                                   default_model_dir, tmp_path):
+    """A GGUF adapter written from the random PEFT one, on the default model's GGUF loaded by llama.cpp (over an
+    F32 copy, so the products are plain float as transformers' are): it moves the logits as transformers+peft's
+    adapter does; weight 0 and removal give the base logits back exactly."""
+    pytest.importorskip("llama_cpp")
+    from loaders.llamacpp_install import state as build_state
+    from loaders.lora_apply import LoraSet, fit_problems
+    from tests.test_llamacpp import float_copy, last_logits
+
+    if not build_state().ready:
+        pytest.skip("llama-cpp-python is not built here")
+    models = tmp_path / "models"
+    (models / "smol-f32").mkdir(parents=True)
+    float_copy(smollm2_q4_1, models / "smol-f32" / "smol.F32.gguf")
+    config = json.loads((default_model_dir / "config.json").read_text())
+    (models / "lora-gguf").mkdir()
+    peft_to_gguf(loras / "lora-a", models / "lora-gguf" / "lora-a.gguf", config["num_attention_heads"],
+                 config["num_key_value_heads"])
+    (models / "lora-a").symlink_to(loras / "lora-a", target_is_directory=True)
+    state = make_state(models)
+    assert [info.name for info in state.list_loras()] == ["lora-a", "lora-gguf"]
+    model = state.load_model("smol-f32", "llama.cpp")
+    try:
+        gguf_info, peft_info = state.lora_info("lora-gguf"), state.lora_info("lora-a")
+        assert (gguf_info.kind, gguf_info.alpha) == ("gguf", 16.0)
+        assert fit_problems(gguf_info, model) == []
+        assert fit_problems(peft_info, model)[-1].startswith("a PEFT adapter: llama.cpp")
+        ids = PROMPT.tolist()
+        base = torch.from_numpy(last_logits(model, ids))
+        loras_set = LoraSet(model)
+        loras_set.set([(gguf_info, 1.0)])
+        adapted = torch.from_numpy(last_logits(model, ids))
+        assert rel_err(adapted, base) > 0.02
+        # llama.cpp's F32 products are not bit-equal to torch's: the adapter's change must match peft's closely
+        hf = hf_model(default_model_dir)
+        with torch.no_grad():
+            hf_base = hf(PROMPT[None]).logits[0, -1]
+        ref = peft_logits(hf, [(loras / "lora-a", 1.0)])[-1]
+        assert rel_err(adapted - base, ref - hf_base) < 0.05
+        loras_set.set([(gguf_info, 0.0)])
+        assert torch.equal(torch.from_numpy(last_logits(model, ids)), base)
+        loras_set.set([])
+        assert torch.equal(torch.from_numpy(last_logits(model, ids)), base)
+    finally:
+        state.unload_model()

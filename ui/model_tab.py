@@ -10,6 +10,7 @@ import gradio as gr
 from loaders.base import LoadError
 from loaders.model_settings import describe_sources, settings_to_save
 from core.options import OptionError
+from ui.lora_panel import applied_line, build_lora_panel
 from ui.widgets import values_from, widgets_for
 
 
@@ -45,6 +46,7 @@ def build_model_tab(state) -> dict:
             unload_btn = gr.Button("Unload", elem_id="model-unload")
             reload_btn = gr.Button("Reload", elem_id="model-reload")
         status_md = gr.Markdown(_status(state), elem_id="model-status")
+        lora_refresh, lora_outputs = build_lora_panel(state, status_md, lambda: _status(state))["refresh"]
         # per-model settings, saved to models/config-user.yaml.
         with gr.Accordion("Per-model settings", open=True, elem_id="model-settings"):
             gr.Markdown("Context length is the loader option above; saving stores it for this model too.")
@@ -113,11 +115,10 @@ def build_model_tab(state) -> dict:
         if not name and state.needs_model_folder(loader):  # the remote loader needs no local folder
             return "⚠️ Pick a model first."
         try:
-            model = state.load_model(name, loader, options_of(loader, values),
-                                     lambda f, m: progress(f, desc=m))
+            state.load_model(name, loader, options_of(loader, values), lambda f, m: progress(f, desc=m))
         except (LoadError, OptionError) as exc:
             return f"⚠️ {exc}"
-        return _loaded_line(model)
+        return _status(state)   # the model just loaded, with the adapters saved for it
 
     def on_unload():
         stopped = state.unload_model()   # generations on the model end first
@@ -136,6 +137,8 @@ def build_model_tab(state) -> dict:
         try:
             entry = settings_to_save(loader, options_of(loader, option_values), template, preset, system,
                                      state.settings_store.get(name), state.effective_settings(name)["context_length"])
+            if state.model is not None and state.model.name == name:   # the adapters applied now are saved too
+                entry["loras"] = state.applied_loras() or None
             state.save_model_settings(name, entry)
         except (LoadError, ValueError, OSError) as exc:
             return f"⚠️ could not save: {exc}", gr.update()
@@ -143,6 +146,7 @@ def build_model_tab(state) -> dict:
 
     model_dd.change(on_select, [model_dd], [loader_dd, reason_md, *flat_widgets, *settings_widgets, sources_md],
                     api_name="select_model")
+    model_dd.change(lora_refresh, None, lora_outputs)   # also on each page load, which selects the loaded model
     loader_dd.change(on_loader, [loader_dd], list(option_groups.values()))
     refresh_btn.click(lambda: gr.update(choices=state.list_models()), None, [model_dd])
     loaded = [
@@ -151,6 +155,8 @@ def build_model_tab(state) -> dict:
         unload_btn.click(on_unload, None, [status_md], concurrency_id="model", api_name="unload_model"),
         reload_btn.click(on_reload, [loader_dd, *flat_widgets], [status_md], concurrency_id="model"),
     ]
+    for event in loaded:   # a load applies the adapters saved for the model; an unload drops them
+        event.then(lora_refresh, None, lora_outputs)
     saved = save_btn.click(on_save, [model_dd, loader_dd, *flat_widgets, *settings_widgets], [save_md, sources_md],
                            api_name="save_model_settings")
 
@@ -183,7 +189,8 @@ def _status(state) -> str:
     model = state.model
     if model is None:
         return "No model loaded."
-    return _loaded_line(model)
+    applied = state.applied_loras()
+    return _loaded_line(model) + (" · LoRA " + applied_line(applied).removeprefix("Applied: ") if applied else "")
 
 
 def _loaded_line(model) -> str:
