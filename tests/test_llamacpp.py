@@ -2,7 +2,8 @@
 (detection, its own chat template, streaming, Stop, stop strings, a GBNF-constrained JSON reply, the CLI), a
 folder of several quantizations, and broken files (truncated, an architecture llama.cpp does not know) that fail
 with one clear error while the app keeps serving. llama-cpp-python is built by ./run_tests.sh before these run.
-The wheel's own Q4_1 file is not used for answers: llama.cpp 0.3.36 answers it wrongly (bench/engine.py --cpu)."""
+The wheel's own Q4_1 file is not used for answers: llama.cpp's 8-bit activations tip its greedy reply away from
+"Paris" (a near tie in the float model; the test of the reference logits below shows why)."""
 from __future__ import annotations
 
 import dataclasses
@@ -306,6 +307,27 @@ def test_cli_inspect_lists_llamacpp_with_its_reason_and_generate_answers_paris(g
                      models_dir=gguf_models)
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout
+
+
+def test_cli_on_the_default_models_gguf_alone_names_both_runtimes_and_answers_paris(gguf_models):
+    """The acceptance folder (only the wheel's Q4_1 file): `inspect` names llama.cpp and why it is second, and the
+    auto pick answers the golden question with Paris; llama.cpp's own greedy reply there is not Paris (8-bit
+    activations, see the reference-logits test), which is why it is not the pick."""
+    result = run_app("inspect", "--model", "smol-Q4_1", models_dir=gguf_models)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["loader"] == "gguf" and info["template_source"] == "tokenizer chat_template"
+    assert info["candidates"][1] == {"loader": "llama.cpp", "score": 0.4, "reason": (
+        "GGUF Q4_1 llama (SmolLM2-135M-Instruct.Q4_1.gguf); Hearth's engine (the gguf loader) runs this "
+        "architecture and type")}
+    chat = ("generate", "--model", "smol-Q4_1", "--chat", "What is the capital of France?", "--temperature", "0",
+            "--max-new-tokens", "24")
+    result = run_app(*chat, models_dir=gguf_models)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "The capital of France is Paris."
+    result = run_app(*chat, "--loader", "llama.cpp", models_dir=gguf_models)
+    assert result.returncode == 0, result.stderr
+    assert "llama.cpp (cpu, SmolLM2-135M-Instruct.Q4_1.gguf" in result.stderr and "Paris" not in result.stdout
 
 
 def test_the_installer_never_rebuilds_an_installed_pin_and_says_so():
