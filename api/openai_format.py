@@ -47,10 +47,12 @@ class Reply:
     # ---- streaming ------------------------------------------------------------------------------------
     def chunk(self, text: str | None, finish: str | None = None, first: bool = False,
               stop_reason: str | None = None, index: int = 0, logprobs: dict | None = None,
-              tool_calls: list[dict] | None = None) -> dict:
+              tool_calls: list[dict] | None = None, reasoning: str | None = None) -> dict:
         if self.kind == "chat":
             delta: dict = {"role": "assistant", "content": text or ""} if first else \
                 ({"content": text} if text else {})
+            if reasoning:
+                delta["reasoning_content"] = reasoning
             if tool_calls:
                 delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -70,9 +72,11 @@ class Reply:
 
     # ---- whole responses ------------------------------------------------------------------------------
     def choice(self, index: int, text: str | None, done: DoneEvent, logprobs: dict | None = None,
-               tool_calls: list[dict] | None = None) -> dict:
+               tool_calls: list[dict] | None = None, reasoning: str | None = None) -> dict:
         if self.kind == "chat":
             message = {"role": "assistant", "content": text, "refusal": None}
+            if reasoning:
+                message["reasoning_content"] = reasoning
             if tool_calls:
                 message["tool_calls"] = tool_calls
             choice = {"index": index, "message": message, "logprobs": logprobs,

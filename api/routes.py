@@ -24,6 +24,7 @@ from api.schemas import (ChatCompletionRequest, CompletionRequest, DecodeRequest
                          requested_max_tokens, sampler_values)
 from engine.generation import DoneEvent, QueuedEvent, StatsEvent, TextEvent, TokenEvent
 from engine.model import Prompt
+from prompts.reasoning import split_reply, splitter_for
 from prompts.template_options import TemplateOptions
 from engine.sampling import GenerationParams, TokenControls
 from loaders.base import LoadError
@@ -123,11 +124,13 @@ class _Logprobs:
 
 
 async def _respond(request: Request, state, model, prompt: Prompt, params: GenerationParams, reply: Reply,
-                   stream: bool, n: int = 1, echo: str = "", tools: ToolRequest | None = None) -> Any:
+                   stream: bool, n: int = 1, echo: str = "", tools: ToolRequest | None = None,
+                   thinking: str | None = None) -> Any:
     """The reply, whole or streamed; with `tools` (offered, not switched off) calls in the text become
-    tool_calls."""
+    tool_calls; with `thinking` (the chat template's source) a reasoning model's thinking is split from the
+    reply into `reasoning_content`, the field DeepSeek, vLLM and llama.cpp's server use."""
     if stream:
-        return StreamingResponse(_stream(request, state, model, prompt, params, reply, n, echo, tools),
+        return StreamingResponse(_stream(request, state, model, prompt, params, reply, n, echo, tools, thinking),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     choices, used = [], 0
@@ -144,19 +147,21 @@ async def _respond(request: Request, state, model, prompt: Prompt, params: Gener
         assert done is not None, "a generation always ends with a DoneEvent"
         if done.reason == "error":
             raise ApiError(500, f"generation failed: {done.error}", code="generation_error")
-        text, calls = parse_tool_calls(done.text) if tools is not None else (echo + done.text, [])
+        reasoning, said = split_reply(done.text, prompt.text, thinking) if thinking is not None else ("", done.text)
+        text, calls = parse_tool_calls(said) if tools is not None else (echo + said, [])
         calls = tools.allowed(calls) if tools is not None else calls
         choices.append(reply.choice(index, text, done, _Logprobs(reply, model, params).block(tokens),
-                                    [call.as_openai() for call in calls] or None))
+                                    [call.as_openai() for call in calls] or None, reasoning or None))
     return JSONResponse(reply.response(choices, used))
 
 
 async def _stream(request: Request, state, model, prompt: Prompt, params: GenerationParams, reply: Reply,
-                  n: int, echo: str, tools: ToolRequest | None):
+                  n: int, echo: str, tools: ToolRequest | None, thinking: str | None):
     used = 0
     for index in range(n):
         logprobs = _Logprobs(reply, model, params)
         calls = ToolStream(tools) if tools is not None else None
+        think = splitter_for(prompt.text, thinking) if thinking is not None else None
         if reply.kind == "chat":
             yield sse(reply.chunk(None, first=True, index=index))   # OpenAI opens a chat stream with the role
         # With prompt logprobs the echo waits for the prompt's scores, which come first from the run.
@@ -180,7 +185,14 @@ async def _stream(request: Request, state, model, prompt: Prompt, params: Genera
                 yield sse(reply.chunk(unsent_echo, index=index, logprobs=logprobs.block(prompt_tokens)))
                 unsent_echo = ""
             if isinstance(event, TextEvent):
-                text = calls.feed(event.text) if calls is not None else event.text
+                text = event.text
+                if think is not None:
+                    reasoning, text = think.feed(text)
+                    if reasoning:
+                        yield sse(reply.chunk(None, index=index, reasoning=reasoning))
+                    if not text:   # held back or thinking: its tokens' logprobs go with the next reply text
+                        continue
+                text = calls.feed(text) if calls is not None else text
                 if text or calls is None:   # text held back as a possible tool call keeps its logprobs pending
                     yield sse(reply.chunk(text, index=index, logprobs=logprobs.block(pending) if pending else None))
                     pending = []
@@ -192,6 +204,13 @@ async def _stream(request: Request, state, model, prompt: Prompt, params: Genera
                     yield sse(ApiError(500, f"generation failed: {event.error}", code="generation_error").body())
                     return
                 finish = finish_reason(event)
+                if think is not None:
+                    reasoning, text = think.flush()
+                    if reasoning:
+                        yield sse(reply.chunk(None, index=index, reasoning=reasoning))
+                    text = calls.feed(text) if calls is not None and text else text
+                    if text:
+                        yield sse(reply.chunk(text, index=index))
                 if calls is not None:
                     rest, found = calls.finish()
                     if rest:
@@ -258,7 +277,8 @@ def create_app(state, keys: KeyCheck, policy: OriginPolicy) -> FastAPI:
         prompt, params = plan(state, model, prompt, data, controls)
         reply = Reply("chat", model.name, prompt.n_tokens, req.include_usage)
         return await _respond(request, state, model, prompt, params, reply, req.stream, req.n,
-                              tools=tools if tools is not None and tools.active else None)
+                              tools=tools if tools is not None and tools.active else None,
+                              thinking=state.resolve_template().jinja)
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -214,3 +214,24 @@ def test_openai_client_enable_thinking_reaches_the_template(tools_client, tools_
         tools_client.chat.completions.create(model=TOOLS_MODEL, messages=ASK, max_tokens=4,
                                              extra_body={"chat_template_kwargs": {"reasoning_effort": "low"}})
     assert refused.value.body["param"] == "chat_template_kwargs.reasoning_effort"
+
+
+def test_a_reasoning_reply_comes_back_as_reasoning_content_whole_and_streamed(tools_client):
+    """A reply inside a thinking block (here: the assistant message being continued opened `<think>`) comes back
+    as `reasoning_content`, the field DeepSeek/vLLM/llama.cpp's server use, not as content; streamed as deltas
+    that add up to the whole reply's."""
+    opened = [*ASK, {"role": "assistant", "content": "<think>\n"}]
+    body = {"continue_final_message": True, "add_generation_prompt": False}
+    whole = tools_client.chat.completions.create(model=TOOLS_MODEL, messages=opened, max_tokens=8, temperature=0,
+                                                 extra_body=body)
+    message = whole.choices[0].message.model_dump()
+    assert message["reasoning_content"] and "<think>" not in message["reasoning_content"]
+    assert not message["content"]
+    stream = tools_client.chat.completions.create(model=TOOLS_MODEL, messages=opened, max_tokens=8, temperature=0,
+                                                  stream=True, extra_body=body)
+    parts = [chunk.choices[0].delta.model_dump() for chunk in stream if chunk.choices]
+    assert "".join(p.get("reasoning_content") or "" for p in parts) == message["reasoning_content"]
+    assert not "".join(p.get("content") or "" for p in parts)
+    # A reply without a block has no reasoning_content.
+    plain = tools_client.chat.completions.create(model=TOOLS_MODEL, messages=ASK, max_tokens=4, temperature=0)
+    assert plain.choices[0].message.content and "reasoning_content" not in plain.choices[0].message.model_dump()
