@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import fused_ops
+from engine.decode_attention import decode_attention
 from engine.moe import MoEFeedForward
 
 # config.json model_type values this file implements; anything else falls back to transformers.
@@ -326,7 +327,8 @@ def softcapped_attention(q, k, v, mask: torch.Tensor, scale: float, cap: float) 
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, window: int | None = None):
+        """window: this layer's sliding window (None: it attends to the whole cache)."""
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         q_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -337,6 +339,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.scale, self.softcap = args.attn_scale, args.attn_softcap
+        self.window = window
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len: int):
         # x: [B, S, dim]; mask: [S, kv_len] bool (True = may attend)
@@ -364,6 +367,13 @@ class Attention(nn.Module):
             k = qk[:, :, H:].transpose(1, 2)                                  # [B, H_kv, S, D]
             v = qkv[:, :, H + H_kv:].transpose(1, 2)
             k, v = cache.update(input_pos, k, v, kv_len)                     # [B, H_kv, kv_len, D]
+        if S == 1 and x.is_cuda and not torch.compiler.is_compiling():
+            # CUDA decode: grouped kv heads read in place and the cache split across programs (flash-decoding);
+            # only keys 0..pos are read, so the mask is not needed. Prefill and CPU keep SDPA below.
+            positions = input_pos.reshape(-1).expand(B)           # [B]: [1] shared, or [B, 1] a row each
+            y = decode_attention(q[:, :, 0], k, v, positions, self.scale or self.head_dim ** -0.5, self.softcap,
+                                 self.window)                                            # [B, H, D]
+            return self.wo(y.reshape(B, 1, -1))
         gqa = self.n_kv_heads != self.n_heads   # each kv head serves n_heads / n_kv_heads query heads
         if gqa and x.is_cuda:
             # CUDA keeps the repeated cache: whether SDPA's masked CUDA kernels take grouped heads without
@@ -410,7 +420,7 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.sliding = args.is_sliding(layer)   # attends through the sliding window (and its own RoPE base)
-        self.attention = Attention(args)
+        self.attention = Attention(args, args.sliding_window if self.sliding else None)
         self.feed_forward = MoEFeedForward(args, FeedForward) if args.is_moe(layer) else FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
