@@ -225,6 +225,58 @@ def bench_samplers(folder: Path) -> dict:
     return result
 
 
+def bench_long_context(folder: Path, bandwidth_tb_s: float) -> dict:
+    """Decode at long contexts (issue 21): the 7B folder as an 8k model (LLongMA-style linear RoPE x2, a config
+    written beside it, the other files linked), greedy and chat-sampler decode of NEW tokens after 4 000- and
+    7 800-token prompts, each against its bytes-read ceiling: the bytes a decode step reads (weights less the
+    embedding table, of which a step reads one row, plus the KV cache up to the run's average position) over
+    the copy bandwidth. TTFT after 128 and 7 800 prompt tokens. Median of 3, after a run that captures graphs."""
+    from transformers import AutoTokenizer
+
+    from engine.model import Prompt
+
+    long = folder.with_name(folder.name + "_8k")
+    shutil.rmtree(long, ignore_errors=True)
+    long.mkdir()
+    for f in folder.iterdir():
+        if f.name != "config.json":
+            (long / f.name).symlink_to(f.resolve())
+    config = json.loads((folder / "config.json").read_text())
+    config.update(max_position_embeddings=8192, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    (long / "config.json").write_text(json.dumps(config))
+    model = load_engine_model(long, tokenizer=AutoTokenizer.from_pretrained(long), eos_token_ids=[],
+                              context_length=8192, loader="bench")
+    net = model.engine.model
+    a = net.args
+    kv_per_position = 2 * a.n_layers * a.n_kv_heads * a.head_dim * net.tok_embeddings.weight.element_size()
+    weights = weight_bytes(net) - net.tok_embeddings.weight.nbytes
+    samplers = {"greedy": GenerationParams(max_new_tokens=NEW, temperature=0, top_k=0, top_p=1.0, seed=1),
+                "chat_sampler": GenerationParams(max_new_tokens=NEW, temperature=0.7, top_p=0.9, top_k=20,
+                                                 repetition_penalty=1.15, seed=1)}
+
+    def median_run(n: int, params: GenerationParams):
+        ids = prompt_ids(n)
+        generate = lambda: model.generate(Prompt(text="", ids=ids), params)
+        collect(generate())
+        return sorted((collect(generate())[2] for _ in range(3)), key=lambda s: s.tokens_per_second)[1]
+
+    result = {"runtime": model.runtime, "rope_scaling": a.rope_scaling, "new_tokens": NEW,
+              "weights_read_gb": round(weights / 1e9, 3), "kv_bytes_per_position": kv_per_position}
+    for n in (4000, 7800):
+        ceiling = bandwidth_tb_s * 1e12 / (weights + kv_per_position * (n + NEW / 2))
+        result[f"ceiling_tok_s_{n}"] = round(ceiling, 1)
+        for name, params in samplers.items():
+            stats = median_run(n, params)
+            result[f"{name}_tok_s_{n}"] = round(stats.tokens_per_second, 1)
+            result[f"{name}_of_ceiling_{n}"] = round(stats.tokens_per_second / ceiling, 3)
+            if name == "greedy" and n == 7800:
+                result["ttft_ms_7800"] = round(stats.time_to_first_token * 1e3, 1)
+    result["ttft_ms_128"] = round(median_run(PROMPT, samplers["greedy"]).time_to_first_token * 1e3, 2)
+    model.unload()
+    shutil.rmtree(long, ignore_errors=True)
+    return result
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights on the GPU: parameters, buffers (not the KV cache) and the packed kernels' tensors,
     each storage counted once (a tied head shares the embedding's)."""
@@ -485,6 +537,8 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
         if name != "gptq_4bit_g128":
             shutil.rmtree(folder, ignore_errors=True)
     measure(results, "hearth_7b_gptq_4bit_g128_samplers", lambda: bench_samplers(work / "gptq_4bit_g128"))
+    measure(results, "hearth_7b_gptq_4bit_g128_long_context",
+            lambda: bench_long_context(work / "gptq_4bit_g128", results["copy_bandwidth_tb_s"]))
     # the checkpoints' tokenizer (copied from TOKENIZER when they were written)
     tokenizer = AutoTokenizer.from_pretrained(work / "gptq_4bit_g128" if (work / "gptq_4bit_g128").is_dir()
                                               else TOKENIZER)
