@@ -73,13 +73,27 @@ __device__ __forceinline__ u16 float_to_bf16(float f) {
     return h;
 }
 
-// bf16 pair (q_lo - z, q_hi - z) from the levels in bits 0-3 and 16-19 of w. bias = bf16x2 -(128 + z).
-__device__ __forceinline__ u32 levels(u32 w, u32 bias) {
-    u32 v = (w & 0x000F000Fu) | 0x43004300u;  // 128 + q, exactly (bf16 steps by 1 in [128, 256))
+// (a & MASK) | 0x43004300 in one LOP3: written in C, the compiler spends two (one immediate an instruction,
+// sm_90 SASS). A bf16 with 128's exponent is 128 + m for any 7-bit mantissa m: this is 128 + each level.
+template <u32 MASK> __device__ __forceinline__ u32 mantissa(u32 a) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(MASK), "n"(0x43004300u));
+    return d;
+}
+
+// bf16x2 a * b + c
+__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
     u32 r;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(v), "r"(0x3F803F80u), "r"(bias));
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
     return r;
 }
+
+// bf16 pair (128 + q_lo, 128 + q_hi) from the levels in bits 0-3 and 16-19 of w: exact (bf16 steps by 1 in
+// [128, 256)).
+__device__ __forceinline__ u32 raw_levels(u32 w) { return mantissa<0x000F000Fu>(w); }
+
+// bf16 pair (q_lo - z, q_hi - z). bias = bf16x2 -(128 + z); one bf16x2 add, exact (q - z is a small integer).
+__device__ __forceinline__ u32 levels(u32 w, u32 bias) { return fma2(raw_levels(w), 0x3F803F80u, bias); }
 
 __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
@@ -94,14 +108,14 @@ __device__ __forceinline__ void half_pair(u32 v, float& lo, float& hi) {
     hi = half_to_float((u16)(v >> 16));
 }
 
-// Scales and offsets are pairs (row r, row r + 8) of fp16 (F32 false) or fp32: pair `at` as two floats.
-template <bool F32> __device__ __forceinline__ void value_pair(const void* base, size_t at, float& lo, float& hi) {
+// Scales and offsets are pairs (row r, row r + 8) of fp16 (F32 false) or fp32: the pair at p as two floats.
+template <bool F32> __device__ __forceinline__ void value_pair(const char* p, float& lo, float& hi) {
     if (F32) {
-        const float2 v = reinterpret_cast<const float2*>(base)[at];
+        const float2 v = *reinterpret_cast<const float2*>(p);
         lo = v.x;
         hi = v.y;
     } else {
-        half_pair(reinterpret_cast<const u32*>(base)[at], lo, hi);
+        half_pair(*reinterpret_cast<const u32*>(p), lo, hi);
     }
 }
 
@@ -125,30 +139,56 @@ __device__ __forceinline__ float byte_int(u32 v, int i) {
     return bits_to_float(prmt(v, 0x4B000000u, 0x7540u + i)) - 8388736.f;
 }
 
-// Scales s and (OFFS) offsets m of rows r and r + 8 for one group. at: the group's pair index
-// ((tile * G + g) * 8 + r); super_at: its span's ((tile * G / span + g / span) * 8 + r). HALF/FLOAT: the
-// values themselves, scales in `scales`, offsets in `values`. Factored: `scales` holds a byte a row (s's, or
-// s's and then m's), `values` the span's factors (d_r, d_r8 [, dmin_r, dmin_r8]); the product is exactly the
-// QuantWeight's value (pack checks that every one is), as the integer and the factor both are exact.
+// Bytes of one pair (row r, row r + 8) in the scales tensor and in the values tensor (the offsets, or a
+// factored form's factors), by form. A lane's pointers into both start at its tile's row r (`lane_pairs`).
+template <int FORM, bool OFFS> struct Pairs {
+    static constexpr bool factored = FORM == FACTORED_HALF || FORM == FACTORED_FLOAT;
+    static constexpr int scale = FORM == FLOAT ? 8 : FORM == HALF ? 4 : OFFS ? 4 : 2;
+    static constexpr int value = (FORM == FLOAT || FORM == FACTORED_FLOAT ? 8 : 4) * (factored && OFFS ? 2 : 1);
+};
+
+// The pointers group_values reads through, set once per lane: tensors [N/16, G, 8, ...] (a factored form's
+// factors [N/16, G >> span_shift, 8, ...]) at tile `tile`, group 0 (span 0), row r. Every later index is a
+// small int from there, not 64-bit arithmetic per group.
+template <int FORM, bool OFFS> __device__ __forceinline__ void lane_pairs(
+        const void* scales, const void* values, int tile, int G, int span_shift, int r,
+        const char*& lane_scales, const char*& lane_values) {
+    typedef Pairs<FORM, OFFS> P;
+    lane_scales = reinterpret_cast<const char*>(scales) + ((size_t)tile * G * 8 + r) * P::scale;
+    lane_values = reinterpret_cast<const char*>(values)
+                + ((size_t)tile * (P::factored ? G >> span_shift : G) * 8 + r) * P::value;
+}
+
+// A factored form's factors (d_r, d_r8 [, dmin_r, dmin_r8]) of span `span` (inputs 256 span .. + 255), in
+// fp32; read once a chunk, for all of its groups (a chunk never straddles a span). Other forms: unused.
+template <int FORM, bool OFFS> __device__ __forceinline__ void span_factors(const char* values, int span,
+                                                                            float (&d)[4]) {
+    const char* p = values + span * 8 * Pairs<FORM, OFFS>::value;
+    if (FORM == FACTORED_FLOAT && OFFS) {
+        const float4 v = *reinterpret_cast<const float4*>(p);
+        d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
+    } else if (FORM == FACTORED_FLOAT) {
+        const float2 v = *reinterpret_cast<const float2*>(p);
+        d[0] = v.x; d[1] = v.y;
+    } else if (FORM == FACTORED_HALF && OFFS) {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        half_pair(v.x, d[0], d[1]);
+        half_pair(v.y, d[2], d[3]);
+    } else if (FORM == FACTORED_HALF) {
+        half_pair(*reinterpret_cast<const u32*>(p), d[0], d[1]);
+    }
+}
+
+// Scales s and (OFFS) offsets m of rows r and r + 8 for group g; scales and values from lane_pairs, d from
+// span_factors for g's span. HALF/FLOAT: the values themselves, scales in `scales`, offsets in `values`.
+// Factored: `scales` holds a byte a row (s's, or s's and then m's), times the span's factors d; the product
+// is exactly the QuantWeight's value (pack checks that every one is), as the integer and the factor both are.
 template <int FORM, bool OFFS> __device__ __forceinline__ void group_values(
-        const void* __restrict__ scales, const void* __restrict__ values, size_t at, size_t super_at,
-        float (&s)[2], float (&m)[2]) {
-    if (FORM == FACTORED_HALF || FORM == FACTORED_FLOAT) {
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-        if (FORM == FACTORED_FLOAT && OFFS) {
-            const float4 v = reinterpret_cast<const float4*>(values)[super_at];
-            d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
-        } else if (FORM == FACTORED_FLOAT) {
-            const float2 v = reinterpret_cast<const float2*>(values)[super_at];
-            d[0] = v.x; d[1] = v.y;
-        } else if (OFFS) {
-            const uint2 v = reinterpret_cast<const uint2*>(values)[super_at];
-            half_pair(v.x, d[0], d[1]);
-            half_pair(v.y, d[2], d[3]);
-        } else {
-            half_pair(reinterpret_cast<const u32*>(values)[super_at], d[0], d[1]);
-        }
-        const u32 ints = OFFS ? reinterpret_cast<const u32*>(scales)[at] : (u32)reinterpret_cast<const u16*>(scales)[at];
+        const char* scales, const char* values, int g, const float (&d)[4], float (&s)[2], float (&m)[2]) {
+    typedef Pairs<FORM, OFFS> P;
+    const char* sp = scales + g * 8 * P::scale;
+    if (P::factored) {
+        const u32 ints = OFFS ? *reinterpret_cast<const u32*>(sp) : (u32)*reinterpret_cast<const u16*>(sp);
         s[0] = d[0] * byte_int(ints, 0);
         s[1] = d[1] * byte_int(ints, 1);
         if (OFFS) {
@@ -156,9 +196,15 @@ template <int FORM, bool OFFS> __device__ __forceinline__ void group_values(
             m[1] = d[3] * byte_int(ints, 3);
         }
     } else {
-        value_pair<FORM == FLOAT>(scales, at, s[0], s[1]);
-        if (OFFS) value_pair<FORM == FLOAT>(values, at, m[0], m[1]);
+        value_pair<FORM == FLOAT>(sp, s[0], s[1]);
+        if (OFFS) value_pair<FORM == FLOAT>(values + g * 8 * P::value, m[0], m[1]);
     }
+}
+
+// Group of segment seg (SEG mma steps of 16 inputs) of chunk c (CH inputs). Groups smaller than a chunk are
+// exactly one segment (refusal: powers of two), so the group is known without the runtime shift.
+template <int CH, int SEG> __device__ __forceinline__ int group_of(int c, int seg, int group_shift) {
+    return SEG * 16 < CH ? c * (CH / (SEG * 16)) + seg : (c * CH) >> group_shift;
 }
 """
 
@@ -201,11 +247,17 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     const int xrow = min(r, M - 1);                          // B column r: x row r (unused columns repeat)
     const u16* xr = x + (size_t)xrow * K;
     const Words* wt = w + (size_t)tile * chunks * 32 + lane;
-    const size_t pairs = (size_t)tile * G * 8 + r;           // [G][8] pairs (row r, row r + 8)
-    const size_t supers = (size_t)tile * (G >> span_shift) * 8 + r;
+    const char *lane_scales, *lane_values;
+    lane_pairs<FORM, ZMODE == OFFSETS>(scales, zero_bias, tile, G, span_shift, r, lane_scales, lane_values);
+    const u32* lane_zeros = reinterpret_cast<const u32*>(zero_bias) + (size_t)tile * G * 8 + r;   // ZEROS
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    // Not unrolled: one chunk's loads in flight a lane, as measured best (bench/NOTES-engine.md); left to
+    // itself the compiler unrolls some instantiations by two, issuing the next chunk's load mid-loop.
+#pragma unroll 1
     for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
         Words q[U];
+        // Per segment: the scales s of rows r and r + 8, and (OFFSETS) the offsets less 128 s, as the levels
+        // go into the mma raw (128 + q) there: s sum((128 + q) x) + (m - 128 s) sum(x) = s sum(q x) + m sum(x).
         float s[U][4 / SEG][2], off[ZMODE == OFFSETS ? U : 1][4 / SEG][2];
         u32 bias[U][4 / SEG][2];
 #pragma unroll
@@ -213,25 +265,25 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
             const int c = c0 + u * WARPS;
             if (c < chunks) {
                 q[u] = load_streaming(wt + (size_t)c * 32);
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+                span_factors<FORM, ZMODE == OFFSETS>(lane_values, c >> 2, d);
 #pragma unroll
                 for (int seg = 0; seg < 4 / SEG; ++seg) {
-                    // A shift, not a division: dividing by a runtime value costs ~20 instructions a chunk.
-                    const int g = (c * 64 + seg * SEG * 16) >> group_shift;
+                    const int g = group_of<64, SEG>(c, seg, group_shift);
                     float sv[2], mv[2] = {0.f, 0.f};
-                    group_values<FORM, ZMODE == OFFSETS>(scales, zero_bias, pairs + g * 8,
-                                                         supers + (g >> span_shift) * 8, sv, mv);
+                    group_values<FORM, ZMODE == OFFSETS>(lane_scales, lane_values, g, d, sv, mv);
                     s[u][seg][0] = sv[0];
                     s[u][seg][1] = sv[1];
                     if (ZMODE == ZEROS) {
-                        const u32 b = reinterpret_cast<const u32*>(zero_bias)[pairs + g * 8];
+                        const u32 b = lane_zeros[g * 8];
                         bias[u][seg][0] = (b & 0xFFFFu) * 0x10001u;
                         bias[u][seg][1] = (b >> 16) * 0x10001u;
                     } else {
                         bias[u][seg][0] = bias[u][seg][1] = uniform_bias;
                     }
                     if (ZMODE == OFFSETS) {
-                        off[ZMODE == OFFSETS ? u : 0][seg][0] = mv[0];
-                        off[ZMODE == OFFSETS ? u : 0][seg][1] = mv[1];
+                        off[ZMODE == OFFSETS ? u : 0][seg][0] = fmaf(-128.f, sv[0], mv[0]);
+                        off[ZMODE == OFFSETS ? u : 0][seg][1] = fmaf(-128.f, sv[1], mv[1]);
                     }
                 }
                 if (PERM) {
@@ -258,9 +310,14 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
                         const Pair b = PERM
                             ? *reinterpret_cast<const Pair*>(&gathered[PERM ? warp : 0][u][xrow][8 * i + 2 * t])
                             : *reinterpret_cast<const Pair*>(xr + c * 64 + 16 * i + 4 * t);
-                        mma(part, levels(wd, b_r), levels(wd >> 4, b_r8), levels(wd >> 8, b_r),
-                            levels(wd >> 12, b_r8), b.lo, b.hi);
-                        if (ZMODE == OFFSETS) mma(xsum, ONES, ONES, ONES, ONES, b.lo, b.hi);
+                        if (ZMODE == OFFSETS) {   // raw 128 + q (see off above): no bf16 subtraction a pair
+                            mma(part, raw_levels(wd), raw_levels(wd >> 4), raw_levels(wd >> 8), raw_levels(wd >> 12),
+                                b.lo, b.hi);
+                            mma(xsum, ONES, ONES, ONES, ONES, b.lo, b.hi);
+                        } else {
+                            mma(part, levels(wd, b_r), levels(wd >> 4, b_r8), levels(wd >> 8, b_r),
+                                levels(wd >> 12, b_r8), b.lo, b.hi);
+                        }
                     }
                     acc[0] += s[u][seg][0] * part[0];
                     acc[1] += s[u][seg][0] * part[1];
@@ -310,13 +367,16 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
     const int c = (int)(unit % chunks), tile = (int)(unit / chunks);
     const int r = lane >> 2, t = lane & 3;
     const Words q = w[unit * 32 + lane];
+    const char *lane_scales, *lane_values;
+    lane_pairs<FORM, ZMODE == OFFSETS>(scales, zero_bias, tile, G, span_shift, r, lane_scales, lane_values);
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    span_factors<FORM, ZMODE == OFFSETS>(lane_values, c >> 2, d);
 #pragma unroll
     for (int word = 0; word < 4; ++word) {
         const int k = 16 * word + 4 * t;                // within the chunk
         const int g = (c * 64 + k) >> group_shift;
         float sv[2], mv[2] = {0.f, 0.f};
-        group_values<FORM, ZMODE == OFFSETS>(scales, zero_bias, ((size_t)tile * G + g) * 8 + r,
-                                             ((size_t)tile * (G >> span_shift) + (g >> span_shift)) * 8 + r, sv, mv);
+        group_values<FORM, ZMODE == OFFSETS>(lane_scales, lane_values, g, d, sv, mv);
 #pragma unroll
         for (int p = 0; p < 4; ++p) {                   // A register p: row r or r+8, inputs k, k+1 or k+2, k+3
             const int h = p & 1;

@@ -99,13 +99,6 @@ template <int BITS> __device__ __forceinline__ u32 row_bias(u32 stored) {
     return stored * 0x10001u;
 }
 
-// (a & MASK) | 0x43004300 in one LOP3: written in C, the compiler spends two (one immediate an instruction).
-template <u32 MASK> __device__ __forceinline__ u32 mantissa(u32 a) {
-    u32 d;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(MASK), "n"(0x43004300u));
-    return d;
-}
-
 // The 3-bit layout's mantissa fields (see the module docstring): A register p of mma step i as the bf16 pair
 // of raw values 128 + q (steps 0-4: fields at bit 0 of a half after a shift of 0, 6 or 12) or 128 + 8q (steps
 // 5-7, the "eighths": fields at bit 3 after a shift of 0 or 6), one LOP3 each; steps 0-4's last two pairs
@@ -126,13 +119,6 @@ __device__ __forceinline__ u32 raw3(const Chunk<3>& d, int i, int p) {
     const int s = n - 18;                           // a spare pair: bit b of its levels is bit 15 (31) of word 3s + b
     return mantissa<0x00070007u>(((word3(d, 3 * s) >> 15) & 0x00010001u) | ((word3(d, 3 * s + 1) >> 14) & 0x00020002u)
                                  | ((word3(d, 3 * s + 2) >> 13) & 0x00040004u));
-}
-
-// bf16x2 a * b + c
-__device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
-    u32 r;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-    return r;
 }
 
 // A register p of mma step i as the bf16 pair (q - z): row r + 8 (p & 1), inputs k + 2 (p >> 1) and + 1
@@ -183,9 +169,13 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
     const int xrow = min(r, M - 1);
     const u16* xr = x + (size_t)xrow * K;
     const char* wt = w + (size_t)tile * chunks * Width<BITS>::bytes;
-    const size_t pairs = (size_t)tile * G * 8 + r;
-    const size_t supers = (size_t)tile * (G >> span_shift) * 8 + r;
+    const char *lane_scales, *lane_values;
+    lane_pairs<FORM, ZMODE == OFFSETS>(scales, zeros, tile, G, span_shift, r, lane_scales, lane_values);
+    const u32* lane_zeros = reinterpret_cast<const u32*>(zeros) + (size_t)tile * G * 8 + r;   // ZEROS
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    // Not unrolled: one chunk's loads in flight a lane, as measured best (bench/NOTES-engine.md); left to
+    // itself the compiler unrolls some instantiations by two, issuing the next chunk's load mid-loop.
+#pragma unroll 1
     for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
         Chunk<BITS> q[U];
         float s[U][SEGS][2], off[ZMODE == OFFSETS ? U : 1][SEGS][2];
@@ -195,16 +185,17 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
             const int c = c0 + u * WARPS;
             if (c < chunks) {
                 q[u] = load_chunk<BITS>(wt + (size_t)c * Width<BITS>::bytes, lane);
+                float d[4] = {0.f, 0.f, 0.f, 0.f};
+                span_factors<FORM, ZMODE == OFFSETS>(lane_values, (c * CH) >> 8, d);
 #pragma unroll
                 for (int seg = 0; seg < SEGS; ++seg) {
-                    const int g = (c * CH + seg * SEG * 16) >> group_shift;
+                    const int g = group_of<CH, SEG>(c, seg, group_shift);
                     float sv[2], mv[2] = {0.f, 0.f};
-                    group_values<FORM, ZMODE == OFFSETS>(scales, zeros, pairs + g * 8,
-                                                         supers + (g >> span_shift) * 8, sv, mv);
+                    group_values<FORM, ZMODE == OFFSETS>(lane_scales, lane_values, g, d, sv, mv);
                     s[u][seg][0] = sv[0];
                     s[u][seg][1] = sv[1];
                     if (ZMODE == ZEROS) {
-                        const u32 b = reinterpret_cast<const u32*>(zeros)[pairs + g * 8];
+                        const u32 b = lane_zeros[g * 8];
                         bias[u][seg][0] = row_bias<BITS>(b & 0xFFFFu);
                         bias[u][seg][1] = row_bias<BITS>(b >> 16);
                     } else {
@@ -321,20 +312,23 @@ lowbit_dequant(const char* __restrict__ w, const void* __restrict__ scales, cons
     if (unit >= (long long)(N / 16) * chunks) return;
     const int c = (int)(unit % chunks), tile = (int)(unit / chunks);
     const int r = lane >> 2, t = lane & 3;
-    const Chunk<BITS> d = load_chunk<BITS>(w + unit * Width<BITS>::bytes, lane);
+    const Chunk<BITS> q = load_chunk<BITS>(w + unit * Width<BITS>::bytes, lane);
+    const char *lane_scales, *lane_values;
+    lane_pairs<FORM, ZMODE == OFFSETS>(scales, zeros, tile, G, span_shift, r, lane_scales, lane_values);
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    span_factors<FORM, ZMODE == OFFSETS>(lane_values, (c * CH) >> 8, d);
 #pragma unroll
     for (int i = 0; i < Width<BITS>::steps; ++i) {
         const int k = 16 * i + 4 * t;                   // within the chunk
         const int g = (c * CH + k) >> group_shift;
         float sv[2], mv[2] = {0.f, 0.f};
-        group_values<FORM, ZMODE == OFFSETS>(scales, zeros, ((size_t)tile * G + g) * 8 + r,
-                                             ((size_t)tile * (G >> span_shift) + (g >> span_shift)) * 8 + r, sv, mv);
+        group_values<FORM, ZMODE == OFFSETS>(lane_scales, lane_values, g, d, sv, mv);
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
             const int h = p & 1;
             const size_t at = (((size_t)tile * G + g) * 8 + r) * 2 + h;
             const u32 bias = ZMODE == ZEROS ? row_bias<BITS>(reinterpret_cast<const u16*>(zeros)[at]) : uniform_bias;
-            const u32 lv = a_pair<BITS>(d, i, p, bias);
+            const u32 lv = a_pair<BITS>(q, i, p, bias);
             float lo = bits_to_float(lv << 16) * sv[h], hi = bits_to_float(lv & 0xFFFF0000u) * sv[h];
             if (ZMODE == OFFSETS) {
                 lo += mv[h];
