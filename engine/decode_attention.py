@@ -157,7 +157,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     l = torch.empty_like(m)
     acc = torch.empty(B * H, n_splits, D, dtype=torch.float32, device=q.device)
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
-    d_pad = triton.next_power_of_2(D)
+    d_pad = max(16, triton.next_power_of_2(D))   # tl.dot's smallest side
     # tl.dot wants at least 16 rows: MHA's single query head a kv head is padded (decode is bound by the
     # cache's bytes, not the multiply-adds). fp32 inputs keep full precision rather than TF32.
     precision = "ieee" if q.dtype == torch.float32 else "tf32"

@@ -113,6 +113,7 @@ def gemma2_softcap_and_query_scale():
                                **TOL)
 
 
+@check("head_size_8", D=8)       # below tl.dot's smallest side (tiny test models)
 @check("head_size_96", D=96)     # Phi-3's head size (not a power of two)
 @check("head_size_256", D=256)   # Gemma's (smaller blocks of keys)
 def head_sizes(D):
