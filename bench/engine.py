@@ -325,6 +325,41 @@ def bench_folder(folder: Path, **options) -> dict:
     return result
 
 
+def random_lora(args: ModelArgs, rank: int, seed: int = 0):
+    """One random rank-`rank` adapter on every decoder linear (q, k, v, o, gate, up, down), by Hugging Face name
+    as loaders.lora reads one from disk (A [r, K], B [N, r], scaling 2)."""
+    from engine.lora import LoraWeights
+
+    g = torch.Generator().manual_seed(seed)
+    d, q, kv, f = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    shapes = {"self_attn.q_proj": (d, q), "self_attn.k_proj": (d, kv), "self_attn.v_proj": (d, kv),
+              "self_attn.o_proj": (q, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
+    layers = {f"model.layers.{i}.{name}": (torch.randn(rank, k, generator=g) * 0.01,
+                                           torch.randn(n, rank, generator=g) * 0.01, 2.0)
+              for i in range(args.n_layers) for name, (k, n) in shapes.items()}
+    return LoraWeights(f"random-r{rank}", layers)
+
+
+def bench_lora_folder(folder: Path, plain: dict | None, rank: int = 16) -> dict:
+    """The folder's model with one random rank-`rank` adapter on every linear, applied through engine.lora (the
+    low-rank products beside the 4-bit layers, inside the captured decode graph); decode_vs_plain: its decode
+    tok/s over the plain row's (issue 22's bar: >= 0.85)."""
+    from transformers import AutoTokenizer
+
+    from engine import lora
+
+    model = load_engine_model(folder, tokenizer=AutoTokenizer.from_pretrained(folder), eos_token_ids=[],
+                              context_length=4096, loader="bench")
+    torch.cuda.reset_peak_memory_stats()
+    lora.apply(model.engine.model, [(random_lora(model.engine.model.args, rank), 1.0)])
+    model.engine.graphs.clear()   # as loaders.lora_apply does: the next decode step captures with the adapter
+    result = {"lora_rank": rank, **bench_engine_model(model)}
+    model.unload()
+    if isinstance(plain, dict) and plain.get("decode_tok_s"):
+        result["decode_vs_plain"] = round(result["decode_tok_s"] / plain["decode_tok_s"], 3)
+    return result
+
+
 def build_on_gpu(cfg: dict, tokenizer, linear, head=None) -> EngineModel:
     """An engine model made on the GPU directly (too big to write to disk quickly): linear(layer index,
     name, k, n) makes each decoder linear (wqkv, wo, w13, w2), head(k, n) the output head (None: bf16)."""
@@ -537,6 +572,8 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
         if name != "gptq_4bit_g128":
             shutil.rmtree(folder, ignore_errors=True)
     measure(results, "hearth_7b_gptq_4bit_g128_samplers", lambda: bench_samplers(work / "gptq_4bit_g128"))
+    measure(results, "hearth_7b_gptq_4bit_g128_lora_r16",
+            lambda: bench_lora_folder(work / "gptq_4bit_g128", results.get("hearth_7b_gptq_4bit_g128")))
     measure(results, "hearth_7b_gptq_4bit_g128_long_context",
             lambda: bench_long_context(work / "gptq_4bit_g128", results["copy_bandwidth_tb_s"]))
     # the checkpoints' tokenizer (copied from TOKENIZER when they were written)
