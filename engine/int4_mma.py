@@ -81,6 +81,13 @@ template <u32 MASK> __device__ __forceinline__ u32 mantissa(u32 a) {
     return d;
 }
 
+// (a & MASK) | c in one LOP3 (see mantissa).
+template <u32 MASK> __device__ __forceinline__ u32 or_masked(u32 a, u32 c) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "n"(MASK), "r"(c));
+    return d;
+}
+
 // bf16x2 a * b + c
 __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
     u32 r;
@@ -154,9 +161,10 @@ template <int FORM, bool OFFS> __device__ __forceinline__ void lane_pairs(
         const void* scales, const void* values, int tile, int G, int span_shift, int r,
         const char*& lane_scales, const char*& lane_values) {
     typedef Pairs<FORM, OFFS> P;
-    lane_scales = reinterpret_cast<const char*>(scales) + ((size_t)tile * G * 8 + r) * P::scale;
+    // 32-bit indices (a matrix has fewer than 2^32 scale pairs), widened once: 64-bit products cost more.
+    lane_scales = reinterpret_cast<const char*>(scales) + (size_t)(u32)(tile * G * 8 + r) * P::scale;
     lane_values = reinterpret_cast<const char*>(values)
-                + ((size_t)tile * (P::factored ? G >> span_shift : G) * 8 + r) * P::value;
+                + (size_t)(u32)(tile * (P::factored ? G >> span_shift : G) * 8 + r) * P::value;
 }
 
 // A factored form's factors (d_r, d_r8 [, dmin_r, dmin_r8]) of span `span` (inputs 256 span .. + 255), in
@@ -245,16 +253,30 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     const int tile = blockIdx.x;
     const int chunks = K >> 6;
     const int xrow = min(r, M - 1);                          // B column r: x row r (unused columns repeat)
-    const u16* xr = x + (size_t)xrow * K;
-    const Words* wt = w + (size_t)tile * chunks * 32 + lane;
+    const u16* xr = x + (u32)(xrow * K);
+    const Words* wt = w + (u32)(tile * chunks * 32 + lane);
     const char *lane_scales, *lane_values;
     lane_pairs<FORM, ZMODE == OFFSETS>(scales, zero_bias, tile, G, span_shift, r, lane_scales, lane_values);
-    const u32* lane_zeros = reinterpret_cast<const u32*>(zero_bias) + (size_t)tile * G * 8 + r;   // ZEROS
+    const u32* lane_zeros = reinterpret_cast<const u32*>(zero_bias) + (u32)(tile * G * 8 + r);   // ZEROS
+    // Cursors at this warp's chunk c0, advanced with it, so that a chunk's loads take constant offsets
+    // instead of 64-bit index arithmetic: x, the weights, a factored form's span factors (4 chunks a span),
+    // and where groups are below a chunk (LINEAR: chunk c's are GPC c .. + GPC - 1) the scales, offsets and
+    // zeros; larger groups are found by group_of from the lane's first pair.
+    typedef Pairs<FORM, ZMODE == OFFSETS> P;
+    constexpr bool LINEAR = SEG < 4;
+    constexpr int GPC = LINEAR ? 4 / SEG : 0, STEP = WARPS * U;
+    static_assert(WARPS % 4 == 0, "a span's 4 chunks: the factor cursor advances by whole spans");
+    const u16* xc = xr + warp * 64;
+    const Words* wc = wt + warp * 32;
+    const char* sc = lane_scales + warp * GPC * 8 * P::scale;
+    const char* vc = lane_values + (P::factored ? (warp >> 2) * 8 * P::value : warp * GPC * 8 * P::value);
+    const u32* zc = lane_zeros + warp * GPC * 8;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     // Not unrolled: one chunk's loads in flight a lane, as measured best (bench/NOTES-engine.md); left to
     // itself the compiler unrolls some instantiations by two, issuing the next chunk's load mid-loop.
 #pragma unroll 1
-    for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
+    for (int c0 = warp; c0 < chunks; c0 += STEP, xc += STEP * 64, wc += STEP * 32, sc += STEP * GPC * 8 * P::scale,
+         vc += P::factored ? STEP / 4 * 8 * P::value : STEP * GPC * 8 * P::value, zc += STEP * GPC * 8) {
         Words q[U];
         // Per segment: the scales s of rows r and r + 8, and (OFFSETS) the offsets less 128 s, as the levels
         // go into the mma raw (128 + q) there: s sum((128 + q) x) + (m - 128 s) sum(x) = s sum(q x) + m sum(x).
@@ -264,18 +286,20 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * WARPS;
             if (c < chunks) {
-                q[u] = load_streaming(wt + (size_t)c * 32);
+                q[u] = load_streaming(wc + u * WARPS * 32);
                 float d[4] = {0.f, 0.f, 0.f, 0.f};
-                span_factors<FORM, ZMODE == OFFSETS>(lane_values, c >> 2, d);
+                span_factors<FORM, ZMODE == OFFSETS>(vc, u * WARPS / 4, d);
 #pragma unroll
                 for (int seg = 0; seg < 4 / SEG; ++seg) {
-                    const int g = group_of<64, SEG>(c, seg, group_shift);
+                    // the group: from the cursors (LINEAR), else from the lane's first pair
+                    const int g = LINEAR ? u * WARPS * GPC + seg : group_of<64, SEG>(c, seg, group_shift);
                     float sv[2], mv[2] = {0.f, 0.f};
-                    group_values<FORM, ZMODE == OFFSETS>(lane_scales, lane_values, g, d, sv, mv);
+                    group_values<FORM, ZMODE == OFFSETS>(LINEAR ? sc : lane_scales, LINEAR ? vc : lane_values, g, d,
+                                                         sv, mv);
                     s[u][seg][0] = sv[0];
                     s[u][seg][1] = sv[1];
                     if (ZMODE == ZEROS) {
-                        const u32 b = lane_zeros[g * 8];
+                        const u32 b = (LINEAR ? zc : lane_zeros)[g * 8];
                         bias[u][seg][0] = (b & 0xFFFFu) * 0x10001u;
                         bias[u][seg][1] = (b >> 16) * 0x10001u;
                     } else {
@@ -309,7 +333,7 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
                         // B: this lane's x row at inputs k .. k+3 (the fragment's k order, see the layout)
                         const Pair b = PERM
                             ? *reinterpret_cast<const Pair*>(&gathered[PERM ? warp : 0][u][xrow][8 * i + 2 * t])
-                            : *reinterpret_cast<const Pair*>(xr + c * 64 + 16 * i + 4 * t);
+                            : *reinterpret_cast<const Pair*>(xc + u * WARPS * 64 + 16 * i + 4 * t);
                         if (ZMODE == OFFSETS) {   // raw 128 + q (see off above): no bf16 subtraction a pair
                             mma(part, raw_levels(wd), raw_levels(wd >> 4), raw_levels(wd >> 8), raw_levels(wd >> 12),
                                 b.lo, b.hi);

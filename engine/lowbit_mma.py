@@ -137,17 +137,17 @@ template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, 
         // the low nibbles as int4_mma's layout has them, the upper two bits at `at` and at + 16 of word i / 2
         const int at = 8 * (i & 1) + 2 * p;
         const u32 h = (i >> 1) ? d.hi.hi : d.hi.lo;
-        const u32 v = ((d.w[0].w[i] >> (4 * p)) & 0x000F000Fu)
-                    | ((at >= 4 ? h >> (at - 4) : h << (4 - at)) & 0x00300030u);
-        // 128 + q (q < 64) is exact in bf16, as in `levels`
-        return fma2(v | 0x43004300u, 0x3F803F80u, bias);
+        // 128 + q (q < 64) is exact in bf16, as in `levels`; two LOP3s a pair (C's masks and ORs gave three)
+        const u32 v = or_masked<0x00300030u>(at >= 4 ? h >> (at - 4) : h << (4 - at),
+                                             mantissa<0x000F000Fu>(d.w[0].w[i] >> (4 * p)));
+        return fma2(v, 0x3F803F80u, bias);
     }
     if constexpr (BITS == 3) {
         const u32 raw = raw3(d, i, p);
         // (128 + 8q) / 8 - (16 + z), with -(16 + z) = -(128 + z) + 112: every step exact
         return eighths(i) ? fma2(raw, 0x3E003E00u, fma2(bias, 0x3F803F80u, 0x42E042E0u)) : fma2(raw, 0x3F803F80u, bias);
     }
-    return levels((d.w[0].w[i >> 1] >> (2 * p + 8 * (i & 1))) & 0x00030003u, bias);
+    return fma2(mantissa<0x00030003u>(d.w[0].w[i >> 1] >> (2 * p + 8 * (i & 1))), 0x3F803F80u, bias);   // as `levels`
 }
 
 // y[M, N] = x[M, K] @ W^T for M <= 8, as int4_mma (one block a 16-row tile, WARPS warps splitting the
@@ -167,16 +167,28 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
     const int tile = blockIdx.x;
     const int chunks = K / CH;
     const int xrow = min(r, M - 1);
-    const u16* xr = x + (size_t)xrow * K;
-    const char* wt = w + (size_t)tile * chunks * Width<BITS>::bytes;
+    const u16* xr = x + (u32)(xrow * K);
+    const char* wt = w + (size_t)(u32)(tile * chunks) * Width<BITS>::bytes;
     const char *lane_scales, *lane_values;
     lane_pairs<FORM, ZMODE == OFFSETS>(scales, zeros, tile, G, span_shift, r, lane_scales, lane_values);
-    const u32* lane_zeros = reinterpret_cast<const u32*>(zeros) + (size_t)tile * G * 8 + r;   // ZEROS
+    const u32* lane_zeros = reinterpret_cast<const u32*>(zeros) + (u32)(tile * G * 8 + r);   // ZEROS
+    // Cursors at this warp's chunk c0, advanced with it, as in int4_mma (CPS chunks a factored span).
+    typedef Pairs<FORM, ZMODE == OFFSETS> P;
+    constexpr bool LINEAR = SEG < STEPS;
+    constexpr int GPC = LINEAR ? SEGS : 0, STEP = WARPS * U, CPS = 256 / CH;
+    static_assert(WARPS % CPS == 0, "a span's chunks: the factor cursor advances by whole spans");
+    const u16* xc = xr + warp * CH;
+    const char* wc = wt + warp * Width<BITS>::bytes;
+    const char* sc = lane_scales + warp * GPC * 8 * P::scale;
+    const char* vc = lane_values + (P::factored ? warp / CPS * 8 * P::value : warp * GPC * 8 * P::value);
+    const u32* zc = lane_zeros + warp * GPC * 8;
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     // Not unrolled: one chunk's loads in flight a lane, as measured best (bench/NOTES-engine.md); left to
     // itself the compiler unrolls some instantiations by two, issuing the next chunk's load mid-loop.
 #pragma unroll 1
-    for (int c0 = warp; c0 < chunks; c0 += WARPS * U) {
+    for (int c0 = warp; c0 < chunks; c0 += STEP, xc += STEP * CH, wc += STEP * Width<BITS>::bytes,
+         sc += STEP * GPC * 8 * P::scale, vc += P::factored ? STEP / CPS * 8 * P::value : STEP * GPC * 8 * P::value,
+         zc += STEP * GPC * 8) {
         Chunk<BITS> q[U];
         float s[U][SEGS][2], off[ZMODE == OFFSETS ? U : 1][SEGS][2];
         u32 bias[U][SEGS][2];
@@ -184,18 +196,19 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * WARPS;
             if (c < chunks) {
-                q[u] = load_chunk<BITS>(wt + (size_t)c * Width<BITS>::bytes, lane);
+                q[u] = load_chunk<BITS>(wc + u * WARPS * Width<BITS>::bytes, lane);
                 float d[4] = {0.f, 0.f, 0.f, 0.f};
-                span_factors<FORM, ZMODE == OFFSETS>(lane_values, (c * CH) >> 8, d);
+                span_factors<FORM, ZMODE == OFFSETS>(vc, u * WARPS / CPS, d);
 #pragma unroll
                 for (int seg = 0; seg < SEGS; ++seg) {
-                    const int g = group_of<CH, SEG>(c, seg, group_shift);
+                    const int g = LINEAR ? u * WARPS * GPC + seg : group_of<CH, SEG>(c, seg, group_shift);
                     float sv[2], mv[2] = {0.f, 0.f};
-                    group_values<FORM, ZMODE == OFFSETS>(lane_scales, lane_values, g, d, sv, mv);
+                    group_values<FORM, ZMODE == OFFSETS>(LINEAR ? sc : lane_scales, LINEAR ? vc : lane_values, g, d,
+                                                         sv, mv);
                     s[u][seg][0] = sv[0];
                     s[u][seg][1] = sv[1];
                     if (ZMODE == ZEROS) {
-                        const u32 b = lane_zeros[g * 8];
+                        const u32 b = (LINEAR ? zc : lane_zeros)[g * 8];
                         bias[u][seg][0] = row_bias<BITS>(b & 0xFFFFu);
                         bias[u][seg][1] = row_bias<BITS>(b >> 16);
                     } else {
@@ -234,7 +247,7 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
                     for (int i = seg * SEG; i < (seg + 1) * SEG; ++i) {
                         const Pair b = PERM
                             ? *reinterpret_cast<const Pair*>(&gathered[PERM ? warp : 0][u][xrow][PERM ? 8 * i + 2 * t : 0])
-                            : *reinterpret_cast<const Pair*>(xr + c * CH + 16 * i + 4 * t);
+                            : *reinterpret_cast<const Pair*>(xc + u * WARPS * CH + 16 * i + 4 * t);
                         if constexpr (BITS != 3) {
                             mma(part, a_pair<BITS>(q[u], i, 0, b_r), a_pair<BITS>(q[u], i, 1, b_r8),
                                 a_pair<BITS>(q[u], i, 2, b_r), a_pair<BITS>(q[u], i, 3, b_r8), b.lo, b.hi);

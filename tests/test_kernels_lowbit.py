@@ -429,6 +429,35 @@ def test_int4_mma_with_offsets_and_fp32_scales_matches_fp64_at_every_launch_shap
 
 
 @needs_cuda
+@pytest.mark.parametrize("form", ["fp16", "kquant"])
+def test_int4_offsets_keep_bf16_accuracy_when_x_has_a_large_common_part(form):
+    # With float offsets the kernel feeds the mma 128 + q and takes 128 s sum(x) back once a group (no bf16
+    # subtraction a pair). The fp32 sums then carry 128 s sum(x), far more than the result when x is mostly
+    # one sign and every group's weights are centred (m = -7.5 s): the worst case for that cancellation, at
+    # a 7B K. It must still be within the bf16 output's rounding of fp64.
+    K, N, gs = 4096, 256, 32
+    G = K // gs
+    if form == "kquant":   # Q4_K: d per 256 inputs times 0..8, and m = -7.5 s = (d / 2) * -(15 sc): factored
+        d = (torch.rand(G // 8, N) * 1e-3 + 1e-4).half().float().repeat_interleave(8, 0)
+        sc = torch.randint(0, 9, (G, N)).float()
+        scales, offsets = d * sc, d / 2 * -(15 * sc)
+    else:                  # Q4_1: fp16 s and m
+        scales = (torch.rand(G, N) * 0.02 + 0.001).half().float()
+        offsets = (-7.5 * scales).half().float()
+    q = torch.randint(0, 16, (K, N), dtype=torch.uint8)
+    packed = int4_mma.pack(q.cuda(), scales.cuda(), None, gs, offsets=offsets.cuda())
+    assert packed.zmode == int4_mma.OFFSETS
+    assert packed.form in (FACTORED if form == "kquant" else (int4_mma.HALF,))
+    g = torch.arange(K) // gs
+    w = (q.double() * scales.double()[g] + offsets.double()[g]).t().cuda()                 # [N, K]
+    for warps, unroll in [(32, 1), (16, 1), (8, 2)]:
+        for rows in (1, 8):
+            x = (1 + 0.05 * torch.randn(rows, K, device="cuda")).to(torch.bfloat16)
+            y = int4_mma.matmul(x, packed, int4_mma.MmaConfig(warps, unroll))
+            assert rel_err(y, x.double() @ w.t()) < 5e-3, (warps, unroll, rows)
+
+
+@needs_cuda
 def test_every_gguf_type_runs_packed_on_cuda():
     # What a GGUF load builds: each type's repacked weight becomes a tensor-core layer (never dequantized), at
     # decode sizes and through the prompt path (dequantize + cuBLAS), against gguf's values in fp64.
