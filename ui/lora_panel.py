@@ -35,8 +35,10 @@ def build_lora_panel(state, status_md: gr.Markdown, status_line) -> dict:
         @gr.render(inputs=[select])
         def weight_boxes(names):
             applied = state.applied_loras()
+            # interactive stated: Gradio does not count a listener attached to an outer button as a use of them
             boxes = [gr.Number(value=applied.get(name, 1.0), label=f"{name} weight", key=f"lora-weight-{name}",
-                               elem_id=f"lora-weight-{i}") for i, name in enumerate(names or [])]
+                               step=0.1, interactive=True, elem_id=f"lora-weight-{i}")
+                     for i, name in enumerate(names or [])]
             apply_btn.click(on_apply, [select, *boxes], [applied_md]).then(status_line, None, [status_md])
 
         with gr.Row():
