@@ -135,7 +135,8 @@ class AppState:
     loaded: LoadedModel | None = None
     # One load/unload at a time.
     model_lock: threading.RLock = field(default_factory=threading.RLock)
-    # One generation at a time on the one loaded model, first come first served; each has its own RunHandle.
+    # Generations on the one loaded model, first come first served, as many at once as it runs (one, or a
+    # batch: Model.concurrent_generations); each has its own RunHandle.
     generations: Scheduler = field(default_factory=Scheduler)
     # Downloads run side by side; the line only hands each one its handle (and so its own Cancel).
     downloads: Scheduler = field(default_factory=lambda: Scheduler(slots=None))
@@ -273,7 +274,7 @@ class AppState:
         with self.model_lock:
             if self.loaded is not loaded:
                 raise LoadError("the model changed meanwhile; apply the adapters again")
-            for _ in self.generations.submit(work, "lora"):
+            for _ in self.generations.submit(work, "lora", exclusive=True):
                 pass
         if save and loaded.model.model_dir is not None:
             entry = dict(self.settings_store.get(loaded.name))
@@ -350,6 +351,7 @@ class AppState:
             except Exception:   # a template that cannot even be resolved: the load must not leak the model
                 model.unload()
                 raise
+            self.generations.set_slots(model.concurrent_generations)
             self._apply_saved_loras(name, saved.get("loras") or {}, progress)
             return model
 
@@ -377,6 +379,7 @@ class AppState:
             # The decode loop sees its flag within one token; a consumer that stopped reading its handle
             # without closing it would hold the line forever, hence the bound.
             self.generations.wait_idle(UNLOAD_WAIT_SECONDS)
+            self.generations.set_slots(1)
             model.unload()
             gc.collect()
             release_freed_memory()

@@ -12,6 +12,10 @@ place); closing the handle, or dropping it, gives the place up and ends the work
 
 threading.Lock wakes waiters in no particular order, so under load one client could wait forever; a line
 served in arrival order makes waiting predictable and lets every waiter say how many are ahead of it.
+
+A line with several slots runs the first `slots` runs at once (a model that batches generations, engine.batch,
+sets them at load through `set_slots`); an `exclusive` run (changing the model's adapters) waits until it is
+first in line and runs alone, and the runs behind it wait for it.
 """
 from __future__ import annotations
 
@@ -28,11 +32,12 @@ Work = Callable[[threading.Event], Iterator[object]]
 class _Place:
     """A place in line. The line holds places, not handles, so a handle nobody references any more is freed
     (and its finalizer gives the place up) instead of holding the line forever."""
-    __slots__ = ("owner", "cancel")
+    __slots__ = ("owner", "cancel", "exclusive")
 
-    def __init__(self, owner: str) -> None:
+    def __init__(self, owner: str, exclusive: bool = False) -> None:
         self.owner = owner
         self.cancel = threading.Event()
+        self.exclusive = exclusive
 
 
 class Scheduler:
@@ -47,10 +52,16 @@ class Scheduler:
         self._cond = threading.Condition()
         self._line: list[_Place] = []
 
-    def submit(self, work: Work, owner: str = "default") -> RunHandle:
+    def set_slots(self, slots: int | None) -> None:
+        """Run `slots` runs at once from now on (waiting runs move up at once when there are more)."""
+        with self._cond:
+            self.slots = slots
+            self._cond.notify_all()
+
+    def submit(self, work: Work, owner: str = "default", exclusive: bool = False) -> RunHandle:
         """Queue `work` at the end of the line for `owner` (a UI session, "api"); returns its handle.
-        The place is taken now, so the run's position counts from this call."""
-        place = _Place(owner)
+        The place is taken now, so the run's position counts from this call. `exclusive`: it runs alone."""
+        place = _Place(owner, exclusive)
         with self._cond:
             self._line.append(place)
             self._cond.notify_all()
@@ -91,6 +102,8 @@ class Scheduler:
             if place not in self._line:
                 return None
             index = self._line.index(place)
+            if place.exclusive or any(p.exclusive for p in self._line[:index]):
+                return index   # alone: it waits for every run ahead, and those behind wait for it
             return 0 if self.slots is None else max(0, index - self.slots + 1)
 
     def _cancel(self, place: _Place) -> bool:

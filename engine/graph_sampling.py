@@ -140,6 +140,19 @@ class GraphSampler:
             self.row.zero_()
         self.picks += 1
 
+    def load(self, other: "GraphSampler") -> None:
+        """Take over `other`'s generation mid-way (engine.batch moves a generation to another slot): its
+        parameters, history, counts, noise and generator, copied into this sampler's own buffers."""
+        for mine, theirs in zip(self._buffers(), other._buffers()):
+            mine.copy_(theirs)
+        self.generator.set_state(other.generator.get_state())
+        self.picks = other.picks
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return [self.history, self.length, self.counts, self.window, self.repetition, self.presence,
+                self.frequency, self.temperature, self.top_k, self.top_p, self.typical_p, self.min_p, self.noise,
+                self.row]
+
     def state(self) -> list[torch.Tensor]:
         """The buffers a pick changes (a graph capture's warm-up runs restore them)."""
         return [self.history, self.length, self.counts, self.row]

@@ -199,20 +199,34 @@ def moe_args(config: dict, model_type: str, n_layers: int) -> dict:
 
 
 class KVCache(nn.Module):
-    """Keys and values for every position up to max_seq_len: [B, H_kv, T, D], written in place."""
+    """Keys and values for every position up to max_seq_len: [slots, H_kv, T, D], written in place. Each
+    generation decoding at once (engine.batch) owns one row; `k` and `v` are the row a call with one row of
+    positions reads and writes (row 0 unless `use_row` picked another)."""
 
     def __init__(self, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, slots: int = 1):
         super().__init__()
-        shape = (1, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (slots, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k_all", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_all", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.use_row(0)
+
+    def use_row(self, row: int) -> None:
+        """Make `row` the one that calls with positions [S] use (captured graphs keep the row they saw)."""
+        self.k, self.v = self.k_all[row:row + 1], self.v_all[row:row + 1]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        # input_pos: [S]; k, v: [1, H_kv, S, D]. index_copy_ keeps the write graph-capturable.
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+        # input_pos: [S] (k, v: [1, H_kv, S, D]) or [B, S], each row's own positions, into rows 0..B-1
+        # (k, v: [B, H_kv, S, D]). index_copy_ and scatter_ keep the write graph-capturable.
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+        rows = input_pos.shape[0]
+        index = input_pos[:, None, :, None].expand(k.shape)
+        self.k_all[:rows].scatter_(2, index, k)
+        self.v_all[:rows].scatter_(2, index, v)
+        return self.k_all[:rows, :, :kv_len], self.v_all[:rows, :, :kv_len]
 
 
 class RMSNorm(nn.Module):
@@ -284,20 +298,22 @@ class Rotary(nn.Module):
         return inv
 
     def forward(self, input_pos: torch.Tensor, dtype: torch.dtype):
-        # input_pos: [S] -> cos, sin: [S, D], built from positions each call (cheap, and graph-safe).
+        # input_pos: [S] -> cos, sin: [S, D], built from positions each call (cheap, and graph-safe); [B, S]
+        # (a row of positions per generation, engine.batch) -> [B, S, D], each row scaled by its own length.
         inv = self.base_inv_freq
         if self.dynamic:
             # Dynamic NTK: past the trained length L, raise the base as HF does for the longest position
             # seen so far, (factor * len / L - (factor - 1)) ** (d / (d - 2)). Tensor ops keep it in-graph.
             a = self.args
             factor, trained = self.scaling["factor"], a.max_position_embeddings
-            seq_len = torch.clamp(input_pos.max() + 1, min=trained).float()
+            seq_len = torch.clamp(input_pos.amax(-1, keepdim=True) + 1, min=trained).float()   # [1] or [B, 1]
             base = self.theta * (factor * seq_len / trained - (factor - 1)) ** self.exponent
             d = self.dim
-            inv = 1.0 / (base ** (torch.arange(0, d, 2, device=input_pos.device).float() / d))
+            inv = 1.0 / (base[..., None] ** (torch.arange(0, d, 2, device=input_pos.device).float() / d))
         elif self.longrope:
-            inv = torch.where(input_pos.max() + 1 > self.original, self.long_inv_freq, inv)
-        freqs = input_pos.float()[:, None] * inv[None, :]                  # [S, D/2]
+            longer = input_pos.amax(-1, keepdim=True)[..., None] + 1 > self.original
+            inv = torch.where(longer, self.long_inv_freq, inv)
+        freqs = input_pos.float()[..., None] * inv                            # [S, D/2] or [B, S, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)                               # [S, D]
         if self.attention_factor != 1.0:
             return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
@@ -350,8 +366,9 @@ class Attention(nn.Module):
         whole_heads = cos.shape[-1] == self.head_dim   # the fused kernel rotates whole heads only
         norms = self.q_norm is not None and self.q_norm.out_order is None and self.k_norm.out_order is None
         qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if norms else None
+        # (The fused kernel writes one row of positions: a batch of rows (engine.batch) takes the ops below.)
         if fused_ops.usable(qkv) and self.head_dim & (self.head_dim - 1) == 0 and whole_heads and \
-                (self.q_norm is None or norms):
+                (self.q_norm is None or norms) and input_pos.dim() == 1:
             # One kernel: q/k norms (Qwen3 / Gemma 3), RoPE on q and k, k and v into the cache (Triton wants a
             # power-of-two head size).
             q = fused_ops.rotary_into_cache(qkv, cos, sin, input_pos, cache.k, cache.v, H, H_kv,
@@ -465,22 +482,24 @@ class Transformer(nn.Module):
             if args.local_rope_theta is not None else None
         self.max_seq_len = 0
 
-    def setup_caches(self, max_seq_len: int, dtype: torch.dtype) -> None:
-        """Allocate each layer's KV cache on the device that layer's weights live on."""
+    def setup_caches(self, max_seq_len: int, dtype: torch.dtype, slots: int = 1) -> None:
+        """Allocate each layer's KV cache on the device that layer's weights live on, with `slots` rows (one
+        per generation decoding at once)."""
         self.max_seq_len = max_seq_len
         for layer in self.layers:
             device = layer.attention_norm.weight.device
             layer.attention.kv_cache = KVCache(max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype,
-                                               device)
+                                               device, slots)
 
     def mask(self, input_pos: torch.Tensor, kv_len: int, window: int | None = None) -> torch.Tensor:
         # [S, kv_len]: causal over absolute positions; also blinds cache slots beyond the current
-        # position, so stale entries from an earlier generation are never read.
+        # position, so stale entries from an earlier generation are never read. Positions [B, S]: [B, 1, S,
+        # kv_len], each row its own (broadcast over heads).
         slots = torch.arange(kv_len, device=input_pos.device)
-        mask = slots[None, :] <= input_pos[:, None]
+        mask = slots <= input_pos[..., None]
         if window:
-            mask &= slots[None, :] > input_pos[:, None] - window
-        return mask
+            mask &= slots > input_pos[..., None] - window
+        return mask if input_pos.dim() == 1 else mask[:, None]
 
     def tables(self, input_pos: torch.Tensor, kv_len: int, x: torch.Tensor) -> dict:
         """{sliding: (cos, sin, mask)} for the kinds of layer this model has (sliding-window or not), for
@@ -488,7 +507,7 @@ class Transformer(nn.Module):
         out = {}
         for sliding in sorted({layer.sliding for layer in self.layers}):
             rotary = self.local_rotary if sliding and self.local_rotary is not None else self.rotary
-            cos, sin = (t[:, None] for t in rotary(input_pos, x.dtype))      # [S, 1, D], broadcast over heads
+            cos, sin = (t.unsqueeze(-2) for t in rotary(input_pos, x.dtype))   # [(B,) S, 1, D]: over heads
             mask = self.mask(input_pos, kv_len, self.args.sliding_window if sliding else None)
             if fused_ops.usable(x):
                 # SDPA turns a bool mask into an additive one in every call (kernels in every layer): once here.
@@ -498,7 +517,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
                 last_only: bool = False) -> torch.Tensor:
-        """tokens: [B, S] ids at positions input_pos [S]; attends over cache slots [0, kv_len).
+        """tokens: [B, S] ids at positions input_pos [S] (or [B, S]: each row its own positions and its own
+        row of the KV cache, engine.batch); attends over cache slots [0, kv_len).
         Returns logits [B, S, V] in fp32 ([B, 1, V] with last_only: prefill needs no more)."""
         x = self.tok_embeddings(tokens)                                       # [B, S, dim]
         if self.args.embed_scale is not None:

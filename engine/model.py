@@ -69,6 +69,9 @@ class Model:
     applies_chat_template = False  # renders messages itself (a server, llama.cpp): it gets messages, not text
     takes_tools = False            # understands tool definitions and tool-role messages
     takes_images = False           # understands image parts in message content
+    # How many generations `generate` may run at once, from different threads (engine.batch shares the
+    # decode step between them); 1: one at a time, the scheduler's first-come-first-served line.
+    concurrent_generations = 1
 
     name: str = ""
     loader: str = ""

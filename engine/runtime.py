@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from engine.batch import Batch
 from engine.generation import GenerationEvent, stream
 from engine.graph_sampling import GraphSampler, Plan, unsupported
 from engine.llama import ACTIVATIONS, SUPPORTED_MODEL_TYPES, ModelArgs, Transformer
@@ -26,6 +27,7 @@ from engine.sampling import GenerationParams
 from engine.weights import load_transformer
 
 MIN_BUCKET = 256
+MAX_SLOTS = 8   # the int4 kernel reads each weight once for up to 8 rows
 
 
 def unsupported_reason(config: dict) -> str | None:
@@ -50,23 +52,17 @@ class Engine:
     """A Transformer with its KV cache, the prefill/decode calls, and the decode graphs."""
 
     def __init__(self, model: Transformer, max_seq_len: int, use_graphs: bool, prefill_chunk: int = 2048,
-                 sample_in_step: bool | None = None):
+                 sample_in_step: bool | None = None, slots: int = 1):
         """sample_in_step: pick tokens inside the decode step (engine.graph_sampling); None: when graphs are
-        used (on CPU it only serves tests: the same ops, eagerly)."""
+        used (on CPU it only serves tests: the same ops, eagerly). slots: generations that decode at once
+        (engine.batch), each with its own row of the KV cache; on a GPU fewer when their caches do not fit."""
         self.model = model
         self.device = model.tok_embeddings.weight.device
         self.max_seq_len = max_seq_len
         self.prefill_chunk = prefill_chunk
         self.use_graphs = use_graphs and self.device.type == "cuda"
         dtype = model.tok_embeddings.weight.dtype
-        try:
-            model.setup_caches(max_seq_len, dtype)
-        except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocation failures are RuntimeErrors
-            a = model.args
-            size = 2 * a.n_layers * a.n_kv_heads * a.head_dim * max_seq_len * dtype.itemsize
-            raise ValueError(f"the KV cache for a context of {max_seq_len} tokens ({size / 2**30:.1f} GiB) does "
-                             f"not fit on {self.device}; a smaller context_length would "
-                             f"({str(exc).splitlines()[0][:120]})") from None
+        self.slots = self._setup_caches(max_seq_len, dtype, slots)
         # Static inputs the graphs read: overwrite them in place, then replay.
         self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -76,18 +72,50 @@ class Engine:
         in_step = self.use_graphs if sample_in_step is None else sample_in_step
         self.sampler = GraphSampler(model.args.vocab_size, max_seq_len, self.device) if in_step else None
 
+    def _setup_caches(self, max_seq_len: int, dtype: torch.dtype, slots: int) -> int:
+        """Allocate the KV cache with `slots` rows, halving them while a GPU cannot hold that many (a batch
+        of streams is worth less than a loadable model); returns the rows allocated."""
+        model = self.model
+        while slots > 1:
+            try:
+                model.setup_caches(max_seq_len, dtype, slots)
+                return slots
+            except torch.OutOfMemoryError:
+                slots //= 2
+                model.setup_caches(1, dtype)   # let go of the rows allocated so far before trying fewer
+                torch.cuda.empty_cache()
+        try:
+            model.setup_caches(max_seq_len, dtype)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocation failures are RuntimeErrors
+            a = model.args
+            size = 2 * a.n_layers * a.n_kv_heads * a.head_dim * max_seq_len * dtype.itemsize
+            raise ValueError(f"the KV cache for a context of {max_seq_len} tokens ({size / 2**30:.1f} GiB) does "
+                             f"not fit on {self.device}; a smaller context_length would "
+                             f"({str(exc).splitlines()[0][:120]})") from None
+        return 1
+
     def prefill(self, prompt_ids: Sequence[int], cancel: threading.Event | None = None) -> torch.Tensor:
         """Run the prompt in chunks (bounded activation memory); returns fp32 logits [V] after it. A set
         `cancel` ends it after the chunk in progress (Stop during a long prompt): the logits are then the
         last chunk's, and the generation loop, which checks `cancel` after its first token, ends the reply."""
-        ids = torch.tensor(list(prompt_ids), dtype=torch.long, device=self.device)
-        for start in range(0, len(ids), self.prefill_chunk):
-            end = min(start + self.prefill_chunk, len(ids))
-            input_pos = torch.arange(start, end, device=self.device)
-            logits = self.model(ids[None, start:end], input_pos, kv_len=end, last_only=True)
+        for start in range(0, len(prompt_ids), self.prefill_chunk):
+            logits = self.prefill_chunk_at(prompt_ids[start:start + self.prefill_chunk], start)
             if cancel is not None and cancel.is_set():
                 break
-        return logits[0, -1]
+        return logits
+
+    def prefill_chunk_at(self, ids: Sequence[int], start: int, row: int = 0) -> torch.Tensor:
+        """Run prompt ids that start at position `start` into KV-cache row `row`; fp32 logits [V] after them."""
+        input_pos = torch.arange(start, start + len(ids), device=self.device)
+        tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        caches = [layer.attention.kv_cache for layer in self.model.layers]
+        for cache in caches:
+            cache.use_row(row)
+        try:
+            return self.model(tokens, input_pos, kv_len=start + len(ids), last_only=True)[0, -1]
+        finally:
+            for cache in caches:
+                cache.use_row(0)
 
     def bucket(self, length: int) -> int:
         b = MIN_BUCKET
@@ -143,23 +171,30 @@ class Engine:
         return logits
 
     def _capture(self, kv_len: int, plan: Plan | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream (lazy inits, workspace allocations) before capturing. Both runs write
-        # the current token's K/V into its own slot, which the replay then rewrites with the same values.
-        # A picking step also changes the token and the sampler's buffers: each run puts them back.
+        # A picking step also changes the token and the sampler's buffers: the warm-up puts them back.
         kept = [self.token, *self.sampler.state()] if plan is not None else []
+        return self.capture(lambda: self._step(kv_len, plan), kept)
+
+    def capture(self, step, kept: Sequence[torch.Tensor] = ()) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture `step()` (a decode step over static inputs; returns its output) as a graph in the engine's
+        pool. Warm up on a side stream (lazy inits, workspace allocations) before capturing. Both runs write
+        the current tokens' K/V into their own places, which the replay then rewrites with the same values;
+        `kept`: other buffers the step changes, put back after each run."""
         saved = [t.clone() for t in kept]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(kv_len, plan)
+                step()
                 for t, copy in zip(kept, saved):
                     t.copy_(copy)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(kv_len, plan)
-        return graph, logits
+        # thread_local: generations run in threads of their own (engine.batch), and their sampling may launch
+        # kernels while this thread captures; only this thread's calls must keep off the capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = step()
+        return graph, out
 
 
 class EngineStepper:
@@ -224,15 +259,25 @@ class EngineModel(Model):
         self.loader = loader
         self.runtime = runtime
         self.memory = memory   # the loader's estimate (loaders.config_check), shown beside the runtime
+        # Several slots: concurrent generations share each decode step (engine.batch); one: one at a time.
+        self.batch = Batch(engine) if engine.slots > 1 else None
+        self.concurrent_generations = engine.slots
 
     def generate(self, prompt: Prompt, params: GenerationParams,
                  cancel: threading.Event | None = None) -> Iterator[GenerationEvent]:
+        """With several slots, safe from several threads at once: their decode steps are shared."""
+        if self.batch is not None:
+            return self.batch.stream(self.tokenizer, prompt_ids(prompt), params, self.eos_token_ids, cancel,
+                                     self.context_length)
         stepper = EngineStepper(self.engine, cancel)
         return stream(stepper, self.tokenizer, prompt_ids(prompt), params, self.eos_token_ids, cancel,
                       self.context_length, stepper.sampling(params))
 
     def unload(self) -> None:
         device = self.engine.device
+        if self.batch is not None:
+            self.batch.close()
+            self.batch = None
         self.engine = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -252,7 +297,7 @@ def parse_gpu_split(value: str | Sequence[float] | None) -> list[float] | None:
 def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], context_length: int,
                       loader: str, device: str = "auto", gpu_split: str | Sequence[float] | None = None,
                       cuda_graph: bool = True, repack_int4: bool = True, config: dict | None = None,
-                      memory: str = "", progress=None) -> EngineModel:
+                      memory: str = "", progress=None, slots: int | None = None) -> EngineModel:
     """Load a Llama-family folder (fp16/bf16/fp32, GPTQ or AWQ safetensors) into the engine.
 
     model_dir: folder with config.json and *.safetensors (quantization read from config.json's
@@ -270,6 +315,8 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     config: config.json's content when the caller has read it already (read here otherwise).
     memory: the caller's estimate of what the load holds, shown beside the runtime.
     progress: callable(fraction, message) or None.
+    slots: generations decoding at once (engine.batch); None: MAX_SLOTS on CUDA (fewer when their KV caches
+        do not fit), 1 on CPU, where a step costs about its rows' worth and generations take turns.
     Returns an EngineModel whose `runtime` names device, kernels and graph use.
     Raises ValueError for configs the engine cannot run (see unsupported_reason).
     """
@@ -293,10 +340,14 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     model, kinds = load_transformer(model_dir, devices, dtype, split, repack_int4=repack_int4 and device == "cpu",
                                     progress=progress, config=config)
     graphs = cuda_graph and len(devices) == 1 and device == "cuda"
-    engine = Engine(model, context_length, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512)
+    if slots is None:
+        slots = MAX_SLOTS if device == "cuda" else 1
+    engine = Engine(model, context_length, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512,
+                    slots=slots)
     where = f"cuda x{len(devices)}" if len(devices) > 1 else device
+    streams = f"{engine.slots} streams batched" if engine.slots > 1 else "one stream at a time"
     runtime = (f"hearth engine ({where}, {', '.join(sorted(kinds))}"
-               f"{', CUDA graph with sampling in it' if graphs else ''})")
+               f"{', CUDA graph with sampling in it' if graphs else ''}, {streams})")
     if progress:
         progress(1.0, "ready")
     return EngineModel(model_dir, engine, tokenizer, eos_token_ids, context_length, loader, runtime, memory)

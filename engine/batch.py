@@ -1,0 +1,326 @@
+"""Several generations in one decode step: the slots, the thread that steps them, and each generation's
+Stepper over its slot.
+
+Decode reads every weight once per step whatever the number of rows (the int4 kernel takes up to 8), so
+concurrent generations cost little more than one when they share the step. A `Batch` owns the engine for
+that: up to `engine.slots` generations each hold a slot, a row of the KV cache with its own position. One
+driver thread runs the model; each generation's own thread runs engine.generation.stream over a
+`SlotStepper`, which hands the driver the slot's next token and waits for the logits of its row. Stop
+strings, cancellation and statistics stay in each generation's stream, so every slot keeps its own. So does
+sampling: where the engine samples inside its step (engine.graph_sampling), each slot has a GraphSampler of
+its own, the driver picks each slot's token after the step, and the host reads back only the ids; other
+parameters keep the shared sampler in the generation's thread.
+
+Rows stay compact (the slots in use are rows 0..n-1): a slot that ends hands its row to the last slot, whose
+filled part of the cache moves over. A step then always covers rows 0..n-1, and one slot alone runs the
+engine's single-stream step (the same graph) in row 0.
+
+The driver's turns: a newcomer's prompt runs one prefill chunk at a time, alternating with decode steps of
+the running slots, so they stall by one chunk at most. A decode step waits until every decoding slot has
+handed its token in, but not longer than STRAGGLER_WAIT seconds after the first: a slot whose reader paused
+misses steps rather than stalling the others (its position does not move; rows not stepping are padding).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from engine.generation import GenerationEvent, stream
+from engine.graph_sampling import GraphSampler, Plan
+from engine.sampling import GenerationParams
+
+STRAGGLER_WAIT = 0.05
+ROW_BUCKETS = (2, 4, 8)   # rows of a captured batched step: a batch is rounded up to one (padding rows ignored)
+
+
+@dataclass(eq=False)
+class Slot:
+    row: int
+    cancel: threading.Event | None
+    pending: list[int]                  # prompt ids not prefilled yet
+    filled: int = 0                     # cache positions written (the next token goes at this position)
+    token: torch.Tensor | None = None   # handed in (0-d, on the device), waiting for a step
+    since: float = 0.0                  # when it was handed in
+    result: torch.Tensor | None = None  # logits [V], or the picked id (0-d) with a plan, waiting to be taken
+    plan: Plan | None = None            # how its GraphSampler picks; None: the shared sampler, from logits
+    error: BaseException | None = None
+    left: bool = False
+
+
+class BatchedStep:
+    """The decode step over rows 0..n-1 of the cache, each at its own position: eagerly, or by replaying a
+    graph captured per (cache bucket, row bucket)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        device = engine.device
+        # Static inputs the graphs read. A padding row writes its K/V at the cache's last position, which no
+        # live row reads before writing it itself (a row attends only up to its own position).
+        self.tokens = torch.zeros((engine.slots, 1), dtype=torch.long, device=device)
+        self.positions = torch.zeros((engine.slots, 1), dtype=torch.long, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def __call__(self, rows: int, stepping: dict[int, tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """stepping: {row: (token 0-d on the device, its position)} for the rows that advance, all below
+        `rows`. Returns fp32 logits [rows, V] (a fresh tensor: graphs' outputs are copied out)."""
+        engine = self.engine
+        n = next(b for b in ROW_BUCKETS + (engine.slots,) if b >= rows) if engine.use_graphs else rows
+        n = min(n, engine.slots)
+        self.positions[:n].fill_(engine.max_seq_len - 1)
+        ordered = sorted(stepping)
+        index = torch.tensor(ordered, dtype=torch.long, device=engine.device)
+        self.tokens[:, 0].index_copy_(0, index, torch.stack([stepping[r][0].view(()) for r in ordered]))
+        self.positions[:, 0].index_copy_(0, index, torch.tensor([stepping[r][1] for r in ordered],
+                                                                dtype=torch.long, device=engine.device))
+        kv_len = max(pos for _, pos in stepping.values()) + 1
+        if not engine.use_graphs:
+            return engine.model(self.tokens[:n], self.positions[:n], kv_len=kv_len)[:rows, -1]
+        key = (engine.bucket(kv_len), n)
+        if key not in self.graphs:
+            self.graphs[key] = engine.capture(
+                lambda: engine.model(self.tokens[:n], self.positions[:n], kv_len=key[0]))
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:rows, -1].clone()
+
+
+@dataclass(eq=False)
+class Batch:
+    """The slots of one engine and the driver thread that steps them (started with the first slot)."""
+    engine: object
+    slots: list[Slot] = field(default_factory=list)   # index == row
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    closed: bool = False
+    widest: int = 0   # the most slots one decode step has advanced so far (reported by bench/engine.py)
+    _thread: threading.Thread | None = None
+
+    def __post_init__(self) -> None:
+        self.step = BatchedStep(self.engine)
+        # One in-step sampler per row, row 0's the engine's own (its single-stream step picks with it).
+        sampler = self.engine.sampler
+        self.samplers = None if sampler is None else [sampler] + [
+            GraphSampler(sampler.vocab, sampler.capacity, sampler.device) for _ in range(self.engine.slots - 1)]
+
+    def stream(self, tokenizer, prompt_ids: Sequence[int], params: GenerationParams, eos_token_ids: Sequence[int],
+               cancel: threading.Event | None, context_length: int | None) -> Iterator[GenerationEvent]:
+        """One generation's events (engine.generation.stream) over a slot of this batch; the slot is freed
+        as soon as the generation ends, however it ends (closing the iterator too)."""
+        stepper = SlotStepper(self, cancel)
+        try:
+            yield from stream(stepper, tokenizer, prompt_ids, params, eos_token_ids, cancel, context_length,
+                              stepper.sampling(params))
+        finally:
+            stepper.leave()
+
+    def close(self) -> None:
+        """End the driver (after the step in progress) and wait for it; generations still waiting on it fail
+        with an error."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    # ---- called from generation threads ---------------------------------------------------------------
+    def join(self, prompt_ids: Sequence[int], cancel: threading.Event | None) -> tuple[Slot, torch.Tensor]:
+        """Take a slot for a prompt; returns it with the logits after the prompt once it is prefilled."""
+        with self.cond:
+            if self.closed:
+                raise RuntimeError("the model was unloaded")
+            if len(self.slots) >= self.engine.slots:   # the scheduler admits no more than there are slots
+                raise RuntimeError(f"all {self.engine.slots} generation slots are taken")
+            slot = Slot(row=len(self.slots), cancel=cancel, pending=list(prompt_ids))
+            self.slots.append(slot)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._drive, name="hearth-batch", daemon=True)
+                self._thread.start()
+            self.cond.notify_all()
+            return slot, self._result(slot)
+
+    def first_pick(self, slot: Slot, params: GenerationParams, plan: Plan, logits: torch.Tensor,
+                   history: torch.Tensor, seed: int) -> torch.Tensor:
+        """Load a prefilled slot's generation into its row's sampler and pick its first token from `logits`;
+        from then on each step picks for it (`advance` returns ids)."""
+        with self.cond:   # the driver moves rows under the lock only, and never picks for a slot not stepping
+            sampler = self.samplers[slot.row]
+            sampler.start(params, plan, history, seed)
+            sampler.before_pick(plan)
+            slot.plan = plan
+            return sampler.pick(logits, plan)
+
+    def advance(self, slot: Slot, token: torch.Tensor) -> torch.Tensor:
+        """Hand in the slot's next token; returns what the step after it gives the slot: logits [V], or with
+        a plan the next picked id."""
+        with self.cond:
+            slot.token, slot.since = token, time.monotonic()
+            self.cond.notify_all()
+            return self._result(slot)
+
+    def leave(self, slot: Slot) -> None:
+        with self.cond:
+            slot.left = True
+            self.cond.notify_all()
+
+    def _result(self, slot: Slot) -> torch.Tensor:
+        self.cond.wait_for(lambda: slot.result is not None or slot.error is not None or self.closed)
+        if slot.error is not None:
+            raise slot.error
+        if slot.result is None:
+            raise RuntimeError("the model was unloaded")
+        result, slot.result = slot.result, None
+        return result
+
+    # ---- the driver thread ----------------------------------------------------------------------------
+    def _drive(self) -> None:
+        last_was_decode = False
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    job = self._next_job(last_was_decode)
+                    if job is None:
+                        return
+                try:
+                    if isinstance(job, Slot):
+                        self._prefill(job)
+                        last_was_decode = False
+                    else:
+                        self._decode(job)
+                        last_was_decode = True
+                except Exception as exc:   # e.g. out of memory: those slots' generations end with it
+                    with self.cond:
+                        for slot in [job] if isinstance(job, Slot) else job:
+                            slot.error, slot.token = exc, None
+                        self.cond.notify_all()
+
+    def _next_job(self, last_was_decode: bool) -> Slot | list[Slot] | None:
+        """Under the lock: wait for work; a newcomer (Slot) to prefill a chunk of, or the slots to decode
+        ([Slot]); None once closed."""
+        while not self.closed:
+            self._free_left()
+            newcomer = next((s for s in self.slots if s.pending), None)
+            decoding = [s for s in self.slots if not s.pending and s.filled]
+            ready = [s for s in decoding if s.token is not None]
+            everyone = bool(decoding) and len(ready) == len(decoding)
+            if everyone and not (newcomer is not None and last_was_decode):
+                return ready
+            if newcomer is not None:
+                return newcomer
+            waited = time.monotonic() - min((s.since for s in ready), default=time.monotonic())
+            if ready and waited >= STRAGGLER_WAIT:
+                return ready
+            self.cond.wait(STRAGGLER_WAIT - waited if ready else None)
+        for slot in self.slots:
+            slot.error = RuntimeError("the model was unloaded")
+        self.cond.notify_all()
+        return None
+
+    def _free_left(self) -> None:
+        """Give up the rows of slots that ended: the last slot moves into each freed row."""
+        while True:
+            while self.slots and self.slots[-1].left:
+                self.slots.pop()
+            hole = next((s for s in self.slots if s.left), None)
+            if hole is None:
+                return
+            last = self.slots.pop()
+            self._move(last, hole.row)
+            self.slots[hole.row] = last
+
+    def _move(self, slot: Slot, row: int) -> None:
+        filled = slot.filled
+        for layer in self.engine.model.layers:
+            cache = layer.attention.kv_cache
+            cache.k_all[row, :, :filled].copy_(cache.k_all[slot.row, :, :filled])
+            cache.v_all[row, :, :filled].copy_(cache.v_all[slot.row, :, :filled])
+        if slot.plan is not None:
+            self.samplers[row].load(self.samplers[slot.row])
+        slot.row = row
+
+    def _prefill(self, slot: Slot) -> None:
+        chunk = slot.pending[:self.engine.prefill_chunk]
+        logits = self.engine.prefill_chunk_at(chunk, slot.filled, slot.row)
+        with self.cond:
+            slot.filled += len(chunk)
+            del slot.pending[:len(chunk)]
+            if slot.cancel is not None and slot.cancel.is_set():
+                slot.pending.clear()   # Stop during the prompt: the stream sees the flag and ends the reply
+            if not slot.pending:
+                slot.result = logits
+                self.cond.notify_all()
+
+    def _decode(self, ready: list[Slot]) -> None:
+        engine = self.engine
+        if len(self.slots) == 1:   # alone: exactly the single-stream step, in row 0
+            (slot,) = ready
+            if slot.plan is not None:
+                engine.token.copy_(slot.token.view(1, 1))
+                results = [engine.decode_and_pick(slot.filled, slot.plan)]
+            else:
+                results = [engine.decode(slot.token, slot.filled).clone()]
+        else:
+            logits = self.step(len(self.slots), {s.row: (s.token, s.filled) for s in ready})
+            results = [logits[s.row] if s.plan is None else self._pick(s, logits[s.row]) for s in ready]
+        with self.cond:
+            self.widest = max(self.widest, len(ready))
+            for slot, result in zip(ready, results):
+                slot.result, slot.token = result, None
+                slot.filled += 1
+            self.cond.notify_all()
+
+    def _pick(self, slot: Slot, logits: torch.Tensor) -> torch.Tensor:
+        """The slot's next id from its row's logits, by its own sampler (eagerly, after the batched step)."""
+        sampler = self.samplers[slot.row]
+        sampler.before_pick(slot.plan)
+        return sampler.pick(logits, slot.plan)
+
+
+class SlotStepper:
+    """engine.generation.Stepper over one slot of a Batch; the slot is taken at `start`."""
+
+    def __init__(self, batch: Batch, cancel: threading.Event | None):
+        self.batch, self.cancel = batch, cancel
+        self.device = batch.engine.device
+        self.slot: Slot | None = None
+
+    def start(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        limit = self.batch.engine.max_seq_len
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: the model needs at least one token to continue from")
+        if len(prompt_ids) >= limit:
+            raise ValueError(f"the prompt ({len(prompt_ids)} tokens) does not fit the context ({limit} tokens)")
+        self.slot, logits = self.batch.join(prompt_ids, self.cancel)
+        return logits
+
+    def step(self, token_id: torch.Tensor) -> torch.Tensor:
+        return self.batch.advance(self.slot, token_id)
+
+    def sampling(self, params: GenerationParams) -> "SlotSampling | None":
+        """This generation's sampling by its slot's GraphSampler (engine.generation.StepSampler), or None when
+        the shared sampler takes it."""
+        plan = self.batch.engine.sampling_plan(params)
+        return None if plan is None else SlotSampling(self, params, plan)
+
+    def leave(self) -> None:
+        if self.slot is not None:
+            self.batch.leave(self.slot)
+
+
+class SlotSampling:
+    """engine.generation.StepSampler over a SlotStepper: the slot's GraphSampler picks each token."""
+
+    def __init__(self, stepper: SlotStepper, params: GenerationParams, plan: Plan):
+        self.stepper, self.params, self.plan = stepper, params, plan
+        self.last: torch.Tensor | None = None   # the id picked last, which the next step appends
+
+    def first(self, logits: torch.Tensor, history: torch.Tensor, seed: int) -> torch.Tensor:
+        stepper = self.stepper
+        self.last = stepper.batch.first_pick(stepper.slot, self.params, self.plan, logits, history, seed)
+        return self.last
+
+    def step(self) -> torch.Tensor:
+        self.last = self.stepper.batch.advance(self.stepper.slot, self.last)
+        return self.last
