@@ -18,12 +18,14 @@ with k = c*64 + 16 i + 4 t. Shifting a word right by 4 p puts the pair for A reg
 Scales and zero biases (bf16 -(128 + z)) are [N/16, G, 8, 2]: a tile's rows r and r + 8 of one group
 side by side, so that a lane reads both of its rows' values in one load.
 
-Float offsets (GGUF Q4_1/Q4_K: W = s * q + m) are a third form of zero point: the levels are fed as q, and
-the group's sum of x is taken by one more mma with A all ones (the sum is the same for every row, the
-instruction costs one issue slot and reuses the B registers), so the group adds s * sum(q x) + m * sum(x).
+Float offsets (GGUF Q4_1/Q4_K: W = s * q + m) are a third form of zero point: the levels go into the mma raw,
+as 128 + q (no subtraction a pair), and the group's sum of x is taken by one more mma with A all ones (the
+sum is the same for every row, the instruction costs one issue slot and reuses the B registers), so the group
+adds s * sum((128 + q) x) + (m - 128 s) * sum(x) = s * sum(q x) + m * sum(x), exact up to fp32 rounding.
 Scales and offsets are kept fp16 where every value converts exactly (GPTQ's and GGUF's per-block fp16
 values do); the K-quants' d * sub-scale products (up to 17 significant bits) are kept factored again, a byte
-a group and row times the super-block's d (`scale_storage`); anything else fp32. The layer always equals
+a group and row times the super-block's d (`scale_storage`; the byte is the integer itself where the format's
+integers are unsigned, Q4_K's, else integer + 128); anything else fp32. The layer always equals
 its QuantWeight's dequantize up to summation order.
 
 Compiled at first use by NVRTC, the runtime compiler CUDA builds of torch ship and load: no nvcc or CUDA
@@ -131,8 +133,9 @@ enum ZeroMode { UNIFORM = 0, ZEROS = 1, OFFSETS = 2 };
 enum : u32 { ONES = 0x3F803F80u };   // bf16x2 (1, 1): the A operand that sums x over a k-step
 
 // Scale forms: fp16 or fp32 values per group and row, or factored: per group and row a byte (an integer
-// + 128), times one fp16 or fp32 value per row for a span of groups (a GGUF K-quant's super-block d).
-enum ScaleForm { HALF = 0, FLOAT = 1, FACTORED_HALF = 2, FACTORED_FLOAT = 3 };
+// + 128, or UFACTORED: the integer itself, where every span's integers have one sign), times one fp16 or
+// fp32 value per row for a span of groups (a GGUF K-quant's super-block d).
+enum ScaleForm { HALF = 0, FLOAT = 1, FACTORED_HALF = 2, FACTORED_FLOAT = 3, UFACTORED_HALF = 4, UFACTORED_FLOAT = 5 };
 
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 d;
@@ -140,18 +143,20 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     return d;
 }
 
-// Byte i of v, stored as integer + 128, as that integer in fp32: the byte goes into the mantissa of 2^23
-// (one permute) and 2^23 + 128 is subtracted; both steps exact, and full-rate unlike an int-to-float convert.
-__device__ __forceinline__ float byte_int(u32 v, int i) {
-    return bits_to_float(prmt(v, 0x4B000000u, 0x7540u + i)) - 8388736.f;
-}
+// 2^23 + byte i of v, exactly: the byte goes into the mantissa of 2^23 (one permute; full-rate, unlike an
+// int-to-float convert).
+__device__ __forceinline__ float byte_float(u32 v, int i) { return bits_to_float(prmt(v, 0x4B000000u, 0x7540u + i)); }
+
+// Byte i of v, stored as integer + 128, as that integer in fp32 (2^23 + 128 subtracted: exact).
+__device__ __forceinline__ float byte_int(u32 v, int i) { return byte_float(v, i) - 8388736.f; }
 
 // Bytes of one pair (row r, row r + 8) in the scales tensor and in the values tensor (the offsets, or a
 // factored form's factors), by form. A lane's pointers into both start at its tile's row r (`lane_pairs`).
 template <int FORM, bool OFFS> struct Pairs {
-    static constexpr bool factored = FORM == FACTORED_HALF || FORM == FACTORED_FLOAT;
+    static constexpr bool factored = FORM >= FACTORED_HALF, unsigned_ints = FORM >= UFACTORED_HALF;
+    static constexpr bool wide = FORM == FLOAT || FORM == FACTORED_FLOAT || FORM == UFACTORED_FLOAT;   // fp32
     static constexpr int scale = FORM == FLOAT ? 8 : FORM == HALF ? 4 : OFFS ? 4 : 2;
-    static constexpr int value = (FORM == FLOAT || FORM == FACTORED_FLOAT ? 8 : 4) * (factored && OFFS ? 2 : 1);
+    static constexpr int value = (wide ? 8 : 4) * (factored && OFFS ? 2 : 1);
 };
 
 // The pointers group_values reads through, set once per lane: tensors [N/16, G, 8, ...] (a factored form's
@@ -168,40 +173,47 @@ template <int FORM, bool OFFS> __device__ __forceinline__ void lane_pairs(
 }
 
 // A factored form's factors (d_r, d_r8 [, dmin_r, dmin_r8]) of span `span` (inputs 256 span .. + 255), in
-// fp32; read once a chunk, for all of its groups (a chunk never straddles a span). Other forms: unused.
+// fp32, and (UFACTORED) d[4 + i] = -2^23 d[i]; read once a chunk, for all of its groups (a chunk never
+// straddles a span). Other forms: unused.
 template <int FORM, bool OFFS> __device__ __forceinline__ void span_factors(const char* values, int span,
-                                                                            float (&d)[4]) {
-    const char* p = values + span * 8 * Pairs<FORM, OFFS>::value;
-    if (FORM == FACTORED_FLOAT && OFFS) {
+                                                                            float (&d)[8]) {
+    typedef Pairs<FORM, OFFS> P;
+    const char* p = values + span * 8 * P::value;
+    if (!P::factored) return;
+    if (P::wide && OFFS) {
         const float4 v = *reinterpret_cast<const float4*>(p);
         d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
-    } else if (FORM == FACTORED_FLOAT) {
+    } else if (P::wide) {
         const float2 v = *reinterpret_cast<const float2*>(p);
         d[0] = v.x; d[1] = v.y;
-    } else if (FORM == FACTORED_HALF && OFFS) {
+    } else if (OFFS) {
         const uint2 v = *reinterpret_cast<const uint2*>(p);
         half_pair(v.x, d[0], d[1]);
         half_pair(v.y, d[2], d[3]);
-    } else if (FORM == FACTORED_HALF) {
+    } else {
         half_pair(*reinterpret_cast<const u32*>(p), d[0], d[1]);
     }
+    if (P::unsigned_ints)
+        for (int i = 0; i < 4; ++i) d[4 + i] = -8388608.f * d[i];   // exact: a power of two
 }
 
 // Scales s and (OFFS) offsets m of rows r and r + 8 for group g; scales and values from lane_pairs, d from
 // span_factors for g's span. HALF/FLOAT: the values themselves, scales in `scales`, offsets in `values`.
 // Factored: `scales` holds a byte a row (s's, or s's and then m's), times the span's factors d; the product
 // is exactly the QuantWeight's value (pack checks that every one is), as the integer and the factor both are.
+// UFACTORED: (2^23 + i) d - 2^23 d in one FMA: the product is exact inside it, so its one rounding gives the
+// exact d i (one permute and one FMA a value; the biased byte takes a subtraction and a multiply).
 template <int FORM, bool OFFS> __device__ __forceinline__ void group_values(
-        const char* scales, const char* values, int g, const float (&d)[4], float (&s)[2], float (&m)[2]) {
+        const char* scales, const char* values, int g, const float (&d)[8], float (&s)[2], float (&m)[2]) {
     typedef Pairs<FORM, OFFS> P;
     const char* sp = scales + g * 8 * P::scale;
     if (P::factored) {
         const u32 ints = OFFS ? *reinterpret_cast<const u32*>(sp) : (u32)*reinterpret_cast<const u16*>(sp);
-        s[0] = d[0] * byte_int(ints, 0);
-        s[1] = d[1] * byte_int(ints, 1);
-        if (OFFS) {
-            m[0] = d[2] * byte_int(ints, 2);
-            m[1] = d[3] * byte_int(ints, 3);
+#pragma unroll
+        for (int i = 0; i < (OFFS ? 4 : 2); ++i) {
+            const float v = P::unsigned_ints ? fmaf(byte_float(ints, i), d[i], d[4 + i]) : d[i] * byte_int(ints, i);
+            if (i < 2) s[i] = v;
+            else m[i - 2] = v;
         }
     } else {
         value_pair<FORM == FLOAT>(sp, s[0], s[1]);
@@ -287,7 +299,7 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
             const int c = c0 + u * WARPS;
             if (c < chunks) {
                 q[u] = load_streaming(wc + u * WARPS * 32);
-                float d[4] = {0.f, 0.f, 0.f, 0.f};
+                float d[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                 span_factors<FORM, ZMODE == OFFSETS>(vc, u * WARPS / 4, d);
 #pragma unroll
                 for (int seg = 0; seg < 4 / SEG; ++seg) {
@@ -393,7 +405,7 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
     const Words q = w[unit * 32 + lane];
     const char *lane_scales, *lane_values;
     lane_pairs<FORM, ZMODE == OFFSETS>(scales, zero_bias, tile, G, span_shift, r, lane_scales, lane_values);
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    float d[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     span_factors<FORM, ZMODE == OFFSETS>(lane_values, c >> 2, d);
 #pragma unroll
     for (int word = 0; word < 4; ++word) {
@@ -533,7 +545,7 @@ def exact_in_fp16(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or torch.equal(t.to(torch.float16).float(), t.float()) for t in tensors)
 
 
-HALF, FLOAT, FACTORED_HALF, FACTORED_FLOAT = 0, 1, 2, 3   # the kernels' scale forms (FORM)
+HALF, FLOAT, FACTORED_HALF, FACTORED_FLOAT, UFACTORED_HALF, UFACTORED_FLOAT = range(6)   # the kernels' FORM
 FACTOR_INPUTS = 256   # inputs one factor of a factored form spans: a GGUF K-quant's super-block
 
 
@@ -571,21 +583,36 @@ def factor(values: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]
     return d.reshape(G // span, N), q.reshape(G, N)
 
 
+def one_signed(d: torch.Tensor, q: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A factorisation (d [G / span, N], integers q [G, N]) with every span's integers made >= 0, d and q
+    negated together (exactly) where they are all <= 0; None where a span's integers have both signs. The
+    K-quants' unsigned scales and mins are such (Q4_K, Q5_K, Q2_K); Q6_K's and Q3_K's signed ones are not."""
+    G, N = q.shape
+    spans = q.reshape(G // span, span, N)
+    negative = (spans <= 0).all(1) & (spans < 0).any(1)                                   # [G / span, N]
+    if not (negative | (spans >= 0).all(1)).all():
+        return None
+    sign = 1 - 2 * negative.to(q.dtype)
+    return d * sign.to(d.dtype), (spans * sign[:, None]).reshape(G, N)
+
+
 @dataclass
 class ScaleStore:
     """Scales and offsets as the kernels read them (group_values): `scales` fp16/fp32 [N/16, G, 8, 2] and
-    `offsets` likewise, or factored: `scales` uint8 integers + 128 [N/16, G, 8, 2], or [.., 4] with the
-    offsets' after the scales', `offsets` None, and `supers` their factors [N/16, G / 2^span_shift, 8, 2 or 4]
-    fp16 (where exact) or fp32."""
+    `offsets` likewise, or factored: `scales` uint8 integers + 128 (`unsigned`: the integers themselves, all
+    >= 0) [N/16, G, 8, 2], or [.., 4] with the offsets' after the scales', `offsets` None, and `supers` their
+    factors [N/16, G / 2^span_shift, 8, 2 or 4] fp16 (where exact) or fp32."""
     scales: torch.Tensor
     offsets: torch.Tensor | None = None
     supers: torch.Tensor | None = None
     span_shift: int = 0
+    unsigned: bool = False
 
     @property
     def form(self) -> int:
         wide = (self.supers if self.supers is not None else self.scales).dtype == torch.float32
-        return (FACTORED_HALF if self.supers is not None else HALF) + int(wide)
+        factored = (UFACTORED_HALF if self.unsigned else FACTORED_HALF) if self.supers is not None else HALF
+        return factored + int(wide)
 
     @property
     def with_offsets(self) -> bool:
@@ -600,16 +627,21 @@ def scale_storage(scales: torch.Tensor, offsets: torch.Tensor | None, group_size
     """Scales and offsets [G, N], losslessly in the fewest bytes the kernels take: fp16 when every value
     converts exactly (GPTQ's, GGUF's per-block d), else factored over FACTOR_INPUTS inputs where they factor
     (the K-quants: one byte a group and row instead of fp32's four; not with per-group zeros, whose
-    argument slot the factors take), else fp32."""
+    argument slot the factors take; unsigned bytes where every span's integers have one sign, which the
+    kernels turn into values with one FMA instead of a subtraction and a multiply), else fp32."""
     if exact_in_fp16(scales, offsets):
         return ScaleStore(tiled(scales.half()), None if offsets is None else tiled(offsets.half()))
     span = FACTOR_INPUTS // group_size if FACTOR_INPUTS % group_size == 0 and not zeros_per_group else 1
     parts = [factor(t, span) for t in (scales, offsets) if t is not None] if span > 1 else [None]
     if all(p is not None for p in parts):
+        signed = [one_signed(d, q, span) for d, q in parts]
+        unsigned = all(p is not None for p in signed)
+        parts = signed if unsigned else parts
         factors = [p[0] for p in parts]
         dtype = torch.float16 if exact_in_fp16(*factors) else torch.float32
-        ints = torch.cat([tiled((p[1] + 128).to(torch.uint8)) for p in parts], -1)
-        return ScaleStore(ints, None, torch.cat([tiled(f.to(dtype)) for f in factors], -1), span.bit_length() - 1)
+        ints = torch.cat([tiled((p[1] + (0 if unsigned else 128)).to(torch.uint8)) for p in parts], -1)
+        return ScaleStore(ints, None, torch.cat([tiled(f.to(dtype)) for f in factors], -1), span.bit_length() - 1,
+                          unsigned)
     return ScaleStore(tiled(scales.float()), None if offsets is None else tiled(offsets.float()))
 
 

@@ -24,10 +24,14 @@ levels is made:
   levels in bytes p % 2 and 2 + p % 2). 128 + q needs 8 mantissa bits, which bf16 lacks, so each level is
   placed in the mantissa of 2^23 as an fp32 (one byte permute), 2^23 + z is subtracted (exact), and the
   two results' upper halves are the bf16 pair (q - z is an integer of at most 8 significant bits: exact).
-- 6-bit: a chunk is 64 inputs: the low nibbles as engine.int4_mma's 16-byte word layout, plus an 8-byte
-  plane of the upper two bits (word i / 2, bits 8(i % 2) + 2p and + 16), shifted to bits 4-5 and OR-ed in:
-  128 + q (q < 64) is still exact in bf16. GGUF's 5 and 6-bit levels (Q5_*, Q6_K) use it, at 6 bits a level
-  (before, the 8-bit layout: a third more bytes for the same ~5 instructions a pair).
+- 6-bit ("6-bit mantissa fields", as 3-bit's): a chunk is 64 inputs, six words a lane (16 bytes at 16 lane,
+  8 at 512 + 8 lane), each 16-bit half holding two 6-bit fields (bits 0 and 6) and a spare nibble (12-15).
+  Pair n = 4i + p: n < 6 is word n's bit-0 field (one LOP3 makes the bf16 pair 128 + q: q < 64 is exact),
+  6 <= n < 12 word n - 6's bit-6 field (a shift more); the last four take their low nibble from word n - 12's
+  spare nibble and their upper two bits from bits 12 + 2 (n % 2) of word 4 + (n - 12) / 2's. One bf16x2 add
+  of -(128 + z) then gives q - z, as at 4 bits: ~3 instructions a pair (~4.6 for the low nibbles in
+  int4_mma's word layout plus a plane of upper bits this replaced). GGUF's 5 and 6-bit levels (Q5_*, Q6_K)
+  use it, at 6 bits a level.
 
 Wider chunks for 2/3 bits keep as many bytes in flight a lane as the 4-bit kernel (16-24 bytes a load
 round), which is what its speed was found to depend on (bench/NOTES-engine.md). Scales and zeros are
@@ -105,20 +109,22 @@ template <int BITS> __device__ __forceinline__ u32 row_bias(u32 stored) {
 // come from the six words' spare top bits. Every value is exact in bf16 (steps of 1 in [128, 256)).
 __device__ __forceinline__ constexpr bool eighths(int i) { return i >= 5; }
 
-__device__ __forceinline__ u32 word3(const Chunk<3>& d, int j) {
+// Word j of a 3 or 6-bit lane's six: four from the 16-byte plane, two from the 8-byte one.
+template <int BITS> __device__ __forceinline__ u32 split_word(const Chunk<BITS>& d, int j) {
     return j < 4 ? d.w[0].w[j] : j == 4 ? d.hi.lo : d.hi.hi;
 }
 
 __device__ __forceinline__ u32 raw3(const Chunk<3>& d, int i, int p) {
     if (eighths(i)) {
         const int n = 4 * (i - 5) + p;
-        return mantissa<0x00380038u>(word3(d, n / 2) >> (6 * (n % 2)));
+        return mantissa<0x00380038u>(split_word<3>(d, n / 2) >> (6 * (n % 2)));
     }
     const int n = 4 * i + p;
-    if (n < 18) return mantissa<0x00070007u>(word3(d, n / 3) >> (6 * (n % 3)));
+    if (n < 18) return mantissa<0x00070007u>(split_word<3>(d, n / 3) >> (6 * (n % 3)));
     const int s = n - 18;                           // a spare pair: bit b of its levels is bit 15 (31) of word 3s + b
-    return mantissa<0x00070007u>(((word3(d, 3 * s) >> 15) & 0x00010001u) | ((word3(d, 3 * s + 1) >> 14) & 0x00020002u)
-                                 | ((word3(d, 3 * s + 2) >> 13) & 0x00040004u));
+    return mantissa<0x00070007u>(((split_word<3>(d, 3 * s) >> 15) & 0x00010001u)
+                                 | ((split_word<3>(d, 3 * s + 1) >> 14) & 0x00020002u)
+                                 | ((split_word<3>(d, 3 * s + 2) >> 13) & 0x00040004u));
 }
 
 // A register p of mma step i as the bf16 pair (q - z): row r + 8 (p & 1), inputs k + 2 (p >> 1) and + 1
@@ -133,14 +139,21 @@ template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, 
         const float hi = bits_to_float(prmt(w, 0x4B000000u, sel + 2)) - z;
         return prmt(float_bits(lo), float_bits(hi), 0x7632u);   // the upper halves: exact bf16
     }
-    if (BITS == 6) {
-        // the low nibbles as int4_mma's layout has them, the upper two bits at `at` and at + 16 of word i / 2
-        const int at = 8 * (i & 1) + 2 * p;
-        const u32 h = (i >> 1) ? d.hi.hi : d.hi.lo;
-        // 128 + q (q < 64) is exact in bf16, as in `levels`; two LOP3s a pair (C's masks and ORs gave three)
-        const u32 v = or_masked<0x00300030u>(at >= 4 ? h >> (at - 4) : h << (4 - at),
-                                             mantissa<0x000F000Fu>(d.w[0].w[i] >> (4 * p)));
-        return fma2(v, 0x3F803F80u, bias);
+    if constexpr (BITS == 6) {
+        // the 6-bit mantissa fields (module docstring): 128 + q in one LOP3 (a shift more for bit-6 fields,
+        // two more LOP3s and shifts for the four spare pairs), then -(128 + z) in one bf16x2 add, exact
+        const int n = 4 * i + p;
+        u32 raw;
+        if (n < 6) {
+            raw = mantissa<0x003F003Fu>(split_word<6>(d, n));
+        } else if (n < 12) {
+            raw = mantissa<0x003F003Fu>(split_word<6>(d, n - 6) >> 6);
+        } else {
+            const int s = n - 12;
+            raw = or_masked<0x00300030u>(split_word<6>(d, 4 + (s >> 1)) >> (8 + 2 * (s & 1)),
+                                         mantissa<0x000F000Fu>(split_word<6>(d, s) >> 12));
+        }
+        return fma2(raw, 0x3F803F80u, bias);
     }
     if constexpr (BITS == 3) {
         const u32 raw = raw3(d, i, p);
@@ -197,7 +210,7 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
             const int c = c0 + u * WARPS;
             if (c < chunks) {
                 q[u] = load_chunk<BITS>(wc + u * WARPS * Width<BITS>::bytes, lane);
-                float d[4] = {0.f, 0.f, 0.f, 0.f};
+                float d[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                 span_factors<FORM, ZMODE == OFFSETS>(vc, u * WARPS / CPS, d);
 #pragma unroll
                 for (int seg = 0; seg < SEGS; ++seg) {
@@ -328,7 +341,7 @@ lowbit_dequant(const char* __restrict__ w, const void* __restrict__ scales, cons
     const Chunk<BITS> q = load_chunk<BITS>(w + unit * Width<BITS>::bytes, lane);
     const char *lane_scales, *lane_values;
     lane_pairs<FORM, ZMODE == OFFSETS>(scales, zeros, tile, G, span_shift, r, lane_scales, lane_values);
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    float d[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     span_factors<FORM, ZMODE == OFFSETS>(lane_values, (c * CH) >> 8, d);
 #pragma unroll
     for (int i = 0; i < Width<BITS>::steps; ++i) {
@@ -457,6 +470,25 @@ def _mantissa_fields(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([words[..., :4].reshape(T, C, 128), words[..., 4:].reshape(T, C, 64)], -1)
 
 
+def _six_bit_fields(v: torch.Tensor) -> torch.Tensor:
+    """6-bit levels [T, C, r, t, i, p, h] (A register p of mma step i, pair half h) -> words [T, C, 192]: a lane's
+    six words (16 bytes at 16 lane, 8 at 512 + 8 lane), each half holding fields at bits 0 and 6 and a spare
+    nibble at 12, as the kernel's a_pair<6> reads them (see the module docstring)."""
+    words = torch.zeros(*v.shape[:4], 6, dtype=torch.int64, device=v.device)
+    h16 = torch.tensor([0, 16], device=v.device)
+    for i in range(4):
+        for p in range(4):
+            level, n = v[:, :, :, :, i, p], 4 * i + p                        # [T, C, r, t, h]
+            if n < 12:                                                        # word n % 6, bit 0 or 6
+                words[..., n % 6] += (level << (6 * (n // 6) + h16)).sum(-1)
+            else:                                                             # spare pair s = n - 12
+                s = n - 12
+                words[..., s] += ((level & 15) << (12 + h16)).sum(-1)
+                words[..., 4 + s // 2] += ((level >> 4) << (12 + 2 * (s % 2) + h16)).sum(-1)
+    T, C = v.shape[:2]
+    return torch.cat([words[..., :4].reshape(T, C, 128), words[..., 4:].reshape(T, C, 64)], -1)
+
+
 def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Levels uint8 [K, n] (n a multiple of 16) -> int32 words [n/16, K/chunk, CHUNK_BYTES/4]."""
     K, N = q.shape
@@ -467,12 +499,7 @@ def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
     # A register p = pb + 2 pk of mma step i holds the pair h = 0, 1.
     v = q.t().reshape(T, 2, 8, C, S, 4, 2, 2).permute(0, 3, 2, 5, 4, 6, 1, 7).to(torch.int64)
     if bits == 6:
-        # the low nibbles in int4_mma's word layout: nibble p + 4 h of word i, p = pb + 2 pk
-        words = _words(v & 15, 4 * (ar(2, 2, 1, 1) * 2 + ar(2, 1, 2, 1) + 4 * ar(2, 1, 1, 2)), (-3, -2, -1))
-        high = (v >> 4).reshape(T, C, 8, 4, 2, 2, 2, 2, 2)       # i -> (word, i % 2)
-        # [i % 2, pk, pb, h]: bit 8 (i % 2) + 2 p + 16 h
-        shifts = 8 * ar(2, 2, 1, 1, 1) + 4 * ar(2, 1, 2, 1, 1) + 2 * ar(2, 1, 1, 2, 1) + 16 * ar(2, 1, 1, 1, 2)
-        words = torch.cat([words.reshape(T, C, -1), _words(high, shifts, (-4, -3, -2, -1)).reshape(T, C, -1)], -1)
+        words = _six_bit_fields(v.reshape(T, C, 8, 4, S, 4, 2))
     elif bits == 8:
         v = v.reshape(T, C, 8, 4, 2, 2, 2, 2, 2)                 # i -> (plane, i % 2)
         shifts = 8 * (ar(2, 2, 1) + 2 * ar(2, 1, 2))              # [pb, h]: byte pb + 2 h

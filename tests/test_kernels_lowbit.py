@@ -57,6 +57,10 @@ def random_quant(K: int, N: int, group_size: int, bits: int, act_order: bool = F
                        zeros=None if zeros is None else zeros.to(device), offsets=None if m is None else m.to(device))
 
 
+FACTORED = (int4_mma.FACTORED_HALF, int4_mma.FACTORED_FLOAT)
+UNSIGNED_FACTORED = (int4_mma.UFACTORED_HALF, int4_mma.UFACTORED_FLOAT)
+
+
 def untiled(a: torch.Tensor) -> torch.Tensor:
     """The kernels' [N/16, G, 8, 2] scales/offsets back to [G, N] fp32."""
     T, G = a.shape[:2]
@@ -65,11 +69,11 @@ def untiled(a: torch.Tensor) -> torch.Tensor:
 
 def stored_values(store: int4_mma.ScaleStore) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The scales and offsets [G, N] the kernels compute from a ScaleStore, as group_values does: the stored
-    values, or a factored form's byte - 128 times its span's factor, in fp32."""
+    values, or a factored form's byte - 128 (unsigned: the byte) times its span's factor, in fp32."""
     if store.supers is None:
         return untiled(store.scales), None if store.offsets is None else untiled(store.offsets)
     d = store.supers.float().repeat_interleave(1 << store.span_shift, dim=1)             # [T, G, 8, 2 or 4]
-    values = d * (store.scales.float() - 128)
+    values = d * (store.scales.float() - (0 if store.unsigned else 128))
     return untiled(values[..., :2]), untiled(values[..., 2:]) if values.shape[-1] == 4 else None
 
 
@@ -99,6 +103,22 @@ def mantissa_field_pair(words: torch.Tensor, lane: torch.Tensor, i: int, p: int)
     return [lv.long() for lv in levels]
 
 
+def six_bit_field_pair(words: torch.Tensor, lane: torch.Tensor, i: int, p: int) -> list[torch.Tensor]:
+    """The 6-bit levels of A register p of mma step i, read as lowbit_mma's a_pair<6> does: pair n = 4i + p is
+    word n's bit-0 field (n < 6) or word n - 6's bit-6 field (n < 12), else a spare nibble of word n - 12 with
+    its upper bits from bits 12 + 2 (n % 2) of word 4 + (n - 12) / 2; one LOP3 makes each half 128 + q."""
+    word = lambda j: words[:, :, 4 * lane + j] if j < 4 else words[:, :, 128 + 2 * lane + j - 4]
+    n = 4 * i + p
+    if n < 12:
+        v = ((word(n % 6) >> 6 * (n // 6)) & 0x003F003F) | 0x43004300
+    else:
+        s = n - 12
+        v = (((word(s) >> 12) & 0x000F000F) | 0x43004300) | ((word(4 + s // 2) >> (8 + 2 * (s % 2))) & 0x00300030)
+    levels = [bf16_value((v >> 16 * h) & 0xFFFF) - 128 for h in (0, 1)]
+    assert all(torch.equal(lv, lv.round()) and bool((lv >= 0).all() and (lv < 64).all()) for lv in levels)
+    return [lv.long() for lv in levels]
+
+
 def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [K, N], z [K, N]) read out of the packed tensors the way lowbit_mma's CUDA code reads them
     (a_pair's bit positions, row_bias's zeros): a CPU emulation of the kernel's dequantization."""
@@ -115,9 +135,7 @@ def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Te
                 w = words[:, :, (i >> 1) * 128 + 4 * lane + 2 * (i & 1) + (p >> 1)]
                 pair = [(w >> 8 * ((p & 1) + 2 * h)) & 255 for h in (0, 1)]
             elif bits == 6:
-                w, hw = words[:, :, 4 * lane + i], words[:, :, 128 + 2 * lane + (i >> 1)]
-                at = 8 * (i & 1) + 2 * p
-                pair = [((w >> (4 * p + 16 * h)) & 15) | (((hw >> (at + 16 * h)) & 3) << 4) for h in (0, 1)]
+                pair = six_bit_field_pair(words, lane, i, p)
             elif bits == 3:
                 pair = mantissa_field_pair(words, lane, i, p)
             else:
@@ -213,7 +231,9 @@ def test_every_gguf_type_reaches_the_kernels_losslessly():
         packed = (int4_mma.pack(qw.q, qw.scales, qw.zeros, qw.group_size, offsets=qw.offsets) if qw.bits == 4
                   else lowbit_mma.pack(qw.q, qw.scales, qw.zeros, qw.group_size, qw.bits, offsets=qw.offsets))
         assert packed.form in ((int4_mma.HALF,) if type_name in fp16_exact
-                               else (int4_mma.FACTORED_HALF, int4_mma.FACTORED_FLOAT)), type_name
+                               else FACTORED + UNSIGNED_FACTORED), type_name
+        # unsigned bytes where the format's integers are: Q4_K's, Q5_K's and Q2_K's scales and mins
+        assert (packed.form in UNSIGNED_FACTORED) == (type_name in ("Q4_K", "Q5_K", "Q2_K")), type_name
         scales, offsets = stored_values(packed.store)
         assert torch.equal(scales, qw.scales.float()), type_name
         if type_name not in fp16_exact:   # a byte a group and row, a factor (2 or 4 bytes) per 256 inputs
@@ -267,6 +287,27 @@ def test_factored_scales_are_a_byte_a_group_and_equal_the_quant_weights():
     # Per-group integer zeros keep values per group (the factors would take the zeros' argument).
     qz = random_quant(512, 48, 32, 4, k_quant=True)
     assert int4_mma.pack(qz.q, qz.scales, qz.zeros, 32).form == int4_mma.FLOAT
+
+
+def test_one_signed_k_quant_integers_are_stored_as_unsigned_bytes():
+    # Q4_K's scales (0..63 times d) and mins (0..63 times dmin, stored negated as offsets): every span's
+    # integers have one sign, so they are kept as the bytes themselves (the kernels then make each value in one
+    # FMA), d negated where a span's are all <= 0; values still the QuantWeight's exactly. A span with both
+    # signs (Q6_K's int8 scales) keeps the biased bytes.
+    K, N, G = 512, 48, 16
+    d = (torch.randn(G // 8, N) * 1e-3).half().float().repeat_interleave(8, 0)            # either sign
+    scales, offsets = d * torch.randint(0, 64, (G, N)).float(), -d.abs() * torch.randint(0, 64, (G, N)).float()
+    q = torch.randint(0, 16, (K, N), dtype=torch.uint8)
+    st = int4_mma.pack(q, scales, None, 32, offsets=offsets).store
+    assert st.unsigned and st.supers is not None
+    assert int4_mma.pack(q, scales, None, 32, offsets=offsets).form in UNSIGNED_FACTORED
+    got_scales, got_offsets = stored_values(st)
+    assert torch.equal(got_scales, scales) and torch.equal(got_offsets, offsets)
+    assert int(st.scales.max()) <= 63                                  # the integers, not integers + 128
+    signed = scales.clone()
+    signed[0, 0], signed[1, 0] = d[0, 0] * 5, d[0, 0] * -7             # one span with both signs
+    st = int4_mma.pack(q, signed, None, 32, offsets=offsets).store
+    assert not st.unsigned and torch.equal(stored_values(st)[0], signed)
 
 
 def test_uniform_bias_is_what_the_kernel_subtracts():
@@ -337,7 +378,6 @@ LAUNCH_SHAPES = [(8, 1), (16, 1), (16, 2), (32, 1)]
 ZERO_KINDS = {"uniform": {"uniform_zero": True}, "per-group": {}, "offsets-fp16": {"offsets": True},
               "offsets-fp32": {"offsets": True, "fp32_scales": True},
               "uniform-kquant": {"uniform_zero": True, "k_quant": True}, "offsets-kquant": {"offsets": True, "k_quant": True}}
-FACTORED = (int4_mma.FACTORED_HALF, int4_mma.FACTORED_FLOAT)
 
 
 def expected_forms(zero: str, group_size: int, fp32_scales: bool = False) -> tuple[int, ...]:
@@ -447,7 +487,7 @@ def test_int4_offsets_keep_bf16_accuracy_when_x_has_a_large_common_part(form):
     q = torch.randint(0, 16, (K, N), dtype=torch.uint8)
     packed = int4_mma.pack(q.cuda(), scales.cuda(), None, gs, offsets=offsets.cuda())
     assert packed.zmode == int4_mma.OFFSETS
-    assert packed.form in (FACTORED if form == "kquant" else (int4_mma.HALF,))
+    assert packed.form in (UNSIGNED_FACTORED if form == "kquant" else (int4_mma.HALF,))
     g = torch.arange(K) // gs
     w = (q.double() * scales.double()[g] + offsets.double()[g]).t().cuda()                 # [N, K]
     for warps, unroll in [(32, 1), (16, 1), (8, 2)]:
