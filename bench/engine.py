@@ -546,7 +546,7 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
     from transformers import AutoTokenizer
 
     def measure(results: dict, name: str, fn) -> None:   # section(), for the rows `only` keeps
-        if not only or any(o in name for o in only):
+        if not only or any(name == o[:-1] if o.endswith("$") else o in name for o in only):
             section(results, name, fn)
 
     build = None
@@ -945,8 +945,8 @@ def main() -> None:
     mode.add_argument("--cpu-one", choices=list(CPU_RUNTIMES), help="--cpu's runs: one runtime, in this process")
     ap.add_argument("--sweep", default="int4,lowbit,gguf",
                     help="--gemv: which sweeps, comma-separated (lowbit3: the low-bit sweep's 3-bit rows only)")
-    ap.add_argument("--only", help="--gpu: only the rows whose names contain one of these (comma-separated), "
-                                   "e.g. hearth_7b_gptq_4bit_g128,hearth_70b_gptq_3bit")
+    ap.add_argument("--only", help="--gpu: only the rows whose names contain one of these (comma-separated; a "
+                                   "trailing $ asks for that name exactly), e.g. hearth_7b_gptq_4bit_g128$,hearth_70b")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hearth-bench"), help="where checkpoints are written")
     ap.add_argument("--exllamav2", action="store_true", help="also run exllamav2 (must be importable)")
     ap.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json for the random checkpoints")
