@@ -277,6 +277,72 @@ def bench_long_context(folder: Path, bandwidth_tb_s: float) -> dict:
     return result
 
 
+def bench_concurrent_streams(folder: Path) -> dict:
+    """Several streams at once (issue 21, engine.batch): 1, 4 and 8 greedy generations of NEW tokens after
+    PROMPT-token prompts, started together on one model as concurrent requests are; aggregate tok/s (all new
+    tokens over the wall time) and per-stream decode tok/s (min and median), each against the single-stream
+    figure; then the time to first token of a newcomer while 7 streams decode. After a run per count that
+    captures its graphs."""
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from engine.model import Prompt
+
+    model = load_engine_model(folder, tokenizer=AutoTokenizer.from_pretrained(folder), eos_token_ids=[],
+                              context_length=4096, loader="bench")
+    slots = model.concurrent_generations
+
+    def together(n: int, new: int = NEW, started: threading.Barrier | None = None) -> tuple[float, list]:
+        """n generations in threads of their own; (wall seconds, their StatsEvents)."""
+        params = GenerationParams(max_new_tokens=new, temperature=0, top_k=0, top_p=1.0)
+        stats: list = [None] * n
+
+        def one(i: int) -> None:
+            stats[i] = collect(model.generate(Prompt(text="", ids=prompt_ids(PROMPT + i)), params))[2]
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+        t = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - t, stats
+
+    result = {"runtime": model.runtime, "slots": slots, "new_tokens": NEW, "prompt_tokens": PROMPT}
+    for n in (1, 4, 8):
+        if n > slots:
+            result[f"streams_{n}"] = f"skipped: {slots} slots"
+            continue
+        together(n)   # captures the graphs of this many rows
+        wall, stats = together(n)
+        per_stream = sorted(s.tokens_per_second for s in stats)
+        result[f"streams_{n}"] = {"aggregate_tok_s": round(n * NEW / wall, 1),
+                                  "per_stream_min_tok_s": round(per_stream[0], 1),
+                                  "per_stream_median_tok_s": round(per_stream[len(per_stream) // 2], 1)}
+    single = result["streams_1"]["aggregate_tok_s"]
+    for n in (4, 8):
+        if isinstance(result[f"streams_{n}"], dict):
+            row = result[f"streams_{n}"]
+            row["aggregate_over_single"] = round(row["aggregate_tok_s"] / single, 2)
+            row["min_stream_over_single"] = round(row["per_stream_min_tok_s"] / single, 2)
+    if slots >= 8:
+        # Seven long streams decode; once they all have, a newcomer's prompt joins them.
+        runners = threading.Thread(target=lambda: together(7, new=4 * NEW))
+        runners.start()
+        batch = model.batch
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and sum(1 for s in list(batch.slots) if s.filled > PROMPT + 8) < 7:
+            time.sleep(0.01)
+        newcomer = collect(model.generate(Prompt(text="", ids=prompt_ids(PROMPT + 64)),
+                                          GenerationParams(max_new_tokens=16, temperature=0, top_k=0, top_p=1.0)))[2]
+        runners.join()
+        result["newcomer_ttft_ms_while_7_run"] = round(newcomer.time_to_first_token * 1e3, 2)
+        result["widest_step"] = batch.widest
+    model.unload()
+    return result
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the weights on the GPU: parameters, buffers (not the KV cache) and the packed kernels' tensors,
     each storage counted once (a tied head shares the embedding's)."""
@@ -576,6 +642,8 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
             lambda: bench_lora_folder(work / "gptq_4bit_g128", results.get("hearth_7b_gptq_4bit_g128")))
     measure(results, "hearth_7b_gptq_4bit_g128_long_context",
             lambda: bench_long_context(work / "gptq_4bit_g128", results["copy_bandwidth_tb_s"]))
+    measure(results, "hearth_7b_gptq_4bit_g128_concurrent",
+            lambda: bench_concurrent_streams(work / "gptq_4bit_g128"))
     # the checkpoints' tokenizer (copied from TOKENIZER when they were written)
     tokenizer = AutoTokenizer.from_pretrained(work / "gptq_4bit_g128" if (work / "gptq_4bit_g128").is_dir()
                                               else TOKENIZER)

@@ -96,6 +96,7 @@ class Batch:
     cond: threading.Condition = field(default_factory=threading.Condition)
     closed: bool = False
     widest: int = 0   # the most slots one decode step has advanced so far (reported by bench/engine.py)
+    busy: bool = False   # a step or chunk is running (in the driver, or inline in a lone slot's thread)
     _thread: threading.Thread | None = None
 
     def __post_init__(self) -> None:
@@ -157,12 +158,30 @@ class Batch:
         a plan the next picked id."""
         with self.cond:
             slot.token, slot.since = token, time.monotonic()
-            self.cond.notify_all()
+            if len(self.slots) > 1 or self.busy or self.closed:
+                self.cond.notify_all()
+                return self._result(slot)
+            self.busy = True
+        # Alone, with nothing else to run: the step runs in this thread, without waking the driver and back
+        # (two thread switches a token, which single-stream decode would feel).
+        try:
+            self._decode([slot])
+        except BaseException:
+            slot.token = None
+            raise
+        finally:
+            with self.cond:
+                self.busy = False
+                self.cond.notify_all()
+        with self.cond:
             return self._result(slot)
 
     def leave(self, slot: Slot) -> None:
+        """Free the slot now; while a step runs, the driver frees it right after that step."""
         with self.cond:
             slot.left = True
+            if not self.busy:
+                self._free_left()
             self.cond.notify_all()
 
     def _result(self, slot: Slot) -> torch.Tensor:
@@ -183,6 +202,7 @@ class Batch:
                     job = self._next_job(last_was_decode)
                     if job is None:
                         return
+                    self.busy = True
                 try:
                     if isinstance(job, Slot):
                         self._prefill(job)
@@ -194,12 +214,18 @@ class Batch:
                     with self.cond:
                         for slot in [job] if isinstance(job, Slot) else job:
                             slot.error, slot.token = exc, None
+                finally:
+                    with self.cond:
+                        self.busy = False
                         self.cond.notify_all()
 
     def _next_job(self, last_was_decode: bool) -> Slot | list[Slot] | None:
         """Under the lock: wait for work; a newcomer (Slot) to prefill a chunk of, or the slots to decode
         ([Slot]); None once closed."""
         while not self.closed:
+            if self.busy:   # a lone slot steps in its own thread: rows must not move meanwhile
+                self.cond.wait()
+                continue
             self._free_left()
             newcomer = next((s for s in self.slots if s.pending), None)
             decoding = [s for s in self.slots if not s.pending and s.filled]
@@ -219,7 +245,8 @@ class Batch:
         return None
 
     def _free_left(self) -> None:
-        """Give up the rows of slots that ended: the last slot moves into each freed row."""
+        """Under the lock, no step running: give up the rows of slots that ended; the last slot moves into each
+        freed row."""
         while True:
             while self.slots and self.slots[-1].left:
                 self.slots.pop()

@@ -28,6 +28,7 @@ from engine.weights import load_transformer
 
 MIN_BUCKET = 256
 MAX_SLOTS = 8   # the int4 kernel reads each weight once for up to 8 rows
+GPU_HEADROOM = 2 * 2**30   # bytes left free after the KV cache's extra rows (at least a tenth of the GPU)
 
 
 def unsupported_reason(config: dict) -> str | None:
@@ -73,26 +74,20 @@ class Engine:
         self.sampler = GraphSampler(model.args.vocab_size, max_seq_len, self.device) if in_step else None
 
     def _setup_caches(self, max_seq_len: int, dtype: torch.dtype, slots: int) -> int:
-        """Allocate the KV cache with `slots` rows, halving them while a GPU cannot hold that many (a batch
-        of streams is worth less than a loadable model); returns the rows allocated."""
-        model = self.model
-        while slots > 1:
-            try:
-                model.setup_caches(max_seq_len, dtype, slots)
-                return slots
-            except torch.OutOfMemoryError:
-                slots //= 2
-                model.setup_caches(1, dtype)   # let go of the rows allocated so far before trying fewer
-                torch.cuda.empty_cache()
+        """Allocate the KV cache with up to `slots` rows: on a GPU only as many as leave GPU_HEADROOM free (a
+        batch of streams is worth less than room for activations and graphs); returns the rows allocated."""
+        a = self.model.args
+        row = 2 * a.n_layers * a.n_kv_heads * a.head_dim * max_seq_len * dtype.itemsize
+        if slots > 1 and self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            slots = max(1, min(slots, (free - max(GPU_HEADROOM, total // 10)) // row))
         try:
-            model.setup_caches(max_seq_len, dtype)
+            self.model.setup_caches(max_seq_len, dtype, slots)
         except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocation failures are RuntimeErrors
-            a = model.args
-            size = 2 * a.n_layers * a.n_kv_heads * a.head_dim * max_seq_len * dtype.itemsize
-            raise ValueError(f"the KV cache for a context of {max_seq_len} tokens ({size / 2**30:.1f} GiB) does "
+            raise ValueError(f"the KV cache for a context of {max_seq_len} tokens ({row / 2**30:.1f} GiB) does "
                              f"not fit on {self.device}; a smaller context_length would "
                              f"({str(exc).splitlines()[0][:120]})") from None
-        return 1
+        return slots
 
     def prefill(self, prompt_ids: Sequence[int], cancel: threading.Event | None = None) -> torch.Tensor:
         """Run the prompt in chunks (bounded activation memory); returns fp32 logits [V] after it. A set
