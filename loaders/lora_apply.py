@@ -94,6 +94,9 @@ class PeftAdapters:
         if info.pickled and not allow_pickle:
             raise LoadError(f"{info.name} only has a pickled adapter_model.bin, which can run code when loaded; "
                             "enable allow_pickle if you trust its source")
+        problems = shape_problems(info, self.layer_shapes())
+        if problems:   # said in Hearth's words before peft half-builds the adapter and fails in its own
+            raise LoadError(f"LoRA {info.name} does not fit {self.model.name}: {problems[0]}")
         try:
             # a local folder, read from disk (transformers 5.23 fails on local_files_only=True: its load config
             # has no such field)
@@ -181,7 +184,12 @@ def fit_problems(info: LoraInfo, model: Model | None) -> list[str]:
         return [*problems, f"{model.name} takes no LoRA adapters from Hearth"]
     if info.kind != runtime.kind:
         return [*problems, f"a {info.kind.upper()} adapter: {model.runtime} takes {runtime.kind.upper()} ones"]
-    layers = runtime.layer_shapes()
+    return [*problems, *shape_problems(info, runtime.layer_shapes())]
+
+
+def shape_problems(info: LoraInfo, layers: dict[str, tuple[int, int]]) -> list[str]:
+    """The adapter's layers that `layers` ({name: (inputs, outputs)}) lacks, and those whose shapes differ,
+    from its file's header; [] when it fits."""
     missing, wrong = [], []
     for name, (a, b) in adapter_shapes(info).items():
         if name not in layers:
@@ -189,6 +197,7 @@ def fit_problems(info: LoraInfo, model: Model | None) -> list[str]:
         elif (a[-1], b[0]) != layers[name]:
             wrong.append(f"{name} is {a[-1]} inputs → {b[0]} outputs in the adapter, {layers[name][0]} → "
                          f"{layers[name][1]} in the model")
+    problems = []
     if missing:
         problems.append(f"the loaded model has no layer {missing[0]}" + (f" (and {len(missing) - 1} more)"
                                                                           if len(missing) > 1 else ""))

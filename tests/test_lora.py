@@ -322,11 +322,14 @@ def test_fit_problems_name_another_base_and_other_shapes(lora_state, loras):
     assert fit_problems(read_info(loras / "lora-a"), None) == []
 
 
-def test_transformers_model_with_adapters_through_loraset_equals_peft(loras, default_model_dir):
+def test_transformers_model_with_adapters_through_loraset_equals_peft(loras, default_model_dir, tmp_path):
     """The transformers loader's model (fp32, CPU) takes adapters through LoraSet (peft inside transformers):
-    its logits equal transformers+peft's; a new weight and removal are exact."""
+    its logits equal transformers+peft's; a new weight and removal are exact; an adapter for another model size
+    is refused with the layer and shapes, the model unchanged."""
+    from loaders.base import LoadError
     from loaders.lora_apply import LoraSet, fit_problems
 
+    write_lora(hf_model(tiny_llama_dir(tmp_path / "tiny")), tmp_path / "lora-tiny", seed=3, base="tiny")
     state = make_state(loras)
     model = state.load_model(DEFAULT_MODEL, "transformers", {"dtype": "float32", "device": "cpu",
                                                             "runtime": "transformers"})
@@ -355,6 +358,10 @@ def test_transformers_model_with_adapters_through_loraset_equals_peft(loras, def
         loras_set.set([])
         assert loras_set.applied == {}
         assert torch.equal(logits(), base)
+        with pytest.raises(LoadError, match=r"LoRA lora-tiny does not fit .*: shapes differ: model.layers.0.\S+ is "
+                                            r"\d+ inputs → \d+ outputs in the adapter, \d+ → \d+ in the model"):
+            loras_set.set([(read_info(tmp_path / "lora-tiny"), 1.0)])
+        assert loras_set.applied == {} and torch.equal(logits(), base)
     finally:
         state.unload_model()
 
