@@ -132,6 +132,9 @@ class LlamaCppAdapters:
                 raise LoadError(f"{info.name} is a PEFT adapter: llama.cpp applies GGUF adapters only "
                                 "(convert it with llama.cpp's convert_lora_to_gguf.py)")
             if info.name not in self.handles:
+                problems = shape_problems(info, self.layer_shapes())
+                if problems:   # llama.cpp itself says only that it failed (its log has the rest)
+                    raise LoadError(f"LoRA {info.name} does not fit {self.model.name}: {problems[0]}")
                 handle = llama_cpp.llama_adapter_lora_init(llm.model, str(info.gguf_file).encode())
                 if not handle:
                     raise LoadError(f"llama.cpp could not load the adapter {info.gguf_file.name} for {self.model.name}"

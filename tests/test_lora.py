@@ -409,8 +409,10 @@ def test_llamacpp_model_takes_a_gguf_adapter_and_weight_0_or_removal_gives_the_b
                                                                                    default_model_dir, tmp_path):
     """A GGUF adapter written from the random PEFT one, on the default model's GGUF loaded by llama.cpp (over an
     F32 copy, so the products are plain float as transformers' are): it moves the logits as transformers+peft's
-    adapter does; weight 0 and removal give the base logits back exactly."""
+    adapter does; weight 0 and removal give the base logits back exactly; one for another size is refused with
+    the layer and shapes."""
     pytest.importorskip("llama_cpp")
+    from loaders.base import LoadError
     from loaders.llamacpp_install import state as build_state
     from loaders.lora_apply import LoraSet, fit_problems
     from tests.test_llamacpp import float_copy, last_logits
@@ -449,5 +451,24 @@ def test_llamacpp_model_takes_a_gguf_adapter_and_weight_0_or_removal_gives_the_b
         assert torch.equal(torch.from_numpy(last_logits(model, ids)), base)
         loras_set.set([])
         assert torch.equal(torch.from_numpy(last_logits(model, ids)), base)
+        # An adapter for another model size: refused with the layer and shapes, the model unchanged
+        from gguf import GGUFWriter
+
+        (models / "lora-small").mkdir()
+        writer = GGUFWriter(str(models / "lora-small" / "small.gguf"), "llama")
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", 8.0)
+        writer.add_tensor("blk.0.attn_q.weight.lora_a", torch.randn(4, 64).numpy())
+        writer.add_tensor("blk.0.attn_q.weight.lora_b", torch.randn(64, 4).numpy())
+        for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file,
+                      writer.close):
+            write()
+        small = state.lora_info("lora-small")
+        assert fit_problems(small, model) == ["shapes differ: blk.0.attn_q.weight is 64 inputs → 64 outputs in the "
+                                              "adapter, 576 → 576 in the model"]
+        with pytest.raises(LoadError, match="LoRA lora-small does not fit smol-f32: shapes differ"):
+            loras_set.set([(small, 1.0)])
+        assert loras_set.applied == {} and torch.equal(torch.from_numpy(last_logits(model, ids)), base)
     finally:
         state.unload_model()
