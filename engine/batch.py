@@ -70,12 +70,12 @@ class BatchedStep:
         engine = self.engine
         n = next(b for b in ROW_BUCKETS + (engine.slots,) if b >= rows) if engine.use_graphs else rows
         n = min(n, engine.slots)
+        # Row by row, with device copies and fills of host numbers: a tensor made from a host list would be
+        # copied from pageable memory, which waits for the GPU to finish the queued steps.
         self.positions[:n].fill_(engine.max_seq_len - 1)
-        ordered = sorted(stepping)
-        index = torch.tensor(ordered, dtype=torch.long, device=engine.device)
-        self.tokens[:, 0].index_copy_(0, index, torch.stack([stepping[r][0].view(()) for r in ordered]))
-        self.positions[:, 0].index_copy_(0, index, torch.tensor([stepping[r][1] for r in ordered],
-                                                                dtype=torch.long, device=engine.device))
+        for row, (token, pos) in stepping.items():
+            self.tokens[row].copy_(token.view(1))
+            self.positions[row].fill_(pos)
         kv_len = max(pos for _, pos in stepping.values()) + 1
         if not engine.use_graphs:
             return engine.model(self.tokens[:n], self.positions[:n], kv_len=kv_len)[:rows, -1]

@@ -311,7 +311,8 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     memory: the caller's estimate of what the load holds, shown beside the runtime.
     progress: callable(fraction, message) or None.
     slots: generations decoding at once (engine.batch); None: MAX_SLOTS on CUDA (fewer when their KV caches
-        do not fit), 1 on CPU, where a step costs about its rows' worth and generations take turns.
+        do not fit), 1 on CPU, where a step costs about its rows' worth and generations take turns, and for
+        mixture-of-experts models.
     Returns an EngineModel whose `runtime` names device, kernels and graph use.
     Raises ValueError for configs the engine cannot run (see unsupported_reason).
     """
@@ -336,7 +337,10 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
                                     progress=progress, config=config)
     graphs = cuda_graph and len(devices) == 1 and device == "cuda"
     if slots is None:
-        slots = MAX_SLOTS if device == "cuda" else 1
+        # Mixture-of-experts layers gather one token's experts in the captured step; several rows take their
+        # prompt path, whose shapes follow the router's choice and cannot be captured.
+        moe = any(model.args.is_moe(i) for i in range(model.args.n_layers))
+        slots = MAX_SLOTS if device == "cuda" and not moe else 1
     engine = Engine(model, context_length, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512,
                     slots=slots)
     where = f"cuda x{len(devices)}" if len(devices) > 1 else device

@@ -26,7 +26,8 @@ def reference(model, prompt: list[int], forced: list[int]) -> list[torch.Tensor]
     engine = Engine(model, 128, use_graphs=False, prefill_chunk=5)
     with torch.inference_mode():
         out = [engine.prefill(prompt)]
-        out += [engine.decode(torch.tensor(t), len(prompt) + i).clone() for i, t in enumerate(forced)]
+        out += [engine.decode(torch.tensor(t, device=engine.device), len(prompt) + i).clone()
+                for i, t in enumerate(forced)]
     return out
 
 
@@ -38,18 +39,19 @@ def run_slot(batch, prompt: list[int], forced: list[int], out: list, joined: thr
     slot, logits = batch.join(prompt, None)
     out.append(logits)
     for i, token in enumerate(forced):
-        out.append(batch.advance(slot, torch.tensor(token)))
+        out.append(batch.advance(slot, torch.tensor(token, device=batch.engine.device)))
         if joined is not None and i == 2:
             joined.set()   # three steps in: the next slot may join now
     batch.leave(slot)
 
 
-def batched_logits(model, slots: int, scripts: list[tuple[list[int], list[int]]]) -> list[list[torch.Tensor]]:
+def batched_logits(model, slots: int, scripts: list[tuple[list[int], list[int]]],
+                   graphs: bool = False) -> list[list[torch.Tensor]]:
     """Run each (prompt, forced) script in its own thread on one Batch: slot i joins once slot i - 1 has made
     three steps, so slots join a running batch; shorter scripts leave while the others go on."""
     from engine.batch import Batch
 
-    engine = Engine(model, 128, use_graphs=False, prefill_chunk=5, slots=slots)
+    engine = Engine(model, 128, use_graphs=graphs, prefill_chunk=5, slots=slots)
     batch = Batch(engine)
     outs = [[] for _ in scripts]
     marks = [threading.Event() for _ in scripts]
@@ -66,11 +68,13 @@ def batched_logits(model, slots: int, scripts: list[tuple[list[int], list[int]]]
     return outs
 
 
-def scripts_for(vocab: int) -> list[tuple[list[int], list[int]]]:
-    """Prompts of different lengths (one longer than a prefill chunk) and forced replies of different lengths."""
+def scripts_for(vocab: int, more: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Prompts of different lengths (one longer than a prefill chunk) and forced replies of different lengths;
+    `more` scripts after the first four, each a step longer than the last."""
     g = torch.Generator().manual_seed(1)
     ids = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()
-    return [(ids(7), ids(14)), (ids(12), ids(5)), (ids(3), ids(9)), (ids(9), ids(6))]
+    return [(ids(7), ids(14)), (ids(12), ids(5)), (ids(3), ids(9)), (ids(9), ids(6))] + [
+        (ids(4 + i), ids(12 + i)) for i in range(more)]
 
 
 @pytest.mark.parametrize("which", ["default", "tiny-gqa-window"])
@@ -316,3 +320,18 @@ def test_batched_graph_decode_equals_eager_batched_decode_with_eight_slots(tmp_p
     for eager, graphed in zip(results[False], results[True]):
         for r in eager:
             torch.testing.assert_close(graphed[r], eager[r], atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+def test_eight_slots_under_cuda_graphs_give_each_slot_its_single_stream_logits(tmp_path):
+    """Nine teacher-forced scripts through eight slots, the batched steps replayed as graphs (row buckets 2, 4
+    and 8, padding rows), joining and leaving mid-way: each slot's logits are its eager single-stream ones."""
+    save_tiny(tmp_path, "qwen2-gqa-tied")
+    model, _ = load_transformer(tmp_path, [torch.device("cuda")], torch.bfloat16)
+    scripts = scripts_for(model.args.vocab_size, more=5)
+    expected = [reference(model, prompt, forced) for prompt, forced in scripts]
+    got = batched_logits(model, 8, scripts, graphs=True)
+    for want, have in zip(expected, got):
+        assert len(have) == len(want)
+        for w, h in zip(want, have):
+            torch.testing.assert_close(h.float(), w.float(), atol=3e-2, rtol=3e-2)
