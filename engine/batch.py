@@ -18,7 +18,8 @@ engine's single-stream step (the same graph) in row 0.
 The driver's turns: a newcomer's prompt runs one prefill chunk at a time, alternating with decode steps of
 the running slots, so they stall by one chunk at most. A decode step waits until every decoding slot has
 handed its token in, but not longer than STRAGGLER_WAIT seconds after the first: a slot whose reader paused
-misses steps rather than stalling the others (its position does not move; rows not stepping are padding).
+misses steps rather than stalling the others (its position does not move; rows not stepping are padding),
+and steps stop waiting for it until it hands a token in again.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class Slot:
     plan: Plan | None = None            # how its GraphSampler picks; None: the shared sampler, from logits
     error: BaseException | None = None
     left: bool = False
+    lagging: bool = False               # missed a step for want of its token: steps no longer wait for it
 
 
 class BatchedStep:
@@ -157,7 +159,7 @@ class Batch:
         """Hand in the slot's next token; returns what the step after it gives the slot: logits [V], or with
         a plan the next picked id."""
         with self.cond:
-            slot.token, slot.since = token, time.monotonic()
+            slot.token, slot.since, slot.lagging = token, time.monotonic(), False
             if len(self.slots) > 1 or self.busy or self.closed:
                 self.cond.notify_all()
                 return self._result(slot)
@@ -230,13 +232,15 @@ class Batch:
             newcomer = next((s for s in self.slots if s.pending), None)
             decoding = [s for s in self.slots if not s.pending and s.filled]
             ready = [s for s in decoding if s.token is not None]
-            everyone = bool(decoding) and len(ready) == len(decoding)
-            if everyone and not (newcomer is not None and last_was_decode):
+            awaited = [s for s in decoding if s.token is None and not s.lagging]
+            if ready and not awaited and not (newcomer is not None and last_was_decode):
                 return ready
             if newcomer is not None:
                 return newcomer
             waited = time.monotonic() - min((s.since for s in ready), default=time.monotonic())
             if ready and waited >= STRAGGLER_WAIT:
+                for slot in awaited:   # a reader that paused costs the others one wait, not one a step
+                    slot.lagging = True
                 return ready
             self.cond.wait(STRAGGLER_WAIT - waited if ready else None)
         for slot in self.slots:
