@@ -215,7 +215,8 @@ class Batch:
                 except Exception as exc:   # e.g. out of memory: those slots' generations end with it
                     with self.cond:
                         for slot in [job] if isinstance(job, Slot) else job:
-                            slot.error, slot.token = exc, None
+                            # freed now: a prompt that failed must not be retried chunk after chunk
+                            slot.error, slot.token, slot.left = exc, None, True
                 finally:
                     with self.cond:
                         self.busy = False

@@ -335,3 +335,14 @@ def test_eight_slots_under_cuda_graphs_give_each_slot_its_single_stream_logits(t
         assert len(have) == len(want)
         for w, h in zip(want, have):
             torch.testing.assert_close(h.float(), w.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_a_prompt_the_model_cannot_run_fails_its_own_generation_and_frees_its_slot(default_models):
+    """An id outside the vocabulary breaks the prefill in the batch's driver thread: that generation ends with
+    the error (not a hang, not a retry loop), its slot is freed, and the batch serves the next one."""
+    batched, single = default_models[3], default_models[1]
+    vocab = batched.engine.model.args.vocab_size
+    done = collect(batched.generate(Prompt(text="", ids=[1, 2, vocab + 5]), GenerationParams(**GREEDY)))[1]
+    assert done.reason == "error" and "index" in done.error.lower()
+    assert batched.batch.slots == []
+    assert alone(batched, QUESTIONS[0]).text == alone(single, QUESTIONS[0]).text
