@@ -278,6 +278,15 @@ class EngineModel(Model):
             torch.cuda.empty_cache()
 
 
+def batch_slots(model: Transformer, device: str) -> int:
+    """How many generations a model on `device` ("cuda" or "cpu") decodes at once by default: MAX_SLOTS on
+    CUDA; 1 on CPU (a step there costs about its rows' worth, so generations take turns) and for
+    mixture-of-experts models (MoE layers gather one token's experts in the captured step; several rows take
+    their prompt path, whose shapes follow the router's choice and cannot be captured)."""
+    moe = any(model.args.is_moe(i) for i in range(model.args.n_layers))
+    return MAX_SLOTS if device == "cuda" and not moe else 1
+
+
 def parse_gpu_split(value: str | Sequence[float] | None) -> list[float] | None:
     """"20,24" (GB per GPU, text-generation-webui style) -> [20.0, 24.0]; empty -> None."""
     if value is None or value == "":
@@ -310,9 +319,8 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     config: config.json's content when the caller has read it already (read here otherwise).
     memory: the caller's estimate of what the load holds, shown beside the runtime.
     progress: callable(fraction, message) or None.
-    slots: generations decoding at once (engine.batch); None: MAX_SLOTS on CUDA (fewer when their KV caches
-        do not fit), 1 on CPU, where a step costs about its rows' worth and generations take turns, and for
-        mixture-of-experts models.
+    slots: generations decoding at once (engine.batch); None: batch_slots (fewer on a GPU when their KV
+        caches do not fit).
     Returns an EngineModel whose `runtime` names device, kernels and graph use.
     Raises ValueError for configs the engine cannot run (see unsupported_reason).
     """
@@ -337,10 +345,7 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
                                     progress=progress, config=config)
     graphs = cuda_graph and len(devices) == 1 and device == "cuda"
     if slots is None:
-        # Mixture-of-experts layers gather one token's experts in the captured step; several rows take their
-        # prompt path, whose shapes follow the router's choice and cannot be captured.
-        moe = any(model.args.is_moe(i) for i in range(model.args.n_layers))
-        slots = MAX_SLOTS if device == "cuda" and not moe else 1
+        slots = batch_slots(model, device)
     engine = Engine(model, context_length, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512,
                     slots=slots)
     where = f"cuda x{len(devices)}" if len(devices) > 1 else device
