@@ -319,8 +319,8 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     config: config.json's content when the caller has read it already (read here otherwise).
     memory: the caller's estimate of what the load holds, shown beside the runtime.
     progress: callable(fraction, message) or None.
-    slots: generations decoding at once (engine.batch); None: batch_slots (fewer on a GPU when their KV
-        caches do not fit).
+    slots: generations decoding at once (engine.batch; 1 for MoE models whatever is asked); None:
+        batch_slots (fewer on a GPU when their KV caches do not fit).
     Returns an EngineModel whose `runtime` names device, kernels and graph use.
     Raises ValueError for configs the engine cannot run (see unsupported_reason).
     """
@@ -344,7 +344,8 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
     model, kinds = load_transformer(model_dir, devices, dtype, split, repack_int4=repack_int4 and device == "cpu",
                                     progress=progress, config=config)
     graphs = cuda_graph and len(devices) == 1 and device == "cuda"
-    if slots is None:
+    # A chosen number stands (tests batch on CPU too), except for MoE models, which decode one row a step.
+    if slots is None or batch_slots(model, "cuda") == 1:
         slots = batch_slots(model, device)
     engine = Engine(model, context_length, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512,
                     slots=slots)

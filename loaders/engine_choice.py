@@ -22,6 +22,9 @@ class RuntimeOptions:
                           choices=["auto", "engine", "transformers"])
     gpu_split: str = option("", "Engine only: GB to use on each GPU, e.g. 20,24, to spread layers over several "
                                 "GPUs; empty = one GPU.")
+    streams: int = option(0, "Engine on CUDA: generations decoded together, each with its own KV cache; 0 = auto "
+                             "(up to 8 while the GPU keeps 2 GiB or a tenth free), 1 = one at a time (the least "
+                             "memory).", minimum=0, maximum=8, step=1)
 
 
 def load_on_engine(loader: str, model_dir: Path, config: dict, options: RuntimeOptions, *, device: str,
@@ -41,7 +44,7 @@ def load_on_engine(loader: str, model_dir: Path, config: dict, options: RuntimeO
         return load_engine_model(model_dir, tokenizer=tokenizer, eos_token_ids=eos_token_ids,
                                  context_length=context_length, loader=loader, device=device,
                                  gpu_split=options.gpu_split or None, config=config, memory=memory,
-                                 progress=progress)
+                                 progress=progress, slots=options.streams or None)
     except torch.OutOfMemoryError:
         raise LoadError(f"out of memory loading {model_dir.name}; try a smaller model or gpu_split") from None
     except (OSError, ValueError, KeyError) as exc:
