@@ -25,6 +25,7 @@ from loaders.awq_loader import AWQLoader
 from loaders.base import Detection, LoaderRegistry, LoadError, Progress, no_progress
 from core.diagnostics import Diagnostics
 from core.folder import reading_once
+from hub.default_model import DEFAULT_MODEL_NAME, install_default_model, is_installed
 from loaders.gguf_loader import GGUFLoader
 from loaders.gptq_loader import GPTQLoader
 from loaders.llamacpp_loader import LlamaCppLoader
@@ -399,8 +400,11 @@ class AppState:
 
         def run() -> None:
             try:
+                if name == DEFAULT_MODEL_NAME and not is_installed(self.models_dir):
+                    # A first start: the UI is up already; the default model is installed here, its progress shown.
+                    install_default_model(self.models_dir, progress)
                 self.load_model(name, progress=progress)
-            except LoadError as exc:   # the app carries on: the user can pick another model
+            except (LoadError, RuntimeError, OSError) as exc:   # the app carries on: another model can be picked
                 startup.error = str(exc)
             finally:
                 startup.finished.set()

@@ -26,7 +26,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # torch: a CUDA build where an NVIDIA GPU answers nvidia-smi, otherwise the CPU build.
 # HEARTH_TORCH_INDEX names a wheel index to take torch from (e.g. PyTorch's CPU-only index).
-if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
+# The installed version read from its metadata: importing torch to ask would cost seconds at every start.
+if ! "$VPY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('torch').startswith('$TORCH_VERSION') else 1)" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
     echo "[hearth] NVIDIA GPU found: installing torch $TORCH_VERSION (CUDA build)"
   else
@@ -58,10 +59,10 @@ fi
 
 export GRADIO_ANALYTICS_ENABLED=False
 export HF_HUB_DISABLE_TELEMETRY=1
-"$VPY" app.py install-default-model
-
 if [ "$INSTALL_ONLY" = 1 ]; then
+  "$VPY" app.py install-default-model
   echo "[hearth] installed. Launch with ./start_linux.sh"
   exit 0
 fi
+# No install step here: the UI comes up first, and the start-up load installs the default model if it is missing.
 exec "$VPY" app.py serve --model SmolLM2-135M-Instruct ${ARGS[@]+"${ARGS[@]}"}

@@ -77,6 +77,20 @@ def test_a_request_during_the_startup_load_waits_for_it(models_dir):
     state.unload_model()
 
 
+def test_a_first_start_installs_the_default_model_in_the_startup_load(tmp_path, default_model_dir):
+    """./start_linux.sh launches the UI at once; on a first start the start-up load installs the default model
+    (from pip's cached wheel, as run_tests.sh's install did) into an empty models folder, then loads it."""
+    models = tmp_path / "models"
+    state = make_state(models)
+    startup = state.load_at_startup(DEFAULT_MODEL)
+    assert state.wait_for_startup(600)
+    assert startup.error is None, startup.error
+    assert (models / DEFAULT_MODEL / "config.json").is_file()
+    assert state.model is not None and state.model.name == DEFAULT_MODEL
+    assert state.chat_prompt([{"role": "user", "content": "Hello"}]).n_tokens > 0
+    state.unload_model()
+
+
 def test_a_failed_startup_load_is_reported_and_requests_then_fail_plainly(models_dir):
     state = make_state(models_dir)
     startup = state.load_at_startup("no-such-model")
