@@ -91,6 +91,11 @@ class ModelArgs:
     def is_moe(self, layer: int) -> bool:
         return self.n_experts > 0 and (not self.moe_layers or self.moe_layers[layer])
 
+    @property
+    def has_moe(self) -> bool:
+        """Whether any layer is a mixture of experts."""
+        return any(self.is_moe(i) for i in range(self.n_layers))
+
     @classmethod
     def from_config(cls, config: dict) -> "ModelArgs":
         """ModelArgs from a config.json dict (transformers 4.x `rope_scaling` or 5.x `rope_parameters`)."""

@@ -283,8 +283,7 @@ def batch_slots(model: Transformer, device: str) -> int:
     CUDA; 1 on CPU (a step there costs about its rows' worth, so generations take turns) and for
     mixture-of-experts models (MoE layers gather one token's experts in the captured step; several rows take
     their prompt path, whose shapes follow the router's choice and cannot be captured)."""
-    moe = any(model.args.is_moe(i) for i in range(model.args.n_layers))
-    return MAX_SLOTS if device == "cuda" and not moe else 1
+    return MAX_SLOTS if device == "cuda" and not model.args.has_moe else 1
 
 
 def parse_gpu_split(value: str | Sequence[float] | None) -> list[float] | None:
@@ -345,7 +344,7 @@ def load_engine_model(model_dir: Path, *, tokenizer, eos_token_ids: list[int], c
                                     progress=progress, config=config)
     graphs = cuda_graph and len(devices) == 1 and device == "cuda"
     # A chosen number stands (tests batch on CPU too), except for MoE models, which decode one row a step.
-    if slots is None or batch_slots(model, "cuda") == 1:
+    if slots is None or model.args.has_moe:
         slots = batch_slots(model, device)
     engine = Engine(model, context_length, use_graphs=graphs, prefill_chunk=2048 if device == "cuda" else 512,
                     slots=slots)
