@@ -42,6 +42,27 @@ def browser_page(tmp_path: Path):
             browser.close()
 
 
+@contextlib.contextmanager
+def app_page(tmp_path: Path, models_dir: Path, model: str | None = None, env: dict | None = None,
+             greedy: bool = False):
+    """What every browser test of the app starts with: `app.py serve` on `models_dir` (loading `model` first,
+    when named; chats in tmp_path/user_data, the log in tmp_path/app.log), a fresh chromium page on it, and,
+    with `greedy`, the Deterministic preset picked so that replies are known. Yields (app, page, shoot); the
+    page and the app are closed and stopped after, whatever happened."""
+    from tests.conftest import start_app
+
+    args = ["--models-dir", str(models_dir), *(["--model", model] if model else [])]
+    app = start_app(args, tmp_path / "app.log", env=env)
+    try:
+        with browser_page(tmp_path) as (page, shoot):
+            page.goto(app.url)
+            if greedy:
+                choose_preset(page, "Deterministic", "0")
+            yield app, page, shoot
+    finally:
+        app.stop()
+
+
 def open_tab(page, elem_id: str) -> None:
     """Gradio renders gr.Tab(elem_id=X) as a button #X-button; its panel exists only once clicked."""
     page.locator(f"#{elem_id}-button").click()
@@ -61,6 +82,39 @@ def wait_for_chat(page, condition_js: str, arg=None, timeout_ms: int = 120_000, 
         log = app.output()[-3000:] if app is not None else ""
         raise AssertionError(f"chat condition not met in {timeout_ms} ms (arg={arg!r}): status "
                              f"{seen['status']!r}, bot messages {seen['bots']!r}\napp log tail:\n{log}") from None
+
+
+STATUS = "document.querySelector('#chat-status')?.innerText || ''"
+BOTS = "[...document.querySelectorAll('#chatbot [data-testid=bot]')]"
+USERS = "[...document.querySelectorAll('#chatbot [data-testid=user]')]"
+
+
+def watch_status(page) -> None:
+    """Record every text the status line shows from now on (a reply's 'generating…' may be brief)."""
+    page.evaluate("""() => {
+        window.__statuses = [];
+        if (window.__statusObserver) return;
+        window.__statusObserver = new MutationObserver(() => window.__statuses.push(
+            document.querySelector('#chat-status')?.innerText || ''));
+        window.__statusObserver.observe(document.querySelector('#chat-status'),
+                                        {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def wait_for_new_reply(page, app) -> None:
+    """Until a reply started after `watch_status` has finished: the line said 'generating…', now it shows
+    the finished reply's figures."""
+    wait_for_chat(page, f"() => {{ const s = {STATUS}; return window.__statuses.some(t => t.includes('generating'))"
+                        " && s.includes('tok/s') && !s.includes('generating'); }", app=app)
+
+
+def send(page, app, text: str) -> str:
+    """Type `text` in the chat box, click Send and wait until that reply has finished; returns the last reply."""
+    watch_status(page)
+    page.locator("#chat-input textarea").fill(text)
+    page.locator("#chat-send").click()
+    wait_for_new_reply(page, app)
+    return page.evaluate(f"{BOTS}.at(-1).innerText")
 
 
 def choose_preset(page, name: str, temperature: str) -> None:

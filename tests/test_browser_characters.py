@@ -7,21 +7,14 @@ import time
 
 import pytest
 
-from tests.browser import browser_page, choose_preset
-from tests.conftest import DEFAULT_MODEL, start_app
-from tests.test_browser_chat_edit import BOTS, USERS, saved_conversations, wait_for_new_reply, watch_status
+from tests.browser import BOTS, USERS, app_page, send
+from tests.conftest import DEFAULT_MODEL
+from tests.test_browser_chat_edit import saved_conversations
 from tests.test_characters import V1, chara, png
 
 pytestmark = pytest.mark.browser
 
 PROMPT = "document.querySelector('#prompt-view textarea')?.value || ''"
-
-
-def send(page, app, text: str) -> None:
-    watch_status(page)
-    page.locator("#chat-input textarea").fill(text)
-    page.locator("#chat-send").click()
-    wait_for_new_reply(page, app)
 
 
 def pick_mode(page, name: str) -> None:
@@ -51,87 +44,80 @@ def test_card_import_modes_and_their_own_chats(tmp_path, models_dir):
     card.write_bytes(png(chara(V1)))
     not_a_card = tmp_path / "broken.png"
     not_a_card.write_bytes(b"GIF89a, not a PNG")
-    app = start_app(["--models-dir", str(models_dir), "--model", DEFAULT_MODEL, "--data-dir", str(data)],
-                    tmp_path / "app.log")
     conversations = data / "conversations"
-    try:
-        with browser_page(tmp_path) as (page, shoot):
-            page.goto(app.url)
-            choose_preset(page, "Deterministic", "0")
-            page.click("#prompt-accordion")
-            # Instruct (the default): the model's template over plain turns, as before characters.
-            send(page, app, "What is the capital of France?")
-            assert "Paris" in page.evaluate(f"{BOTS}.at(-1).innerText")
-            assert "<|im_start|>user\nWhat is the capital of France?" in page.evaluate(PROMPT)
+    with app_page(tmp_path, models_dir, DEFAULT_MODEL, greedy=True) as (app, page, shoot):
+        page.click("#prompt-accordion")
+        # Instruct (the default): the model's template over plain turns, as before characters.
+        send(page, app, "What is the capital of France?")
+        assert "Paris" in page.evaluate(f"{BOTS}.at(-1).innerText")
+        assert "<|im_start|>user\nWhat is the capital of France?" in page.evaluate(PROMPT)
 
-            # Chat: the character controls appear; the built-in Assistant's greeting opens its chat.
-            pick_mode(page, "Chat")
-            wait_for_chat_text(page, [], "How can I help you today?")
-            your_name = page.locator("#your-name").locator("textarea, input").first
-            your_name.fill("Sam")
-            your_name.press("Enter")
-            page.locator("#character-status").get_by_text("your name is Sam").wait_for()
-            assert "your_name: Sam" in (data / "chat-profile.yaml").read_text()
+        # Chat: the character controls appear; the built-in Assistant's greeting opens its chat.
+        pick_mode(page, "Chat")
+        wait_for_chat_text(page, [], "How can I help you today?")
+        your_name = page.locator("#your-name").locator("textarea, input").first
+        your_name.fill("Sam")
+        your_name.press("Enter")
+        page.locator("#character-status").get_by_text("your name is Sam").wait_for()
+        assert "your_name: Sam" in (data / "chat-profile.yaml").read_text()
 
-            # A card that is no PNG: one error line, nothing imported, the chat on screen untouched.
-            page.locator("#character-upload input[type=file]").set_input_files(str(not_a_card))
-            page.locator("#character-status").get_by_text("broken.png is not a PNG image").wait_for()
-            assert not (data / "characters").exists() or not list((data / "characters").iterdir())
-            wait_for_chat_text(page, [], "How can I help you today?")
+        # A card that is no PNG: one error line, nothing imported, the chat on screen untouched.
+        page.locator("#character-upload input[type=file]").set_input_files(str(not_a_card))
+        page.locator("#character-status").get_by_text("broken.png is not a PNG image").wait_for()
+        assert not (data / "characters").exists() or not list((data / "characters").iterdir())
+        wait_for_chat_text(page, [], "How can I help you today?")
 
-            # The card: saved as a character, picked, and its greeting (with both names filled in) opens a chat.
-            page.locator("#character-upload input[type=file]").set_input_files(str(card))
-            page.locator("#character-status").get_by_text("imported Alice as Alice").wait_for()
-            wait_for_chat_text(page, [], "Hello Sam, I am Alice. Mind the ferns!")
-            assert (data / "characters" / "Alice.yaml").is_file()
-            shoot("1-card-imported-greeting")
+        # The card: saved as a character, picked, and its greeting (with both names filled in) opens a chat.
+        page.locator("#character-upload input[type=file]").set_input_files(str(card))
+        page.locator("#character-status").get_by_text("imported Alice as Alice").wait_for()
+        wait_for_chat_text(page, [], "Hello Sam, I am Alice. Mind the ferns!")
+        assert (data / "characters" / "Alice.yaml").is_file()
+        shoot("1-card-imported-greeting")
 
-            send(page, app, "What do you grow?")
-            prompt = page.evaluate(PROMPT)
-            assert prompt.startswith("Alice's Persona: Alice is a botanist who talks to Sam about ferns.")
-            assert prompt.endswith("Alice: Hello Sam, I am Alice. Mind the ferns!\nSam: What do you grow?\nAlice:")
-            assert "<|im_start|>" not in prompt
-            chat_reply = page.evaluate(f"{BOTS}.at(-1).innerText").strip()
-            assert chat_reply and not chat_reply.startswith("Sam:")
-            shoot("2-chat-mode-reply")
+        send(page, app, "What do you grow?")
+        prompt = page.evaluate(PROMPT)
+        assert prompt.startswith("Alice's Persona: Alice is a botanist who talks to Sam about ferns.")
+        assert prompt.endswith("Alice: Hello Sam, I am Alice. Mind the ferns!\nSam: What do you grow?\nAlice:")
+        assert "<|im_start|>" not in prompt
+        chat_reply = page.evaluate(f"{BOTS}.at(-1).innerText").strip()
+        assert chat_reply and not chat_reply.startswith("Sam:")
+        shoot("2-chat-mode-reply")
 
-            # Chat-instruct: its own chat (the greeting again), the command wrapped in the model's template.
-            pick_mode(page, "Chat-instruct")
-            wait_for_chat_text(page, [], "Hello Sam, I am Alice.")
-            send(page, app, "Hi Alice")
-            prompt = page.evaluate(PROMPT)
-            assert ('<|im_start|>user\nContinue the chat dialogue below. Write a single reply for the character '
-                    '"Alice".\n\nAlice\'s Persona:') in prompt
-            assert "Alice: Hello Sam, I am Alice. Mind the ferns!\nSam: Hi Alice<|im_end|>\n" in prompt
-            assert prompt.endswith("<|im_start|>assistant\n")
-            shoot("3-chat-instruct-prompt")
+        # Chat-instruct: its own chat (the greeting again), the command wrapped in the model's template.
+        pick_mode(page, "Chat-instruct")
+        wait_for_chat_text(page, [], "Hello Sam, I am Alice.")
+        send(page, app, "Hi Alice")
+        prompt = page.evaluate(PROMPT)
+        assert ('<|im_start|>user\nContinue the chat dialogue below. Write a single reply for the character '
+                '"Alice".\n\nAlice\'s Persona:') in prompt
+        assert "Alice: Hello Sam, I am Alice. Mind the ferns!\nSam: Hi Alice<|im_end|>\n" in prompt
+        assert prompt.endswith("<|im_start|>assistant\n")
+        shoot("3-chat-instruct-prompt")
 
-            # Switching shows each mode's own chat and never replaces one with another.
-            pick_mode(page, "Instruct")
-            wait_for_chat_text(page, ["What is the capital of France?"], "")
-            assert "Paris" in page.evaluate(f"{BOTS}.at(-1).innerText")
-            pick_mode(page, "Chat")
-            wait_for_chat_text(page, ["What do you grow?"], "Hello Sam, I am Alice.")
-            assert page.evaluate(f"{BOTS}.at(-1).innerText").strip() == chat_reply
-            pick_mode(page, "Chat-instruct")
-            wait_for_chat_text(page, ["Hi Alice"], "Hello Sam, I am Alice.")
-            shoot("4-modes-keep-their-chats")
+        # Switching shows each mode's own chat and never replaces one with another.
+        pick_mode(page, "Instruct")
+        wait_for_chat_text(page, ["What is the capital of France?"], "")
+        assert "Paris" in page.evaluate(f"{BOTS}.at(-1).innerText")
+        pick_mode(page, "Chat")
+        wait_for_chat_text(page, ["What do you grow?"], "Hello Sam, I am Alice.")
+        assert page.evaluate(f"{BOTS}.at(-1).innerText").strip() == chat_reply
+        pick_mode(page, "Chat-instruct")
+        wait_for_chat_text(page, ["Hi Alice"], "Hello Sam, I am Alice.")
+        shoot("4-modes-keep-their-chats")
 
-            # Every chat is saved with its mode and character.
-            def recorded(found):
-                return sorted((c["mode"], c["character"], [m["content"] for m in c["messages"] if m["role"] == "user"])
-                              for c in found)
-            wait_for_files(conversations, lambda found: recorded(found) == [
-                ("Chat", "Alice", ["What do you grow?"]), ("Chat", "Assistant", []),
-                ("Chat-instruct", "Alice", ["Hi Alice"]), ("Instruct", "", ["What is the capital of France?"])],
-                "one chat per mode and character")
+        # Every chat is saved with its mode and character.
+        def recorded(found):
+            return sorted((c["mode"], c["character"], [m["content"] for m in c["messages"] if m["role"] == "user"])
+                          for c in found)
+        wait_for_files(conversations, lambda found: recorded(found) == [
+            ("Chat", "Alice", ["What do you grow?"]), ("Chat", "Assistant", []),
+            ("Chat-instruct", "Alice", ["Hi Alice"]), ("Instruct", "", ["What is the capital of France?"])],
+            "one chat per mode and character")
 
-            # A reload reopens the chat saved last, in its own mode, with its character picked.
-            page.reload()
-            wait_for_chat_text(page, ["Hi Alice"], "Hello Sam, I am Alice.")
-            page.wait_for_function("() => document.querySelector('#chat-mode input[value=\"Chat-instruct\"]')"
-                                   "?.checked === true", timeout=60_000)
-            assert page.locator("#character input").input_value() == "Alice"
-            shoot("5-reloaded")
-    finally:
-        app.stop()
+        # A reload reopens the chat saved last, in its own mode, with its character picked.
+        page.reload()
+        wait_for_chat_text(page, ["Hi Alice"], "Hello Sam, I am Alice.")
+        page.wait_for_function("() => document.querySelector('#chat-mode input[value=\"Chat-instruct\"]')"
+                               "?.checked === true", timeout=60_000)
+        assert page.locator("#character input").input_value() == "Alice"
+        shoot("5-reloaded")

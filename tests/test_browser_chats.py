@@ -8,8 +8,7 @@ import pytest
 
 from prompts.chat_export import parse_chat
 from prompts.conversations import ConversationStore
-from tests.browser import browser_page
-from tests.conftest import start_app
+from tests.browser import app_page
 
 pytestmark = pytest.mark.browser
 
@@ -43,91 +42,86 @@ def test_search_opens_export_downloads_import_shows_the_turns(tmp_path, models_d
     store = ConversationStore(data / "conversations")
     geography = store.save_messages(None, GEOGRAPHY, system_message="Answer in one sentence.")
     store.rename(store.save_messages(None, COOKING).id, "Kitchen notes")
-    app = start_app(["--models-dir", str(models_dir), "--data-dir", str(data)], tmp_path / "app.log")
-    try:
-        with browser_page(tmp_path) as (page, shoot):
-            page.goto(app.url)
-            page.get_by_text("Conversations", exact=True).click()
-            status = page.locator("#conversation-status")
+    with app_page(tmp_path, models_dir) as (app, page, shoot):
+        page.get_by_text("Conversations", exact=True).click()
+        status = page.locator("#conversation-status")
 
-            # Search: a word of a reply, in other case, finds the chat; clicking the hit opens it.
-            page.locator("#chat-search textarea, #chat-search input").first.fill("PARIS")
-            page.locator("#chat-search-button").click()
-            status.get_by_text("1 chat(s) hold “PARIS”").wait_for()
-            hit = page.locator("#chat-search-results label").filter(has_text="Paris is the capital of France.")
-            assert hit.count() == 1 and geography.title in hit.inner_text()
-            shoot("1-search-found")
-            hit.click()
-            page.wait_for_function(f"() => {USERS}.join() === 'What is the capital of France?'", timeout=60_000)
-            assert page.evaluate(BOTS) == ["Paris is the capital of France."]
-            status.get_by_text(f"opened “{geography.title}”").wait_for()
-            assert page.locator("#system-message textarea").input_value() == "Answer in one sentence."
-            shoot("2-opened-from-search")
+        # Search: a word of a reply, in other case, finds the chat; clicking the hit opens it.
+        page.locator("#chat-search textarea, #chat-search input").first.fill("PARIS")
+        page.locator("#chat-search-button").click()
+        status.get_by_text("1 chat(s) hold “PARIS”").wait_for()
+        hit = page.locator("#chat-search-results label").filter(has_text="Paris is the capital of France.")
+        assert hit.count() == 1 and geography.title in hit.inner_text()
+        shoot("1-search-found")
+        hit.click()
+        page.wait_for_function(f"() => {USERS}.join() === 'What is the capital of France?'", timeout=60_000)
+        assert page.evaluate(BOTS) == ["Paris is the capital of France."]
+        status.get_by_text(f"opened “{geography.title}”").wait_for()
+        assert page.locator("#system-message textarea").input_value() == "Answer in one sentence."
+        shoot("2-opened-from-search")
 
-            # Export: one click downloads the chat on screen; both formats parse back to it.
-            page.locator("#chat-export-format").get_by_text("OpenAI messages JSON").click()
-            with page.expect_download(timeout=60_000) as download:
-                page.locator("#chat-export").click()
-            path = tmp_path / download.value.suggested_filename
-            download.value.save_as(path)
-            assert path.name == "what-is-the-capital-of-france.messages.json"
-            assert json.loads(path.read_text()) == [{"role": "system", "content": "Answer in one sentence."},
-                                                    *GEOGRAPHY]
-            page.locator("#chat-export-format").get_by_text("text-generation-webui chat JSON").click()
-            with page.expect_download(timeout=60_000) as download:
-                page.locator("#chat-export").click()
-            path = tmp_path / download.value.suggested_filename
-            download.value.save_as(path)
-            exported = json.loads(path.read_text())
-            assert exported["internal"] == [[m["content"] for m in GEOGRAPHY]]
-            assert parse_chat(path.read_bytes()).messages == GEOGRAPHY
-            status.get_by_text("the system message is not part of that format").wait_for()
-            shoot("3-exported")
+        # Export: one click downloads the chat on screen; both formats parse back to it.
+        page.locator("#chat-export-format").get_by_text("OpenAI messages JSON").click()
+        with page.expect_download(timeout=60_000) as download:
+            page.locator("#chat-export").click()
+        path = tmp_path / download.value.suggested_filename
+        download.value.save_as(path)
+        assert path.name == "what-is-the-capital-of-france.messages.json"
+        assert json.loads(path.read_text()) == [{"role": "system", "content": "Answer in one sentence."},
+                                                *GEOGRAPHY]
+        page.locator("#chat-export-format").get_by_text("text-generation-webui chat JSON").click()
+        with page.expect_download(timeout=60_000) as download:
+            page.locator("#chat-export").click()
+        path = tmp_path / download.value.suggested_filename
+        download.value.save_as(path)
+        exported = json.loads(path.read_text())
+        assert exported["internal"] == [[m["content"] for m in GEOGRAPHY]]
+        assert parse_chat(path.read_bytes()).messages == GEOGRAPHY
+        status.get_by_text("the system message is not part of that format").wait_for()
+        shoot("3-exported")
 
-            # Import of text-generation-webui's log: a new conversation on screen, the others untouched.
-            before = saved(store.folder)
-            log = tmp_path / "20261130-09-00-00.json"
-            log.write_text(json.dumps(TGW_LOG, indent=4, ensure_ascii=False), encoding="utf-8")
-            with page.expect_file_chooser() as chooser:
-                page.locator("#chat-import").click()
-            chooser.value.set_files(str(log))
-            page.wait_for_function(f"() => {USERS}.join('|') === 'Where is the treasure?|Can I have a map?'",
-                                   timeout=60_000)
-            assert page.evaluate(BOTS) == ["Ahoy! I am Captain Hook.", "Buried under the old oak & guarded.",
-                                           "Only if you <sign> here."]
-            status.get_by_text("imported “Where is the treasure?” from 20261130-09-00-00.json").wait_for()
-            # The file had no system message: the one of the chat before is not carried over into it.
-            assert page.locator("#system-message textarea").input_value() == ""
-            after = saved(store.folder)
-            assert {k: v for k, v in after.items() if k in before} == before and len(after) == len(before) + 1
-            [new_name] = set(after) - set(before)
-            imported = json.loads(after[new_name])
-            assert [m["content"] for m in imported["messages"]][1:] == ["Where is the treasure?",
-                                                                         "Buried under the old oak & guarded.",
-                                                                         "Can I have a map?",
-                                                                         "Only if you <sign> here."]
-            shoot("4-imported")
+        # Import of text-generation-webui's log: a new conversation on screen, the others untouched.
+        before = saved(store.folder)
+        log = tmp_path / "20261130-09-00-00.json"
+        log.write_text(json.dumps(TGW_LOG, indent=4, ensure_ascii=False), encoding="utf-8")
+        with page.expect_file_chooser() as chooser:
+            page.locator("#chat-import").click()
+        chooser.value.set_files(str(log))
+        page.wait_for_function(f"() => {USERS}.join('|') === 'Where is the treasure?|Can I have a map?'",
+                               timeout=60_000)
+        assert page.evaluate(BOTS) == ["Ahoy! I am Captain Hook.", "Buried under the old oak & guarded.",
+                                       "Only if you <sign> here."]
+        status.get_by_text("imported “Where is the treasure?” from 20261130-09-00-00.json").wait_for()
+        # The file had no system message: the one of the chat before is not carried over into it.
+        assert page.locator("#system-message textarea").input_value() == ""
+        after = saved(store.folder)
+        assert {k: v for k, v in after.items() if k in before} == before and len(after) == len(before) + 1
+        [new_name] = set(after) - set(before)
+        imported = json.loads(after[new_name])
+        assert [m["content"] for m in imported["messages"]][1:] == ["Where is the treasure?",
+                                                                     "Buried under the old oak & guarded.",
+                                                                     "Can I have a map?",
+                                                                     "Only if you <sign> here."]
+        shoot("4-imported")
 
-            # A malformed file: one line, and nothing changes on screen or on disk.
-            broken = tmp_path / "broken.json"
-            broken.write_text('{"internal": [["only one"]]}')
-            with page.expect_file_chooser() as chooser:
-                page.locator("#chat-import").click()
-            chooser.value.set_files(str(broken))
-            status.get_by_text("⚠️ broken.json: row 0 of \"internal\" is not a [user, reply] pair of texts").wait_for()
-            assert page.evaluate(USERS) == ["Where is the treasure?", "Can I have a map?"]
-            assert saved(store.folder) == after
-            shoot("5-malformed-import")
+        # A malformed file: one line, and nothing changes on screen or on disk.
+        broken = tmp_path / "broken.json"
+        broken.write_text('{"internal": [["only one"]]}')
+        with page.expect_file_chooser() as chooser:
+            page.locator("#chat-import").click()
+        chooser.value.set_files(str(broken))
+        status.get_by_text("⚠️ broken.json: row 0 of \"internal\" is not a [user, reply] pair of texts").wait_for()
+        assert page.evaluate(USERS) == ["Where is the treasure?", "Can I have a map?"]
+        assert saved(store.folder) == after
+        shoot("5-malformed-import")
 
-            # The hit found before opens its chat again (a hit is clickable more than once).
-            hit.click()
-            page.wait_for_function(f"() => {USERS}.join() === 'What is the capital of France?'", timeout=60_000)
-            assert page.locator("#system-message textarea").input_value() == "Answer in one sentence."
-            # A word only in a (renamed) title finds that chat; its hit is the title alone.
-            page.locator("#chat-search textarea, #chat-search input").first.fill("kitchen")
-            page.locator("#chat-search input, #chat-search textarea").first.press("Enter")
-            status.get_by_text("1 chat(s) hold “kitchen”").wait_for()
-            assert page.locator("#chat-search-results label").all_inner_texts() == ["Kitchen notes"]
-            shoot("6-title-hit")
-    finally:
-        app.stop()
+        # The hit found before opens its chat again (a hit is clickable more than once).
+        hit.click()
+        page.wait_for_function(f"() => {USERS}.join() === 'What is the capital of France?'", timeout=60_000)
+        assert page.locator("#system-message textarea").input_value() == "Answer in one sentence."
+        # A word only in a (renamed) title finds that chat; its hit is the title alone.
+        page.locator("#chat-search textarea, #chat-search input").first.fill("kitchen")
+        page.locator("#chat-search input, #chat-search textarea").first.press("Enter")
+        status.get_by_text("1 chat(s) hold “kitchen”").wait_for()
+        assert page.locator("#chat-search-results label").all_inner_texts() == ["Kitchen notes"]
+        shoot("6-title-hit")

@@ -11,14 +11,12 @@ import time
 import pytest
 import yaml
 
-from tests.browser import browser_page, choose_preset, set_slider, wait_for_chat
-from tests.conftest import start_app
+from tests.browser import STATUS, app_page, choose_preset, send, set_slider
 from tests.test_reasoning import QWEN3_STYLE
 
 pytestmark = pytest.mark.browser
 
 MODEL = "Thinker"
-STATUS = "document.querySelector('#chat-status')?.innerText || ''"
 PROMPT = "document.querySelector('#prompt-view textarea')?.value || ''"
 THOUGHTS = "[...document.querySelectorAll('#chatbot .thought-group')]"
 SAVED_REPLY = {"role": "assistant", "content": "It is 4.", "reasoning_content": "2 and 2 make 4",
@@ -46,13 +44,12 @@ def thoughts(page) -> list[dict]:
 
 
 def watch(page) -> None:
-    """Record, from now on, the status lines and every Thinking part seen open with a spinner (a short reply
-    may stream for under a second)."""
+    """Record, from now on, every Thinking part seen open with a spinner (a short reply may stream for under a
+    second)."""
     page.evaluate(f"""() => {{
-        window.__statuses = []; window.__openWhileStreaming = [];
+        window.__openWhileStreaming = [];
         if (window.__observer) return;
         window.__observer = new MutationObserver(() => {{
-            window.__statuses.push({STATUS});
             for (const g of {THOUGHTS})
                 if (g.querySelector('.loading-spinner') && g.querySelector('.title').classList.contains('expanded'))
                     window.__openWhileStreaming.push(g.innerText);
@@ -60,11 +57,6 @@ def watch(page) -> None:
         window.__observer.observe(document.querySelector('#tab-chat'),
                                   {{subtree: true, childList: true, characterData: true, attributes: true}});
     }}""")
-
-
-def wait_for_new_reply(page, app) -> None:
-    wait_for_chat(page, f"() => {{ const s = {STATUS}; return window.__statuses.some(t => t.includes('generating'))"
-                        " && s.includes('tok/s') && !s.includes('generating'); }", app=app)
 
 
 def saved_messages(folder, wanted: int) -> list[dict]:
@@ -82,74 +74,62 @@ def saved_messages(folder, wanted: int) -> list[dict]:
 def test_thinking_is_a_collapsible_part_streamed_saved_reloaded_and_switched_off(tmp_path, models_dir,
                                                                                   default_model_dir):
     thinker_folder(models_dir, default_model_dir)
-    data = tmp_path / "user_data"
-    conversations = data / "conversations"
+    conversations = tmp_path / "user_data" / "conversations"
     conversations.mkdir(parents=True)
     (conversations / "20261130-000000-abcdef.json").write_text(json.dumps({
         "id": "20261130-000000-abcdef", "title": "Sums", "mode": "Instruct", "created": 1.0, "updated": 2.0,
         "messages": [{"role": "user", "content": "2+2?"}, SAVED_REPLY]}))
-    app = start_app(["--models-dir", str(models_dir), "--model", MODEL, "--data-dir", str(data)],
-                    tmp_path / "app.log")
-    try:
-        with browser_page(tmp_path) as (page, shoot):
-            page.goto(app.url)
-            # The saved chat: its reply's thinking is a closed part above the reply, with its count and time.
-            page.wait_for_function(f"() => {THOUGHTS}.length === 1")
-            [saved] = thoughts(page)
-            assert saved["title"] == "Thinking" and saved["log"] == "6 tokens (0.4s)" and not saved["open"]
-            assert "2 and 2 make 4" not in saved["text"]   # closed: the thinking itself is not on screen
-            bots = page.evaluate("() => [...document.querySelectorAll('#chatbot [data-testid=bot]')]"
-                                 ".map(b => b.innerText)")
-            assert any(b.strip() == "It is 4." for b in bots), bots   # the reply alone, without the thinking
-            page.locator("#chatbot .thought-group .title").first.click()
-            page.wait_for_function(f"() => {THOUGHTS}[0].innerText.includes('2 and 2 make 4')")
-            shoot("1-saved-thinking-opened")
+    with app_page(tmp_path, models_dir, MODEL) as (app, page, shoot):
+        # The saved chat: its reply's thinking is a closed part above the reply, with its count and time.
+        page.wait_for_function(f"() => {THOUGHTS}.length === 1")
+        [saved] = thoughts(page)
+        assert saved["title"] == "Thinking" and saved["log"] == "6 tokens (0.4s)" and not saved["open"]
+        assert "2 and 2 make 4" not in saved["text"]   # closed: the thinking itself is not on screen
+        bots = page.evaluate("() => [...document.querySelectorAll('#chatbot [data-testid=bot]')]"
+                             ".map(b => b.innerText)")
+        assert any(b.strip() == "It is 4." for b in bots), bots   # the reply alone, without the thinking
+        page.locator("#chatbot .thought-group .title").first.click()
+        page.wait_for_function(f"() => {THOUGHTS}[0].innerText.includes('2 and 2 make 4')")
+        shoot("1-saved-thinking-opened")
 
-            # A live reply: the template opened <think>, so what the model writes streams as thinking.
-            choose_preset(page, "Deterministic", "0")
-            set_slider(page, "gen-max_new_tokens", "24")
-            watch(page)
-            page.locator("#chat-input textarea").fill("Is it?")
-            page.locator("#chat-send").click()
-            wait_for_new_reply(page, app)
-            page.wait_for_function(f"() => {THOUGHTS}.length === 2 && !{THOUGHTS}[1].querySelector('.loading-spinner')")
-            assert page.evaluate("() => window.__openWhileStreaming.length") > 0   # open, spinning, while it streamed
-            messages = saved_messages(conversations, 4)
-            live = messages[-1]
-            assert live["content"] == "" and live["reasoning_content"]   # 24 tokens, never closed: all thinking
-            assert "thinking_now" not in live
-            streamed = thoughts(page)[1]
-            assert streamed["title"] == "Thinking" and not streamed["open"] and not streamed["pending"]
-            assert streamed["log"].startswith(f"{live['reasoning_tokens']} tokens ("), streamed
-            assert live["reasoning_tokens"] > 0
-            page.click("#prompt-accordion")   # the exact prompt: the block opened, earlier thinking not sent back
-            page.wait_for_function(f"() => ({PROMPT}).endsWith('<|im_start|>assistant\\n<think>\\n')")
-            assert "It is 4." in page.evaluate(f"() => {PROMPT}")
-            assert "2 and 2 make 4" not in page.evaluate(f"() => {PROMPT}")
-            shoot("2-streamed-thinking-closed")
+        # A live reply: the template opened <think>, so what the model writes streams as thinking.
+        choose_preset(page, "Deterministic", "0")
+        set_slider(page, "gen-max_new_tokens", "24")
+        watch(page)
+        send(page, app, "Is it?")
+        page.wait_for_function(f"() => {THOUGHTS}.length === 2 && !{THOUGHTS}[1].querySelector('.loading-spinner')")
+        assert page.evaluate("() => window.__openWhileStreaming.length") > 0   # open, spinning, while it streamed
+        messages = saved_messages(conversations, 4)
+        live = messages[-1]
+        assert live["content"] == "" and live["reasoning_content"]   # 24 tokens, never closed: all thinking
+        assert "thinking_now" not in live
+        streamed = thoughts(page)[1]
+        assert streamed["title"] == "Thinking" and not streamed["open"] and not streamed["pending"]
+        assert streamed["log"].startswith(f"{live['reasoning_tokens']} tokens ("), streamed
+        assert live["reasoning_tokens"] > 0
+        page.click("#prompt-accordion")   # the exact prompt: the block opened, earlier thinking not sent back
+        page.wait_for_function(f"() => ({PROMPT}).endsWith('<|im_start|>assistant\\n<think>\\n')")
+        assert "It is 4." in page.evaluate(f"() => {PROMPT}")
+        assert "2 and 2 make 4" not in page.evaluate(f"() => {PROMPT}")
+        shoot("2-streamed-thinking-closed")
 
-            # A reload shows both Thinking parts again, with their counts.
-            page.reload()
-            page.wait_for_function(f"() => {THOUGHTS}.length === 2")
-            assert [t["log"] for t in thoughts(page)] == [saved["log"], streamed["log"]]
-            assert not any(t["open"] for t in thoughts(page))
-            shoot("3-after-reload")
+        # A reload shows both Thinking parts again, with their counts.
+        page.reload()
+        page.wait_for_function(f"() => {THOUGHTS}.length === 2")
+        assert [t["log"] for t in thoughts(page)] == [saved["log"], streamed["log"]]
+        assert not any(t["open"] for t in thoughts(page))
+        shoot("3-after-reload")
 
-            # The switch: off is saved for this model and the template writes an empty block, so no thinking.
-            page.locator("#chat-enable-thinking input").uncheck()
-            page.wait_for_function(f"() => {STATUS}.includes('thinking off')")
-            saved_settings = yaml.safe_load((models_dir / "config-user.yaml").read_text())
-            assert next(v for k, v in saved_settings.items() if k.startswith(MODEL))["enable_thinking"] is False
-            watch(page)
-            page.locator("#chat-input textarea").fill("Hi")
-            page.locator("#chat-send").click()
-            wait_for_new_reply(page, app)
-            if not page.evaluate(f"() => !!document.querySelector('#prompt-view textarea')"):
-                page.click("#prompt-accordion")   # a reload closed it
-            page.wait_for_function(f"() => ({PROMPT}).endsWith('<think>\\n\\n</think>\\n\\n')")
-            messages = saved_messages(conversations, 6)
-            assert messages[-1]["content"] and "reasoning_content" not in messages[-1]
-            assert len(thoughts(page)) == 2
-            shoot("4-thinking-switched-off")
-    finally:
-        app.stop()
+        # The switch: off is saved for this model and the template writes an empty block, so no thinking.
+        page.locator("#chat-enable-thinking input").uncheck()
+        page.wait_for_function(f"() => {STATUS}.includes('thinking off')")
+        saved_settings = yaml.safe_load((models_dir / "config-user.yaml").read_text())
+        assert next(v for k, v in saved_settings.items() if k.startswith(MODEL))["enable_thinking"] is False
+        send(page, app, "Hi")
+        if not page.evaluate(f"() => !!document.querySelector('#prompt-view textarea')"):
+            page.click("#prompt-accordion")   # a reload closed it
+        page.wait_for_function(f"() => ({PROMPT}).endsWith('<think>\\n\\n</think>\\n\\n')")
+        messages = saved_messages(conversations, 6)
+        assert messages[-1]["content"] and "reasoning_content" not in messages[-1]
+        assert len(thoughts(page)) == 2
+        shoot("4-thinking-switched-off")
