@@ -151,6 +151,37 @@ def one_position_for_every_slot_and_an_idle_slot():
                                **TOL)
 
 
+@check("one_launch_spans_and_counts")
+def one_launch_combines_in_its_last_program_and_leaves_counts_at_zero():
+    """The fused kernel, called again and again with the same shapes (as a graph replays it) at lengths that
+    take one span (written directly), several (the last program to count in combines) and windows that skip
+    the first spans: each call right, and every arrival count back at 0 after each (else the next call's last
+    program would never see its turn). The default span reads these short ranges in one pass (program 0 alone,
+    from the window's first key)."""
+    T, D = 48, 16
+    q, k, v = inputs(3, 8, 2, T, D, seed=9)
+    for positions, window in (([3, 47, 20], None), ([47, 9, 0], 12), ([-1, 30, 47], 40), ([5, 6, 7], None)):
+        positions = torch.tensor(positions)
+        valid = positions >= 0
+        want = reference(q[valid], k[valid], v[valid], positions[valid], 0.25, window=window)
+        for span in (8, None):
+            got = decode_attention(q, k, v, positions, 0.25, window=window, span=span, two_kernels=False)
+            torch.testing.assert_close(got[valid].double(), want, **TOL)
+            assert torch.equal(got[~valid], torch.zeros_like(got[~valid]))
+            assert module._COUNTERS and all(not c.any() for c in module._COUNTERS.values())
+
+
+@check("two_kernels_path")
+def the_earlier_two_kernel_path_still_answers():
+    """HEARTH_DECODE_ATTENTION=two_kernels (or two_kernels=True): the split and combine kernels, kept for
+    bench/attention_step.py, give the same answer."""
+    T, D = 40, 16
+    q, k, v = inputs(4, 8, 2, T, D, seed=10)
+    positions = torch.tensor([39, 0, 17, 8])
+    got = decode_attention(q, k, v, positions, 0.25, window=20, span=8, two_kernels=True)
+    torch.testing.assert_close(got.double(), reference(q, k, v, positions, 0.25, window=20), **TOL)
+
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
     """{check name: "ok" or its traceback}, from one child process running every check under the interpreter.
@@ -184,12 +215,14 @@ def test_refuses_heads_that_do_not_group_evenly():
 
 
 def test_span_fills_the_gpu_and_depends_on_shapes_only():
-    """Batch-1 7B (32 kv heads) at an 8k bucket: 16 spans of 512 keys; 8 kv heads: 64 spans of 128; a short
-    bucket still gets whole blocks; 8 slots of 32 kv heads: 2 spans."""
-    assert module.default_span(32, 8192, 64) == 512
-    assert module.default_span(8, 8192, 64) == 128
+    """Batch-1 7B (32 kv heads) at an 8k bucket: 8 spans of 1024 keys; 8 kv heads: 32 spans of 256; a short
+    bucket still gets whole blocks; 8 slots of 32 kv heads: 1 span. The two-kernel path keeps its 512 programs
+    (16 spans of 512 for 7B)."""
+    assert module.default_span(32, 8192, 64) == 1024
+    assert module.default_span(8, 8192, 64) == 256
     assert module.default_span(32, 256, 64) == 64
-    assert module.default_span(8 * 32, 8192, 64) == 4096
+    assert module.default_span(8 * 32, 8192, 64) == 8192
+    assert module.default_span(32, 8192, 64, module.TWO_KERNEL_TARGET) == 512
 
 
 @needs_cuda
@@ -236,6 +269,39 @@ def test_cuda_graph_replays_for_new_positions():
         positions.copy_(torch.tensor(new))
         graph.replay()
         torch.testing.assert_close(out.double(), reference(q, k, v, positions, D ** -0.5), atol=2e-2, rtol=2e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("H_kv", [32, 8])
+def test_cuda_graph_one_launch_at_short_and_long_lengths(H_kv):
+    """One graph captured at an 8k bucket, replayed at lengths from 1 key (one span: the program writes the
+    output itself) to the whole bucket (many spans: the last program of each head combines), with windows:
+    right at every replay, equal to the two-kernel path, and the arrival counts back at 0 after each."""
+    T, D = 8192, 128
+    q, k, v = inputs(2, 32, H_kv, T, D, dtype=torch.bfloat16, device="cuda", seed=11)
+    positions = torch.tensor([0, 8191], device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        decode_attention(q, k, v, positions, D ** -0.5, window=3000)
+        decode_attention(q, k, v, positions, D ** -0.5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        windowed = decode_attention(q, k, v, positions, D ** -0.5, window=3000)
+        whole = decode_attention(q, k, v, positions, D ** -0.5)
+    for new in ([0, 8191], [100, 5000], [8191, 63], [511, 512], [-1, 4096], [2999, 3000]):
+        positions.copy_(torch.tensor(new))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert all(not c.any() for c in module._COUNTERS.values())
+        for got, window in ((whole, None), (windowed, 3000)):
+            ok = positions >= 0
+            want = reference(q[ok], k[ok], v[ok], positions[ok], D ** -0.5, window=window)
+            torch.testing.assert_close(got[ok].double(), want, atol=2e-2, rtol=2e-2)
+            assert torch.equal(got[~ok], torch.zeros_like(got[~ok]))
+            old = decode_attention(q, k, v, positions, D ** -0.5, window=window, two_kernels=True)
+            torch.testing.assert_close(got.float(), old.float(), atol=1e-2, rtol=1e-2)
 
 
 if __name__ == "__main__":   # the child of `interpreted`: run every check, write {name: "ok" | traceback}
