@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -229,6 +230,69 @@ template <int CH, int SEG> __device__ __forceinline__ int group_of(int c, int se
 """
 
 SOURCE = DEVICE_HELPERS + r"""
+// How a lane's 16 weight bytes a chunk reach it (PIPE). DIRECT: one load to a register, one in flight a lane
+// (more, unrolled, cost registers and lost: bench/NOTES-engine.md). The staged pipelines keep STAGES rounds
+// (a round: chunk i of every warp, WARPS x 512 contiguous bytes of the tile) in flight in a ring in dynamic
+// shared memory [STAGES][WARPS][32] instead of in registers. CPASYNC (sm_80+): each lane copies its own 16
+// bytes STAGES - 1 rounds ahead (cp.async, wait_group), so no lane waits on another. BULK (sm_90+): one thread
+// fetches a whole round with one TMA bulk copy that completes on the stage's `full` mbarrier; each warp
+// arrives on the stage's `empty` mbarrier once it has read its bytes, and the copy of the round STAGES ahead
+// goes into the stage when all have.
+enum Pipeline { DIRECT = 0, CPASYNC = 1, BULK = 2 };
+
+__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+
+// The mbarrier and bulk-copy instructions exist from sm_90 on; SOURCE also compiles for sm_80/89, where no
+// BULK instantiation is launched (config_for, matmul), so there they are left empty.
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+#endif
+}
+
+// Makes the initialised mbarriers visible to the other threads and to the bulk copies (the async proxy).
+__device__ __forceinline__ void mbar_init_fence() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.mbarrier_init.release.cluster;\n\tfence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n\t.reg .b64 state;\n\tmbarrier.arrive.shared::cta.b64 state, [%0];\n\t}" :: "r"(bar) : "memory");
+#endif
+}
+
+// Until the barrier's phase of this parity has completed.
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("{\n\t.reg .pred done;\n\tWAIT:\n\t"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
+                 "@!done bra WAIT;\n\t}" :: "r"(bar), "r"(parity) : "memory");
+#endif
+}
+
+// bytes from global src to shared dst (both 16-byte aligned, a multiple of 16 bytes), completing on bar,
+// which this thread arrives on, expecting them. A fence first: the generic-proxy reads of the stage's last
+// round (ordered before this by the empty barrier) come before the async proxy's writes.
+__device__ __forceinline__ void bulk_fetch(u32 dst, const void* src, u32 bytes, u32 bar) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;\n\t"
+                 "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+#endif
+}
 
 // y[M, N] = x[M, K] @ W^T for M <= 8. One block per 16-row tile; its WARPS warps take every WARPS-th chunk
 // of 64 inputs, U chunks in flight per lane, and meet in shared memory at the end.
@@ -242,13 +306,16 @@ SOURCE = DEVICE_HELPERS + r"""
 // EXPERTS (a mixture-of-experts decode step): blockIdx.y is a slot j; the weight, scales and zero biases are
 // expert experts[j]'s of tensors stacked [E, ...] (byte strides w_stride, s_stride, z_stride), x and y are
 // offset by j * x_stride and j * y_stride elements. The chosen experts are read in place, with no copy.
-template <int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM, bool EXPERTS>
+// PIPE, STAGES: how the weights reach the lanes (Pipeline, above); a staged one is launched with
+// STAGES * WARPS * 512 bytes of dynamic shared memory and takes U = 1.
+template <int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM, bool EXPERTS, int PIPE, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32)
 int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* __restrict__ w,
          const void* __restrict__ scales, const void* __restrict__ zero_bias, u16* __restrict__ y,
          int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift,
          const long long* __restrict__ experts, int w_stride, int s_stride, int z_stride, int x_stride, int y_stride) {
     static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
+    static_assert(PIPE == DIRECT || (U == 1 && !EXPERTS && STAGES >= 2), "a staged ring: one chunk a round");
     if (EXPERTS) {
         const int slot = blockIdx.y;
         const long long e = experts[slot];
@@ -260,6 +327,10 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     }
     __shared__ float partial[WARPS][8][16];
     __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][32];   // [warp][u][x row][input pair]
+    // Staged PIPE: the ring [STAGES][WARPS][32], then (BULK) its mbarriers, full then empty a stage: dynamic,
+    // as 32 warps' static arrays already take the 48 KB a block has without opting in.
+    extern __shared__ __align__(128) Words ring[];
+    unsigned long long* bars = reinterpret_cast<unsigned long long*>(ring + STAGES * WARPS * 32);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x;
@@ -267,6 +338,26 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     const int xrow = min(r, M - 1);                          // B column r: x row r (unused columns repeat)
     const u16* xr = x + (u32)(xrow * K);
     const Words* wt = w + (u32)(tile * chunks * 32 + lane);
+    const int rounds = (chunks + WARPS - 1) / WARPS;   // staged: rounds of the ring, the lane's element in a stage
+    const int slot = warp * 32 + lane;
+    if (PIPE == BULK && threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(shared_address(&bars[s]), 1);
+            mbar_init(shared_address(&bars[STAGES + s]), WARPS);
+        }
+        mbar_init_fence();
+        for (int i = 0; i < min(STAGES, rounds); ++i)
+            bulk_fetch(shared_address(ring + i * WARPS * 32), wt - lane + i * WARPS * 32,
+                       min(WARPS, chunks - i * WARPS) * 512, shared_address(&bars[i]));
+    }
+    if (PIPE == BULK) __syncthreads();   // the barriers are set up before any warp waits on them
+    if (PIPE == CPASYNC) {               // rounds 0 .. STAGES - 2 requested, a commit group each
+        for (int i = 0; i < STAGES - 1; ++i) {
+            if (warp + i * WARPS < chunks)
+                cp_async16(shared_address(ring + i * WARPS * 32 + slot), wt + (warp + i * WARPS) * 32);
+            cp_async_commit();
+        }
+    }
     const char *lane_scales, *lane_values;
     lane_pairs<FORM, ZMODE == OFFSETS>(scales, zero_bias, tile, G, span_shift, r, lane_scales, lane_values);
     const u32* lane_zeros = reinterpret_cast<const u32*>(zero_bias) + (u32)(tile * G * 8 + r);   // ZEROS
@@ -286,10 +377,35 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     // Not unrolled: one chunk's loads in flight a lane, as measured best (bench/NOTES-engine.md); left to
     // itself the compiler unrolls some instantiations by two, issuing the next chunk's load mid-loop.
+    // BULK: every warp runs every round (c0 - warp: the round's first chunk), as each arrives on the empty
+    // barrier; a warp past the last chunk only waits and arrives.
 #pragma unroll 1
-    for (int c0 = warp; c0 < chunks; c0 += STEP, xc += STEP * 64, wc += STEP * 32, sc += STEP * GPC * 8 * P::scale,
+    for (int c0 = warp, round = 0; (PIPE == BULK ? c0 - warp : c0) < chunks; c0 += STEP, ++round, xc += STEP * 64,
+         wc += STEP * 32, sc += STEP * GPC * 8 * P::scale,
          vc += P::factored ? STEP / 4 * 8 * P::value : STEP * GPC * 8 * P::value, zc += STEP * GPC * 8) {
         Words q[U];
+        const int stage = round % STAGES;
+        if (PIPE == CPASYNC) {   // round + STAGES - 1 into the stage this lane read last round; round's group done
+            const int ahead = (round + STAGES - 1) % STAGES;
+            if (c0 + (STAGES - 1) * WARPS < chunks)
+                cp_async16(shared_address(ring + ahead * WARPS * 32 + slot), wc + (STAGES - 1) * WARPS * 32);
+            cp_async_commit();
+            cp_async_wait<STAGES - 1>();
+            q[0] = ring[stage * WARPS * 32 + slot];
+        }
+        if (PIPE == BULK) {
+            const u32 parity = (round / STAGES) & 1;
+            mbar_wait(shared_address(&bars[stage]), parity);
+            if (c0 < chunks) q[0] = ring[stage * WARPS * 32 + slot];
+            __syncwarp();
+            if (lane == 0) mbar_arrive(shared_address(&bars[STAGES + stage]));
+            if (threadIdx.x == 0 && round + STAGES < rounds) {   // refill the stage once every warp has read it
+                const int next = round + STAGES;
+                mbar_wait(shared_address(&bars[STAGES + stage]), parity);
+                bulk_fetch(shared_address(ring + stage * WARPS * 32), wt - lane + next * WARPS * 32,
+                           min(WARPS, chunks - next * WARPS) * 512, shared_address(&bars[stage]));
+            }
+        }
         // Per segment: the scales s of rows r and r + 8, and (OFFSETS) the offsets less 128 s, as the levels
         // go into the mma raw (128 + q) there: s sum((128 + q) x) + (m - 128 s) sum(x) = s sum(q x) + m sum(x).
         float s[U][4 / SEG][2], off[ZMODE == OFFSETS ? U : 1][4 / SEG][2];
@@ -298,7 +414,7 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * WARPS;
             if (c < chunks) {
-                q[u] = load_streaming(wc + u * WARPS * 32);
+                if (PIPE == DIRECT) q[u] = load_streaming(wc + u * WARPS * 32);
                 float d[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                 span_factors<FORM, ZMODE == OFFSETS>(vc, u * WARPS / 4, d);
 #pragma unroll
@@ -443,18 +559,58 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
 """
 
 
+DIRECT, CPASYNC, BULK = 0, 1, 2   # the kernel's PIPE: how the weights reach the lanes
+PIPELINES = {"off": DIRECT, "cpasync": CPASYNC, "bulk": BULK}
+PIPELINE_ENV = "HEARTH_INT4_PIPELINE"
+STAGED_STAGES = 4   # rounds in flight when config_for stages the weights (untuned: the device sweep decides)
+
+
 @dataclass(frozen=True)
 class MmaConfig:
     warps: int   # warps a block (one 16-row tile), splitting K between them
-    unroll: int  # 16-byte loads in flight per lane
+    unroll: int  # 16-byte loads in flight per lane (DIRECT)
+    pipeline: int = DIRECT   # DIRECT, or staged through shared memory: CPASYNC (sm_80+), BULK (sm_90+)
+    stages: int = 1          # staged: rounds of WARPS chunks in flight a block (a ring of that many)
+
+    def staged_bytes(self) -> int:
+        """Dynamic shared memory a launch takes: the staged ring, STAGES x WARPS x 512 bytes, and BULK's two
+        8-byte mbarriers a stage."""
+        ring = 0 if self.pipeline == DIRECT else self.stages * self.warps * 32 * 16
+        return ring + (16 * self.stages if self.pipeline == BULK else 0)
 
 
-def config_for(n: int) -> MmaConfig:
-    """Launch shape for N outputs. From `bench/engine.py --gemv` on an H100: one 16-byte load in flight per
-    lane was best (more warps hide the latency better than unrolling); 32 warps a tile when there are few
-    tiles (N = 4096: 256 of them), 16 from N = 8192 up (best or within 9% of the best on every 7B/70B shape;
-    the ranking between 8 and 16 warps moved from run to run)."""
-    return MmaConfig(warps=32 if n < 8192 else 16, unroll=1)
+def requested_pipeline() -> int:
+    """The staged pipeline HEARTH_INT4_PIPELINE asks for (off, cpasync, bulk; default off). Read here only: until
+    the device sweep (`bench/engine.py --gemv`) shows a staged kernel faster, it is chosen by hand, so that
+    one run can measure decode both ways."""
+    name = os.environ.get(PIPELINE_ENV, "off").strip().lower() or "off"
+    if name not in PIPELINES:
+        raise ValueError(f"{PIPELINE_ENV}={name!r}: expected one of {', '.join(PIPELINES)}")
+    return PIPELINES[name]
+
+
+def pipeline_for(zmode: int, form: int, capability: tuple[int, int], requested: int) -> int:
+    """The pipeline a weight gets: the requested one where the GPU has its instructions (BULK: sm_90+) and the
+    weight is one of the forms written and tested for it (GPTQ's and AWQ's: one zero or zeros per group, fp16
+    scales; act-order's gather too), else DIRECT. Mixture-of-experts slots stay DIRECT: `expert_matmul` has no
+    staged variant (config_for is asked without a weight there)."""
+    if requested == DIRECT or zmode not in (UNIFORM, ZEROS) or form != HALF:
+        return DIRECT
+    return requested if capability >= ((9, 0) if requested == BULK else (8, 0)) else DIRECT
+
+
+def config_for(n: int, w: PackedInt4 | None = None) -> MmaConfig:
+    """Launch shape for N outputs (of weight w, where given: a staged pipeline needs its form). From
+    `bench/engine.py --gemv` on an H100: one 16-byte load in flight per lane was best (more warps hide the
+    latency better than unrolling); 32 warps a tile when there are few tiles (N = 4096: 256 of them), 16 from
+    N = 8192 up (best or within 9% of the best on every 7B/70B shape; the ranking between 8 and 16 warps moved
+    from run to run). Staged (HEARTH_INT4_PIPELINE): the same warps, STAGED_STAGES rounds in flight."""
+    warps = 32 if n < 8192 else 16
+    pipeline = DIRECT
+    if w is not None and w.words.is_cuda:
+        pipeline = pipeline_for(w.zmode, w.form, torch.cuda.get_device_capability(w.words.device),
+                                requested_pipeline())
+    return MmaConfig(warps=warps, unroll=1, pipeline=pipeline, stages=1 if pipeline == DIRECT else STAGED_STAGES)
 
 
 def supported(device: torch.device) -> bool:
@@ -710,17 +866,31 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
                       uniform_zero=zero, n=N, k=K, group_size=group_size)
 
 
+@functools.cache
+def _staged_kernel(name: str, pipeline: int, staged_bytes: int):
+    """A staged instantiation, allowed its ring of dynamic shared memory. Always opted in (at least 48 KB):
+    the 48 KB a block takes without it counts the static arrays too (32 warps: 16 KB of partial sums, 32 KB
+    more gathering x), so a ring under 48 KB can still need it."""
+    if pipeline == BULK and torch.cuda.get_device_capability()[0] < 9:
+        raise ValueError(f"{name}: bulk copies need compute capability 9.0+")   # sm_80 compiles them empty
+    kernel = _kernel(name)
+    kernel.set_shared_memory_config(max(staged_bytes, 48 * 1024))
+    return kernel
+
+
 def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
     seg = min(4, w.group_size // 16)
     flag = lambda b: str(b).lower()
-    name = f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)},false>"
+    name = (f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)},false,"
+            f"{config.pipeline},{config.stages}>")
+    kernel = _kernel(name) if config.pipeline == DIRECT else _staged_kernel(name, config.pipeline, config.staged_bytes())
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
-    _kernel(name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
-                  args=[x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n,
-                        w.k, w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift,
-                        w.words, 0, 0, 0, 0, 0])
+    kernel(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1), shared_mem=config.staged_bytes(),
+           args=[x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n,
+                 w.k, w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift,
+                 w.words, 0, 0, 0, 0, 0])
     return y
 
 
@@ -731,7 +901,7 @@ def expert_matmul(x: torch.Tensor, stacked: PackedInt4, experts: torch.Tensor, c
     Returns y [S, N]: slot j is x's row through expert experts[j]."""
     S = experts.shape[0]
     seg = min(4, stacked.group_size // 16)
-    name = f"int4_mma<{config.warps},{config.unroll},{seg},{stacked.zmode},{stacked.form},false,true>"
+    name = f"int4_mma<{config.warps},{config.unroll},{seg},{stacked.zmode},{stacked.form},false,true,{DIRECT},1>"
     y = torch.empty(S, stacked.n, dtype=torch.bfloat16, device=x.device)
     stride = lambda t: t.stride(0) * t.element_size()
     _kernel(name)(grid=(stacked.n // TILE, S, 1), block=(32 * config.warps, 1, 1),

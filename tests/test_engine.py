@@ -228,6 +228,75 @@ def test_int4_cuda_falls_back_to_dequantized_for_shapes_the_kernel_does_not_take
         assert isinstance(make_quant_linear(qw, None, torch.device("cuda"), torch.bfloat16), DequantLinear)
 
 
+def test_staged_int4_pipeline_is_asked_for_by_name_and_taken_only_where_it_runs(monkeypatch):
+    # HEARTH_INT4_PIPELINE picks the staged kernel by hand (default off); config_for gives it only to the forms
+    # it was written for (GPTQ/AWQ: one zero or zeros a group, fp16 scales) and bulk copies only from sm_90.
+    from engine import int4_mma as m
+
+    monkeypatch.delenv(m.PIPELINE_ENV, raising=False)
+    assert m.requested_pipeline() == m.DIRECT
+    for name, pipeline in (("bulk", m.BULK), ("CpAsync", m.CPASYNC), ("off", m.DIRECT)):
+        monkeypatch.setenv(m.PIPELINE_ENV, name)
+        assert m.requested_pipeline() == pipeline
+    monkeypatch.setenv(m.PIPELINE_ENV, "tma")
+    with pytest.raises(ValueError, match="off, cpasync, bulk"):
+        m.requested_pipeline()
+    assert m.pipeline_for(m.UNIFORM, m.HALF, (9, 0), m.BULK) == m.BULK
+    assert m.pipeline_for(m.ZEROS, m.HALF, (10, 0), m.BULK) == m.BULK
+    assert m.pipeline_for(m.ZEROS, m.HALF, (8, 9), m.BULK) == m.DIRECT          # no bulk copies before Hopper
+    assert m.pipeline_for(m.UNIFORM, m.HALF, (8, 0), m.CPASYNC) == m.CPASYNC
+    assert m.pipeline_for(m.OFFSETS, m.HALF, (9, 0), m.BULK) == m.DIRECT         # GGUF forms keep the old kernel
+    assert m.pipeline_for(m.UNIFORM, m.FLOAT, (9, 0), m.CPASYNC) == m.DIRECT
+    assert m.pipeline_for(m.UNIFORM, m.HALF, (9, 0), m.DIRECT) == m.DIRECT
+    cpu_weight = m.pack(torch.randint(0, 16, (128, 32), dtype=torch.uint8), torch.ones(1, 32).half(), None, 128)
+    monkeypatch.setenv(m.PIPELINE_ENV, "cpasync")
+    assert m.config_for(4096, cpu_weight) == m.MmaConfig(32, 1) and m.config_for(12288) == m.MmaConfig(16, 1)
+    # the ring [STAGES][WARPS][32 lanes x 16 bytes], and bulk's two 8-byte mbarriers a stage
+    assert m.MmaConfig(16, 1, m.CPASYNC, 4).staged_bytes() == 4 * 16 * 512
+    assert m.MmaConfig(32, 1, m.BULK, 3).staged_bytes() == 3 * 32 * 512 + 3 * 16
+    assert m.MmaConfig(32, 1).staged_bytes() == 0
+
+
+STAGED_LAUNCHES = [(8, 5), (16, 2), (16, 4), (32, 2), (32, 3)]   # (warps, stages): rings that wrap, part-filled
+
+
+@needs_cuda
+@pytest.mark.parametrize("pipeline", ["cpasync", "bulk"])
+@pytest.mark.parametrize("warps,stages", STAGED_LAUNCHES)
+def test_staged_int4_mma_matches_fp64_and_the_direct_kernel_on_7b_shapes(pipeline, warps, stages):
+    # The weights staged through shared memory (HEARTH_INT4_PIPELINE) on the 7B layer shapes (K 4096 and
+    # 11008: 172 chunks, a last round part-filled), GPTQ g128 symmetric, AWQ-like g128 zeros and act-order g32
+    # gathering x in the kernel, at 1, 3 and 8 rows: within bf16 rounding of fp64, and bit for bit the direct
+    # kernel's result with the same warps (the same sums in the same order; only the loads differ).
+    from engine import int4_mma
+
+    if pipeline == "bulk" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("bulk copies need compute capability 9.0+")
+    config = int4_mma.MmaConfig(warps, 1, int4_mma.PIPELINES[pipeline], stages)
+    direct = int4_mma.MmaConfig(warps, 1)
+    for K, N in ((4096, 4096), (4096, 12288), (11008, 4096)):
+        for kind in ("g128 sym", "g128 zeros", "g32 act-order"):
+            gs = 32 if kind == "g32 act-order" else 128
+            g = torch.arange(K, device="cuda") // gs
+            q = torch.randint(0, 16, (K, N), dtype=torch.uint8, device="cuda")
+            scales = (torch.rand(K // gs, N, device="cuda") * 0.02 + 0.001).half()
+            zeros = torch.randint(0, 16, (K // gs, N), dtype=torch.uint8, device="cuda") if kind == "g128 zeros" else None
+            packed = int4_mma.pack(q, scales, zeros, gs)
+            assert packed.form == int4_mma.HALF and packed.zmode == (int4_mma.ZEROS if zeros is not None else
+                                                                      int4_mma.UNIFORM)
+            w = (q.double() - (8 if zeros is None else zeros.double()[g])) * scales.double()[g]   # [K, N], sorted K
+            perm = torch.randperm(K, device="cuda").to(torch.int32) if kind == "g32 act-order" else None
+            for rows in (1, 3, 8):
+                x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+                ref = (x[:, perm.long()] if perm is not None else x).double() @ w
+                y = int4_mma.matmul(x, packed, config, perm)
+                assert y.shape == (rows, N) and torch.isfinite(y).all()
+                assert rel_err(y, ref) < 5e-3, (K, N, kind, rows)
+                assert torch.equal(y, int4_mma.matmul(x, packed, direct, perm)), (K, N, kind, rows)
+            del q, w, packed
+            torch.cuda.empty_cache()
+
+
 @needs_cuda
 @pytest.mark.parametrize("uniform_zero", [True, False])   # symmetric GPTQ (one z) / per-group zeros (AWQ-like)
 @pytest.mark.parametrize("warps,unroll", [(8, 1), (16, 2), (32, 1)])
