@@ -26,9 +26,10 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
-    def rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, H, H_KV, T,
-                            qw_ptr, kw_ptr, eps, HALF: tl.constexpr, NORM: tl.constexpr):
-        # qkv: [S, H + 2 H_kv, D]; cos, sin: [S, D]; pos: [S]; q: [S, H, D]; caches: [H_kv, T, D];
+    def rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, cos_s, sin_s, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
+                            H, H_KV, T, qw_ptr, kw_ptr, eps, HALF: tl.constexpr, NORM: tl.constexpr):
+        # qkv: [S, H + 2 H_kv, D]; cos, sin: [S, D] rows cos_s / sin_s apart; pos: [S]; q: [S, H, D];
+        # caches: [H_kv, T, D];
         # NORM: each q and k head first RMS-normalised with weights qw / kw [D] (Qwen3, Gemma 3)
         s = tl.program_id(0)
         h = tl.program_id(1)
@@ -46,10 +47,10 @@ def _kernels():
                 ty = qkv_ptr.dtype.element_ty
                 x1 = (x1 * scale * tl.load(w_ptr + d).to(tl.float32)).to(ty).to(tl.float32)
                 x2 = (x2 * scale * tl.load(w_ptr + HALF + d).to(tl.float32)).to(ty).to(tl.float32)
-            c1 = tl.load(cos_ptr + s * D + d).to(tl.float32)
-            c2 = tl.load(cos_ptr + s * D + HALF + d).to(tl.float32)
-            s1 = tl.load(sin_ptr + s * D + d).to(tl.float32)
-            s2 = tl.load(sin_ptr + s * D + HALF + d).to(tl.float32)
+            c1 = tl.load(cos_ptr + s * cos_s + d).to(tl.float32)
+            c2 = tl.load(cos_ptr + s * cos_s + HALF + d).to(tl.float32)
+            s1 = tl.load(sin_ptr + s * sin_s + d).to(tl.float32)
+            s2 = tl.load(sin_ptr + s * sin_s + HALF + d).to(tl.float32)
             if h < H:
                 out = q_ptr + (s * H + h).to(tl.int64) * D
             else:
@@ -112,15 +113,16 @@ def rotary_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, i
                       k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int,
                       qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """Rotate q and k by RoPE, write k and v into the caches at input_pos; returns q [1, S, H, D].
-    qkv: [1, S, H + 2 H_kv, D] contiguous, D a power of two; cos, sin: [S, D] (or views of it);
+    qkv: [1, S, H + 2 H_kv, D] contiguous, D a power of two; cos, sin: [S, D] (or views of it; each row
+    contiguous, rows any distance apart: engine.llama.Rotary's table gives cos and sin rows interleaved);
     caches: [1, H_kv, T, D]. qk_norm: (q weight [D], k weight [D], eps) to RMS-normalise each q and k head
     before RoPE (one kernel instead of a norm each, and the cat that put them back)."""
     triton, kernel, _, _ = _kernels()
     _, S, heads, D = qkv.shape
     q = torch.empty(1, S, n_heads, D, dtype=qkv.dtype, device=qkv.device)
     qw, kw, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
-    kernel[(S, heads)](qkv, cos, sin, input_pos, q, k_cache, v_cache, n_heads, n_kv_heads, k_cache.shape[2],
-                       qw, kw, eps, HALF=D // 2, NORM=qk_norm is not None)
+    kernel[(S, heads)](qkv, cos, sin, cos.stride(0), sin.stride(0), input_pos, q, k_cache, v_cache, n_heads,
+                       n_kv_heads, k_cache.shape[2], qw, kw, eps, HALF=D // 2, NORM=qk_norm is not None)
     return q
 
 

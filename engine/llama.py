@@ -283,6 +283,18 @@ class Rotary(nn.Module):
             factor = s.get("factor") or args.max_position_embeddings / self.original
             self.attention_factor = s.get("attention_factor") or (
                 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.original)))
+        self.table: torch.Tensor | None = None   # [positions, 2 (cos, sin), dim], build_table's
+
+    def build_table(self, length: int, dtype: torch.dtype) -> None:
+        """On CUDA, precompute cos and sin for positions 0..length-1 (by forward itself, so each row is
+        bit-equal to what forward computes for that position): a step then gathers its rows in one kernel
+        instead of computing them in about eight, each ~2 us of a decode step. Dynamic NTK and LongRoPE keep
+        computing: their frequencies depend on the longest position."""
+        device = self.base_inv_freq.device
+        self.table = None
+        if device.type == "cuda" and not (self.dynamic or self.longrope):
+            cos, sin = self(torch.arange(length, device=device), dtype)
+            self.table = torch.stack((cos, sin), dim=1)
 
     def inv_freq(self, base: float) -> torch.Tensor:
         d = self.dim
@@ -305,6 +317,10 @@ class Rotary(nn.Module):
     def forward(self, input_pos: torch.Tensor, dtype: torch.dtype):
         # input_pos: [S] -> cos, sin: [S, D], built from positions each call (cheap, and graph-safe); [B, S]
         # (a row of positions per generation, engine.batch) -> [B, S, D], each row scaled by its own length.
+        table = self.table
+        if table is not None and table.dtype == dtype and table.device == input_pos.device:
+            rows = table.index_select(0, input_pos.reshape(-1)).view(*input_pos.shape, 2, table.shape[-1])
+            return rows[..., 0, :], rows[..., 1, :]   # views: rows of cos and sin interleaved
         inv = self.base_inv_freq
         if self.dynamic:
             # Dynamic NTK: past the trained length L, raise the base as HF does for the longest position
@@ -334,6 +350,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def flash_decoding(x: torch.Tensor) -> bool:
+    """Whether attention over activations x [B, S, dim] runs engine.decode_attention (CUDA decode: one new
+    position a row, outside torch.compile), which reads each row's position and no mask."""
+    return x.shape[1] == 1 and x.is_cuda and not torch.compiler.is_compiling()
 
 
 def softcapped_attention(q, k, v, mask: torch.Tensor, scale: float, cap: float) -> torch.Tensor:
@@ -389,7 +411,7 @@ class Attention(nn.Module):
             k = qk[:, :, H:].transpose(1, 2)                                  # [B, H_kv, S, D]
             v = qkv[:, :, H + H_kv:].transpose(1, 2)
             k, v = cache.update(input_pos, k, v, kv_len)                     # [B, H_kv, kv_len, D]
-        if S == 1 and x.is_cuda and not torch.compiler.is_compiling():
+        if flash_decoding(x):
             # CUDA decode: grouped kv heads read in place and the cache split across programs (flash-decoding);
             # only keys 0..pos are read, so the mask is not needed. Prefill and CPU keep SDPA below.
             positions = input_pos.reshape(-1).expand(B)           # [B]: [1] shared, or [B, 1] a row each
@@ -495,6 +517,9 @@ class Transformer(nn.Module):
             device = layer.attention_norm.weight.device
             layer.attention.kv_cache = KVCache(max_seq_len, self.args.n_kv_heads, self.args.head_dim, dtype,
                                                device, slots)
+        for rotary in (self.rotary, self.local_rotary):
+            if rotary is not None:
+                rotary.build_table(max_seq_len, dtype)
 
     def mask(self, input_pos: torch.Tensor, kv_len: int, window: int | None = None) -> torch.Tensor:
         # [S, kv_len]: causal over absolute positions; also blinds cache slots beyond the current
@@ -513,6 +538,9 @@ class Transformer(nn.Module):
         for sliding in sorted({layer.sliding for layer in self.layers}):
             rotary = self.local_rotary if sliding and self.local_rotary is not None else self.rotary
             cos, sin = (t.unsqueeze(-2) for t in rotary(input_pos, x.dtype))   # [(B,) S, 1, D]: over heads
+            if flash_decoding(x):   # no mask read: none built (five or so kernels of every decode step)
+                out[sliding] = (cos, sin, None)
+                continue
             mask = self.mask(input_pos, kv_len, self.args.sliding_window if sliding else None)
             if fused_ops.usable(x):
                 # SDPA turns a bool mask into an additive one in every call (kernels in every layer): once here.
@@ -536,7 +564,7 @@ class Transformer(nn.Module):
             device = layer.attention_norm.weight.device
             if x.device != device:  # layers split across GPUs: hand the activations on
                 x, input_pos = x.to(device), input_pos.to(device)
-                tables = {k: tuple(t.to(device) for t in v) for k, v in tables.items()}
+                tables = {k: tuple(t if t is None else t.to(device) for t in v) for k, v in tables.items()}
                 if delta is not None:
                     delta, pending = (delta if pending is None else pending(delta)).to(device), None
             x, delta = layer(x, delta, pending, *tables[layer.sliding], input_pos, kv_len)
