@@ -199,7 +199,8 @@ def _kernels():
                 tl.debug_barrier()
                 ticket = tl.atomic_add(count_ptr + bk, 1, sem="acq_rel")
                 if ticket == n_active - 1:
-                    # The combine, for this kv head's G query heads at once, SB spans at a time.
+                    # The combine, for this kv head's G query heads at once, SB spans at a time. The partials
+                    # come from other SMs: read through L2 (.cg), never from this SM's L1, which is not coherent.
                     gc = tl.arange(0, G_COMB)
                     gc_ok = gc < G
                     crow = (b * (H_KV * G) + kvh * G + gc).to(tl.int64)                       # [G_COMB]
@@ -238,18 +239,13 @@ def default_span(programs: int, T: int, block: int, target: int = TARGET_PROGRAM
     return block * max(1, -(-blocks // wanted))
 
 
+@functools.cache
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """The fused kernel's arrival counts, n of them on `device`: zero between launches (the last program of
-    each kv head sets its count back), so made once, never freed (a captured graph keeps their address) and
-    shared by every layer and graph. Launches on one device run one after another on its stream, so no two
-    ever count on the same buffer at once."""
-    key = (device, n)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-
-
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+    each kv head sets its count back), so made once and kept (a captured graph keeps their address), shared by
+    every layer and graph. Launches on one device run one after another on its stream, so no two ever count
+    on the same buffer at once."""
+    return torch.zeros(n, dtype=torch.int32, device=device)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float,
