@@ -7,10 +7,11 @@ Each case: one CUDA graph holding the attention of `--layers` layers, each over 
 cache is read from memory, not L2, as in a real step), the engine's cache layout ([rows, kv heads, 8192, 128]
 bf16 cut to the engine's bucket: a power of two >= the length, at least 256), every row at position
 context - 1. Shapes: 7B's 32 query heads over 32 kv heads, and GQA 32 over 8; rows 1 and 8; contexts 128,
-300 (issue 21's profiled step), 1024, 4096 and 8192. Per path: us per layer call (mean over the replays), the GB/s of K/V bytes read (the
-attention's floor: rows x kv heads x context x 128 x 2 bytes x 2), and the largest difference of its output
-from the other path's. A failing case is printed with its error and the rest go on. Without CUDA it prints
-one line saying so.
+300 (issue 21's profiled step), 1024, 4096 and 8192. Per path: us per layer call (mean over the replays),
+the GB/s of K/V bytes read (the attention's floor: rows x kv heads x context x 128 x 2 bytes x 2), the
+largest difference of the two paths' outputs, and the speedup (two-kernel us / fused us). A failing case is
+printed with its error and the rest go on. Without CUDA it prints one line saying so. `--span N` sets the
+keys per split program for both paths (default: each path's own choice).
 """
 from __future__ import annotations
 
