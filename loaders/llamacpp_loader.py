@@ -39,6 +39,20 @@ from loaders.llamacpp_install import state as build_state
 CACHE_TYPES = ["f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 # 0 = the model's own context, but no more than this: a 128k-token KV cache would not fit most machines.
 AUTO_CONTEXT_CAP = 16384
+
+
+def auto_context(trained: int | None) -> tuple[int | None, str]:
+    """n_ctx when the user sets none, and where it comes from: the GGUF's trained context, at most
+    AUTO_CONTEXT_CAP (llama.cpp allocates the whole KV cache at load: gpt-oss's 131072 tokens would take
+    gigabytes for a chat that uses a few thousand)."""
+    if not trained:
+        return None, ""
+    if int(trained) > AUTO_CONTEXT_CAP:
+        return AUTO_CONTEXT_CAP, (f"model (GGUF metadata: {int(trained)}, capped at {AUTO_CONTEXT_CAP} for "
+                                  "llama.cpp's KV cache; set n_ctx for more)")
+    return int(trained), "model (GGUF metadata)"
+
+
 # The shared sampler's parameters llama.cpp's sampler chain takes (Hearth's name -> what maps it below).
 MAPPED = {"max_new_tokens", "temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty",
           "repetition_penalty_range", "presence_penalty", "frequency_penalty", "seed", "stop"}
@@ -221,16 +235,20 @@ class LlamaCppLoader:
         if refusal is None:
             # Hearth's engine (the gguf loader) runs it: llama.cpp is the alternative. Measured on CPU, llama.cpp
             # is faster, but its 8-bit activations change the default model's greedy reply (module docstring).
-            score, why = 0.4, "Hearth's engine (the gguf loader) runs this architecture and type"
+            score, why = 0.4, ("Hearth's engine (the gguf loader) runs this architecture and type with exact "
+                               "activations; llama.cpp, faster on CPU, rounds them to 8 bits (pick it in the "
+                               "Model tab)")
         else:
             score, why = 0.7, f"Hearth's engine cannot run it ({refusal})"
         if safetensors_files(model_dir):
             score = 0.1     # the safetensors' own loader serves the folder
         more = f" (+{len(files) - 1} more)" if len(files) > 1 else ""
         file_name = FILE_TYPES.get(file_type, str(file_type)) if file_type is not None else "unknown type"
-        context = meta.get(f"{arch}.context_length") if arch else None
+        trained = meta.get(f"{arch}.context_length") if arch else None
+        context, source = auto_context(trained)
         return Detection(self.name, score, f"GGUF {file_name} {arch or 'model'} ({files[0].name}{more}); {why}",
                          {"gguf": {"architecture": arch, "file_type": file_name, "context_length": context,
+                                   "context_source": source, "trained_context_length": trained,
                                    "file": files[0].name, "files": [f.name for f in files]}})
 
     def load(self, model_dir: Path, options: LlamaCppOptions, progress: Progress = no_progress) -> Model:
@@ -244,7 +262,7 @@ class LlamaCppLoader:
         meta = read_model_header(chosen).metadata
         arch = meta.get("general.architecture")
         trained = meta.get(f"{arch}.context_length") if arch else None
-        context = options.context_length or min(int(trained or 2048), AUTO_CONTEXT_CAP)
+        context = options.context_length or auto_context(trained)[0] or 2048
         type_k, type_v = (_ggml_type(options.cache_type_k), _ggml_type(options.cache_type_v))
         progress(0.1, f"llama.cpp is opening {chosen.name}")
         import torch

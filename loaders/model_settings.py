@@ -35,7 +35,7 @@ def effective_settings(model_dir: Path, saved: dict[str, Any], detections: list[
     gguf = (best.details.get("gguf") or {}) if best else {}
     context = pick((saved.get("context_length"), SAVED),
                    (metadata.context_length, f"model ({metadata.context_source})"),
-                   (gguf.get("context_length"), "model (GGUF metadata)"),
+                   (gguf.get("context_length"), gguf.get("context_source") or "model (GGUF metadata)"),
                    (2048, "fallback (the model states no context length)"))
     result: dict[str, Any] = {"loader": loader, "context_length": context, "loader_options": {}}
     saved_options = saved.get("loader_options") or {}

@@ -54,13 +54,16 @@ def test_inspect_names_llamacpp_for_gpt_oss_because_the_engine_does_not_run_it(m
         "one of llama, mistral, qwen2)")}
     assert [c["loader"] for c in info["candidates"]] == ["llama.cpp", "gguf"]
     assert info["template_source"] == "tokenizer chat_template"
+    # Its 131072 trained tokens are capped for llama.cpp's KV cache, and the Model tab's value says so.
+    assert info["settings"]["context_length"] == {"value": 16384, "source": (
+        "model (GGUF metadata: 131072, capped at 16384 for llama.cpp's KV cache; set n_ctx for more)")}
 
 
 def test_generate_runs_gpt_oss_on_llamacpp_and_names_it(models):
     result = run_app("generate", "--model", MODEL, "--chat", "What is the capital of France?", "--temperature", "0",
                      "--max-new-tokens", "8", models_dir=models)
     assert result.returncode == 0, result.stderr
-    assert f"llama.cpp (cpu, {MODEL}.gguf, n_ctx " in result.stderr
+    assert f"llama.cpp (cpu, {MODEL}.gguf, n_ctx 16384)" in result.stderr   # the cap, not the GGUF's 131072
     assert result.stdout.strip()   # random weights: some text, not a known answer
 
 

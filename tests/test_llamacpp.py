@@ -159,7 +159,8 @@ def test_detection_ranks_llamacpp_after_the_engine_where_the_engine_runs_the_fil
     found = state.registry.detect_all(gguf_models / "smol-Q4_1")
     assert [d.loader for d in found] == ["gguf", "llama.cpp"]
     assert found[1].reason == ("GGUF Q4_1 llama (SmolLM2-135M-Instruct.Q4_1.gguf); Hearth's engine (the gguf "
-                               "loader) runs this architecture and type")
+                               "loader) runs this architecture and type with exact activations; llama.cpp, faster "
+                               "on CPU, rounds them to 8 bits (pick it in the Model tab)")
     assert found[1].details["gguf"]["context_length"] == 8192
     assert state.registry.get("llama.cpp").unavailable() is None
 
@@ -300,7 +301,8 @@ def test_cli_inspect_lists_llamacpp_with_its_reason_and_generate_answers_paris(g
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert [c["loader"] for c in info["candidates"]] == ["gguf", "llama.cpp"]
-    assert info["candidates"][1]["reason"].endswith("Hearth's engine (the gguf loader) runs this architecture and type")
+    assert info["candidates"][1]["reason"].endswith("llama.cpp, faster on CPU, rounds them to 8 bits (pick it in "
+                                                    "the Model tab)")
     assert info["template_source"] == "tokenizer chat_template"
     result = run_app("generate", "--model", "smol-Q4_0", "--loader", "llama.cpp", "--chat",
                      "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "24",
@@ -319,7 +321,8 @@ def test_cli_on_the_default_models_gguf_alone_names_both_runtimes_and_answers_pa
     assert info["loader"] == "gguf" and info["template_source"] == "tokenizer chat_template"
     assert info["candidates"][1] == {"loader": "llama.cpp", "score": 0.4, "reason": (
         "GGUF Q4_1 llama (SmolLM2-135M-Instruct.Q4_1.gguf); Hearth's engine (the gguf loader) runs this "
-        "architecture and type")}
+        "architecture and type with exact activations; llama.cpp, faster on CPU, rounds them to 8 bits (pick it in "
+        "the Model tab)")}
     chat = ("generate", "--model", "smol-Q4_1", "--chat", "What is the capital of France?", "--temperature", "0",
             "--max-new-tokens", "24")
     result = run_app(*chat, models_dir=gguf_models)
