@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from engine import lora_kernel
 from engine.llama import Transformer
 from engine.moe import tensor_leaves
 
@@ -55,7 +56,7 @@ class LoraLinear(nn.Module):
     """y = base(x) + (x @ A^T) @ B^T, A's rows pre-scaled per adapter. x: [..., K] -> y: [..., N]."""
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor,
-                 scaling: torch.Tensor):
+                 scaling: torch.Tensor, side: torch.cuda.Stream | None = None):
         super().__init__()
         self.base = base
         self.a_raw = a                 # [R, K] fp32, unscaled: what `a` is rebuilt from at each new weight
@@ -63,12 +64,22 @@ class LoraLinear(nn.Module):
         self.scaling = scaling         # [R] its module's LoRA scaling (alpha / r, or alpha / sqrt(r))
         self.register_buffer("a", torch.zeros(a.shape, dtype=b.dtype, device=a.device), persistent=False)  # [R, K]
         self.register_buffer("b", b, persistent=False)                      # [N, R]
+        self.side = side               # CUDA: the stream the low-rank product runs on beside the base layer
+        self.kernel = True             # decode on CUDA through engine.lora_kernel; False: torch's matmuls
+                                       # (the bench's and the GPU test's comparison)
 
     def scale(self, weights: torch.Tensor) -> None:
         """Rescale in place: row i of A times its scaling and its adapter's weight (weights: [adapters])."""
         self.a.copy_(self.a_raw * (self.scaling * weights[self.owner])[:, None])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel and lora_kernel.usable(x, self.a):
+            # Decode: the low-rank product on the side stream while the base layer runs (both only read x),
+            # then one add once both are done; inside a graph capture this forks and joins two branches.
+            d = lora_kernel.low_rank_delta(x, self.a, self.b, self.side)   # held until after the wait
+            y = self.base(x)
+            torch.cuda.current_stream(x.device).wait_stream(self.side)
+            return lora_kernel.add_delta(y, d)
         y = self.base(x)
         x2 = x.reshape(-1, x.shape[-1])
         # addmm: the low-rank product and the add in one kernel (decode is launch-bound on a GPU)
@@ -184,6 +195,7 @@ def apply(model: Transformer, adapters: list[tuple[LoraWeights, float]]) -> None
         raise ValueError("two adapters replace the same module (modules_to_save); apply one of them")
     remove_all(model)
     found = targets(model)
+    sides: dict[torch.device, torch.cuda.Stream] = {}   # one side stream a GPU, shared by its layers
     by_layer: dict[tuple[int, str], list[tuple[int, str, torch.Tensor, torch.Tensor, float]]] = {}
     for index, (adapter, _) in enumerate(adapters):
         for name, (a, b, s) in adapter.layers.items():
@@ -206,8 +218,9 @@ def apply(model: Transformer, adapters: list[tuple[LoraWeights, float]]) -> None
             b_cols.append(full)
             owners.append(torch.full((a.shape[0],), index, dtype=torch.long))
             scalings.append(torch.full((a.shape[0],), float(s)))
+        side = sides.setdefault(device, torch.cuda.Stream(device)) if device.type == "cuda" else None
         wrapped = LoraLinear(base, torch.cat(a_rows).to(device), torch.cat(b_cols, 1).to(device, dtype),
-                             torch.cat(owners).to(device), torch.cat(scalings).to(device))
+                             torch.cat(owners).to(device), torch.cat(scalings).to(device), side)
         setattr(t.parent, t.attr, wrapped)
     for adapter, _ in adapters:
         for name, weight in adapter.saved_modules.items():

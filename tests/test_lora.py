@@ -1,17 +1,24 @@
 """LoRA adapters: detection, Hearth's engine against transformers + peft (fp32 logits, CPU) on the default model
 plain and GPTQ-quantized, weights, several adapters, removal, mismatches, the CLI, saved settings and the API.
-The GPU test (an adapter inside the captured decode graph equals eager) skips without CUDA."""
+Decode's Triton kernels (engine.lora_kernel) against torch's matmuls: on CPU under Triton's interpreter, in a
+child process started with TRITON_INTERPRET=1 (this file run as a script; Triton decides at import whether it
+interprets, as tests/test_decode_attention.py explains), and compiled on a GPU. The GPU tests (the kernels
+inside the captured decode graph equal eager decode and torch's matmuls) skip without CUDA."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
 
 from engine import lora as engine_lora
+from engine import lora_kernel
 from engine.runtime import Engine
 from engine.weights import load_transformer
 from loaders.lora import list_loras, parse_lora_arg, read_info, read_weights
@@ -281,20 +288,124 @@ def test_api_lora_load_and_unload_need_the_admin_key(lora_state):
         lora_state.set_loras({})
 
 
+def low_rank_inputs(rows: int, ranks: list[int], k: int, n: int, dtype, device="cpu", seed=0):
+    """x [rows, k], y [rows, n] and adapters [(A [r, k], B [n, r])] of these ranks, values of order 1 out."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    rnd = lambda *shape, scale: (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+    adapters = [(rnd(r, k, scale=k ** -0.5), rnd(n, r, scale=r ** -0.5)) for r in ranks]
+    return rnd(rows, k, scale=1.0), rnd(rows, n, scale=1.0), adapters
+
+
+def torch_low_rank(x, y, adapters) -> torch.Tensor:
+    """What LoraLinear's torch path computes for these adapters stacked (A rows, B columns), in fp32: u = x @ A^T
+    rounded to the dtype as its matmul rounds it, then y + u @ B^T."""
+    a = torch.cat([a for a, _ in adapters])
+    b = torch.cat([b for _, b in adapters], dim=1)
+    u = (x.float() @ a.float().t()).to(x.dtype).float()
+    return y.float() + u @ b.float().t()
+
+
+def kernel_low_rank(x, y, adapters) -> torch.Tensor:
+    """The same through engine.lora_kernel (the adapters stacked as engine.lora.apply stacks them)."""
+    a = torch.cat([a for a, _ in adapters]).contiguous()
+    b = torch.cat([b for _, b in adapters], dim=1).contiguous()
+    return lora_kernel.add_delta(y, lora_kernel.low_rank_delta(x, a, b))
+
+
+INTERPRETER_CHECKS: dict = {}   # name -> check (no arguments), each run in the interpreter's child
+
+
+def interpreter_check(name: str, **params):
+    def register(f):
+        INTERPRETER_CHECKS[name] = lambda: f(**params)
+        return f
+    return register
+
+
+@interpreter_check("rows1_rank16", rows=1, ranks=[16])
+@interpreter_check("rows3_rank16", rows=3, ranks=[16])
+@interpreter_check("rows8_rank16", rows=8, ranks=[16])
+@interpreter_check("rows1_two_adapters_rank48", rows=1, ranks=[16, 32])
+@interpreter_check("rows3_two_adapters_rank48", rows=3, ranks=[16, 32])
+@interpreter_check("rows8_two_adapters_rank48", rows=8, ranks=[16, 32])
+def kernels_equal_torch_matmuls(rows, ranks):
+    """fp16 (the interpreter's tl.dot multiplies bf16's raw bits, Triton 3.7: bf16 is checked on the GPU),
+    K = 1100 (three input splits, the last short), N = 300 (the last output block partly outside)."""
+    x, y, adapters = low_rank_inputs(rows, ranks, 1100, 300, torch.float16, seed=rows)
+    got = kernel_low_rank(x, y, adapters)
+    want = torch_low_rank(x, y, adapters)
+    assert got.shape == y.shape and got.dtype == torch.float16
+    assert (want - y.float()).abs().max() > 0.5   # the adapters change the output clearly
+    torch.testing.assert_close(got.float(), want, atol=4e-3, rtol=2e-3)   # fp16's rounding of the output
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    """{check name: "ok" or its traceback} from one child running every check under the interpreter; with a
+    GPU present the compiled kernels are checked instead (the GPU tests below)."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the GPU tests check the compiled kernels")
+    pytest.importorskip("triton")   # requirements-test.txt installs it on CPU for its interpreter
+    out = tmp_path_factory.mktemp("lora-interpreter") / "results.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    child = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=REPO, capture_output=True,
+                           text=True, timeout=600)
+    assert out.exists(), child.stdout[-3000:] + child.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("name", list(INTERPRETER_CHECKS))
+def test_lora_kernels_under_the_interpreter(interpreted, name):
+    assert interpreted[name] == "ok", interpreted[name]
+
+
+def test_lora_kernel_interpreter_really_interpreted(interpreted):
+    assert interpreted["__interpreted__"] is True
+    assert set(INTERPRETER_CHECKS) <= set(interpreted)
+
+
+def test_lora_kernels_take_decode_rows_on_cuda_only():
+    """Prefill (more than 8 rows), CPU and fp32 keep torch's matmuls (the CPU tests compare them with peft)."""
+    a = torch.zeros(16, 64, dtype=torch.bfloat16)
+    assert not lora_kernel.usable(torch.zeros(1, 64, dtype=torch.bfloat16), a)   # CPU
+    if torch.cuda.is_available():
+        a = a.cuda()
+        assert lora_kernel.usable(torch.zeros(1, 1, 64, dtype=torch.bfloat16, device="cuda"), a)
+        assert lora_kernel.usable(torch.zeros(8, 1, 64, dtype=torch.bfloat16, device="cuda"), a)
+        assert not lora_kernel.usable(torch.zeros(1, 9, 64, dtype=torch.bfloat16, device="cuda"), a)
+        assert not lora_kernel.usable(torch.zeros(1, 64, device="cuda"), a.float())
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("ranks", [[16], [16, 32]])
+def test_cuda_lora_kernels_equal_torch_matmuls_at_7b_shapes(rows, ranks):
+    """bf16, compiled: w2's 11008 inputs (22 splits) and w13's 22016 outputs, within bf16's rounding."""
+    x, y, adapters = low_rank_inputs(rows, ranks, 11008, 22016, torch.bfloat16, device="cuda", seed=rows)
+    got = kernel_low_rank(x, y, adapters)
+    want = torch_low_rank(x, y, adapters)
+    assert (want - y.float()).abs().max() > 0.5
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=1e-2)
+
+
 @needs_cuda
 def test_cuda_graph_decode_with_a_lora_equals_eager(tmp_path):
-    """A rank-16 adapter on every linear of a GPTQ act-order model: decode replayed from CUDA graphs equals
-    eager decode; a new weight is read by the graphs already captured (in place), and removal restores them."""
+    """A rank-16 adapter on every linear of a GPTQ act-order model: decode replayed from CUDA graphs (the Triton
+    kernels, x @ A^T beside the base layer on a side stream) equals eager decode and, within bf16's rounding,
+    the same graphs through torch's matmuls; a new weight is read by the graphs already captured (in place)."""
     from tests.test_engine import cuda_tiny_gptq
 
     model_dir = cuda_tiny_gptq(tmp_path)
     write_lora(hf_model(tmp_path / "fp"), tmp_path / "lora", seed=4, r=16, lora_alpha=32, base="fp")
     ids = torch.randint(0, 256, (40,)).tolist()
     outs = []
-    for graphs in (False, True):
+    for graphs, kernel in ((False, True), (True, True), (True, False)):
         model, _ = load_transformer(model_dir, [torch.device("cuda")], torch.bfloat16)
         weights = read_weights(read_info(tmp_path / "lora"))
         engine_lora.apply(model, [(weights, 1.0)])
+        layers = [m for m in model.modules() if isinstance(m, engine_lora.LoraLinear)]
+        for layer in layers:
+            layer.kernel = kernel
         engine = Engine(model, 1024, use_graphs=graphs, prefill_chunk=128)
         with torch.no_grad():
             steps = [engine.prefill(ids[:30]).clone()]
@@ -304,7 +415,9 @@ def test_cuda_graph_decode_with_a_lora_equals_eager(tmp_path):
             for pos in range(36, 40):
                 steps.append(engine.decode(torch.tensor(ids[pos], device="cuda"), pos).clone())
         outs.append(torch.stack(steps))
-    torch.testing.assert_close(outs[1], outs[0], atol=1e-3, rtol=1e-3)
+    eager, graphed, torch_path = outs
+    torch.testing.assert_close(graphed, eager, atol=1e-3, rtol=1e-3)
+    assert rel_err(graphed, torch_path) < 2e-2
 
 
 def test_fit_problems_name_another_base_and_other_shapes(lora_state, loras):
@@ -472,3 +585,16 @@ def test_llamacpp_model_takes_a_gguf_adapter_and_weight_0_or_removal_gives_the_b
         assert loras_set.applied == {} and torch.equal(torch.from_numpy(last_logits(model, ids)), base)
     finally:
         state.unload_model()
+
+
+if __name__ == "__main__":   # the child of `interpreted`: run every check, write {name: "ok" | traceback}
+    import triton
+
+    results = {"__interpreted__": bool(triton.knobs.runtime.interpret)}
+    for check_name, run in INTERPRETER_CHECKS.items():
+        try:
+            run()
+            results[check_name] = "ok"
+        except Exception:   # reported per check by the parent's tests
+            results[check_name] = traceback.format_exc()
+    Path(sys.argv[1]).write_text(json.dumps(results))
