@@ -712,7 +712,7 @@ def rotating_graph_time(make_call, nbytes: int, calls: int = 24) -> float:
     return graph_time(lambda: [fns[i % copies]() for i in range(calls)], 1) / calls
 
 
-STAGED_SWEEP = [(8, 4), (8, 8), (16, 2), (16, 4), (32, 2), (32, 4)]   # (warps, stages) of the staged kernels
+STAGED_SWEEP = [(8, 2), (8, 4), (8, 8), (16, 2), (16, 4), (32, 2)]   # (warps, stages) of the staged kernels
 
 # Run in a child process by staged_probe: a staged config that hangs (a barrier never completing) or faults
 # (a sticky CUDA error) ends the child, not the sweep. Prints a JSON line a config as it is checked: K 11008

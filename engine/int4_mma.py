@@ -282,16 +282,27 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
 #endif
 }
 
-// bytes from global src to shared dst (both 16-byte aligned, a multiple of 16 bytes), completing on bar,
-// which this thread arrives on, expecting them. A fence first: the generic-proxy reads of the stage's last
-// round (ordered before this by the empty barrier) come before the async proxy's writes.
-__device__ __forceinline__ void bulk_fetch(u32 dst, const void* src, u32 bytes, u32 bar) {
+// This thread's arrival on bar, which then expects `bytes` more of bulk copies before its phase completes.
+// A fence first: generic-proxy reads of the memory the copies refill (ordered before this by the empty
+// barrier) come before the async proxy's writes.
+__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
 #if __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;\n\t"
                  "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+#endif
+}
+
+// bytes from global src to shared dst (both 16-byte aligned, a multiple of 16 bytes), completing on bar.
+__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
+#if __CUDA_ARCH__ >= 900
     asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                  :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 #endif
+}
+
+__device__ __forceinline__ void bulk_fetch(u32 dst, const void* src, u32 bytes, u32 bar) {
+    mbar_expect(bar, bytes);
+    bulk_copy(dst, src, bytes, bar);
 }
 
 // y[M, N] = x[M, K] @ W^T for M <= 8. One block per 16-row tile; its WARPS warps take every WARPS-th chunk
@@ -306,8 +317,8 @@ __device__ __forceinline__ void bulk_fetch(u32 dst, const void* src, u32 bytes, 
 // EXPERTS (a mixture-of-experts decode step): blockIdx.y is a slot j; the weight, scales and zero biases are
 // expert experts[j]'s of tensors stacked [E, ...] (byte strides w_stride, s_stride, z_stride), x and y are
 // offset by j * x_stride and j * y_stride elements. The chosen experts are read in place, with no copy.
-// PIPE, STAGES: how the weights reach the lanes (Pipeline, above); a staged one is launched with
-// STAGES * WARPS * 512 bytes of dynamic shared memory and takes U = 1.
+// PIPE, STAGES: how the weights reach the lanes (Pipeline, above); a staged one takes U = 1, fp16 scales
+// and no offsets (GPTQ, AWQ), and is launched with the dynamic shared memory `staged_bytes` counts.
 template <int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM, bool EXPERTS, int PIPE, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32)
 int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* __restrict__ w,
@@ -316,6 +327,7 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
          const long long* __restrict__ experts, int w_stride, int s_stride, int z_stride, int x_stride, int y_stride) {
     static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
     static_assert(PIPE == DIRECT || (U == 1 && !EXPERTS && STAGES >= 2), "a staged ring: one chunk a round");
+    static_assert(PIPE == DIRECT || (FORM == HALF && ZMODE != OFFSETS), "staged: fp16 scale pairs, 4 bytes");
     if (EXPERTS) {
         const int slot = blockIdx.y;
         const long long e = experts[slot];
@@ -327,10 +339,16 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     }
     __shared__ float partial[WARPS][8][16];
     __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][32];   // [warp][u][x row][input pair]
-    // Staged PIPE: the ring [STAGES][WARPS][32], then (BULK) its mbarriers, full then empty a stage: dynamic,
-    // as 32 warps' static arrays already take the 48 KB a block has without opting in.
+    // Staged PIPE, in dynamic shared memory (32 warps' static arrays already take the 48 KB a block has
+    // without opting in): the ring [STAGES][WARPS][32]; the tile's scale pairs [G][8] and (ZEROS) zero-bias
+    // pairs [G][8], copied in at the start with the first rounds (read from global memory, a group's pairs a
+    // round, their latency would stay in every round); (BULK) the mbarriers: full a stage, empty a stage, and
+    // one for the scales.
     extern __shared__ __align__(128) Words ring[];
-    unsigned long long* bars = reinterpret_cast<unsigned long long*>(ring + STAGES * WARPS * 32);
+    u32* const tile_scales = reinterpret_cast<u32*>(ring + STAGES * WARPS * 32);
+    u32* const tile_zeros = tile_scales + G * 8;
+    unsigned long long* bars = reinterpret_cast<unsigned long long*>(tile_zeros + (ZMODE == ZEROS ? G * 8 : 0));
+    const u32 table_bytes = G * 8 * 4;   // a tile's scale (or zero-bias) pairs
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x;
@@ -345,22 +363,46 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
             mbar_init(shared_address(&bars[s]), 1);
             mbar_init(shared_address(&bars[STAGES + s]), WARPS);
         }
+        mbar_init(shared_address(&bars[2 * STAGES]), 1);
         mbar_init_fence();
+        mbar_expect(shared_address(&bars[2 * STAGES]), table_bytes * (ZMODE == ZEROS ? 2 : 1));
+        bulk_copy(shared_address(tile_scales), reinterpret_cast<const char*>(scales) + (size_t)tile * table_bytes,
+                  table_bytes, shared_address(&bars[2 * STAGES]));
+        if (ZMODE == ZEROS)
+            bulk_copy(shared_address(tile_zeros), reinterpret_cast<const char*>(zero_bias) + (size_t)tile * table_bytes,
+                      table_bytes, shared_address(&bars[2 * STAGES]));
         for (int i = 0; i < min(STAGES, rounds); ++i)
             bulk_fetch(shared_address(ring + i * WARPS * 32), wt - lane + i * WARPS * 32,
                        min(WARPS, chunks - i * WARPS) * 512, shared_address(&bars[i]));
     }
-    if (PIPE == BULK) __syncthreads();   // the barriers are set up before any warp waits on them
-    if (PIPE == CPASYNC) {               // rounds 0 .. STAGES - 2 requested, a commit group each
+    if (PIPE == BULK) {
+        __syncthreads();   // the barriers are set up before any warp waits on them
+        mbar_wait(shared_address(&bars[2 * STAGES]), 0);
+    }
+    if (PIPE == CPASYNC) {
+        // The tables a group of their own, then rounds 0 .. STAGES - 2 a group each: once at most STAGES - 1
+        // groups are pending, this thread's table copies are done, and the barrier shows every thread's.
+        for (u32 i = threadIdx.x; i < table_bytes / 16; i += WARPS * 32) {
+            cp_async16(shared_address(tile_scales) + 16 * i,
+                       reinterpret_cast<const char*>(scales) + (size_t)tile * table_bytes + 16 * i);
+            if (ZMODE == ZEROS)
+                cp_async16(shared_address(tile_zeros) + 16 * i,
+                           reinterpret_cast<const char*>(zero_bias) + (size_t)tile * table_bytes + 16 * i);
+        }
+        cp_async_commit();
         for (int i = 0; i < STAGES - 1; ++i) {
             if (warp + i * WARPS < chunks)
                 cp_async16(shared_address(ring + i * WARPS * 32 + slot), wt + (warp + i * WARPS) * 32);
             cp_async_commit();
         }
+        cp_async_wait<STAGES - 1>();
+        __syncthreads();
     }
     const char *lane_scales, *lane_values;
     lane_pairs<FORM, ZMODE == OFFSETS>(scales, zero_bias, tile, G, span_shift, r, lane_scales, lane_values);
-    const u32* lane_zeros = reinterpret_cast<const u32*>(zero_bias) + (u32)(tile * G * 8 + r);   // ZEROS
+    if (PIPE != DIRECT) lane_scales = reinterpret_cast<const char*>(tile_scales + r);
+    const u32* lane_zeros = PIPE != DIRECT ? tile_zeros + r
+                                           : reinterpret_cast<const u32*>(zero_bias) + (u32)(tile * G * 8 + r);   // ZEROS
     // Cursors at this warp's chunk c0, advanced with it, so that a chunk's loads take constant offsets
     // instead of 64-bit index arithmetic: x, the weights, a factored form's span factors (4 chunks a span),
     // and where groups are below a chunk (LINEAR: chunk c's are GPC c .. + GPC - 1) the scales, offsets and
@@ -562,7 +604,6 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
 DIRECT, CPASYNC, BULK = 0, 1, 2   # the kernel's PIPE: how the weights reach the lanes
 PIPELINES = {"off": DIRECT, "cpasync": CPASYNC, "bulk": BULK}
 PIPELINE_ENV = "HEARTH_INT4_PIPELINE"
-STAGED_STAGES = 4   # rounds in flight when config_for stages the weights (untuned: the device sweep decides)
 
 
 @dataclass(frozen=True)
@@ -572,11 +613,16 @@ class MmaConfig:
     pipeline: int = DIRECT   # DIRECT, or staged through shared memory: CPASYNC (sm_80+), BULK (sm_90+)
     stages: int = 1          # staged: rounds of WARPS chunks in flight a block (a ring of that many)
 
-    def staged_bytes(self) -> int:
-        """Dynamic shared memory a launch takes: the staged ring, STAGES x WARPS x 512 bytes, and BULK's two
-        8-byte mbarriers a stage."""
-        ring = 0 if self.pipeline == DIRECT else self.stages * self.warps * 32 * 16
-        return ring + (16 * self.stages if self.pipeline == BULK else 0)
+
+def staged_bytes(config: MmaConfig, w: PackedInt4) -> int:
+    """Dynamic shared memory a launch of w takes: a staged kernel's ring (STAGES x WARPS x 512 bytes), the
+    tile's fp16 scale pairs and (ZEROS) zero-bias pairs (32 bytes a group each), and BULK's 8-byte mbarriers
+    (two a stage and one for the tables)."""
+    if config.pipeline == DIRECT:
+        return 0
+    groups = w.k // w.group_size
+    tables = 32 * groups * (2 if w.zmode == ZEROS else 1)
+    return config.stages * config.warps * 512 + tables + (8 * (2 * config.stages + 1) if config.pipeline == BULK else 0)
 
 
 def requested_pipeline() -> int:
@@ -599,18 +645,28 @@ def pipeline_for(zmode: int, form: int, capability: tuple[int, int], requested: 
     return requested if capability >= ((9, 0) if requested == BULK else (8, 0)) else DIRECT
 
 
+def staged_launch(pipeline: int, n: int) -> tuple[int, int]:
+    """(warps, stages) of a staged kernel for N outputs: the best of `bench/engine.py --gemv`-style timings in
+    one H200 run (M=1, g128, effective TB/s; bench/NOTES-engine.md): cp.async 16 warps and 2 stages below
+    N = 8192 (wo 1.54, w2 2.39), 8 and 4 from there (wqkv 2.25, w13 2.61, 70B w13 3.44); bulk 16 and 2
+    everywhere (1.27 .. 2.85: slower than cp.async on every shape). More stages or 32 warps lost on every shape."""
+    return (16, 2) if pipeline == BULK or n < 8192 else (8, 4)
+
+
 def config_for(n: int, w: PackedInt4 | None = None) -> MmaConfig:
     """Launch shape for N outputs (of weight w, where given: a staged pipeline needs its form). From
     `bench/engine.py --gemv` on an H100: one 16-byte load in flight per lane was best (more warps hide the
     latency better than unrolling); 32 warps a tile when there are few tiles (N = 4096: 256 of them), 16 from
     N = 8192 up (best or within 9% of the best on every 7B/70B shape; the ranking between 8 and 16 warps moved
-    from run to run). Staged (HEARTH_INT4_PIPELINE): the same warps, STAGED_STAGES rounds in flight."""
-    warps = 32 if n < 8192 else 16
+    from run to run). Staged (HEARTH_INT4_PIPELINE, where `pipeline_for` allows it): `staged_launch`."""
     pipeline = DIRECT
     if w is not None and w.words.is_cuda:
         pipeline = pipeline_for(w.zmode, w.form, torch.cuda.get_device_capability(w.words.device),
                                 requested_pipeline())
-    return MmaConfig(warps=warps, unroll=1, pipeline=pipeline, stages=1 if pipeline == DIRECT else STAGED_STAGES)
+    if pipeline == DIRECT:
+        return MmaConfig(warps=32 if n < 8192 else 16, unroll=1)
+    warps, stages = staged_launch(pipeline, n)
+    return MmaConfig(warps=warps, unroll=1, pipeline=pipeline, stages=stages)
 
 
 def supported(device: torch.device) -> bool:
@@ -867,14 +923,14 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
 
 
 @functools.cache
-def _staged_kernel(name: str, pipeline: int, staged_bytes: int):
-    """A staged instantiation, allowed its ring of dynamic shared memory. Always opted in (at least 48 KB):
-    the 48 KB a block takes without it counts the static arrays too (32 warps: 16 KB of partial sums, 32 KB
-    more gathering x), so a ring under 48 KB can still need it."""
+def _staged_kernel(name: str, pipeline: int):
+    """A staged instantiation, allowed the most dynamic shared memory a block can opt into beside the up to
+    48 KB of static arrays (32 warps: 16 KB of partial sums, 32 KB more gathering x). Opted in even for a
+    launch under 48 KB: the 48 KB a block has without opting in counts the static arrays too."""
     if pipeline == BULK and torch.cuda.get_device_capability()[0] < 9:
         raise ValueError(f"{name}: bulk copies need compute capability 9.0+")   # sm_80 compiles them empty
     kernel = _kernel(name)
-    kernel.set_shared_memory_config(max(staged_bytes, 48 * 1024))
+    kernel.set_shared_memory_config(torch.cuda.get_device_properties().shared_memory_per_block_optin - 48 * 1024)
     return kernel
 
 
@@ -885,9 +941,9 @@ def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor
     flag = lambda b: str(b).lower()
     name = (f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)},false,"
             f"{config.pipeline},{config.stages}>")
-    kernel = _kernel(name) if config.pipeline == DIRECT else _staged_kernel(name, config.pipeline, config.staged_bytes())
+    kernel = _kernel(name) if config.pipeline == DIRECT else _staged_kernel(name, config.pipeline)
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
-    kernel(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1), shared_mem=config.staged_bytes(),
+    kernel(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1), shared_mem=staged_bytes(config, w),
            args=[x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n,
                  w.k, w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift,
                  w.words, 0, 0, 0, 0, 0])

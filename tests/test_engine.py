@@ -251,10 +251,17 @@ def test_staged_int4_pipeline_is_asked_for_by_name_and_taken_only_where_it_runs(
     cpu_weight = m.pack(torch.randint(0, 16, (128, 32), dtype=torch.uint8), torch.ones(1, 32).half(), None, 128)
     monkeypatch.setenv(m.PIPELINE_ENV, "cpasync")
     assert m.config_for(4096, cpu_weight) == m.MmaConfig(32, 1) and m.config_for(12288) == m.MmaConfig(16, 1)
-    # the ring [STAGES][WARPS][32 lanes x 16 bytes], and bulk's two 8-byte mbarriers a stage
-    assert m.MmaConfig(16, 1, m.CPASYNC, 4).staged_bytes() == 4 * 16 * 512
-    assert m.MmaConfig(32, 1, m.BULK, 3).staged_bytes() == 3 * 32 * 512 + 3 * 16
-    assert m.MmaConfig(32, 1).staged_bytes() == 0
+    # the staged launches timed best on an H200: cp.async 16 warps x 2 stages below N = 8192, 8 x 4 above; bulk 16 x 2
+    assert m.staged_launch(m.CPASYNC, 4096) == (16, 2) and m.staged_launch(m.CPASYNC, 22016) == (8, 4)
+    assert m.staged_launch(m.BULK, 4096) == m.staged_launch(m.BULK, 57344) == (16, 2)
+    # the ring [STAGES][WARPS][32 lanes x 16 bytes], the tile's scale (and zero) pairs, 32 bytes a group each,
+    # and bulk's 8-byte mbarriers: two a stage and one for those tables
+    zeros = m.pack(torch.randint(0, 16, (256, 32), dtype=torch.uint8), torch.ones(2, 32).half(),
+                   torch.randint(0, 16, (2, 32), dtype=torch.uint8), 128)
+    assert zeros.zmode == m.ZEROS and cpu_weight.zmode == m.UNIFORM
+    assert m.staged_bytes(m.MmaConfig(16, 1, m.CPASYNC, 4), zeros) == 4 * 16 * 512 + 2 * 2 * 32
+    assert m.staged_bytes(m.MmaConfig(32, 1, m.BULK, 3), cpu_weight) == 3 * 32 * 512 + 32 + 7 * 8
+    assert m.staged_bytes(m.MmaConfig(32, 1), zeros) == 0
 
 
 STAGED_LAUNCHES = [(8, 5), (16, 2), (16, 4), (32, 2), (32, 3)]   # (warps, stages): rings that wrap, part-filled
