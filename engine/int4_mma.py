@@ -30,6 +30,10 @@ its QuantWeight's dequantize up to summation order.
 
 Compiled at first use by NVRTC, the runtime compiler CUDA builds of torch ship and load: no nvcc or CUDA
 toolkit is needed where Hearth runs. Needs compute capability 8.0+ (bf16 mma).
+
+HEARTH_INT4_PIPELINE=cpasync|bulk (default off) stages the weights through shared memory instead of one
+register load a lane (`Pipeline` in SOURCE): a measuring aid for now, since in one H200 run neither beat the
+direct kernel by more than its run-to-run spread (`staged_launch`).
 """
 from __future__ import annotations
 
@@ -237,7 +241,8 @@ SOURCE = DEVICE_HELPERS + r"""
 // bytes STAGES - 1 rounds ahead (cp.async, wait_group), so no lane waits on another. BULK (sm_90+): one thread
 // fetches a whole round with one TMA bulk copy that completes on the stage's `full` mbarrier; each warp
 // arrives on the stage's `empty` mbarrier once it has read its bytes, and the copy of the round STAGES ahead
-// goes into the stage when all have.
+// goes into the stage when all have. Both copy the tile's scale (and zero-bias) pairs into shared memory once
+// at the start: left in global memory, each round would still wait on one.
 enum Pipeline { DIRECT = 0, CPASYNC = 1, BULK = 2 };
 
 __device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -356,8 +361,8 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     const int xrow = min(r, M - 1);                          // B column r: x row r (unused columns repeat)
     const u16* xr = x + (u32)(xrow * K);
     const Words* wt = w + (u32)(tile * chunks * 32 + lane);
-    const int rounds = (chunks + WARPS - 1) / WARPS;   // staged: rounds of the ring, the lane's element in a stage
-    const int slot = warp * 32 + lane;
+    const int rounds = (chunks + WARPS - 1) / WARPS;   // staged: rounds of WARPS chunks
+    const int slot = warp * 32 + lane;                   // staged: the lane's element in a stage of the ring
     if (PIPE == BULK && threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbar_init(shared_address(&bars[s]), 1);
@@ -646,10 +651,11 @@ def pipeline_for(zmode: int, form: int, capability: tuple[int, int], requested: 
 
 
 def staged_launch(pipeline: int, n: int) -> tuple[int, int]:
-    """(warps, stages) of a staged kernel for N outputs: the best of `bench/engine.py --gemv`-style timings in
-    one H200 run (M=1, g128, effective TB/s; bench/NOTES-engine.md): cp.async 16 warps and 2 stages below
-    N = 8192 (wo 1.54, w2 2.39), 8 and 4 from there (wqkv 2.25, w13 2.61, 70B w13 3.44); bulk 16 and 2
-    everywhere (1.27 .. 2.85: slower than cp.async on every shape). More stages or 32 warps lost on every shape."""
+    """(warps, stages) of a staged kernel for N outputs: the best of one H200 timing run of 8/16/32 warps x
+    2/4 stages (M=1, GPTQ g128, effective TB/s, as `bench/engine.py --gemv` counts them): cp.async 16 warps
+    and 2 stages below N = 8192 (wo 1.54, w2 2.39), 8 and 4 from there (wqkv 2.25, w13 2.61, 70B w13 3.44);
+    bulk 16 and 2 everywhere (1.27 .. 2.85, below cp.async on every shape). The direct kernel in the same run:
+    1.63, 2.40, 2.27, 2.80, 3.30. More stages or 32 warps lost on every shape."""
     return (16, 2) if pipeline == BULK or n < 8192 else (8, 4)
 
 
