@@ -4,7 +4,8 @@ A LoRA adds `scaling * B @ (A @ x)` to a linear layer's output (A: [r, K], B: [N
 engine layer is wrapped by a `LoraLinear` that runs the base layer untouched (fp16 or any quantized kernel)
 and adds one stacked low-rank product for all adapters at once: A of every adapter stacked along the rank
 axis ([R, K], R = the sum of their ranks), B side by side ([N, R]), each adapter's rows of A multiplied by
-its scaling times its weight. So any number of adapters costs two matmuls a layer, and changing a weight
+its scaling times its weight. So any number of adapters costs two matmuls a layer (at decode on CUDA,
+engine.lora_kernel's kernels, run beside the base layer on a side stream), and changing a weight
 rewrites those rows in place (`reweight`): the buffers keep their addresses, so a captured CUDA graph keeps
 replaying and needs no new capture. Adding or removing adapters changes the buffers' shapes: the caller
 drops its graphs then. With weight 0 the product is exactly zero and the output exactly the base's;

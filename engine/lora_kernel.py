@@ -11,11 +11,14 @@ latency (a few dependent memory round trips), not bytes, so it is taken off the 
 - `add_delta`: y + d on the main stream once both are done (one small elementwise kernel), into a new tensor
   (y may be a base layer's buffer).
 Measured on an H200 (bench/lora_step.py, a rank-16 adapter on the 7B 4-bit model's 128 adapted layers), extra
-time a layer in the captured step: torch's matmuls 11.3 us; both kernels and the add after the base layer
-7.5 us; the first kernel beside the base layer, the second (adding y itself) after it, 4.9 us; this 3.3 us.
+time a layer in the captured step: torch's matmuls 11.2 us; the two kernels after the base layer (the second
+adding y itself) 7.5 us; the first beside the base layer and the second after it 4.9 us; this 2.6 us (the
+side branch and its join alone 1.3 us: the rest is the add, the one step after the base layer).
 Also measured and dropped: one kernel whose every program recomputes u (one SM streaming all of A: slower
-than cuBLAS), and one that shares the partials between its programs through flags in memory (the ticket, the
-release and the acquire polls per split cost more round trips than a second launch, which costs ~0.8 us).
+than cuBLAS), one that shares the partials between its programs through flags in memory (a ticket, then a
+release and acquire polls per split: more round trips than a second launch, which costs ~0.8 us), a
+high-priority side stream (no gain), and other spans (K_SPAN 512-4096, BLOCK_N 64-256: none faster; the
+add's ADD_BLOCK 256-2048 all alike, 4096 slower).
 Grids depend only on shapes, and A and B are read through their addresses, so a captured graph replays after
 an in-place rewrite of A (a new weight). The kernels are built on first use (CPU installs may lack Triton);
 tests run them on CPU under TRITON_INTERPRET=1.
@@ -31,7 +34,7 @@ MAX_ROWS = 8       # decode (batched up to 8 slots); longer inputs (prefill) kee
 M_PAD = 16         # rows padded to tl.dot's smallest side
 MAX_RANK = 256     # stacked ranks the kernels' tiles hold; more keep torch's matmuls
 BLOCK_N = 128      # outputs a program of the second kernel writes (B tiles of at most 16 KB below)
-ADD_BLOCK = 4096   # outputs a program of the add writes
+ADD_BLOCK = 512    # outputs a program of the add writes: many small programs (4096 measured 0.6 us slower a layer)
 
 
 def usable(x: torch.Tensor, a: torch.Tensor) -> bool:
