@@ -57,7 +57,7 @@ class LoraLinear(nn.Module):
     """y = base(x) + (x @ A^T) @ B^T, A's rows pre-scaled per adapter. x: [..., K] -> y: [..., N]."""
 
     def __init__(self, base: nn.Module, a: torch.Tensor, b: torch.Tensor, owner: torch.Tensor,
-                 scaling: torch.Tensor, side: torch.cuda.Stream | None = None):
+                 scaling: torch.Tensor, side: torch.cuda.Stream | None):
         super().__init__()
         self.base = base
         self.a_raw = a                 # [R, K] fp32, unscaled: what `a` is rebuilt from at each new weight
@@ -65,7 +65,8 @@ class LoraLinear(nn.Module):
         self.scaling = scaling         # [R] its module's LoRA scaling (alpha / r, or alpha / sqrt(r))
         self.register_buffer("a", torch.zeros(a.shape, dtype=b.dtype, device=a.device), persistent=False)  # [R, K]
         self.register_buffer("b", b, persistent=False)                      # [N, R]
-        self.side = side               # CUDA: the stream the low-rank product runs on beside the base layer
+        self.side = side               # the stream decode's low-rank product runs on beside the base layer
+                                       # (None on CPU, which never runs the kernels)
         self.kernel = True             # decode on CUDA through engine.lora_kernel; False: torch's matmuls
                                        # (the bench's and the GPU test's comparison)
 
