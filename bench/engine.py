@@ -418,7 +418,7 @@ def bench_lora_folder(folder: Path, plain: dict | None, rank: int = 16) -> dict:
                               context_length=4096, loader="bench")
     torch.cuda.reset_peak_memory_stats()
     lora.apply(model.engine.model, [(random_lora(model.engine.model.args, rank), 1.0)])
-    model.engine.graphs.clear()   # as loaders.lora_apply does: the next decode step captures with the adapter
+    model.drop_graphs()   # as loaders.lora_apply does: the next decode step captures with the adapter
     result = {"lora_rank": rank, **bench_engine_model(model)}
     model.unload()
     if isinstance(plain, dict) and plain.get("decode_tok_s"):

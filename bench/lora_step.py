@@ -70,8 +70,7 @@ def model_rows(rank: int, steps: int) -> None:
     def path(kernel: bool) -> dict:
         for layer in layers:
             layer.kernel = kernel
-        engine.graphs.clear()   # the next step captures through this path, in a new pool: reusing the
-        engine.pool = torch.cuda.graph_pool_handle()   # old one once its graphs are gone trips an allocator assert
+        built.drop_graphs()   # the next step captures through this path
         step = step_seconds(engine, steps)
         logits = engine.decode(tok, PROMPT).clone()
         if kernel is False:

@@ -118,6 +118,14 @@ class Engine:
             b *= 2
         return min(b, self.max_seq_len)
 
+    def drop_graphs(self) -> None:
+        """Forget the decode graphs (the layers they were captured over changed, e.g. LoRA adapters): the next
+        steps capture anew, into a fresh memory pool. Capturing into the pool of graphs already freed trips the
+        caching allocator's `use_count > 0` assert."""
+        self.graphs.clear()
+        if self.use_graphs:
+            self.pool = torch.cuda.graph_pool_handle()
+
     def decode(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """Append `token` (0-d, on device) at position `pos`; returns fp32 logits [V]. Under graphs the
         result is a static buffer that the next call overwrites: read it before then."""
@@ -267,6 +275,12 @@ class EngineModel(Model):
         stepper = EngineStepper(self.engine, cancel)
         return stream(stepper, self.tokenizer, prompt_ids(prompt), params, self.eos_token_ids, cancel,
                       self.context_length, stepper.sampling(params))
+
+    def drop_graphs(self) -> None:
+        """Forget every captured decode graph, the batched steps' too (they share the engine's pool)."""
+        if self.batch is not None:
+            self.batch.step.graphs.clear()
+        self.engine.drop_graphs()
 
     def unload(self) -> None:
         device = self.engine.device

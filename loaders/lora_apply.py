@@ -52,7 +52,7 @@ class EngineAdapters:
             engine_lora.apply(engine.model, adapters)
         except ValueError as exc:
             raise LoadError(str(exc)) from None
-        engine.graphs.clear()   # captured over the old layers: the next decode step captures anew
+        self.model.drop_graphs()   # captured over the old layers, batched ones too: the next steps capture anew
         self.applied = adapters
 
     def layer_shapes(self) -> dict[str, tuple[int, int]]:

@@ -420,6 +420,38 @@ def test_cuda_graph_decode_with_a_lora_equals_eager(tmp_path):
     assert rel_err(graphed, torch_path) < 2e-2
 
 
+@needs_cuda
+def test_a_new_adapter_set_after_captured_graphs_captures_again_in_a_fresh_pool(tmp_path):
+    """What loaders.lora_apply does when the adapters change after a chat: decode under graphs with one adapter,
+    apply another (new module shapes), EngineModel.drop_graphs, decode again. Capturing into the pool of the freed
+    graphs tripped the caching allocator's assert; the new graphs must compute the new adapter's logits."""
+    from engine.runtime import EngineModel
+    from tests.test_engine import cuda_tiny_gptq
+
+    model_dir = cuda_tiny_gptq(tmp_path)
+    fp = hf_model(tmp_path / "fp")
+    write_lora(fp, tmp_path / "lora-a", seed=4, r=16, lora_alpha=32, base="fp")
+    write_lora(fp, tmp_path / "lora-b", seed=5, r=8, lora_alpha=16, base="fp")
+    ids = torch.randint(0, 256, (34,)).tolist()
+    outs = []
+    for graphs in (False, True):
+        model, _ = load_transformer(model_dir, [torch.device("cuda")], torch.bfloat16)
+        engine = Engine(model, 1024, use_graphs=graphs, prefill_chunk=128)
+        loaded = EngineModel(model_dir, engine, None, [], 1024, "test", "")
+        steps = []
+        for name in ("lora-a", "lora-b"):
+            engine_lora.apply(model, [(read_weights(read_info(tmp_path / name)), 1.0)])
+            loaded.drop_graphs()
+            with torch.no_grad():
+                engine.prefill(ids[:30])
+                for pos in range(30, 34):
+                    steps.append(engine.decode(torch.tensor(ids[pos], device="cuda"), pos).clone())
+        outs.append(torch.stack(steps))
+    eager, graphed = outs
+    torch.testing.assert_close(graphed, eager, atol=1e-3, rtol=1e-3)
+    assert rel_err(eager[:4], eager[4:]) > 1e-3   # the second adapter changed the logits
+
+
 def test_fit_problems_name_another_base_and_other_shapes(lora_state, loras):
     """What the Model tab warns with: nothing for an adapter made for the loaded model; another base model
     and the first layer whose shapes differ for one made for another model size."""
