@@ -156,3 +156,18 @@ def running_app(tmp_path, models_dir):
     app = start_app(["--models-dir", str(models_dir), "--model", DEFAULT_MODEL], tmp_path / "app.log")
     yield app
     app.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_app(tmp_path_factory, default_model_dir):
+    """One Hearth server with the default model loaded, shared by every test that talks to it only through its
+    own gradio_client sessions (each a new chat) and neither loads, unloads nor saves settings: each start
+    loads the model anew, tens of seconds on a loaded 2-core machine. Not for browser tests: a page reopens
+    the chat saved last, which another test may have written."""
+    root = tmp_path_factory.mktemp("shared-app")
+    models = root / "models"
+    models.mkdir()
+    (models / DEFAULT_MODEL).symlink_to(default_model_dir, target_is_directory=True)
+    app = start_app(["--models-dir", str(models), "--model", DEFAULT_MODEL], root / "app.log")
+    yield app
+    app.stop()

@@ -123,8 +123,8 @@ def statuses_of(job) -> list[str]:
     return [o[2] for o in job.outputs() if isinstance(o[2], str)]
 
 
-def test_second_session_sees_its_position_through_gradio_client(running_app):
-    first, second = Client(running_app.url, verbose=False), Client(running_app.url, verbose=False)
+def test_second_session_sees_its_position_through_gradio_client(shared_app):
+    first, second = Client(shared_app.url, verbose=False), Client(shared_app.url, verbose=False)
     temperature, max_tokens = send_parameter(first, "temperature"), send_parameter(first, "max_new_tokens")
     long_job = first.submit(text="Write a very long story about a dragon who learns to cook.", api_name="/send",
                             **{temperature: 0, max_tokens: 2000})
@@ -146,14 +146,14 @@ def test_second_session_sees_its_position_through_gradio_client(running_app):
     assert "Paris" in text
     assert "tok/s" in statuses_of(waiting_job)[-1]
     assert "stopped" in statuses_of(long_job)[-1]
-    assert running_app.proc.poll() is None
+    assert shared_app.proc.poll() is None
 
 
-def test_stop_ends_the_sessions_running_reply_not_the_one_it_queued_next(running_app):
+def test_stop_ends_the_sessions_running_reply_not_the_one_it_queued_next(shared_app):
     """Issue 15, bug (a), through the UI: one session sends a long message, then a second one while the first
     streams (it queues behind it); Stop ends the reply on screen and the queued one runs. It used to cancel the
     queued one and leave the running one going to max_new_tokens."""
-    session = Client(running_app.url, verbose=False)
+    session = Client(shared_app.url, verbose=False)
     temperature, max_tokens = send_parameter(session, "temperature"), send_parameter(session, "max_new_tokens")
     long_job = session.submit(text="Write a very long story about a dragon who learns to cook.", api_name="/send",
                               **{temperature: 0, max_tokens: 2000})
@@ -173,4 +173,4 @@ def test_stop_ends_the_sessions_running_reply_not_the_one_it_queued_next(running
     history = next(o[0] for o in reversed(queued_job.outputs()) if isinstance(o[0], list))
     content = history[-1]["content"]
     assert "Paris" in (content if isinstance(content, str) else "".join(p.get("text", "") for p in content))
-    assert running_app.proc.poll() is None
+    assert shared_app.proc.poll() is None

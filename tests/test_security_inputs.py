@@ -110,16 +110,16 @@ def test_api_non_finite_sampler_fields_are_400s(loaded_state, field):
         server.stop()
 
 
-def test_ui_nan_sampler_value_is_refused_before_generating(running_app):
+def test_ui_nan_sampler_value_is_refused_before_generating(shared_app):
     """A client that puts a bare NaN into the JSON (Gradio's own client will not, so the call is made by hand
     through Gradio's /call protocol); Gradio's slider range check lets NaN through, the declaration does not."""
-    client = Client(running_app.url, verbose=False)
+    client = Client(shared_app.url, verbose=False)
     params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/send"]["parameters"]
     data = [math.nan if p["label"] == "temperature" else p.get("parameter_default") for p in params]
     data[next(i for i, p in enumerate(params) if p["parameter_name"] == "text")] = "What is the capital of France?"
     body = json.dumps({"data": data})   # allow_nan: the bare NaN goes out as is
     assert "NaN" in body
-    call = f"{running_app.url}/gradio_api/call/send"
+    call = f"{shared_app.url}/gradio_api/call/send"
     started = httpx.post(call, content=body, headers={"Content-Type": "application/json"}, timeout=60)
     assert started.status_code == 200, started.text
     with httpx.stream("GET", f"{call}/{started.json()['event_id']}", timeout=120) as events:

@@ -8,8 +8,9 @@ from tests.conftest import DEFAULT_MODEL, start_app
 
 
 @pytest.fixture
-def client(running_app):
-    return Client(running_app.url, verbose=False)
+def client(shared_app):
+    """A new session (its own chat) on the shared server."""
+    return Client(shared_app.url, verbose=False)
 
 
 def last_reply(history) -> str:
