@@ -123,6 +123,13 @@ def alone(model, text: str, **params) -> DoneEvent:
     return collect(model.generate(chat(model, text), GenerationParams(**{**GREEDY, **params})))[1]
 
 
+@pytest.fixture(scope="module")
+def alone_replies(default_models) -> dict[str, str]:
+    """Each question's greedy reply from the single-stream model: the reference several tests compare with,
+    made once (an fp32 stream on CPU takes seconds per reply)."""
+    return {q: alone(default_models[1], q).text for q in QUESTIONS}
+
+
 def concurrently(scheduler: Scheduler, model, jobs: list[tuple[str, dict]]) -> list[list[object]]:
     """Submit every job, then read each handle in its own thread; returns each one's events."""
     handles = [scheduler.submit(lambda cancel, t=text, p=params: model.generate(
@@ -166,9 +173,9 @@ def staggered(scheduler: Scheduler, model, jobs: list[tuple[str, dict]]) -> list
     return events
 
 
-def test_greedy_replies_of_three_concurrent_generations_equal_each_one_alone(default_models):
-    batched, single = default_models[3], default_models[1]
-    want = [alone(single, q).text for q in QUESTIONS]
+def test_greedy_replies_of_three_concurrent_generations_equal_each_one_alone(default_models, alone_replies):
+    batched = default_models[3]
+    want = [alone_replies[q] for q in QUESTIONS]
     scheduler = Scheduler(slots=batched.concurrent_generations)
     events = concurrently(scheduler, batched, [(q, {}) for q in QUESTIONS])
     assert not any(isinstance(e, QueuedEvent) for run in events for e in run), "three slots: nobody waits"
@@ -178,9 +185,9 @@ def test_greedy_replies_of_three_concurrent_generations_equal_each_one_alone(def
     assert batched.batch.slots == []   # every slot freed
 
 
-def test_stop_strings_hold_per_slot(default_models):
+def test_stop_strings_hold_per_slot(default_models, alone_replies):
     batched, single = default_models[3], default_models[1]
-    plain = [alone(single, q).text for q in QUESTIONS[:2]]
+    plain = [alone_replies[q] for q in QUESTIONS[:2]]
     # A stop string from the middle of each reply, so each slot stops at its own place.
     stops = [text[len(text) // 2: len(text) // 2 + 4] for text in plain]
     assert all(stop.strip() for stop in stops)
@@ -194,10 +201,10 @@ def test_stop_strings_hold_per_slot(default_models):
         assert stop not in "".join(e.text for e in run if isinstance(e, TextEvent))
 
 
-def test_a_cancelled_slot_frees_at_once_and_the_others_continue(default_models):
+def test_a_cancelled_slot_frees_at_once_and_the_others_continue(default_models, alone_replies):
     """Two slots: A runs (its reader pauses), B is cancelled mid-reply, C takes B's slot and finishes while A
     waits, then A finishes: A and C equal their replies alone."""
-    batched, single = default_models[3], default_models[1]
+    batched = default_models[3]
     scheduler = Scheduler(slots=2)
     work = lambda text: (lambda cancel: batched.generate(chat(batched, text), GenerationParams(**GREEDY), cancel))
     a = scheduler.submit(work(QUESTIONS[0]), "a")
@@ -210,8 +217,8 @@ def test_a_cancelled_slot_frees_at_once_and_the_others_continue(default_models):
     c_events = list(c)   # runs to its end while A's reader is paused: A's slot does not hold the step
     assert not any(isinstance(e, QueuedEvent) for e in c_events), "B's place was not given up"
     a_events += list(a)
-    assert c_events[-1].text == alone(single, QUESTIONS[2]).text
-    assert a_events[-1].text == alone(single, QUESTIONS[0]).text
+    assert c_events[-1].text == alone_replies[QUESTIONS[2]]
+    assert a_events[-1].text == alone_replies[QUESTIONS[0]]
     assert batched.batch.slots == []
 
 
