@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from core.quant_weight import QuantWeight
+from engine.quant_linear import TINYGEMM_GROUP_SIZES
 from loaders.base import LoadError
 from loaders.gguf_header import GGUFHeader, read_model_header, split_parts
 from loaders.gguf_repack import BLOCK_TYPES, ENGINE_TYPES, FLOAT_TYPES, repack
@@ -91,6 +92,18 @@ def engine_refusal(header: GGUFHeader) -> str | None:
     if rope not in (None, "none", "linear"):
         return f"RoPE scaling {rope!r} is not implemented"
     return None
+
+
+def cpu_unpacked_types(header: GGUFHeader) -> list[str]:
+    """The quantized types of this GGUF's layer weights (blk.*) that Hearth's engine has no packed CPU kernel
+    for, so that on a CPU it dequantizes them: all but 4-bit levels in tinygemm's group sizes (Q4_0, Q4_1,
+    Q4_K). The embedding and the head are left out: the engine keeps those in floats on a CPU whatever their
+    type."""
+    def packed_on_cpu(name: str) -> bool:
+        kind = BLOCK_TYPES[name]
+        return kind.bits == 4 and kind.group in TINYGEMM_GROUP_SIZES
+    return sorted({t.type_name for t in header.tensors if t.name.startswith("blk.") and t.type_name in BLOCK_TYPES
+                   and not packed_on_cpu(t.type_name)})
 
 
 def type_counts(header: GGUFHeader) -> dict[str, int]:

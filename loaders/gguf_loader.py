@@ -18,7 +18,7 @@ import torch
 from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.engine_choice import RuntimeOptions
 from core.folder import require_dir, safetensors_files
-from loaders.gguf_checkpoint import engine_refusal, type_counts
+from loaders.gguf_checkpoint import cpu_unpacked_types, engine_refusal, type_counts
 from loaders.gguf_header import model_files, read_model_header, split_parts
 from loaders.gguf_repack import BLOCK_TYPES
 from core.options import option
@@ -48,12 +48,15 @@ def gguf_summary(path: Path) -> dict:
     arch = meta.get("general.architecture")
     file_type = meta.get("general.file_type")
     refusal = engine_refusal(header)
+    unpacked = cpu_unpacked_types(header) if refusal is None and not torch.cuda.is_available() else []
     return {"architecture": arch,
             "file_type": FILE_TYPES.get(file_type, str(file_type)) if file_type is not None else "unknown",
             "context_length": meta.get(f"{arch}.context_length") if arch else None,
             "tensor_types": type_counts(header),
             "runtime": "transformers" if refusal else "engine",
             "runtime_reason": (f"not on Hearth's engine: {refusal}" if refusal
+                               else f"Hearth's engine, its {', '.join(unpacked)} tensors unpacked on this CPU (no "
+                                    "packed CPU kernel for them)" if unpacked
                                else "Hearth's engine, quantized tensors repacked losslessly" if any(
                                    t.type_name in BLOCK_TYPES for t in header.tensors) else "Hearth's engine")}
 

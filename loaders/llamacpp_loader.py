@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from core.folder import require_dir, safetensors_files
 from core.options import option
 from engine.generation import DoneEvent, GenerationEvent, StatsEvent, TextEvent
@@ -30,7 +32,7 @@ from engine.model import Model, Prompt, prompt_ids
 from engine.sampling import GenerationParams
 from engine.stopping import IncrementalDecoder, StopStringFilter
 from loaders.base import Detection, LoadError, Progress, no_progress
-from loaders.gguf_checkpoint import engine_refusal
+from loaders.gguf_checkpoint import cpu_unpacked_types, engine_refusal
 from loaders.gguf_header import model_files, read_model_header, split_parts
 from loaders.gguf_loader import FILE_TYPES, pick_file
 from loaders.llamacpp_install import state as build_state
@@ -232,7 +234,12 @@ class LlamaCppLoader:
         arch = meta.get("general.architecture")
         file_type = meta.get("general.file_type")
         refusal = engine_refusal(header)
-        if refusal is None:
+        unpacked = cpu_unpacked_types(header) if refusal is None and not torch.cuda.is_available() else []
+        if unpacked:
+            # Quantized weights stay quantized: llama.cpp keeps every type packed, and is faster on CPU too.
+            score, why = 0.7, (f"on this CPU Hearth's engine would unpack its {', '.join(unpacked)} tensors (no "
+                               "packed CPU kernel for them); llama.cpp keeps every type packed")
+        elif refusal is None:
             # Hearth's engine (the gguf loader) runs it: llama.cpp is the alternative. Measured on CPU, llama.cpp
             # is faster, but its 8-bit activations change the default model's greedy reply (module docstring).
             score, why = 0.4, ("Hearth's engine (the gguf loader) runs this architecture and type with exact "
@@ -265,7 +272,6 @@ class LlamaCppLoader:
         context = options.context_length or auto_context(trained)[0] or 2048
         type_k, type_v = (_ggml_type(options.cache_type_k), _ggml_type(options.cache_type_v))
         progress(0.1, f"llama.cpp is opening {chosen.name}")
-        import torch
         from llama_cpp import Llama, llama_supports_gpu_offload
 
         # llama-cpp-python's own default is half the logical CPUs: one thread on a 2-core machine.

@@ -21,7 +21,7 @@ QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")   # types gguf.quants.qua
 
 def make_state(models_dir: Path):
     """An AppState without the llama.cpp loader: these tests are about the gguf loader (Hearth's engine), which
-    detection ranks below llama.cpp on CPU once llama-cpp-python is installed (tests/test_llamacpp.py)."""
+    detection ranks below llama.cpp for some files on a CPU once llama-cpp-python is installed."""
     from app_state import default_registry
     from loaders.base import LoaderRegistry
 
@@ -219,11 +219,28 @@ def test_a_folder_of_quantizations_lists_each_and_every_one_answers(gguf_models)
              # q/k in 4 bits, v in 8: they cannot share one matrix, and each keeps its own kernel.
              "smol.mixed.gguf": ["4-bit tinygemm", "8-bit"]}
     for file, expected in kinds.items():
-        model = state.load_model("smol-GGUF", options={"gguf_file": file})
+        model = state.load_model("smol-GGUF", "gguf", {"gguf_file": file})
         assert model.runtime.startswith(f"hearth engine (cpu, GGUF {file}, ")
         assert all(kind in model.runtime for kind in expected), model.runtime
         assert "Paris" in golden_reply(state), file
         state.unload_model()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rule: on CUDA every GGUF type stays packed")
+def test_on_a_cpu_files_the_engine_would_unpack_go_to_llamacpp_and_both_say_why(gguf_models):
+    """Quantized weights stay quantized: the folder's first file is a Q8_0 model, which the engine has no packed
+    CPU kernel for (it would dequantize it), so llama.cpp, which keeps it packed, is picked; the engine says what
+    it would unpack. Q4_0/Q4_1/Q4_K files stay on the engine (tinygemm)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (./run_tests.sh builds it)")
+    registry = make_full_state(gguf_models).registry
+    found = registry.detect_all(gguf_models / "smol-GGUF")
+    assert [d.loader for d in found] == ["llama.cpp", "gguf"]
+    assert found[0].reason.endswith("(smol-split.Q8_0-00001-of-00003.gguf (+4 more)); on this CPU Hearth's engine "
+                                    "would unpack its Q8_0 tensors (no packed CPU kernel for them); llama.cpp keeps "
+                                    "every type packed")
+    assert found[1].reason.endswith("; Hearth's engine, its Q8_0 tensors unpacked on this CPU (no packed CPU "
+                                    "kernel for them)")
+    assert registry.best(gguf_models / "smol-Q4_1").loader == "gguf"
 
 
 def test_a_file_that_is_not_in_the_folder_is_refused_with_the_choices(gguf_models):
