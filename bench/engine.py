@@ -712,81 +712,13 @@ def rotating_graph_time(make_call, nbytes: int, calls: int = 24) -> float:
     return graph_time(lambda: [fns[i % copies]() for i in range(calls)], 1) / calls
 
 
-STAGED_SWEEP = [(8, 2), (8, 4), (8, 8), (16, 2), (16, 4), (32, 2)]   # (warps, stages) of the staged kernels
-
-# Run in a child process by staged_probe: a staged config that hangs (a barrier never completing) or faults
-# (a sticky CUDA error) ends the child, not the sweep. Prints a JSON line a config as it is checked: K 11008
-# (172 chunks: rings that wrap, a last round part-filled), g128 zeros and act-order g32 gathered in the kernel.
-STAGED_PROBE = r"""
-import json, sys, torch
-from engine import int4_mma
-pipeline, launches = int(sys.argv[1]), json.loads(sys.argv[2])
-K, N = 11008, 1024
-q = torch.randint(0, 16, (K, N), dtype=torch.uint8, device="cuda")
-for gs, perm in ((128, None), (32, torch.randperm(K, device="cuda").to(torch.int32))):
-    g = torch.arange(K, device="cuda") // gs
-    scales = (torch.rand(K // gs, N, device="cuda") * 0.01 + 0.001).half()
-    zeros = torch.randint(0, 16, (K // gs, N), dtype=torch.uint8, device="cuda") if perm is None else None
-    packed = int4_mma.pack(q, scales, zeros, gs)
-    w = (q.double() - (8 if zeros is None else zeros.double()[g])) * scales.double()[g]
-    for warps, stages in launches:
-        x = torch.randn(8, K, device="cuda", dtype=torch.bfloat16)
-        ref = (x if perm is None else x[:, perm.long()]).double() @ w
-        y = int4_mma.matmul(x, packed, int4_mma.MmaConfig(warps, 1, pipeline, stages), perm)
-        err = ((y.double() - ref).norm() / ref.norm()).item()
-        print(json.dumps({"launch": [warps, stages], "gs": gs, "err": err}), flush=True)
-"""
-
-
-def staged_key(cfg: int4_mma.MmaConfig) -> str:
-    """A config's name in the sweep's rows: warps/unroll, or pipeline warps/stages."""
-    names = {v: k for k, v in int4_mma.PIPELINES.items()}
-    return f"{cfg.warps}/{cfg.unroll}" if cfg.pipeline == int4_mma.DIRECT else \
-        f"{names[cfg.pipeline]} {cfg.warps}w/{cfg.stages}st"
-
-
-def staged_probe(pipeline: int, launches: list[tuple[int, int]]) -> dict[tuple[int, int], str | None]:
-    """Each staged launch checked in a child process (STAGED_PROBE): None where it matched fp64 at both group
-    sizes, else why not (its error, or how the child ended: the launch it had reached hung or faulted)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    try:
-        done = subprocess.run([sys.executable, "-c", STAGED_PROBE, str(pipeline), json.dumps(launches)], cwd=REPO,
-                              env=env, capture_output=True, text=True, timeout=180)
-        out, ended = done.stdout, f"child exited {done.returncode}: {done.stderr[-400:]}"
-    except subprocess.TimeoutExpired as exc:
-        out, ended = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or "", "child timed out (180 s)"
-    seen: dict[tuple[int, int], list[str | None]] = {}
-    for line in out.splitlines():
-        r = json.loads(line)
-        seen.setdefault(tuple(r["launch"]), []).append(None if r["err"] < 1e-2 else
-                                                       f"g{r['gs']}: rel. err {r['err']:.1e} against fp64")
-    # a launch is judged on both group sizes; where the child ended first, its end is the answer
-    return {launch: next((bad for bad in seen[launch] if bad), None) if len(seen.get(launch, [])) == 2
-            else f"not checked to the end, {ended}" for launch in launches}
-
-
 def gemv_sweep() -> dict:
     """Hearth's tensor-core int4 matmul (engine.int4_mma) over launch configs, against tinygemm and bf16 cuBLAS,
     at M=1 on the 7B/70B layer shapes (act-order: also with x gathered first); effective TB/s counts 4-bit
     weights plus scales. Every config's result is checked against an fp64 reference, and the default config
-    also at 3 and 8 rows, with per-group zeros, and through `dequantize`. The staged kernels (weights through
-    shared memory: cp.async, and from sm_90 TMA bulk copies) run at each of STAGED_SWEEP after a probe in a
-    child process; a launch the probe fails is reported with its error instead of timed. Each config's row is
-    printed to stdout as a JSON line as it is measured."""
+    also at 3 and 8 rows, with per-group zeros, and through `dequantize`."""
     configs = [int4_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)]
-    pipelines = [int4_mma.CPASYNC] + ([int4_mma.BULK] if torch.cuda.get_device_capability()[0] >= 9 else [])
-    res = {"staged_probe": {}}
-    failed = {}
-    for pipeline in pipelines:
-        verdict = staged_probe(pipeline, STAGED_SWEEP)
-        for (warps, stages), why in verdict.items():
-            cfg = int4_mma.MmaConfig(warps, 1, pipeline, stages)
-            res["staged_probe"][staged_key(cfg)] = why or "ok"
-            if why:
-                failed[cfg] = why
-            else:
-                configs.append(cfg)
-        print(json.dumps({"staged_probe": res["staged_probe"]}), flush=True)
+    res = {}
     cases = [(name, shape, 128, False) for name, shape in GEMV_SHAPES.items()] + \
             [("wo 4096x4096 g32 act", (4096, 4096), 32, True), ("w2 11008x4096 g32 act", (11008, 4096), 32, True),
              ("w13 4096x22016 g32 act", (4096, 22016), 32, True), ("wqkv 4096x12288 g32 act", (4096, 12288), 32, True)]
@@ -818,23 +750,21 @@ def gemv_sweep() -> dict:
         entry["dequantize_write_tb_s"] = round((nbytes + 2 * k * n) / t_deq / 1e12, 2)
         entry["checks"]["zeros_dequantize"] = f"{((int4_mma.dequantize(pz).double().t() - wz).norm() / wz.norm()).item():.1e}"
         del pz
-        row, ranked = {staged_key(cfg): f"probe: {why}" for cfg, why in failed.items()}, []
+        row, ranked = {}, []
         for cfg in configs:
-            key = staged_key(cfg)
             try:
                 e = err(int4_mma.matmul(x, packed[0], cfg), 1)
                 t = rotating_graph_time(lambda i: (lambda: int4_mma.matmul(x, packed[i], cfg)), nbytes)
             except Exception as exc:
-                row[key] = f"{type(exc).__name__}: {exc}"[:300]
-            else:
-                tbs = nbytes / t / 1e12
-                row[key] = [round(tbs, 2), f"{e:.1e}", round(t * 1e6, 1)]
-                if e < 1e-2:
-                    ranked.append((tbs, cfg))
-            print(json.dumps({"shape": name, "config": key, "tb_s_err_us": row[key]}), flush=True)
+                row[f"{cfg.warps}/{cfg.unroll}"] = f"{type(exc).__name__}: {exc}"[:300]
+                continue
+            tbs = nbytes / t / 1e12
+            row[f"{cfg.warps}/{cfg.unroll}"] = [round(tbs, 2), f"{e:.1e}", round(t * 1e6, 1)]
+            if e < 1e-2:
+                ranked.append((tbs, cfg))
         ranked.sort(key=lambda r: -r[0])
         entry.update(best_tb_s=round(ranked[0][0], 2) if ranked else None,
-                     best_config=staged_key(ranked[0][1]) if ranked else None, all=row)
+                     best_config=ranked[0][1].__dict__ if ranked else None, all=row)
         if act:  # a weight whose order the layer before cannot produce: gathered by index_select or in the kernel
             cfg = int4_mma.config_for(n)
             x_orig, p32 = x8[:1].contiguous(), perm.to(torch.int32)
@@ -844,16 +774,6 @@ def gemv_sweep() -> dict:
             entry["with_index_select_tb_s"] = round(nbytes / t / 1e12, 2)
             t = rotating_graph_time(lambda i: (lambda: int4_mma.matmul(x_orig, packed[i], cfg, p32)), nbytes)
             entry["gather_in_kernel_tb_s"] = round(nbytes / t / 1e12, 2)
-            for staged in [c for c in configs if c.pipeline != int4_mma.DIRECT]:   # the gather, staged
-                key = f"gather_in_kernel {staged_key(staged)}"
-                try:
-                    e = err(int4_mma.matmul(x_orig, packed[0], staged, p32), 1)
-                    t = rotating_graph_time(lambda i: (lambda: int4_mma.matmul(x_orig, packed[i], staged, p32)),
-                                            nbytes)
-                    entry[key] = [round(nbytes / t / 1e12, 2), f"{e:.1e}"]
-                except Exception as exc:
-                    entry[key] = f"{type(exc).__name__}: {exc}"[:300]
-                print(json.dumps({"shape": name, "config": key, "tb_s_err": entry[key]}), flush=True)
         else:
             sz = torch.rand(k // gs, n, 2, device="cuda").to(torch.bfloat16)
             tg = [torch.ops.aten._convert_weight_to_int4pack(((q.t()[:, 0::2] << 4) | q.t()[:, 1::2]).contiguous(), 8)

@@ -30,16 +30,11 @@ its QuantWeight's dequantize up to summation order.
 
 Compiled at first use by NVRTC, the runtime compiler CUDA builds of torch ship and load: no nvcc or CUDA
 toolkit is needed where Hearth runs. Needs compute capability 8.0+ (bf16 mma).
-
-HEARTH_INT4_PIPELINE=cpasync|bulk (default off) stages the weights through shared memory instead of one
-register load a lane (`Pipeline` in SOURCE): a measuring aid for now, since in one H200 run neither beat the
-direct kernel by more than its run-to-run spread (`staged_launch`).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -234,81 +229,6 @@ template <int CH, int SEG> __device__ __forceinline__ int group_of(int c, int se
 """
 
 SOURCE = DEVICE_HELPERS + r"""
-// How a lane's 16 weight bytes a chunk reach it (PIPE). DIRECT: one load to a register, one in flight a lane
-// (more, unrolled, cost registers and lost: bench/NOTES-engine.md). The staged pipelines keep STAGES rounds
-// (a round: chunk i of every warp, WARPS x 512 contiguous bytes of the tile) in flight in a ring in dynamic
-// shared memory [STAGES][WARPS][32] instead of in registers. CPASYNC (sm_80+): each lane copies its own 16
-// bytes STAGES - 1 rounds ahead (cp.async, wait_group), so no lane waits on another. BULK (sm_90+): one thread
-// fetches a whole round with one TMA bulk copy that completes on the stage's `full` mbarrier; each warp
-// arrives on the stage's `empty` mbarrier once it has read its bytes, and the copy of the round STAGES ahead
-// goes into the stage when all have. Both copy the tile's scale (and zero-bias) pairs into shared memory once
-// at the start: left in global memory, each round would still wait on one.
-enum Pipeline { DIRECT = 0, CPASYNC = 1, BULK = 2 };
-
-__device__ __forceinline__ u32 shared_address(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
-}
-
-// The mbarrier and bulk-copy instructions exist from sm_90 on; SOURCE also compiles for sm_80/89, where no
-// BULK instantiation is launched (config_for, matmul), so there they are left empty.
-__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-#endif
-}
-
-// Makes the initialised mbarriers visible to the other threads and to the bulk copies (the async proxy).
-__device__ __forceinline__ void mbar_init_fence() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("fence.mbarrier_init.release.cluster;\n\tfence.proxy.async.shared::cta;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void mbar_arrive(u32 bar) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("{\n\t.reg .b64 state;\n\tmbarrier.arrive.shared::cta.b64 state, [%0];\n\t}" :: "r"(bar) : "memory");
-#endif
-}
-
-// Until the barrier's phase of this parity has completed.
-__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("{\n\t.reg .pred done;\n\tWAIT:\n\t"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
-                 "@!done bra WAIT;\n\t}" :: "r"(bar), "r"(parity) : "memory");
-#endif
-}
-
-// This thread's arrival on bar, which then expects `bytes` more of bulk copies before its phase completes.
-// A fence first: generic-proxy reads of the memory the copies refill (ordered before this by the empty
-// barrier) come before the async proxy's writes.
-__device__ __forceinline__ void mbar_expect(u32 bar, u32 bytes) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("fence.proxy.async.shared::cta;\n\t"
-                 "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-#endif
-}
-
-// bytes from global src to shared dst (both 16-byte aligned, a multiple of 16 bytes), completing on bar.
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void bulk_fetch(u32 dst, const void* src, u32 bytes, u32 bar) {
-    mbar_expect(bar, bytes);
-    bulk_copy(dst, src, bytes, bar);
-}
 
 // y[M, N] = x[M, K] @ W^T for M <= 8. One block per 16-row tile; its WARPS warps take every WARPS-th chunk
 // of 64 inputs, U chunks in flight per lane, and meet in shared memory at the end.
@@ -322,17 +242,13 @@ __device__ __forceinline__ void bulk_fetch(u32 dst, const void* src, u32 bytes, 
 // EXPERTS (a mixture-of-experts decode step): blockIdx.y is a slot j; the weight, scales and zero biases are
 // expert experts[j]'s of tensors stacked [E, ...] (byte strides w_stride, s_stride, z_stride), x and y are
 // offset by j * x_stride and j * y_stride elements. The chosen experts are read in place, with no copy.
-// PIPE, STAGES: how the weights reach the lanes (Pipeline, above); a staged one takes U = 1, fp16 scales
-// and no offsets (GPTQ, AWQ), and is launched with the dynamic shared memory `staged_bytes` counts.
-template <int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM, bool EXPERTS, int PIPE, int STAGES>
+template <int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM, bool EXPERTS>
 __global__ void __launch_bounds__(WARPS * 32)
 int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* __restrict__ w,
          const void* __restrict__ scales, const void* __restrict__ zero_bias, u16* __restrict__ y,
          int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift,
          const long long* __restrict__ experts, int w_stride, int s_stride, int z_stride, int x_stride, int y_stride) {
     static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
-    static_assert(PIPE == DIRECT || (U == 1 && !EXPERTS && STAGES >= 2), "a staged ring: one chunk a round");
-    static_assert(PIPE == DIRECT || (FORM == HALF && ZMODE != OFFSETS), "staged: fp16 scale pairs, 4 bytes");
     if (EXPERTS) {
         const int slot = blockIdx.y;
         const long long e = experts[slot];
@@ -344,16 +260,6 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     }
     __shared__ float partial[WARPS][8][16];
     __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][32];   // [warp][u][x row][input pair]
-    // Staged PIPE, in dynamic shared memory (32 warps' static arrays already take the 48 KB a block has
-    // without opting in): the ring [STAGES][WARPS][32]; the tile's scale pairs [G][8] and (ZEROS) zero-bias
-    // pairs [G][8], copied in at the start with the first rounds (read from global memory, a group's pairs a
-    // round, their latency would stay in every round); (BULK) the mbarriers: full a stage, empty a stage, and
-    // one for the scales.
-    extern __shared__ __align__(128) Words ring[];
-    u32* const tile_scales = reinterpret_cast<u32*>(ring + STAGES * WARPS * 32);
-    u32* const tile_zeros = tile_scales + G * 8;
-    unsigned long long* bars = reinterpret_cast<unsigned long long*>(tile_zeros + (ZMODE == ZEROS ? G * 8 : 0));
-    const u32 table_bytes = G * 8 * 4;   // a tile's scale (or zero-bias) pairs
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int r = lane >> 2, t = lane & 3;
     const int tile = blockIdx.x;
@@ -361,53 +267,9 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     const int xrow = min(r, M - 1);                          // B column r: x row r (unused columns repeat)
     const u16* xr = x + (u32)(xrow * K);
     const Words* wt = w + (u32)(tile * chunks * 32 + lane);
-    const int rounds = (chunks + WARPS - 1) / WARPS;   // staged: rounds of WARPS chunks
-    const int slot = warp * 32 + lane;                   // staged: the lane's element in a stage of the ring
-    if (PIPE == BULK && threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(shared_address(&bars[s]), 1);
-            mbar_init(shared_address(&bars[STAGES + s]), WARPS);
-        }
-        mbar_init(shared_address(&bars[2 * STAGES]), 1);
-        mbar_init_fence();
-        mbar_expect(shared_address(&bars[2 * STAGES]), table_bytes * (ZMODE == ZEROS ? 2 : 1));
-        bulk_copy(shared_address(tile_scales), reinterpret_cast<const char*>(scales) + (size_t)tile * table_bytes,
-                  table_bytes, shared_address(&bars[2 * STAGES]));
-        if (ZMODE == ZEROS)
-            bulk_copy(shared_address(tile_zeros), reinterpret_cast<const char*>(zero_bias) + (size_t)tile * table_bytes,
-                      table_bytes, shared_address(&bars[2 * STAGES]));
-        for (int i = 0; i < min(STAGES, rounds); ++i)
-            bulk_fetch(shared_address(ring + i * WARPS * 32), wt - lane + i * WARPS * 32,
-                       min(WARPS, chunks - i * WARPS) * 512, shared_address(&bars[i]));
-    }
-    if (PIPE == BULK) {
-        __syncthreads();   // the barriers are set up before any warp waits on them
-        mbar_wait(shared_address(&bars[2 * STAGES]), 0);
-    }
-    if (PIPE == CPASYNC) {
-        // The tables a group of their own, then rounds 0 .. STAGES - 2 a group each: once at most STAGES - 1
-        // groups are pending, this thread's table copies are done, and the barrier shows every thread's.
-        for (u32 i = threadIdx.x; i < table_bytes / 16; i += WARPS * 32) {
-            cp_async16(shared_address(tile_scales) + 16 * i,
-                       reinterpret_cast<const char*>(scales) + (size_t)tile * table_bytes + 16 * i);
-            if (ZMODE == ZEROS)
-                cp_async16(shared_address(tile_zeros) + 16 * i,
-                           reinterpret_cast<const char*>(zero_bias) + (size_t)tile * table_bytes + 16 * i);
-        }
-        cp_async_commit();
-        for (int i = 0; i < STAGES - 1; ++i) {
-            if (warp + i * WARPS < chunks)
-                cp_async16(shared_address(ring + i * WARPS * 32 + slot), wt + (warp + i * WARPS) * 32);
-            cp_async_commit();
-        }
-        cp_async_wait<STAGES - 1>();
-        __syncthreads();
-    }
     const char *lane_scales, *lane_values;
     lane_pairs<FORM, ZMODE == OFFSETS>(scales, zero_bias, tile, G, span_shift, r, lane_scales, lane_values);
-    if (PIPE != DIRECT) lane_scales = reinterpret_cast<const char*>(tile_scales + r);
-    const u32* lane_zeros = PIPE != DIRECT ? tile_zeros + r
-                                           : reinterpret_cast<const u32*>(zero_bias) + (u32)(tile * G * 8 + r);   // ZEROS
+    const u32* lane_zeros = reinterpret_cast<const u32*>(zero_bias) + (u32)(tile * G * 8 + r);   // ZEROS
     // Cursors at this warp's chunk c0, advanced with it, so that a chunk's loads take constant offsets
     // instead of 64-bit index arithmetic: x, the weights, a factored form's span factors (4 chunks a span),
     // and where groups are below a chunk (LINEAR: chunk c's are GPC c .. + GPC - 1) the scales, offsets and
@@ -424,35 +286,10 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
     // Not unrolled: one chunk's loads in flight a lane, as measured best (bench/NOTES-engine.md); left to
     // itself the compiler unrolls some instantiations by two, issuing the next chunk's load mid-loop.
-    // BULK: every warp runs every round (c0 - warp: the round's first chunk), as each arrives on the empty
-    // barrier; a warp past the last chunk only waits and arrives.
 #pragma unroll 1
-    for (int c0 = warp, round = 0; (PIPE == BULK ? c0 - warp : c0) < chunks; c0 += STEP, ++round, xc += STEP * 64,
-         wc += STEP * 32, sc += STEP * GPC * 8 * P::scale,
+    for (int c0 = warp; c0 < chunks; c0 += STEP, xc += STEP * 64, wc += STEP * 32, sc += STEP * GPC * 8 * P::scale,
          vc += P::factored ? STEP / 4 * 8 * P::value : STEP * GPC * 8 * P::value, zc += STEP * GPC * 8) {
         Words q[U];
-        const int stage = round % STAGES;
-        if (PIPE == CPASYNC) {   // round + STAGES - 1 into the stage this lane read last round; round's group done
-            const int ahead = (round + STAGES - 1) % STAGES;
-            if (c0 + (STAGES - 1) * WARPS < chunks)
-                cp_async16(shared_address(ring + ahead * WARPS * 32 + slot), wc + (STAGES - 1) * WARPS * 32);
-            cp_async_commit();
-            cp_async_wait<STAGES - 1>();
-            q[0] = ring[stage * WARPS * 32 + slot];
-        }
-        if (PIPE == BULK) {
-            const u32 parity = (round / STAGES) & 1;
-            mbar_wait(shared_address(&bars[stage]), parity);
-            if (c0 < chunks) q[0] = ring[stage * WARPS * 32 + slot];
-            __syncwarp();
-            if (lane == 0) mbar_arrive(shared_address(&bars[STAGES + stage]));
-            if (threadIdx.x == 0 && round + STAGES < rounds) {   // refill the stage once every warp has read it
-                const int next = round + STAGES;
-                mbar_wait(shared_address(&bars[STAGES + stage]), parity);
-                bulk_fetch(shared_address(ring + stage * WARPS * 32), wt - lane + next * WARPS * 32,
-                           min(WARPS, chunks - next * WARPS) * 512, shared_address(&bars[stage]));
-            }
-        }
         // Per segment: the scales s of rows r and r + 8, and (OFFSETS) the offsets less 128 s, as the levels
         // go into the mma raw (128 + q) there: s sum((128 + q) x) + (m - 128 s) sum(x) = s sum(q x) + m sum(x).
         float s[U][4 / SEG][2], off[ZMODE == OFFSETS ? U : 1][4 / SEG][2];
@@ -461,7 +298,7 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * WARPS;
             if (c < chunks) {
-                if (PIPE == DIRECT) q[u] = load_streaming(wc + u * WARPS * 32);
+                q[u] = load_streaming(wc + u * WARPS * 32);
                 float d[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
                 span_factors<FORM, ZMODE == OFFSETS>(vc, u * WARPS / 4, d);
 #pragma unroll
@@ -606,73 +443,18 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
 """
 
 
-DIRECT, CPASYNC, BULK = 0, 1, 2   # the kernel's PIPE: how the weights reach the lanes
-PIPELINES = {"off": DIRECT, "cpasync": CPASYNC, "bulk": BULK}
-PIPELINE_ENV = "HEARTH_INT4_PIPELINE"
-
-
 @dataclass(frozen=True)
 class MmaConfig:
     warps: int   # warps a block (one 16-row tile), splitting K between them
-    unroll: int  # 16-byte loads in flight per lane (DIRECT)
-    pipeline: int = DIRECT   # DIRECT, or staged through shared memory: CPASYNC (sm_80+), BULK (sm_90+)
-    stages: int = 1          # staged: rounds of WARPS chunks in flight a block (a ring of that many)
+    unroll: int  # 16-byte loads in flight per lane
 
 
-def staged_bytes(config: MmaConfig, w: PackedInt4) -> int:
-    """Dynamic shared memory a launch of w takes: a staged kernel's ring (STAGES x WARPS x 512 bytes), the
-    tile's fp16 scale pairs and (ZEROS) zero-bias pairs (32 bytes a group each), and BULK's 8-byte mbarriers
-    (two a stage and one for the tables)."""
-    if config.pipeline == DIRECT:
-        return 0
-    groups = w.k // w.group_size
-    tables = 32 * groups * (2 if w.zmode == ZEROS else 1)
-    return config.stages * config.warps * 512 + tables + (8 * (2 * config.stages + 1) if config.pipeline == BULK else 0)
-
-
-def requested_pipeline() -> int:
-    """The staged pipeline HEARTH_INT4_PIPELINE asks for (off, cpasync, bulk; default off). Read here only: until
-    the device sweep (`bench/engine.py --gemv`) shows a staged kernel faster, it is chosen by hand, so that
-    one run can measure decode both ways."""
-    name = os.environ.get(PIPELINE_ENV, "off").strip().lower() or "off"
-    if name not in PIPELINES:
-        raise ValueError(f"{PIPELINE_ENV}={name!r}: expected one of {', '.join(PIPELINES)}")
-    return PIPELINES[name]
-
-
-def pipeline_for(zmode: int, form: int, capability: tuple[int, int], requested: int) -> int:
-    """The pipeline a weight gets: the requested one where the GPU has its instructions (BULK: sm_90+) and the
-    weight is one of the forms written and tested for it (GPTQ's and AWQ's: one zero or zeros per group, fp16
-    scales; act-order's gather too), else DIRECT. Mixture-of-experts slots stay DIRECT: `expert_matmul` has no
-    staged variant (config_for is asked without a weight there)."""
-    if requested == DIRECT or zmode not in (UNIFORM, ZEROS) or form != HALF:
-        return DIRECT
-    return requested if capability >= ((9, 0) if requested == BULK else (8, 0)) else DIRECT
-
-
-def staged_launch(pipeline: int, n: int) -> tuple[int, int]:
-    """(warps, stages) of a staged kernel for N outputs: the best of one H200 timing run of 8/16/32 warps x
-    2/4 stages (M=1, GPTQ g128, effective TB/s, as `bench/engine.py --gemv` counts them): cp.async 16 warps
-    and 2 stages below N = 8192 (wo 1.54, w2 2.39), 8 and 4 from there (wqkv 2.25, w13 2.61, 70B w13 3.44);
-    bulk 16 and 2 everywhere (1.27 .. 2.85, below cp.async on every shape). The direct kernel in the same run:
-    1.63, 2.40, 2.27, 2.80, 3.30. More stages or 32 warps lost on every shape."""
-    return (16, 2) if pipeline == BULK or n < 8192 else (8, 4)
-
-
-def config_for(n: int, w: PackedInt4 | None = None) -> MmaConfig:
-    """Launch shape for N outputs (of weight w, where given: a staged pipeline needs its form). From
-    `bench/engine.py --gemv` on an H100: one 16-byte load in flight per lane was best (more warps hide the
-    latency better than unrolling); 32 warps a tile when there are few tiles (N = 4096: 256 of them), 16 from
-    N = 8192 up (best or within 9% of the best on every 7B/70B shape; the ranking between 8 and 16 warps moved
-    from run to run). Staged (HEARTH_INT4_PIPELINE, where `pipeline_for` allows it): `staged_launch`."""
-    pipeline = DIRECT
-    if w is not None and w.words.is_cuda:
-        pipeline = pipeline_for(w.zmode, w.form, torch.cuda.get_device_capability(w.words.device),
-                                requested_pipeline())
-    if pipeline == DIRECT:
-        return MmaConfig(warps=32 if n < 8192 else 16, unroll=1)
-    warps, stages = staged_launch(pipeline, n)
-    return MmaConfig(warps=warps, unroll=1, pipeline=pipeline, stages=stages)
+def config_for(n: int) -> MmaConfig:
+    """Launch shape for N outputs. From `bench/engine.py --gemv` on an H100: one 16-byte load in flight per
+    lane was best (more warps hide the latency better than unrolling); 32 warps a tile when there are few
+    tiles (N = 4096: 256 of them), 16 from N = 8192 up (best or within 9% of the best on every 7B/70B shape;
+    the ranking between 8 and 16 warps moved from run to run)."""
+    return MmaConfig(warps=32 if n < 8192 else 16, unroll=1)
 
 
 def supported(device: torch.device) -> bool:
@@ -928,31 +710,17 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
                       uniform_zero=zero, n=N, k=K, group_size=group_size)
 
 
-@functools.cache
-def _staged_kernel(name: str, pipeline: int):
-    """A staged instantiation, allowed the most dynamic shared memory a block can opt into beside the up to
-    48 KB of static arrays (32 warps: 16 KB of partial sums, 32 KB more gathering x). Opted in even for a
-    launch under 48 KB: the 48 KB a block has without opting in counts the static arrays too."""
-    if pipeline == BULK and torch.cuda.get_device_capability()[0] < 9:
-        raise ValueError(f"{name}: bulk copies need compute capability 9.0+")   # sm_80 compiles them empty
-    kernel = _kernel(name)
-    kernel.set_shared_memory_config(torch.cuda.get_device_properties().shared_memory_per_block_optin - 48 * 1024)
-    return kernel
-
-
 def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
     seg = min(4, w.group_size // 16)
     flag = lambda b: str(b).lower()
-    name = (f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)},false,"
-            f"{config.pipeline},{config.stages}>")
-    kernel = _kernel(name) if config.pipeline == DIRECT else _staged_kernel(name, config.pipeline)
+    name = f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)},false>"
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
-    kernel(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1), shared_mem=staged_bytes(config, w),
-           args=[x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n,
-                 w.k, w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift,
-                 w.words, 0, 0, 0, 0, 0])
+    _kernel(name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
+                  args=[x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n,
+                        w.k, w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift,
+                        w.words, 0, 0, 0, 0, 0])
     return y
 
 
@@ -963,7 +731,7 @@ def expert_matmul(x: torch.Tensor, stacked: PackedInt4, experts: torch.Tensor, c
     Returns y [S, N]: slot j is x's row through expert experts[j]."""
     S = experts.shape[0]
     seg = min(4, stacked.group_size // 16)
-    name = f"int4_mma<{config.warps},{config.unroll},{seg},{stacked.zmode},{stacked.form},false,true,{DIRECT},1>"
+    name = f"int4_mma<{config.warps},{config.unroll},{seg},{stacked.zmode},{stacked.form},false,true>"
     y = torch.empty(S, stacked.n, dtype=torch.bfloat16, device=x.device)
     stride = lambda t: t.stride(0) * t.element_size()
     _kernel(name)(grid=(stacked.n // TILE, S, 1), block=(32 * config.warps, 1, 1),
