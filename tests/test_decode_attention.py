@@ -1,19 +1,9 @@
 """engine.decode_attention (CUDA decode's flash-decoding kernel) against SDPA's math in fp64: on CPU through
 Triton's interpreter (TRITON_INTERPRET=1 runs the same @triton.jit kernels with numpy), on a GPU compiled, at
 long contexts and replayed from a CUDA graph. The engine's GPU tests (test_engine.py, test_families.py: graph
-decode against the CPU engine for GQA, windows and Gemma 2's soft-capping) cover it inside the model.
-
-Triton decides at import whether its own library functions (tl.zeros, tl.max, ...) are interpreted, so the
-interpreter checks run in one child process started with TRITON_INTERPRET=1 (this file run as a script), and
-this process, whose Triton may compile real kernels for the GPU tests, is left as it is."""
+decode against the CPU engine for GQA, windows and Gemma 2's soft-capping) cover it inside the model. The
+interpreter checks run in a child process (tests/triton_interpreter.py says why)."""
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,19 +13,12 @@ pytest.importorskip("triton")   # CUDA torch ships it; on CPU requirements-test.
 
 from engine import decode_attention as module  # noqa: E402
 from engine.decode_attention import decode_attention  # noqa: E402
+from tests.triton_interpreter import INTERPRETED, InterpreterChecks  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-CHECKS: dict = {}   # name -> check (no arguments), each run under the interpreter in the child
+CHECKS = InterpreterChecks()
+check = CHECKS.check
 TOL = dict(atol=2e-6, rtol=2e-6)   # fp32 kernel against the fp64 reference
-
-
-def check(name: str, **params):
-    """Register f(**params) as the interpreter check `name`."""
-    def register(f):
-        CHECKS[name] = lambda: f(**params)
-        return f
-    return register
 
 
 def reference(q, k, v, positions, scale, softcap=None, window=None) -> torch.Tensor:
@@ -184,28 +167,19 @@ def the_earlier_two_kernel_path_still_answers():
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    """{check name: "ok" or its traceback}, from one child process running every check under the interpreter.
-    Where a GPU is present the compiled kernels are checked instead (the GPU tests below): the interpreter is
-    for CPU machines, with requirements-test.txt's triton (a GPU image's own triton may interpret otherwise)."""
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is present: the GPU tests check the compiled kernels")
-    out = tmp_path_factory.mktemp("interpreter") / "results.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
-    child = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=ROOT, capture_output=True,
-                           text=True, timeout=1200)
-    assert out.exists(), child.stdout[-3000:] + child.stderr[-3000:]
-    return json.loads(out.read_text())
+    """{check name: "ok" or its traceback}, from one child process running every check under the interpreter."""
+    return CHECKS.run_child(__file__, tmp_path_factory.mktemp("interpreter"))
 
 
-@pytest.mark.parametrize("name", list(CHECKS))
+@pytest.mark.parametrize("name", list(CHECKS.checks))
 def test_kernel_under_the_interpreter(interpreted, name):
     assert interpreted[name] == "ok", interpreted[name]
 
 
 def test_interpreter_ran_the_kernels(interpreted):
     """The child really interpreted Triton (not a silent fallback), and ran every check."""
-    assert interpreted["__interpreted__"] is True
-    assert set(CHECKS) <= set(interpreted)
+    assert interpreted[INTERPRETED] is True
+    assert set(CHECKS.checks) <= set(interpreted)
 
 
 def test_refuses_heads_that_do_not_group_evenly():
@@ -304,14 +278,5 @@ def test_cuda_graph_one_launch_at_short_and_long_lengths(H_kv):
             torch.testing.assert_close(got.float(), old.float(), atol=1e-2, rtol=1e-2)
 
 
-if __name__ == "__main__":   # the child of `interpreted`: run every check, write {name: "ok" | traceback}
-    import triton
-
-    results = {"__interpreted__": bool(triton.knobs.runtime.interpret)}
-    for check_name, run in CHECKS.items():
-        try:
-            run()
-            results[check_name] = "ok"
-        except Exception:   # reported per check by the parent's tests
-            results[check_name] = traceback.format_exc()
-    Path(sys.argv[1]).write_text(json.dumps(results))
+if __name__ == "__main__":   # the child of `interpreted`
+    CHECKS.child_main()

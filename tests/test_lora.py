@@ -1,18 +1,14 @@
 """LoRA adapters: detection, Hearth's engine against transformers + peft (fp32 logits, CPU) on the default model
 plain and GPTQ-quantized, weights, several adapters, removal, mismatches, the CLI, saved settings and the API.
 Decode's Triton kernels (engine.lora_kernel) against torch's matmuls: on CPU under Triton's interpreter, in a
-child process started with TRITON_INTERPRET=1 (this file run as a script; Triton decides at import whether it
-interprets, as tests/test_decode_attention.py explains), and compiled on a GPU. The GPU tests (the kernels
+child process (tests/triton_interpreter.py says why), and compiled on a GPU. The GPU tests (the kernels
 inside the captured decode graph equal eager decode and torch's matmuls) skip without CUDA."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +20,7 @@ from engine.weights import load_transformer
 from loaders.lora import list_loras, parse_lora_arg, read_info, read_weights
 from tests.conftest import DEFAULT_MODEL, REPO, make_state
 from tests.quant_fixtures import quantize_model_dir, tiny_llama_dir
+from tests.triton_interpreter import INTERPRETED, InterpreterChecks
 
 CPU = [torch.device("cpu")]
 PROMPT = torch.tensor([1, 504, 3458, 314, 260, 3575, 282, 4649, 47, 2])   # a few real tokens
@@ -312,14 +309,8 @@ def kernel_low_rank(x, y, adapters) -> torch.Tensor:
     return lora_kernel.add_delta(y, lora_kernel.low_rank_delta(x, a, b))
 
 
-INTERPRETER_CHECKS: dict = {}   # name -> check (no arguments), each run in the interpreter's child
-
-
-def interpreter_check(name: str, **params):
-    def register(f):
-        INTERPRETER_CHECKS[name] = lambda: f(**params)
-        return f
-    return register
+INTERPRETER_CHECKS = InterpreterChecks()
+interpreter_check = INTERPRETER_CHECKS.check
 
 
 @interpreter_check("rows1_rank16", rows=1, ranks=[16])
@@ -341,27 +332,18 @@ def kernels_equal_torch_matmuls(rows, ranks):
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    """{check name: "ok" or its traceback} from one child running every check under the interpreter; with a
-    GPU present the compiled kernels are checked instead (the GPU tests below)."""
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is present: the GPU tests check the compiled kernels")
-    pytest.importorskip("triton")   # requirements-test.txt installs it on CPU for its interpreter
-    out = tmp_path_factory.mktemp("lora-interpreter") / "results.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    child = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=REPO, capture_output=True,
-                           text=True, timeout=600)
-    assert out.exists(), child.stdout[-3000:] + child.stderr[-3000:]
-    return json.loads(out.read_text())
+    """{check name: "ok" or its traceback} from one child running every check under the interpreter."""
+    return INTERPRETER_CHECKS.run_child(__file__, tmp_path_factory.mktemp("lora-interpreter"), timeout=600)
 
 
-@pytest.mark.parametrize("name", list(INTERPRETER_CHECKS))
+@pytest.mark.parametrize("name", list(INTERPRETER_CHECKS.checks))
 def test_lora_kernels_under_the_interpreter(interpreted, name):
     assert interpreted[name] == "ok", interpreted[name]
 
 
 def test_lora_kernel_interpreter_really_interpreted(interpreted):
-    assert interpreted["__interpreted__"] is True
-    assert set(INTERPRETER_CHECKS) <= set(interpreted)
+    assert interpreted[INTERPRETED] is True
+    assert set(INTERPRETER_CHECKS.checks) <= set(interpreted)
 
 
 def test_lora_kernels_take_decode_rows_on_cuda_only():
@@ -619,14 +601,5 @@ def test_llamacpp_model_takes_a_gguf_adapter_and_weight_0_or_removal_gives_the_b
         state.unload_model()
 
 
-if __name__ == "__main__":   # the child of `interpreted`: run every check, write {name: "ok" | traceback}
-    import triton
-
-    results = {"__interpreted__": bool(triton.knobs.runtime.interpret)}
-    for check_name, run in INTERPRETER_CHECKS.items():
-        try:
-            run()
-            results[check_name] = "ok"
-        except Exception:   # reported per check by the parent's tests
-            results[check_name] = traceback.format_exc()
-    Path(sys.argv[1]).write_text(json.dumps(results))
+if __name__ == "__main__":   # the child of `interpreted`
+    INTERPRETER_CHECKS.child_main()
