@@ -94,11 +94,14 @@ def engine_refusal(header: GGUFHeader) -> str | None:
     return None
 
 
-def cpu_unpacked_types(header: GGUFHeader) -> list[str]:
-    """The quantized types of this GGUF's layer weights (blk.*) that Hearth's engine has no packed CPU kernel
-    for, so that on a CPU it dequantizes them: all but 4-bit levels in tinygemm's group sizes (Q4_0, Q4_1,
-    Q4_K). The embedding and the head are left out: the engine keeps those in floats on a CPU whatever their
-    type."""
+def unpacked_here(header: GGUFHeader) -> list[str]:
+    """The quantized types of this GGUF's layer weights (blk.*) that Hearth's engine would dequantize on this
+    machine: none where CUDA runs it (a kernel for every type); on a CPU all but 4-bit levels in tinygemm's group
+    sizes (Q4_0, Q4_1, Q4_K). The embedding and the head are left out: the engine keeps those in floats on a CPU
+    whatever their type."""
+    if torch.cuda.is_available():
+        return []
+
     def packed_on_cpu(name: str) -> bool:
         kind = BLOCK_TYPES[name]
         return kind.bits == 4 and kind.group in TINYGEMM_GROUP_SIZES

@@ -18,7 +18,7 @@ import torch
 from loaders.base import Detection, LoadError, Progress, no_progress
 from loaders.engine_choice import RuntimeOptions
 from core.folder import require_dir, safetensors_files
-from loaders.gguf_checkpoint import cpu_unpacked_types, engine_refusal, type_counts
+from loaders.gguf_checkpoint import engine_refusal, type_counts, unpacked_here
 from loaders.gguf_header import model_files, read_model_header, split_parts
 from loaders.gguf_repack import BLOCK_TYPES
 from core.options import option
@@ -48,7 +48,7 @@ def gguf_summary(path: Path) -> dict:
     arch = meta.get("general.architecture")
     file_type = meta.get("general.file_type")
     refusal = engine_refusal(header)
-    unpacked = cpu_unpacked_types(header) if refusal is None and not torch.cuda.is_available() else []
+    unpacked = unpacked_here(header) if refusal is None else []
     return {"architecture": arch,
             "file_type": FILE_TYPES.get(file_type, str(file_type)) if file_type is not None else "unknown",
             "context_length": meta.get(f"{arch}.context_length") if arch else None,

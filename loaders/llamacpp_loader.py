@@ -32,7 +32,7 @@ from engine.model import Model, Prompt, prompt_ids
 from engine.sampling import GenerationParams
 from engine.stopping import IncrementalDecoder, StopStringFilter
 from loaders.base import Detection, LoadError, Progress, no_progress
-from loaders.gguf_checkpoint import cpu_unpacked_types, engine_refusal
+from loaders.gguf_checkpoint import engine_refusal, unpacked_here
 from loaders.gguf_header import model_files, read_model_header, split_parts
 from loaders.gguf_loader import FILE_TYPES, pick_file
 from loaders.llamacpp_install import state as build_state
@@ -234,7 +234,7 @@ class LlamaCppLoader:
         arch = meta.get("general.architecture")
         file_type = meta.get("general.file_type")
         refusal = engine_refusal(header)
-        unpacked = cpu_unpacked_types(header) if refusal is None and not torch.cuda.is_available() else []
+        unpacked = unpacked_here(header) if refusal is None else []
         if unpacked:
             # Quantized weights stay quantized: llama.cpp keeps every type packed, and is faster on CPU too.
             score, why = 0.7, (f"on this CPU Hearth's engine would unpack its {', '.join(unpacked)} tensors (no "
