@@ -19,7 +19,15 @@ compare this sampler with the shared one.
 - The draw: an exponential race, argmax(p_i / E_i) with E_i ~ Exp(1) independent, picks i with probability
   p_i, the distribution torch.multinomial draws from. E comes from a buffer that the seeded generator refills,
   NOISE_ROWS steps at a time, between steps (outside the graph): the seed decides the ids, and the graph
-  holds no generator state of its own.
+  holds no generator state of its own. E is read by token id, not by place in the candidate list, so the
+  draw does not depend on how a sort orders tied candidates (torch's and the kernels' orders differ).
+- On CUDA, plans with a `bound` run engine.sampling_kernel's two Triton kernels instead of these ops (the
+  same transforms and draw: ~35 small kernels, torch.topk over the vocabulary above all, cost ~0.15 ms of a
+  ~2 ms 7B step). bound: the candidates the kernels keep, a power of two of at least 2 * top_k (at most
+  MAX_BOUND, so top_k up to MAX_BOUND / 2); greedy with penalties: 1 (an argmax). Their one difference from
+  the torch ops: more than bound - k + 1 finite values tied exactly with the k-th largest keep only `bound`
+  of them (45 ties at top_k 20). Plans without top_k (top_p, typical_p or min_p over the whole vocabulary)
+  keep the torch ops, as does greedy without penalties (one argmax kernel already).
 """
 from __future__ import annotations
 
@@ -27,9 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import sampling_kernel
 from engine.sampling import GenerationParams, TokenControls
 
 CANDIDATES = 1024
+MAX_BOUND = 256     # the kernels' largest candidate list (typical_p compares every pair of it)
 NOISE_ROWS = 16     # steps of noise drawn at a time: a [16, V] fp32 buffer (2 MiB at a 32k vocabulary)
 
 
@@ -66,6 +76,7 @@ class Plan:
     typical_p: bool
     min_p: bool
     candidates: int   # length of the sorted candidate list; 0: no sort, the whole vocabulary in id order
+    bound: int = 0    # candidates the CUDA kernels keep (1: greedy's argmax); 0: the torch ops everywhere
 
     @staticmethod
     def of(params: GenerationParams, vocab: int) -> "Plan":
@@ -73,23 +84,29 @@ class Plan:
         p = params
         penalties = p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
         if p.temperature <= 0:
-            return Plan(True, penalties, False, False, False, False, 0)
+            return Plan(True, penalties, False, False, False, False, 0, 1 if penalties else 0)
         top_k = 0 < p.top_k < vocab
         top_p, typical_p = p.top_p < 1.0, p.typical_p < 1.0
         if top_k and p.top_k <= CANDIDATES:
             candidates = min(CANDIDATES, vocab)
         else:
             candidates = vocab if top_k or top_p or typical_p else 0
-        return Plan(False, penalties, top_k, top_p, typical_p, p.min_p > 0.0, candidates)
+        # Twice k: ties with the k-th beyond the list are that much rarer; a few bounds, so a few graphs.
+        bound = max(32, 1 << (2 * p.top_k - 1).bit_length()) if top_k else 0
+        bound = bound if bound <= min(MAX_BOUND, vocab) else 0
+        return Plan(False, penalties, top_k, top_p, typical_p, p.min_p > 0.0, candidates, bound)
 
 
 class GraphSampler:
     """One engine's in-step sampler: its buffers keep their addresses from one generation to the next, so the
     graphs captured over them stay valid; `start` loads a generation into them."""
 
-    def __init__(self, vocab: int, capacity: int, device: torch.device):
-        """vocab: logits per row; capacity: the most ids a history holds (the context length)."""
+    def __init__(self, vocab: int, capacity: int, device: torch.device, kernels: bool | None = None):
+        """vocab: logits per row; capacity: the most ids a history holds (the context length); kernels: pick
+        with engine.sampling_kernel where the plan has a bound (None: on CUDA; tests set it under Triton's
+        interpreter)."""
         self.vocab, self.capacity, self.device = vocab, capacity, device
+        self.kernels = device.type == "cuda" if kernels is None else kernels
         scalar = lambda value, dtype=torch.float32: torch.full((), value, dtype=dtype, device=device)
         self.history = torch.zeros(capacity, dtype=torch.long, device=device)
         self.length = scalar(0, torch.long)             # ids in history
@@ -160,11 +177,15 @@ class GraphSampler:
     def pick(self, logits: torch.Tensor, plan: Plan) -> torch.Tensor:
         """logits: [V] for the next position. Appends the chosen id to the history and returns it (0-d long).
         Graph-safe."""
+        if plan.bound and self.kernels:
+            return sampling_kernel.pick(logits, self, plan)
         probs, ids = self.distribution(logits, plan)
         if plan.greedy:
             chosen = probs.argmax(-1)   # greedy: `distribution` returned the penalised logits
         else:
-            noise = self.noise.index_select(0, self.row.view(1))[0, : probs.shape[-1]]
+            noise = self.noise.index_select(0, self.row.view(1))[0]
+            if ids is not None:
+                noise = noise.gather(0, ids)
             chosen = (probs / noise).argmax(-1)
             if ids is not None:
                 chosen = ids.gather(0, chosen.view(1))[0]

@@ -1,7 +1,9 @@
 """The sampler inside the decode step (engine/graph_sampling.py) against the shared one (engine/sampling.py): the
 same probabilities after every transform, draws that follow them, shapes that never depend on the data, the
 parameter sets it leaves to the shared sampler, and its wiring into the engine's step (CPU, eagerly; the
-captured CUDA graph on a GPU)."""
+captured CUDA graph on a GPU). Its Triton kernels (engine/sampling_kernel.py) against its torch ops: the same
+candidates, probabilities, chosen ids and history/counts for the same noise, under Triton's interpreter on CPU
+and compiled on a GPU."""
 from __future__ import annotations
 
 import math
@@ -11,12 +13,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.generation import collect
-from engine.graph_sampling import CANDIDATES, GraphSampler, Plan, unsupported
+from engine import sampling_kernel
+from engine.graph_sampling import CANDIDATES, MAX_BOUND, GraphSampler, Plan, unsupported
 from engine.model import Prompt
 from engine.runtime import Engine, EngineModel, EngineStepper
 from engine.sampling import GenerationParams, TokenControls, apply_penalties, truncate
 from engine.weights import load_transformer
 from tests.quant_fixtures import tiny_llama_dir, write_word_tokenizer
+from tests.triton_interpreter import INTERPRETED, InterpreterChecks
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -299,3 +303,187 @@ def test_sampling_inside_the_captured_step_gives_the_eager_ids(tmp_path):
             runs.append(ids)
         assert runs[0] == runs[1], p
         assert {(256, plan), (512, plan)} <= set(engine.graphs)
+
+
+def test_the_kernels_bound_follows_top_k_and_other_plans_keep_the_torch_ops():
+    vocab = 32000
+    assert Plan.of(params(temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.15), vocab).bound == 64
+    assert Plan.of(params(top_k=1), vocab).bound == 32
+    assert Plan.of(params(top_k=16), vocab).bound == 32
+    assert Plan.of(params(top_k=MAX_BOUND // 2, typical_p=0.9), vocab).bound == MAX_BOUND
+    assert Plan.of(params(top_k=MAX_BOUND // 2 + 1), vocab).bound == 0      # past the kernels' list: torch
+    assert Plan.of(params(top_k=20), 40).bound == 0                         # a list longer than the vocabulary
+    assert Plan.of(params(top_p=0.9), vocab).bound == 0                     # no top_k: the whole vocabulary
+    assert Plan.of(params(min_p=0.05), vocab).bound == 0
+    assert Plan.of(params(temperature=0.0, repetition_penalty=1.3), vocab).bound == 1
+    assert Plan.of(params(temperature=0.0), vocab).bound == 0               # plain argmax: one torch kernel
+
+
+def test_a_plan_without_a_bound_keeps_the_torch_ops_where_kernels_are_on():
+    # Kernels on, on a CPU without the interpreter: a plan the kernels do not take must never reach them (they
+    # would fail on CPU tensors), and picks what the torch ops pick.
+    vocab = 3000
+    p = params(top_k=400, top_p=0.9, repetition_penalty=1.2)
+    plan = Plan.of(p, vocab)
+    assert plan.bound == 0
+    on, off = GraphSampler(vocab, 512, CPU, kernels=True), GraphSampler(vocab, 512, CPU, kernels=False)
+    logits, history = random_case(3, vocab)
+    for sampler in (on, off):
+        sampler.start(p, plan, history, seed=9)
+    for _ in range(5):
+        on.before_pick(plan)
+        off.before_pick(plan)
+        assert int(on.pick(logits, plan)) == int(off.pick(logits, plan))
+
+
+# The kernels against the torch ops. Each case: parameters, vocabulary, and the logits rows of its steps.
+KERNEL_PARAMETERS = {
+    "chat": params(temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.15),
+    "chat_short_window": params(temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.15,
+                                repetition_penalty_range=3, presence_penalty=0.4, frequency_penalty=0.3),
+    "everything": params(temperature=0.8, top_k=100, top_p=0.97, typical_p=0.9, min_p=0.02,
+                         repetition_penalty=1.2, presence_penalty=0.2, frequency_penalty=0.1,
+                         repetition_penalty_range=40),
+    "top_k_1": params(top_k=1),
+    "top_k_20": params(top_k=20),
+    "top_k_min_p": params(temperature=1.3, top_k=40, min_p=0.05),
+    "greedy_penalties": params(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.5,
+                               repetition_penalty_range=6),
+}
+
+
+def kernel_rows(kind: str, vocab: int, steps: int, seed: int, device="cpu") -> list[torch.Tensor]:
+    """Logits rows: random; ties (30 tokens share one value, ranks 15 to 44 with the 20th among them, spread over
+    every block; two ids share the max); -inf (most of the row, and a row with fewer finite values than top_k)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for step in range(steps):
+        x = torch.randn(vocab, generator=g) * 3
+        if kind == "ties":
+            x = x.clamp(max=4.0)
+            spread = torch.randperm(vocab, generator=g)
+            x[spread[:12]] = 6.0 + torch.arange(12.0) / 8   # 12 distinct larger values, the first 12 kept
+            x[spread[12:42]] = 5.0                          # 30 ties with the 20th largest
+            x[spread[42:44]] = 9.0                          # two ids share the max (greedy: the smaller)
+        elif kind == "neg_inf":
+            x = x.masked_fill(torch.rand(vocab, generator=g) < (0.9 if step % 2 else 0.9995), float("-inf"))
+        rows.append(x.to(device))
+    return rows
+
+
+def check_kernels_equal_torch_ops(case: str, vocab: int, kind: str = "random", steps: int = 3, device="cpu",
+                                  block: int = sampling_kernel.BLOCK) -> None:
+    """Two samplers with one history and seed, one by the torch ops and one by the kernels: at every step the
+    same candidate probabilities (scattered over the vocabulary), the same chosen id, history, counts and noise
+    row."""
+    name = case
+    p = KERNEL_PARAMETERS[case]
+    device = torch.device(device)
+    plan = Plan.of(p, vocab)
+    assert plan.bound, plan
+    torch_ops, kernels = GraphSampler(vocab, 256, device, kernels=False), GraphSampler(vocab, 256, device,
+                                                                                      kernels=True)
+    history = torch.randint(0, min(vocab, 60), (40,), generator=torch.Generator().manual_seed(vocab)).to(device)
+    for sampler in (torch_ops, kernels):
+        sampler.start(p, plan, history, seed=vocab)
+    for step, logits in enumerate(kernel_rows(kind, vocab, steps, seed=steps * vocab, device=device)):
+        torch_ops.before_pick(plan)
+        kernels.before_pick(plan)
+        if plan.greedy:
+            got = sampling_kernel.pick(logits, kernels, plan, block=block)
+        else:
+            ref, ref_ids = torch_ops.distribution(logits, plan)
+            ref = torch.zeros(vocab, device=device).scatter(0, ref_ids, ref)
+            probs = torch.empty(plan.bound, device=device)
+            ids = torch.empty(plan.bound, dtype=torch.long, device=device)
+            got = sampling_kernel.pick(logits, kernels, plan, block=block, distribution=(probs, ids))
+            mine = torch.zeros(vocab, device=device).scatter(0, ids, probs)
+            torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0, msg=lambda m: f"{name} step {step}: {m}")
+            assert torch.equal(mine > 0, ref > 0), f"{name} step {step}: other tokens kept"
+            if kind == "ties" and name == "top_k_20":
+                assert int((ref > 0).sum()) == 44   # the 14 larger values and all 30 ties with the 20th largest
+        want = torch_ops.pick(logits, plan)
+        assert int(got) == int(want), (name, step)
+        for mine, theirs in zip(kernels.state(), torch_ops.state()):
+            assert torch.equal(mine, theirs), (name, step)
+
+
+KERNEL_CHECKS = InterpreterChecks()
+# Under the interpreter a program's sort costs seconds: 5000 ids (three blocks, the last partial) for every
+# case, one larger vocabulary for the chat sampler; the GPU test below runs 32000, 151936 and 262144 for all.
+KERNEL_CASES = [("chat", 5000, "random", 3), ("chat_short_window", 5000, "random", 6),
+                ("everything", 5000, "random", 2), ("top_k_1", 5000, "random", 2),
+                ("top_k_min_p", 5000, "random", 2), ("greedy_penalties", 5000, "random", 8),
+                ("chat", 5000, "ties", 2), ("top_k_20", 5000, "ties", 2), ("greedy_penalties", 5000, "ties", 2),
+                ("chat", 5000, "neg_inf", 2), ("everything", 5000, "neg_inf", 2), ("chat", 32000, "random", 1)]
+for _name, _vocab, _kind, _steps in KERNEL_CASES:
+    KERNEL_CHECKS.check(f"{_name}_{_vocab}_{_kind}", case=_name, vocab=_vocab, kind=_kind,
+                        steps=_steps)(check_kernels_equal_torch_ops)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> dict:
+    """{check name: "ok" or its traceback} from one child running every kernel check under the interpreter."""
+    return KERNEL_CHECKS.run_child(__file__, tmp_path_factory.mktemp("sampling-interpreter"), timeout=1800)
+
+
+@pytest.mark.parametrize("name", list(KERNEL_CHECKS.checks))
+def test_sampling_kernels_under_the_interpreter_equal_the_torch_ops(interpreted, name):
+    assert interpreted[name] == "ok", interpreted[name]
+
+
+def test_sampling_kernel_interpreter_really_interpreted(interpreted):
+    assert interpreted[INTERPRETED] is True
+    assert set(KERNEL_CHECKS.checks) <= set(interpreted)
+
+
+@needs_cuda
+@pytest.mark.parametrize("vocab", [32000, 151936, 262144])
+@pytest.mark.parametrize("kind", ["random", "ties", "neg_inf"])
+@pytest.mark.parametrize("name", list(KERNEL_PARAMETERS))
+def test_cuda_sampling_kernels_equal_the_torch_ops(name, vocab, kind):
+    check_kernels_equal_torch_ops(name, vocab, kind, steps=12, device="cuda")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["chat", "everything", "greedy_penalties"])
+def test_cuda_sampling_kernels_replayed_in_a_graph_pick_the_eager_ids(name):
+    # The two launches captured in a CUDA graph (temporary buffers from the graph's pool), replayed step after
+    # step, against the same sampler run eagerly with the same seed.
+    vocab = 151936
+    p = KERNEL_PARAMETERS[name]
+    plan = Plan.of(p, vocab)
+    rows = kernel_rows("random", vocab, 20, seed=1, device="cuda")
+    history = torch.randint(0, 60, (40,), device="cuda")
+    chosen = []
+    for in_graph in (True, False):
+        sampler = GraphSampler(vocab, 256, torch.device("cuda"))
+        sampler.start(p, plan, history, seed=4)
+        logits = torch.empty(vocab, device="cuda")
+        if in_graph:
+            kept = [t.clone() for t in sampler.state()]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                sampler.pick(logits, plan)   # compiles the kernels outside the capture
+            torch.cuda.current_stream().wait_stream(side)
+            for t, copy in zip(sampler.state(), kept):
+                t.copy_(copy)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = sampler.pick(logits, plan)
+        ids = []
+        for row in rows:
+            logits.copy_(row)
+            sampler.before_pick(plan)
+            if in_graph:
+                graph.replay()
+                ids.append(int(out))
+            else:
+                ids.append(int(sampler.pick(logits, plan)))
+        chosen.append(ids)
+    assert chosen[0] == chosen[1]
+
+
+if __name__ == "__main__":
+    KERNEL_CHECKS.child_main()
