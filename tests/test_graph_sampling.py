@@ -132,13 +132,16 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
     return float(((counts[kept] - expected) ** 2 / expected).sum()), int(kept.sum()) - 1
 
 
-def test_seeded_draws_follow_the_distribution_and_repeat_with_the_seed():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])   # CPU: torch ops; CUDA: kernels
+def test_seeded_draws_follow_the_distribution_and_repeat_with_the_seed(device):
     vocab, draws = 2000, 8000
-    logits = torch.randn(vocab, generator=torch.Generator().manual_seed(11)) * 3
+    logits = (torch.randn(vocab, generator=torch.Generator().manual_seed(11)) * 3).to(device)
     p = params(temperature=0.7, top_p=0.9, top_k=20, min_p=0.02)
     plan = Plan.of(p, vocab)
-    sampler = GraphSampler(vocab, 16, CPU)
-    sampler.start(p, plan, torch.tensor([], dtype=torch.long), seed=1234)
+    sampler = GraphSampler(vocab, 16, torch.device(device))
+    assert sampler.kernels == (device == "cuda") and plan.bound
+    empty = torch.tensor([], dtype=torch.long, device=device)
+    sampler.start(p, plan, empty, seed=1234)
 
     def draw(n: int) -> torch.Tensor:
         ids = []
@@ -149,18 +152,18 @@ def test_seeded_draws_follow_the_distribution_and_repeat_with_the_seed():
 
     ids = draw(draws)
     counts = torch.bincount(ids, minlength=vocab).double()
-    probs = shared_probs(logits, torch.tensor([], dtype=torch.long), p).double()
+    probs = shared_probs(logits, empty, p).double()
     stat, df = chi_square(counts, probs)
     assert df >= 3 and not counts[probs == 0].any()
     # Far in the tail for a right sampler (mean df, sd sqrt(2 df)), far below what a wrong one gives: the same
     # draws against the distribution without the temperature fail it.
     limit = df + 8 * math.sqrt(2 * df) + 10
     assert stat < limit, (stat, df)
-    hot = shared_probs(logits, torch.tensor([], dtype=torch.long), params(top_p=0.9, top_k=20, min_p=0.02))
+    hot = shared_probs(logits, empty, params(top_p=0.9, top_k=20, min_p=0.02))
     assert chi_square(counts, hot.double())[0] > 10 * limit
-    sampler.start(p, plan, torch.tensor([], dtype=torch.long), seed=1234)
+    sampler.start(p, plan, empty, seed=1234)
     assert torch.equal(draw(200), ids[:200])          # the seed decides the ids
-    sampler.start(p, plan, torch.tensor([], dtype=torch.long), seed=1235)
+    sampler.start(p, plan, empty, seed=1235)
     assert not torch.equal(draw(200), ids[:200])
 
 
