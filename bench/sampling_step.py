@@ -1,15 +1,17 @@
 """The in-step sampler's cost: engine.graph_sampling's torch ops against engine.sampling_kernel's Triton kernels,
 per pick; prints one JSON line per row as it is measured. Never run inside tests.
 
-  python bench/sampling_step.py [--vocabs 32000,151936] [--blocks 1024,2048,4096,8192] [--calls 20]
+  python bench/sampling_step.py [--vocabs 32000,151936] [--blocks 1024,2048,4096,8192] [--warps 4,8,16]
+                                [--calls 20]
 
 On CUDA, for each vocabulary and plan (greedy, greedy with a repetition penalty, the chat sampler: temperature
 0.7, top_p 0.9, top_k 20, repetition_penalty 1.15, min_p 0.05 alone, top_p 0.9 alone): microseconds a pick
 costs inside a CUDA graph of --calls picks (median of 10 replays; the noise row and history length are put
-back between replays, outside the timing), by the torch ops and by the kernels at each --blocks block size
-(plans the kernels do not take say so; greedy without penalties is also timed with the kernels forced, bound
-1, to show whether they would win there), and same_ids: how many of 64 eager picks over random logits rows the
-kernels choose as the torch ops do, with one seed (so the same noise), history and counts (all 64 expected).
+back between replays, outside the timing), by the torch ops and by the kernels: at each --blocks block size,
+and at the default block with each --warps count for the choosing program. Plans the kernels do not take say
+so; greedy without penalties is also timed with the kernels forced (bound 1), to show whether they would win
+there. same_ids: how many of 64 eager picks over random logits rows the kernels choose as the torch ops do,
+with one seed (so the same noise), history and counts (all 64 expected).
 Without CUDA it runs the same rows eagerly on the CPU, the kernels only under TRITON_INTERPRET=1 (slow: use
 a small vocabulary), to check that the script works; its times mean nothing.
 """
@@ -71,11 +73,13 @@ def sampler_for(p: GenerationParams, plan: Plan, vocab: int, device: torch.devic
     return s
 
 
-def pick_fn(s: GraphSampler, plan: Plan, logits: torch.Tensor, block: int | None):
-    """One pick by the torch ops (block None) or the kernels at `block`."""
-    if block is None:
+def pick_fn(s: GraphSampler, plan: Plan, logits: torch.Tensor, block: int | None,
+            warps: int | None = None):
+    """One pick by the torch ops (warps None) or the kernels at `block` (None: their default) with `warps` for
+    the choosing program."""
+    if warps is None:
         return lambda: s.pick(logits, plan)
-    return lambda: sampling_kernel.pick(logits, s, plan, block=block)
+    return lambda: sampling_kernel.pick(logits, s, plan, block=block, choose_warps=warps)
 
 
 def us_per_pick(s: GraphSampler, fn, calls: int, cuda: bool) -> float:
@@ -122,7 +126,7 @@ def same_ids(p: GenerationParams, plan: Plan, vocab: int, device: torch.device, 
     return f"{equal}/{picks}"
 
 
-def row(name: str, vocab: int, blocks: list[int], calls: int, device: torch.device) -> dict:
+def row(name: str, vocab: int, blocks: list[int], warps: list[int], calls: int, device: torch.device) -> dict:
     p = PLANS[name]
     plan = Plan.of(p, vocab)
     cuda = device.type == "cuda"
@@ -142,7 +146,12 @@ def row(name: str, vocab: int, blocks: list[int], calls: int, device: torch.devi
         return out
     for block in blocks:
         s = sampler_for(p, forced, vocab, device, True, calls)
-        out[f"kernels_us_block{block}"] = round(us_per_pick(s, pick_fn(s, forced, logits, block), calls, cuda), 2)
+        fn = pick_fn(s, forced, logits, block, sampling_kernel.CHOOSE_WARPS)
+        out[f"kernels_us_block{block}"] = round(us_per_pick(s, fn, calls, cuda), 2)
+    for w in warps:
+        s = sampler_for(p, forced, vocab, device, True, calls)
+        fn = pick_fn(s, forced, logits, None, w)
+        out[f"kernels_us_choose_warps{w}"] = round(us_per_pick(s, fn, calls, cuda), 2)
     out["same_ids"] = same_ids(p, forced, vocab, device, 64 if cuda else 2)
     return out
 
@@ -152,15 +161,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vocabs", default="32000,151936" if cuda else "3000")
     ap.add_argument("--blocks", default="1024,2048,4096,8192" if cuda else str(sampling_kernel.BLOCK))
+    ap.add_argument("--warps", default="4,8,16" if cuda else "")
     ap.add_argument("--calls", type=int, default=20 if cuda else 2)
     args = ap.parse_args()
     device = torch.device("cuda" if cuda else "cpu")
     print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-                      "default_block": sampling_kernel.BLOCK}), flush=True)
+                      "default_block": sampling_kernel.BLOCK,
+                      "default_choose_warps": sampling_kernel.CHOOSE_WARPS}), flush=True)
     blocks = [int(b) for b in args.blocks.split(",")]
+    warps = [int(w) for w in args.warps.split(",") if w]
     for vocab in (int(v) for v in args.vocabs.split(",")):
         for name in PLANS:
-            emit(f"{name} vocab={vocab}", lambda: row(name, vocab, blocks, args.calls, device))
+            emit(f"{name} vocab={vocab}", lambda: row(name, vocab, blocks, warps, args.calls, device))
 
 
 if __name__ == "__main__":

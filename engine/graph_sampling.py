@@ -21,13 +21,13 @@ compare this sampler with the shared one.
   NOISE_ROWS steps at a time, between steps (outside the graph): the seed decides the ids, and the graph
   holds no generator state of its own. E is read by token id, not by place in the candidate list, so the
   draw does not depend on how a sort orders tied candidates (torch's and the kernels' orders differ).
-- On CUDA, plans with a `bound` run engine.sampling_kernel's two Triton kernels instead of these ops (the
-  same transforms and draw: ~35 small kernels, torch.topk over the vocabulary above all, cost ~0.15 ms of a
-  ~2 ms 7B step). bound: the candidates the kernels keep, a power of two of at least 2 * top_k (at most
-  MAX_BOUND, so top_k up to MAX_BOUND / 2); greedy with penalties: 1 (an argmax). Their one difference from
-  the torch ops: more than bound - k + 1 finite values tied exactly with the k-th largest keep only `bound`
-  of them (45 ties at top_k 20). Plans without top_k (top_p, typical_p or min_p over the whole vocabulary)
-  keep the torch ops, as does greedy without penalties (one argmax kernel already).
+- On CUDA, plans with a `bound` run engine.sampling_kernel's two Triton kernels instead of these ops (~35
+  small kernels, torch.topk over the vocabulary on one row among them: ~0.15 ms of a ~2 ms 7B step on an
+  H200, chat sampler). bound: the candidates the kernels keep, a power of two of at least 2 * top_k and at
+  most MAX_BOUND (so top_k up to MAX_BOUND / 2); greedy with penalties: 1 (an argmax). Their one difference
+  from the ops above: the list holds k - 1 larger values and bound - k + 1 ties with the k-th, so a row with
+  more ties than that (45 at top_k 20, bound 64) keeps only those. Plans without top_k (top_p, typical_p or
+  min_p over the whole vocabulary) keep the torch ops, as does greedy without penalties (one argmax kernel).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The in-step sampler's pick as two Triton kernels (engine.graph_sampling runs them on CUDA).
 
 The torch ops of GraphSampler.pick are ~35 small kernels inside the captured step, ~0.15 ms on an H200 for the
-chat sampler, most of it torch.topk over the whole vocabulary on one row (a single-block radix select). Here:
+chat sampler, torch.topk over the whole vocabulary on one row (a single-block radix select) among them. Here:
 - `candidates_kernel`, one program per BLOCK logits: the penalties from the count buffer and the temperature,
   then the block's `bound` largest values, written as int64 keys. A key packs the fp32 value (its bits turned
   into an integer of the same order) above the id (inverted, so that among equal values the smaller id is the
@@ -21,7 +21,10 @@ import functools
 
 import torch
 
-BLOCK = 2048   # logits a candidates program reads (bench/sampling_step.py measures others)
+# Logits a candidates program reads: BLOCK, or 32 keys for every one it keeps beyond that (top_k past 32),
+# so the choosing program merges at most vocab / 32 keys (bench/sampling_step.py measures other blocks).
+BLOCK = 2048
+CHOOSE_WARPS = 8    # the choosing program's warps (8192 keys at a 262144 vocabulary; the bench measures others)
 # Below every real value's key (-inf's is about -2^63 + 2^55): padding that is never chosen over a real logit.
 PAD_KEY = -(2 ** 63) + 1
 
@@ -139,7 +142,7 @@ def _kernels():
     return triton, has_topk, candidates_kernel, choose_kernel
 
 
-def pick(logits: torch.Tensor, s, plan, block: int = BLOCK,
+def pick(logits: torch.Tensor, s, plan, block: int | None = None, choose_warps: int = CHOOSE_WARPS,
          distribution: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """GraphSampler `s`'s pick of the next id from logits [V] under `plan` (plan.bound > 0), by the kernels:
     returns it (0-d long) and appends it as GraphSampler.pick does. distribution: (probs fp32, ids long), both
@@ -148,7 +151,7 @@ def pick(logits: torch.Tensor, s, plan, block: int = BLOCK,
     triton, has_topk, candidates_kernel, choose_kernel = _kernels()
     V = s.vocab
     bound = plan.bound
-    block = max(block, bound)
+    block = max(block or max(BLOCK, 32 * bound), bound)
     blocks = triton.cdiv(V, block)
     keys = torch.empty(blocks * bound, dtype=torch.int64, device=logits.device)
     out = torch.empty((), dtype=torch.long, device=logits.device)
@@ -161,5 +164,6 @@ def pick(logits: torch.Tensor, s, plan, block: int = BLOCK,
                             s.counts, s.window, out, *(distribution or (out, out)), V, blocks * bound,
                             N_PAD=triton.next_power_of_2(blocks * bound), BOUND=bound, PENALTIES=plan.penalties,
                             TOP_K=plan.top_k, TOP_P=plan.top_p, TYPICAL=plan.typical_p, MIN_P=plan.min_p,
-                            HAS_TOPK=has_topk, PAD=PAD_KEY, STORE_PROBS=distribution is not None, num_warps=8)
+                            HAS_TOPK=has_topk, PAD=PAD_KEY, STORE_PROBS=distribution is not None,
+                            num_warps=choose_warps)
     return out

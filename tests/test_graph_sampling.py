@@ -375,7 +375,7 @@ def kernel_rows(kind: str, vocab: int, steps: int, seed: int, device="cpu") -> l
 
 
 def check_kernels_equal_torch_ops(case: str, vocab: int, kind: str = "random", steps: int = 3, device="cpu",
-                                  block: int = sampling_kernel.BLOCK) -> None:
+                                  block: int | None = None) -> None:
     """Two samplers with one history and seed, one by the torch ops and one by the kernels: at every step the
     same candidate probabilities (scattered over the vocabulary), the same chosen id, history, counts and noise
     row."""
