@@ -611,8 +611,11 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
     minutes on the rows a change touches; the copy bandwidth is always measured."""
     from transformers import AutoTokenizer
 
+    def wanted(name: str) -> bool:   # a row `only` keeps ("name$": that row alone)
+        return not only or any(name == o[:-1] if o.endswith("$") else o in name for o in only)
+
     def measure(results: dict, name: str, fn) -> None:   # section(), for the rows `only` keeps
-        if not only or any(name == o[:-1] if o.endswith("$") else o in name for o in only):
+        if wanted(name):
             section(results, name, fn)
 
     build = None
@@ -629,7 +632,8 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
                 "gptq_8bit_g128": ("gptq", 128, False, 8)}
     for i, (name, (method, gs, act, bits)) in enumerate(variants.items()):
         folder = work / name
-        if only and not any(o in f"hearth_7b_{name}" for o in only):
+        rows = ("", "_samplers", "_lora_r16", "_long_context", "_concurrent") if name == "gptq_4bit_g128" else ("",)
+        if not any(wanted(f"hearth_7b_{name}{row}") for row in rows):   # the rows that read this checkpoint
             continue
         section(results, f"write_{name}_s", lambda: write_checkpoint(folder, LLAMA2_7B, method, gs, act, bits))
         if i == 0 and build is not None:

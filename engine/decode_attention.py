@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from engine.cuda_launch import triton_pdl as pdl
+
 # Programs the fused kernel aims for (about two per SM of a 132-SM H100/H200): on an H200 under CUDA graphs,
 # 256 beat 512 at every length from 1k to 8k keys, 7B's 32 kv heads and GQA's 8, 1 and 8 rows (fewer partials
 # to combine, as fast a read); 128 left 1-row 32-head reads slower (bench/attention_step.py, issue 21).
@@ -135,12 +137,15 @@ def _kernels():
                          H_KV, T, SPAN, N_SPLITS, scale, cap, window,
                          G: tl.constexpr, G_PAD: tl.constexpr, G_COMB: tl.constexpr, D: tl.constexpr,
                          D_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SB: tl.constexpr, ONE_PASS: tl.constexpr,
-                         SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+                         SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
         # One program: slot b, kv head kvh, span `split` of the cache (as split_kernel), in one launch with the
         # combine. Only the spans that hold keys of this slot's range run (the grid is sized for the whole
         # bucket, the length is read at run time); the others exit at once. One span: the program writes the
         # output itself. Several: each writes its partial, counts itself in on count[b, kvh], and the one that
         # counts last combines them and sets the count back to 0 for the next launch (or graph replay).
+        if PDL:   # engine.cuda_launch
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         bk = tl.program_id(0)
         split = tl.program_id(1)
         b = bk // H_KV
@@ -307,5 +312,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         attention_kernel[(B * H_kv, n_splits)](
             q, k, v, positions, m, l, acc, _counters(q.device, B * H_kv), out, *strides,
             G=G, G_PAD=g_pad, G_COMB=g_comb, D=D, D_PAD=d_pad, BLOCK_T=block, SB=sb, ONE_PASS=one_pass,
-            SOFTCAP=softcap is not None, PRECISION=precision)
+            SOFTCAP=softcap is not None, PRECISION=precision, **pdl(q))
     return out

@@ -13,6 +13,8 @@ import functools
 
 import torch
 
+from engine.cuda_launch import triton_pdl as pdl
+
 
 def usable(x: torch.Tensor) -> bool:
     """Whether the fused kernels apply to activations x: CUDA, half precision, not under torch.compile."""
@@ -27,20 +29,25 @@ def _kernels():
 
     @triton.jit
     def rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, cos_s, sin_s, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr,
-                            H, H_KV, T, qw_ptr, kw_ptr, eps, HALF: tl.constexpr, NORM: tl.constexpr):
-        # qkv: [S, H + 2 H_kv, D]; cos, sin: [S, D] rows cos_s / sin_s apart; pos: [S]; q: [S, H, D];
-        # caches: [H_kv, T, D];
+                            H, H_KV, T, S, cache_b, qw_ptr, kw_ptr, eps, HALF: tl.constexpr, NORM: tl.constexpr,
+                            PDL: tl.constexpr):
+        # qkv: [B * S, H + 2 H_kv, D]; cos, sin: [B * S, D] rows cos_s / sin_s apart; pos: [B * S]; q: [B * S,
+        # H, D]; caches: [B, H_kv, T, D], rows cache_b elements apart (row b: positions s of b * S .. + S - 1);
         # NORM: each q and k head first RMS-normalised with weights qw / kw [D] (Qwen3, Gemma 3)
+        if PDL:   # engine.cuda_launch
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         s = tl.program_id(0)
         h = tl.program_id(1)
+        row = (s // S).to(tl.int64) * cache_b
         D: tl.constexpr = 2 * HALF
         d = tl.arange(0, HALF)
-        row = qkv_ptr + (s * (H + 2 * H_KV) + h).to(tl.int64) * D
+        head = qkv_ptr + (s * (H + 2 * H_KV) + h).to(tl.int64) * D
         pos = tl.load(pos_ptr + s)
         if h < H + H_KV:
             # HF's rotate-half RoPE: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), in fp32
-            x1 = tl.load(row + d).to(tl.float32)
-            x2 = tl.load(row + HALF + d).to(tl.float32)
+            x1 = tl.load(head + d).to(tl.float32)
+            x2 = tl.load(head + HALF + d).to(tl.float32)
             if NORM:   # rounded to the activation dtype between norm and RoPE, as the unfused steps do
                 w_ptr = qw_ptr if h < H else kw_ptr
                 scale = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / D + eps)
@@ -54,16 +61,19 @@ def _kernels():
             if h < H:
                 out = q_ptr + (s * H + h).to(tl.int64) * D
             else:
-                out = k_cache_ptr + ((h - H) * T + pos).to(tl.int64) * D
+                out = k_cache_ptr + row + ((h - H) * T + pos).to(tl.int64) * D
             tl.store(out + d, (x1 * c1 - x2 * s1).to(out.dtype.element_ty))
             tl.store(out + HALF + d, (x2 * c2 + x1 * s2).to(out.dtype.element_ty))
         else:
             full = tl.arange(0, D)
-            tl.store(v_cache_ptr + ((h - H - H_KV) * T + pos).to(tl.int64) * D + full, tl.load(row + full))
+            tl.store(v_cache_ptr + row + ((h - H - H_KV) * T + pos).to(tl.int64) * D + full, tl.load(head + full))
 
     @triton.jit
-    def act_mul_kernel(gate_up_ptr, out_ptr, HIDDEN, BLOCK: tl.constexpr, GELU: tl.constexpr):
+    def act_mul_kernel(gate_up_ptr, out_ptr, HIDDEN, BLOCK: tl.constexpr, GELU: tl.constexpr, PDL: tl.constexpr):
         # gate_up: [M, 2 * HIDDEN] (gate first) -> out: [M, HIDDEN] = act(gate) * up, act silu or GELU (tanh)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         m = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         ok = i < HIDDEN
@@ -77,10 +87,13 @@ def _kernels():
 
     @triton.jit
     def add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, order_ptr, pre_w_ptr, h_ptr, out_ptr, D, eps, pre_eps,
-                            BLOCK: tl.constexpr, HAS_ORDER: tl.constexpr, PRE: tl.constexpr):
+                            BLOCK: tl.constexpr, HAS_ORDER: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr):
         # one row: h = x + delta (rounded to the activation dtype, as the unfused add would), out = rms_norm(h),
         # written in `order` when given (out[i] = rms_norm(h)[order[i]]: the next matmul's input order).
         # PRE (Gemma's norm on what attention returns): delta is first rms_norm(delta) * pre_w, rounded.
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0).to(tl.int64) * D
         i = tl.arange(0, BLOCK)
         ok = i < D
@@ -112,17 +125,20 @@ def _kernels():
 def rotary_into_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
                       k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv_heads: int,
                       qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
-    """Rotate q and k by RoPE, write k and v into the caches at input_pos; returns q [1, S, H, D].
-    qkv: [1, S, H + 2 H_kv, D] contiguous, D a power of two; cos, sin: [S, D] (or views of it; each row
+    """Rotate q and k by RoPE, write k and v into the caches at input_pos; returns q [B, S, H, D].
+    qkv: [B, S, H + 2 H_kv, D] contiguous, D a power of two; input_pos: [S] (B = 1) or [B, S], a row of
+    positions per generation (engine.batch); cos, sin: [S, D] or [B, S, D] (or views of them; each row
     contiguous, rows any distance apart: engine.llama.Rotary's table gives cos and sin rows interleaved);
-    caches: [1, H_kv, T, D]. qk_norm: (q weight [D], k weight [D], eps) to RMS-normalise each q and k head
+    caches: [B, H_kv, T, D] (rows any distance apart, the rest contiguous). qk_norm: (q weight [D], k weight [D], eps) to RMS-normalise each q and k head
     before RoPE (one kernel instead of a norm each, and the cat that put them back)."""
     triton, kernel, _, _ = _kernels()
-    _, S, heads, D = qkv.shape
-    q = torch.empty(1, S, n_heads, D, dtype=qkv.dtype, device=qkv.device)
+    B, S, heads, D = qkv.shape
+    q = torch.empty(B, S, n_heads, D, dtype=qkv.dtype, device=qkv.device)
+    cos, sin = cos.reshape(B * S, D), sin.reshape(B * S, D)   # views where the rows allow (the table's do)
     qw, kw, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
-    kernel[(S, heads)](qkv, cos, sin, cos.stride(0), sin.stride(0), input_pos, q, k_cache, v_cache, n_heads,
-                       n_kv_heads, k_cache.shape[2], qw, kw, eps, HALF=D // 2, NORM=qk_norm is not None)
+    kernel[(B * S, heads)](qkv, cos, sin, cos.stride(0), sin.stride(0), input_pos.reshape(-1), q, k_cache, v_cache,
+                           n_heads, n_kv_heads, k_cache.shape[2], S, k_cache.stride(0), qw, kw, eps, HALF=D // 2,
+                           NORM=qk_norm is not None, **pdl(qkv))
     return q
 
 
@@ -136,7 +152,8 @@ def act_mul(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     hidden = gate_up.shape[-1] // 2
     rows = gate_up.numel() // gate_up.shape[-1]
     out = torch.empty(*gate_up.shape[:-1], hidden, dtype=gate_up.dtype, device=gate_up.device)
-    kernel[(rows, triton.cdiv(hidden, 1024))](gate_up, out, hidden, BLOCK=1024, GELU=act == "gelu_pytorch_tanh")
+    kernel[(rows, triton.cdiv(hidden, 1024))](gate_up, out, hidden, BLOCK=1024, GELU=act == "gelu_pytorch_tanh",
+                                              **pdl(gate_up))
     return out
 
 
@@ -153,5 +170,5 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
     pre_w, pre_eps = pre if pre is not None else (weight, 0.0)
     kernel[(x.numel() // D,)](x, delta, weight, order if order is not None else weight, pre_w, h, out, D, eps,
                               pre_eps, BLOCK=block, HAS_ORDER=order is not None, PRE=pre is not None,
-                              num_warps=8 if block >= 4096 else 4)
+                              num_warps=8 if block >= 4096 else 4, **pdl(x))
     return h, out

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cuda_launch import launch
+
 MAX_ROWS = 8          # the B operand's 8 columns: inputs with more rows dequantize and use cuBLAS
 TILE, CHUNK = 16, 64  # output rows per mma tile; inputs per 16-byte lane load
 
@@ -221,6 +223,21 @@ template <int FORM, bool OFFS> __device__ __forceinline__ void group_values(
     }
 }
 
+// Programmatic dependent launch (engine.cuda_launch; sm_90+, no-ops below): a kernel launched early waits for
+// the kernel before it (its writes visible) with wait_for_prerequisites, and lets the kernel after it launch
+// with let_dependents_launch.
+__device__ __forceinline__ void wait_for_prerequisites() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void let_dependents_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Group of segment seg (SEG mma steps of 16 inputs) of chunk c (CH inputs). Groups smaller than a chunk are
 // exactly one segment (refusal: powers of two), so the group is known without the runtime shift.
 template <int CH, int SEG> __device__ __forceinline__ int group_of(int c, int seg, int group_shift) {
@@ -249,6 +266,7 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
          int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift,
          const long long* __restrict__ experts, int w_stride, int s_stride, int z_stride, int x_stride, int y_stride) {
     static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
+    wait_for_prerequisites();   // the experts chosen, x: written by earlier kernels
     if (EXPERTS) {
         const int slot = blockIdx.y;
         const long long e = experts[slot];
@@ -372,6 +390,7 @@ int4_mma(const u16* __restrict__ x, const int* __restrict__ perm, const Words* _
         }
         if (PERM) __syncwarp();   // every lane has read this round's gathered x before the next overwrites it
     }
+    let_dependents_launch();   // its blocks fill the SMs this kernel's last blocks leave
     // C fragment: (row r, columns 2t and 2t+1) in acc[0..1], row r + 8 in acc[2..3]; a column is an x row.
     partial[warp][2 * t][r] = acc[0];
     partial[warp][2 * t + 1][r] = acc[1];
@@ -717,10 +736,9 @@ def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor
     flag = lambda b: str(b).lower()
     name = f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)},false>"
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
-    _kernel(name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
-                  args=[x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n,
-                        w.k, w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift,
-                        w.words, 0, 0, 0, 0, 0])
+    launch(_kernel(name), (w.n // TILE, 1, 1), (32 * config.warps, 1, 1),
+           [x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n, w.k,
+            w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift, w.words, 0, 0, 0, 0, 0])
     return y
 
 
@@ -734,11 +752,11 @@ def expert_matmul(x: torch.Tensor, stacked: PackedInt4, experts: torch.Tensor, c
     name = f"int4_mma<{config.warps},{config.unroll},{seg},{stacked.zmode},{stacked.form},false,true>"
     y = torch.empty(S, stacked.n, dtype=torch.bfloat16, device=x.device)
     stride = lambda t: t.stride(0) * t.element_size()
-    _kernel(name)(grid=(stacked.n // TILE, S, 1), block=(32 * config.warps, 1, 1),
-                  args=[x, stacked.words, stacked.words, stacked.store.scales, stacked.zero_arg, y, 1, stacked.n,
-                        stacked.k, stacked.k // stacked.group_size, stacked.group_shift, stacked.uniform_bias,
-                        stacked.store.span_shift, experts, stride(stacked.words), stride(stacked.store.scales),
-                        stride(stacked.zero_arg), 0 if x.shape[0] == 1 else x.shape[1], stacked.n])
+    launch(_kernel(name), (stacked.n // TILE, S, 1), (32 * config.warps, 1, 1),
+           [x, stacked.words, stacked.words, stacked.store.scales, stacked.zero_arg, y, 1, stacked.n, stacked.k,
+            stacked.k // stacked.group_size, stacked.group_shift, stacked.uniform_bias, stacked.store.span_shift,
+            experts, stride(stacked.words), stride(stacked.store.scales), stride(stacked.zero_arg),
+            0 if x.shape[0] == 1 else x.shape[1], stacked.n])
     return y
 
 

@@ -393,14 +393,14 @@ class Attention(nn.Module):
         whole_heads = cos.shape[-1] == self.head_dim   # the fused kernel rotates whole heads only
         norms = self.q_norm is not None and self.q_norm.out_order is None and self.k_norm.out_order is None
         qk_norm = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if norms else None
-        # (The fused kernel writes one row of positions: a batch of rows (engine.batch) takes the ops below.)
         if fused_ops.usable(qkv) and self.head_dim & (self.head_dim - 1) == 0 and whole_heads and \
-                (self.q_norm is None or norms) and input_pos.dim() == 1:
+                (self.q_norm is None or norms):
             # One kernel: q/k norms (Qwen3 / Gemma 3), RoPE on q and k, k and v into the cache (Triton wants a
-            # power-of-two head size).
-            q = fused_ops.rotary_into_cache(qkv, cos, sin, input_pos, cache.k, cache.v, H, H_kv,
+            # power-of-two head size). Positions [B, S]: a row each, into cache rows 0..B-1 (engine.batch).
+            k_rows, v_rows = (cache.k, cache.v) if input_pos.dim() == 1 else (cache.k_all[:B], cache.v_all[:B])
+            q = fused_ops.rotary_into_cache(qkv, cos, sin, input_pos, k_rows, v_rows, H, H_kv,
                                             qk_norm).transpose(1, 2)
-            k, v = cache.k[:, :, :kv_len], cache.v[:, :, :kv_len]
+            k, v = k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
         else:
             if self.q_norm is not None:   # Qwen3 / Gemma 3: each head of q and k normalised before RoPE
                 qkv = torch.cat((self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H:H + H_kv]),

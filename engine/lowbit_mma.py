@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cuda_launch import launch
 from engine.int4_mma import (DEVICE_HELPERS, MAX_ROWS, OFFSETS, TILE, UNIFORM, ZEROS, MmaConfig, ScaleStore,
                              compiled, refusal as shape_refusal, scale_storage, tiled)
 
@@ -173,6 +174,7 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
            int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift) {
     static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
     constexpr int CH = Width<BITS>::inputs, STEPS = Width<BITS>::steps, SEGS = STEPS / SEG;
+    wait_for_prerequisites();   // x: written by the kernel before (engine.cuda_launch)
     __shared__ float partial[WARPS][8][16];
     __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][PERM ? CH / 2 : 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -309,6 +311,7 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
         }
         if (PERM) __syncwarp();
     }
+    let_dependents_launch();
     partial[warp][2 * t][r] = acc[0];
     partial[warp][2 * t + 1][r] = acc[1];
     partial[warp][2 * t][r + 8] = acc[2];
@@ -546,10 +549,9 @@ def matmul(x: torch.Tensor, w: PackedLowBit, config: MmaConfig, perm: torch.Tens
     name = (f"lowbit_mma<{w.width},{config.warps},{config.unroll},{seg},{w.zmode},{w.form},"
             f"{flag(perm is not None)}>")
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
-    compiled(SOURCE, name)(grid=(w.n // TILE, 1, 1), block=(32 * config.warps, 1, 1),
-                           args=[x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y,
-                                 M, w.n, w.k, w.k // w.group_size, w.group_shift, w.uniform_bias,
-                                 w.store.span_shift])
+    launch(compiled(SOURCE, name), (w.n // TILE, 1, 1), (32 * config.warps, 1, 1),
+           [x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n, w.k,
+            w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift])
     return y
 
 
