@@ -20,11 +20,17 @@ the running slots, so they stall by one chunk at most. A decode step waits until
 handed its token in, but not longer than STRAGGLER_WAIT seconds after the first: a slot whose reader paused
 misses steps rather than stalling the others (its position does not move; rows not stepping are padding),
 and steps stop waiting for it until it hands a token in again.
+
+A slot that samples in the step runs ahead of its reader: the id a step picks is already on the device, so the
+driver feeds it to the next step itself and queues it for the reader, up to RUN_AHEAD ids unread. The GPU then
+never waits for the readers' host work (detokenizing, stop strings, streaming), which 8 readers do one at a
+time under Python's lock; a reader that stops leaves at most RUN_AHEAD - 1 steps' picks unread.
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -35,6 +41,7 @@ from engine.graph_sampling import GraphSampler, Plan
 from engine.sampling import GenerationParams
 
 STRAGGLER_WAIT = 0.05
+RUN_AHEAD = 3             # picked ids a slot's driver may queue ahead of its reader
 ROW_BUCKETS = (2, 4, 8)   # rows of a captured batched step: a batch is rounded up to one (padding rows ignored)
 
 
@@ -46,8 +53,10 @@ class Slot:
     filled: int = 0                     # cache positions written (the next token goes at this position)
     token: torch.Tensor | None = None   # handed in (0-d, on the device), waiting for a step
     since: float = 0.0                  # when it was handed in
-    result: torch.Tensor | None = None  # logits [V], or the picked id (0-d) with a plan, waiting to be taken
+    result: torch.Tensor | None = None  # logits [V] (no plan), waiting to be taken
     plan: Plan | None = None            # how its GraphSampler picks; None: the shared sampler, from logits
+    picked: deque = field(default_factory=deque)   # with a plan: ids (0-d) picked, not yet taken by the reader
+    unfed: torch.Tensor | None = None   # with a plan: the last id picked, not yet a step's input (queue full)
     error: BaseException | None = None
     left: bool = False
     lagging: bool = False               # missed a step for want of its token: steps no longer wait for it
@@ -157,10 +166,12 @@ class Batch:
 
     def advance(self, slot: Slot, token: torch.Tensor) -> torch.Tensor:
         """Hand in the slot's next token; returns what the step after it gives the slot: logits [V], or with
-        a plan the next picked id."""
+        a plan the next picked id (the driver has then fed `token`, the id picked before, in already)."""
         with self.cond:
-            slot.token, slot.since, slot.lagging = token, time.monotonic(), False
-            if len(self.slots) > 1 or self.busy or self.closed:
+            running_ahead = slot.plan is not None and (slot.picked or slot.token is not None or slot.unfed is not None)
+            if not running_ahead:
+                slot.token, slot.since, slot.lagging = token, time.monotonic(), False
+            if len(self.slots) > 1 or self.busy or self.closed or slot.picked or slot.token is None:
                 self.cond.notify_all()
                 return self._result(slot)
             self.busy = True
@@ -187,6 +198,8 @@ class Batch:
             self.cond.notify_all()
 
     def _result(self, slot: Slot) -> torch.Tensor:
+        if slot.plan is not None:   # set once the prompt is in: from then on the step picks
+            return self._next_picked(slot)
         self.cond.wait_for(lambda: slot.result is not None or slot.error is not None or self.closed)
         if slot.error is not None:
             raise slot.error
@@ -194,6 +207,19 @@ class Batch:
             raise RuntimeError("the model was unloaded")
         result, slot.result = slot.result, None
         return result
+
+    def _next_picked(self, slot: Slot) -> torch.Tensor:
+        """Under the lock: the oldest id queued for the slot's reader; a pick held back for want of room goes
+        to the next step."""
+        self.cond.wait_for(lambda: slot.picked or slot.error is not None or self.closed)
+        if slot.error is not None:
+            raise slot.error
+        if not slot.picked:
+            raise RuntimeError("the model was unloaded")
+        if slot.unfed is not None:
+            slot.token, slot.since, slot.lagging, slot.unfed = slot.unfed, time.monotonic(), False, None
+            self.cond.notify_all()
+        return slot.picked.popleft()
 
     # ---- the driver thread ----------------------------------------------------------------------------
     def _drive(self) -> None:
@@ -290,7 +316,8 @@ class Batch:
             (slot,) = ready
             if slot.plan is not None:
                 engine.token.copy_(slot.token.view(1, 1))
-                results = [engine.decode_and_pick(slot.filled, slot.plan)]
+                # a copy: the token buffer is the next step's input, and the reader may take this id later
+                results = [engine.decode_and_pick(slot.filled, slot.plan).clone()]
             else:
                 results = [engine.decode(slot.token, slot.filled).clone()]
         else:
@@ -298,9 +325,18 @@ class Batch:
             results = [logits[s.row] if s.plan is None else self._pick(s, logits[s.row]) for s in ready]
         with self.cond:
             self.widest = max(self.widest, len(ready))
+            now = time.monotonic()
             for slot, result in zip(ready, results):
-                slot.result, slot.token = result, None
+                slot.token = None
                 slot.filled += 1
+                if slot.plan is None:
+                    slot.result = result
+                    continue
+                slot.picked.append(result)   # and, room permitting, the next step's input: see RUN_AHEAD
+                if len(slot.picked) < RUN_AHEAD:
+                    slot.token, slot.since = result, now
+                else:
+                    slot.unfed = result
             self.cond.notify_all()
 
     def _pick(self, slot: Slot, logits: torch.Tensor) -> torch.Tensor:

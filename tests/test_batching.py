@@ -257,6 +257,33 @@ def test_sampled_replies_drawn_in_each_slots_own_sampler_equal_each_one_alone(in
     assert batched.batch.widest >= 2
 
 
+def test_a_slot_sampling_in_the_step_runs_ahead_of_a_paused_reader_by_run_ahead_ids(in_step_models):
+    """The driver feeds each id the step picks to the next step itself (engine.batch.RUN_AHEAD): while the
+    reader pauses after its second text, the slot keeps stepping until RUN_AHEAD ids wait unread, and no further;
+    the reply read afterwards is the one the seed gives alone."""
+    import time
+
+    from engine.batch import RUN_AHEAD
+
+    batched, single = in_step_models[3], in_step_models[1]
+    params = dict(CHAT_SAMPLER, seed=5, max_new_tokens=24)
+    want = alone(single, QUESTIONS[0], **params).text
+    events = batched.generate(chat(batched, QUESTIONS[0]), GenerationParams(**{**GREEDY, **params}))
+    # Two texts read: the reader has handed its first id in (each later one the driver feeds itself).
+    texts = [e for _, e in zip(range(2), (e for e in events if isinstance(e, TextEvent)))]
+    slot = batched.batch.slots[0]
+    deadline = time.monotonic() + WAIT
+    while len(slot.picked) < RUN_AHEAD and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(slot.picked) == RUN_AHEAD
+    filled = slot.filled
+    time.sleep(1.0)   # a full queue: the slot waits for its reader
+    assert slot.filled == filled and len(slot.picked) == RUN_AHEAD
+    rest = list(events)
+    assert "".join(e.text for e in texts + rest if isinstance(e, TextEvent)) == want
+    assert isinstance(rest[-1], DoneEvent) and rest[-1].text == want
+
+
 def test_the_default_app_keeps_one_generation_at_a_time_on_cpu(default_models):
     single = default_models[1]
     assert single.concurrent_generations == 1 and single.batch is None
