@@ -363,7 +363,7 @@ def kernel_rows(kind: str, vocab: int, steps: int, seed: int, device="cpu") -> l
     for step in range(steps):
         x = torch.randn(vocab, generator=g) * 3
         if kind == "ties":
-            x = x.clamp(max=4.0)
+            x = x / 6   # below 3: no ties among the rest (clamping would tie hundreds with the k-th at top_k 100)
             spread = torch.randperm(vocab, generator=g)
             x[spread[:12]] = 6.0 + torch.arange(12.0) / 8   # 12 distinct larger values, the first 12 kept
             x[spread[12:42]] = 5.0                          # 30 ties with the 20th largest
@@ -442,8 +442,11 @@ def test_sampling_kernel_interpreter_really_interpreted(interpreted):
 
 @needs_cuda
 @pytest.mark.parametrize("vocab", [32000, 151936, 262144])
-@pytest.mark.parametrize("kind", ["random", "ties", "neg_inf"])
-@pytest.mark.parametrize("name", list(KERNEL_PARAMETERS))
+# Not "everything" on ties: its top_p cuts inside the tied group, and which tied tokens stay there depends on
+# the sort's order among equal values, which torch leaves open (the shared sampler's as much as the ops').
+@pytest.mark.parametrize("name,kind", [(name, kind) for name in KERNEL_PARAMETERS
+                                       for kind in ("random", "ties", "neg_inf")
+                                       if (name, kind) != ("everything", "ties")])
 def test_cuda_sampling_kernels_equal_the_torch_ops(name, vocab, kind):
     check_kernels_equal_torch_ops(name, vocab, kind, steps=12, device="cuda")
 
