@@ -24,7 +24,10 @@ and steps stop waiting for it until it hands a token in again.
 A slot that samples in the step runs ahead of its reader: the id a step picks is already on the device, so the
 driver feeds it to the next step itself and queues it for the reader, up to RUN_AHEAD ids unread. The GPU then
 never waits for the readers' host work (detokenizing, stop strings, streaming), which 8 readers do one at a
-time under Python's lock; a reader that stops leaves at most RUN_AHEAD - 1 steps' picks unread.
+time under Python's lock; a reader that stops leaves at most RUN_AHEAD - 1 steps' picks unread. The driver
+also copies each step's ids to the host behind an event of their own, so a reader waits for its step only,
+not for the steps queued after it (a sync on the stream would), and each slot goes through the driver, even
+alone: its thread's host work then overlaps the next step.
 """
 from __future__ import annotations
 
@@ -45,6 +48,21 @@ RUN_AHEAD = 3             # picked ids a slot's driver may queue ahead of its re
 ROW_BUCKETS = (2, 4, 8)   # rows of a captured batched step: a batch is rounded up to one (padding rows ignored)
 
 
+@dataclass(frozen=True)
+class Pick:
+    """An id a step picked for a slot: on the device (the next step's input) and, once `ready` has happened
+    (None: at once, on CPU), on the host."""
+    on_device: torch.Tensor   # 0-d
+    on_host: torch.Tensor     # 0-d, CPU
+    ready: torch.cuda.Event | None
+
+    def take(self) -> torch.Tensor:
+        """The id on the host, after its step (and only it) has finished."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.on_host
+
+
 @dataclass(eq=False)
 class Slot:
     row: int
@@ -55,7 +73,7 @@ class Slot:
     since: float = 0.0                  # when it was handed in
     result: torch.Tensor | None = None  # logits [V] (no plan), waiting to be taken
     plan: Plan | None = None            # how its GraphSampler picks; None: the shared sampler, from logits
-    picked: deque = field(default_factory=deque)   # with a plan: ids (0-d) picked, not yet taken by the reader
+    picked: deque = field(default_factory=deque)   # with a plan: Picks not yet taken by the reader
     unfed: torch.Tensor | None = None   # with a plan: the last id picked, not yet a step's input (queue full)
     error: BaseException | None = None
     left: bool = False
@@ -166,17 +184,25 @@ class Batch:
 
     def advance(self, slot: Slot, token: torch.Tensor) -> torch.Tensor:
         """Hand in the slot's next token; returns what the step after it gives the slot: logits [V], or with
-        a plan the next picked id (the driver has then fed `token`, the id picked before, in already)."""
+        a plan the next picked id, on the host (the driver has then fed `token`, the id picked before, in
+        already)."""
         with self.cond:
-            running_ahead = slot.plan is not None and (slot.picked or slot.token is not None or slot.unfed is not None)
-            if not running_ahead:
+            if slot.plan is not None:
+                if not (slot.picked or slot.token is not None or slot.unfed is not None):   # the first pick
+                    slot.token, slot.since, slot.lagging = token, time.monotonic(), False
+                    self.cond.notify_all()
+                pick = self._next_picked(slot)
+            else:
+                pick = None
                 slot.token, slot.since, slot.lagging = token, time.monotonic(), False
-            if len(self.slots) > 1 or self.busy or self.closed or slot.picked or slot.token is None:
-                self.cond.notify_all()
-                return self._result(slot)
-            self.busy = True
-        # Alone, with nothing else to run: the step runs in this thread, without waking the driver and back
-        # (two thread switches a token, which single-stream decode would feel).
+                if len(self.slots) > 1 or self.busy or self.closed:
+                    self.cond.notify_all()
+                    return self._result(slot)
+                self.busy = True
+        if pick is not None:
+            return pick.take()   # outside the lock: the driver goes on meanwhile
+        # Alone and without a plan, with nothing else to run: the step runs in this thread, without waking the
+        # driver and back (two thread switches a token, which single-stream decode would feel).
         try:
             self._decode([slot])
         except BaseException:
@@ -198,8 +224,6 @@ class Batch:
             self.cond.notify_all()
 
     def _result(self, slot: Slot) -> torch.Tensor:
-        if slot.plan is not None:   # set once the prompt is in: from then on the step picks
-            return self._next_picked(slot)
         self.cond.wait_for(lambda: slot.result is not None or slot.error is not None or self.closed)
         if slot.error is not None:
             raise slot.error
@@ -208,8 +232,8 @@ class Batch:
         result, slot.result = slot.result, None
         return result
 
-    def _next_picked(self, slot: Slot) -> torch.Tensor:
-        """Under the lock: the oldest id queued for the slot's reader; a pick held back for want of room goes
+    def _next_picked(self, slot: Slot) -> Pick:
+        """Under the lock: the oldest pick queued for the slot's reader; a pick held back for want of room goes
         to the next step."""
         self.cond.wait_for(lambda: slot.picked or slot.error is not None or self.closed)
         if slot.error is not None:
@@ -323,6 +347,7 @@ class Batch:
         else:
             logits = self.step(len(self.slots), {s.row: (s.token, s.filled) for s in ready})
             results = [logits[s.row] if s.plan is None else self._pick(s, logits[s.row]) for s in ready]
+        picks = self._to_host([r for s, r in zip(ready, results) if s.plan is not None])
         with self.cond:
             self.widest = max(self.widest, len(ready))
             now = time.monotonic()
@@ -332,12 +357,24 @@ class Batch:
                 if slot.plan is None:
                     slot.result = result
                     continue
-                slot.picked.append(result)   # and, room permitting, the next step's input: see RUN_AHEAD
+                slot.picked.append(picks.pop(0))   # and, room permitting, the next step's input: see RUN_AHEAD
                 if len(slot.picked) < RUN_AHEAD:
                     slot.token, slot.since = result, now
                 else:
                     slot.unfed = result
             self.cond.notify_all()
+
+    @staticmethod
+    def _to_host(ids: list[torch.Tensor]) -> list[Pick]:
+        """The step's picked ids (0-d, on the device) as Picks: one copy to pinned memory for all of them and
+        an event after it (CPU: the ids themselves)."""
+        if not ids or not ids[0].is_cuda:
+            return [Pick(i, i, None) for i in ids]
+        host = torch.empty(len(ids), dtype=torch.long, pin_memory=True)
+        host.copy_(torch.stack(ids), non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return [Pick(i, host[n], ready) for n, i in enumerate(ids)]
 
     def _pick(self, slot: Slot, logits: torch.Tensor) -> torch.Tensor:
         """The slot's next id from its row's logits, by its own sampler (eagerly, after the batched step)."""

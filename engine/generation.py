@@ -201,7 +201,9 @@ def stream(stepper: Stepper, tokenizer, prompt_ids: Sequence[int], params: Gener
                 else:
                     token = ahead   # the step sampler keeps its own history
                 scores = _Scores(ahead, token, k) if scoring else None
-                queued = overlap and n_new + 1 < max_new
+                # A token already on the host (engine.batch copies picks out behind their own event) needs no
+                # overlap: reading it waits for nothing.
+                queued = overlap and token.is_cuda and n_new + 1 < max_new
                 if queued:
                     token_host.copy_(token, non_blocking=True)
                     chosen = torch.cuda.Event()
