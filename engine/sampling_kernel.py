@@ -21,6 +21,8 @@ import functools
 
 import torch
 
+from engine.cuda_launch import triton_pdl as pdl
+
 # Logits a candidates program reads: BLOCK, or 32 keys for every one it keeps beyond that (top_k past 32),
 # so the choosing program merges at most vocab / 32 keys (bench/sampling_step.py measures other blocks).
 BLOCK = 2048
@@ -41,9 +43,12 @@ def _kernels():
     @triton.jit
     def candidates_kernel(logits_ptr, counts_ptr, rep_ptr, pres_ptr, freq_ptr, temp_ptr, keys_ptr, V,
                           BLOCK: tl.constexpr, BOUND: tl.constexpr, PENALTIES: tl.constexpr,
-                          SCALE: tl.constexpr, HAS_TOPK: tl.constexpr, PAD: tl.constexpr):
+                          SCALE: tl.constexpr, HAS_TOPK: tl.constexpr, PAD: tl.constexpr, PDL: tl.constexpr):
         # keys[pid * BOUND: + BOUND] = the keys of the BOUND largest of logits [pid * BLOCK, + BLOCK) after the
         # penalties and (SCALE) the temperature; the same fp32 ops in the same order as GraphSampler.distribution.
+        if PDL:   # engine.cuda_launch: launched while the logits are still being written, it waits for them
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         ids = pid * BLOCK + tl.arange(0, BLOCK)
         ok = ids < V
@@ -77,9 +82,12 @@ def _kernels():
                       history_ptr, length_ptr, counts_ptr, window_ptr, out_ptr, probs_ptr, ids_ptr, V, N,
                       N_PAD: tl.constexpr, BOUND: tl.constexpr, PENALTIES: tl.constexpr, TOP_K: tl.constexpr,
                       TOP_P: tl.constexpr, TYPICAL: tl.constexpr, MIN_P: tl.constexpr,
-                      HAS_TOPK: tl.constexpr, PAD: tl.constexpr, STORE_PROBS: tl.constexpr):
+                      HAS_TOPK: tl.constexpr, PAD: tl.constexpr, STORE_PROBS: tl.constexpr, PDL: tl.constexpr):
         # keys: [N] the blocks' candidates; out: the chosen id (0-d int64); STORE_PROBS: also the candidates'
         # final probabilities and ids (probs, ids: [BOUND]).
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         i = tl.arange(0, N_PAD)
         keys = tl.load(keys_ptr + i, mask=i < N, other=PAD)
         neg_inf = float("-inf")
@@ -159,11 +167,11 @@ def pick(logits: torch.Tensor, s, plan, block: int | None = None, choose_warps: 
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
         candidates_kernel[(blocks,)](logits, s.counts, s.repetition, s.presence, s.frequency, s.temperature, keys,
                                     V, BLOCK=block, BOUND=bound, PENALTIES=plan.penalties, SCALE=not plan.greedy,
-                                    HAS_TOPK=has_topk, PAD=PAD_KEY)
+                                    HAS_TOPK=has_topk, PAD=PAD_KEY, **pdl(logits))
         choose_kernel[(1,)](keys, s.noise, s.row, s.top_k, s.top_p, s.typical_p, s.min_p, s.history, s.length,
                             s.counts, s.window, out, *(distribution or (out, out)), V, blocks * bound,
                             N_PAD=triton.next_power_of_2(blocks * bound), BOUND=bound, PENALTIES=plan.penalties,
                             TOP_K=plan.top_k, TOP_P=plan.top_p, TYPICAL=plan.typical_p, MIN_P=plan.min_p,
                             HAS_TOPK=has_topk, PAD=PAD_KEY, STORE_PROBS=distribution is not None,
-                            num_warps=choose_warps)
+                            num_warps=choose_warps, **pdl(logits))
     return out
