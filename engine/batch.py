@@ -16,7 +16,8 @@ filled part of the cache moves over. A step then always covers rows 0..n-1, and 
 engine's single-stream step (the same graph) in row 0.
 
 The driver's turns: a newcomer's prompt runs one prefill chunk at a time, alternating with decode steps of
-the running slots, so they stall by one chunk at most. A decode step waits until every decoding slot has
+the running slots, so they stall by one chunk at most. Newcomers that wait together (in rows that follow one
+another) share a chunk's forward pass, which reads the weights once for all of their prompts. A decode step waits until every decoding slot has
 handed its token in, but not longer than STRAGGLER_WAIT seconds after the first: a slot whose reader paused
 misses steps rather than stalling the others (its position does not move; rows not stepping are padding),
 and steps stop waiting for it until it hands a token in again.
@@ -256,15 +257,16 @@ class Batch:
                         return
                     self.busy = True
                 try:
-                    if isinstance(job, Slot):
-                        self._prefill(job)
+                    kind, slots = job
+                    if kind == "prefill":
+                        self._prefill(slots)
                         last_was_decode = False
                     else:
-                        self._decode(job)
+                        self._decode(slots)
                         last_was_decode = True
                 except Exception as exc:   # e.g. out of memory: those slots' generations end with it
                     with self.cond:
-                        for slot in [job] if isinstance(job, Slot) else job:
+                        for slot in slots:
                             # freed now: a prompt that failed must not be retried chunk after chunk
                             slot.error, slot.token, slot.left = exc, None, True
                 finally:
@@ -272,27 +274,28 @@ class Batch:
                         self.busy = False
                         self.cond.notify_all()
 
-    def _next_job(self, last_was_decode: bool) -> Slot | list[Slot] | None:
-        """Under the lock: wait for work; a newcomer (Slot) to prefill a chunk of, or the slots to decode
-        ([Slot]); None once closed."""
+    def _next_job(self, last_was_decode: bool) -> tuple[str, list[Slot]] | None:
+        """Under the lock: wait for work; ("prefill", newcomers) to prefill a chunk of each, or ("decode",
+        slots) to step; None once closed."""
         while not self.closed:
             if self.busy:   # a lone slot steps in its own thread: rows must not move meanwhile
                 self.cond.wait()
                 continue
             self._free_left()
-            newcomer = next((s for s in self.slots if s.pending), None)
+            newcomers = self._newcomers()
+            newcomer = newcomers[0] if newcomers else None
             decoding = [s for s in self.slots if not s.pending and s.filled]
             ready = [s for s in decoding if s.token is not None]
             awaited = [s for s in decoding if s.token is None and not s.lagging]
             if ready and not awaited and not (newcomer is not None and last_was_decode):
-                return ready
+                return "decode", ready
             if newcomer is not None:
-                return newcomer
+                return "prefill", newcomers
             waited = time.monotonic() - min((s.since for s in ready), default=time.monotonic())
             if ready and waited >= STRAGGLER_WAIT:
                 for slot in awaited:   # a reader that paused costs the others one wait, not one a step
                     slot.lagging = True
-                return ready
+                return "decode", ready
             self.cond.wait(STRAGGLER_WAIT - waited if ready else None)
         for slot in self.slots:
             slot.error = RuntimeError("the model was unloaded")
@@ -322,17 +325,34 @@ class Batch:
             self.samplers[row].load(self.samplers[slot.row])
         slot.row = row
 
-    def _prefill(self, slot: Slot) -> None:
-        chunk = slot.pending[:self.engine.prefill_chunk]
-        logits = self.engine.prefill_chunk_at(chunk, slot.filled, slot.row)
-        with self.cond:
-            slot.filled += len(chunk)
-            del slot.pending[:len(chunk)]
-            if slot.cancel is not None and slot.cancel.is_set():
-                slot.pending.clear()   # Stop during the prompt: the stream sees the flag and ends the reply
+    def _newcomers(self) -> list[Slot]:
+        """Under the lock: the slots whose prompts are not all in, from the first of them on while their rows
+        follow one another (one forward pass takes a run of rows)."""
+        first = next((row for row, s in enumerate(self.slots) if s.pending), None)
+        if first is None:
+            return []
+        run = []
+        for slot in self.slots[first:]:
             if not slot.pending:
-                slot.result = logits
-                self.cond.notify_all()
+                break
+            run.append(slot)
+        return run
+
+    def _prefill(self, slots: list[Slot]) -> None:
+        """A chunk of each newcomer's prompt, all in one forward pass (engine.Engine.prefill_rows); together they
+        take at most the engine's prefill chunk of positions, as one newcomer alone does."""
+        size = max(1, self.engine.prefill_chunk // len(slots))
+        chunks = [(slot.pending[:size], slot.filled) for slot in slots]
+        logits = self.engine.prefill_rows(chunks, slots[0].row)
+        with self.cond:
+            for slot, (ids, _), after in zip(slots, chunks, logits):
+                slot.filled += len(ids)
+                del slot.pending[:len(ids)]
+                if slot.cancel is not None and slot.cancel.is_set():
+                    slot.pending.clear()   # Stop during the prompt: the stream sees the flag and ends the reply
+                if not slot.pending:
+                    slot.result = after
+            self.cond.notify_all()
 
     def _decode(self, ready: list[Slot]) -> None:
         engine = self.engine

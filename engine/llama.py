@@ -206,7 +206,8 @@ def moe_args(config: dict, model_type: str, n_layers: int) -> dict:
 class KVCache(nn.Module):
     """Keys and values for every position up to max_seq_len: [slots, H_kv, T, D], written in place. Each
     generation decoding at once (engine.batch) owns one row; `k` and `v` are the row a call with one row of
-    positions reads and writes (row 0 unless `use_row` picked another)."""
+    positions reads and writes (row 0 unless `use_row` picked another), and a call with B rows of positions
+    uses rows `row` .. row + B - 1 (`rows`)."""
 
     def __init__(self, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device | str | None = None, slots: int = 1):
@@ -217,8 +218,14 @@ class KVCache(nn.Module):
         self.use_row(0)
 
     def use_row(self, row: int) -> None:
-        """Make `row` the one that calls with positions [S] use (captured graphs keep the row they saw)."""
+        """Make `row` the one that calls with positions [S] use, and the first that calls with positions
+        [B, S] use (captured graphs keep the rows they saw)."""
+        self.row = row
         self.k, self.v = self.k_all[row:row + 1], self.v_all[row:row + 1]
+
+    def rows(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the `count` rows a call with positions [count, S] uses."""
+        return self.k_all[self.row:self.row + count], self.v_all[self.row:self.row + count]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         # input_pos: [S] (k, v: [1, H_kv, S, D]) or [B, S], each row's own positions, into rows 0..B-1
@@ -227,11 +234,11 @@ class KVCache(nn.Module):
             self.k.index_copy_(2, input_pos, k)
             self.v.index_copy_(2, input_pos, v)
             return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
-        rows = input_pos.shape[0]
+        k_rows, v_rows = self.rows(input_pos.shape[0])
         index = input_pos[:, None, :, None].expand(k.shape)
-        self.k_all[:rows].scatter_(2, index, k)
-        self.v_all[:rows].scatter_(2, index, v)
-        return self.k_all[:rows, :, :kv_len], self.v_all[:rows, :, :kv_len]
+        k_rows.scatter_(2, index, k)
+        v_rows.scatter_(2, index, v)
+        return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
 
 
 class RMSNorm(nn.Module):
@@ -397,7 +404,7 @@ class Attention(nn.Module):
                 (self.q_norm is None or norms):
             # One kernel: q/k norms (Qwen3 / Gemma 3), RoPE on q and k, k and v into the cache (Triton wants a
             # power-of-two head size). Positions [B, S]: a row each, into cache rows 0..B-1 (engine.batch).
-            k_rows, v_rows = (cache.k, cache.v) if input_pos.dim() == 1 else (cache.k_all[:B], cache.v_all[:B])
+            k_rows, v_rows = (cache.k, cache.v) if input_pos.dim() == 1 else cache.rows(B)
             q = fused_ops.rotary_into_cache(qkv, cos, sin, input_pos, k_rows, v_rows, H, H_kv,
                                             qk_norm).transpose(1, 2)
             k, v = k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
@@ -549,10 +556,11 @@ class Transformer(nn.Module):
         return out
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_len: int,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, last: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, S] ids at positions input_pos [S] (or [B, S]: each row its own positions and its own
         row of the KV cache, engine.batch); attends over cache slots [0, kv_len).
-        Returns logits [B, S, V] in fp32 ([B, 1, V] with last_only: prefill needs no more)."""
+        Returns logits [B, S, V] in fp32 ([B, 1, V] with last_only: prefill needs no more; with last, [B]
+        indices, row b's at position last[b]: rows of prompts padded to one length)."""
         x = self.tok_embeddings(tokens)                                       # [B, S, dim]
         if self.args.embed_scale is not None:
             # Gemma: the scale rounded to the compute dtype first, as transformers multiplies by it
@@ -569,7 +577,10 @@ class Transformer(nn.Module):
                     delta, pending = (delta if pending is None else pending(delta)).to(device), None
             x, delta = layer(x, delta, pending, *tables[layer.sliding], input_pos, kv_len)
             pending = layer.post_ffn_norm
-        if last_only:
+        if last is not None:
+            index = last.to(x.device).view(-1, 1, 1).expand(-1, 1, x.shape[-1])
+            x, delta = x.gather(1, index), delta.gather(1, index)
+        elif last_only:
             x, delta = x[:, -1:], delta[:, -1:]
         device = self.norm.weight.device
         if pending is not None and delta.device != device:

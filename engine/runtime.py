@@ -112,6 +112,32 @@ class Engine:
             for cache in caches:
                 cache.use_row(0)
 
+    def prefill_rows(self, chunks: Sequence[tuple[Sequence[int], int]], first_row: int) -> list[torch.Tensor]:
+        """Prompt chunks of several generations in one forward pass: chunks[b] = (ids, start) runs into KV-cache
+        row first_row + b at positions start.. (rows in a row). Returns each chunk's fp32 logits [V] after it.
+        The weights are read (a quantized layer dequantized) once for all of them, which is most of a short
+        prompt's cost. Shorter chunks are padded to the longest; their padding writes the cache beyond the
+        chunk, where the row's own later tokens overwrite it before any query reads it (at most at the last
+        position, the junk slot padding rows of a batched step write too)."""
+        if len(chunks) == 1:
+            ids, start = chunks[0]
+            return [self.prefill_chunk_at(ids, start, first_row)]
+        width = max(len(ids) for ids, _ in chunks)
+        tokens = torch.tensor([list(ids) + [ids[-1]] * (width - len(ids)) for ids, _ in chunks], dtype=torch.long,
+                              device=self.device)
+        starts = torch.tensor([start for _, start in chunks], device=self.device)
+        positions = (starts[:, None] + torch.arange(width, device=self.device)).clamp(max=self.max_seq_len - 1)
+        last = torch.tensor([len(ids) - 1 for ids, _ in chunks], device=self.device)
+        caches = [layer.attention.kv_cache for layer in self.model.layers]
+        for cache in caches:
+            cache.use_row(first_row)
+        try:
+            logits = self.model(tokens, positions, kv_len=max(start + len(ids) for ids, start in chunks), last=last)
+        finally:
+            for cache in caches:
+                cache.use_row(0)
+        return list(logits[:, 0])
+
     def bucket(self, length: int) -> int:
         b = MIN_BUCKET
         while b < length:

@@ -93,6 +93,90 @@ def test_batched_decode_logits_equal_single_stream_logits_per_slot(which, defaul
             torch.testing.assert_close(h, w, atol=2e-4, rtol=2e-4, msg=lambda m: f"slot {slot} step {step}: {m}")
 
 
+def prefilled_together_and_alone(model) -> tuple[list, list, list, list]:
+    """Chunks of three prompts (lengths 7, 3 and 5, the last after 4 positions already in its row) prefilled
+    one by one into rows 1-3, then together (engine.Engine.prefill_rows, the shorter ones padded) from a cleared
+    cache: (logits alone, logits together, caches alone, caches together), caches as [(k_all, v_all)] a layer."""
+    g = torch.Generator().manual_seed(2)
+    ids = lambda n: torch.randint(0, model.args.vocab_size, (n,), generator=g).tolist()
+    earlier, chunks = ids(4), [(ids(7), 0), (ids(3), 0), (ids(5), 4)]
+    engine = Engine(model, 64, use_graphs=False, prefill_chunk=64, slots=4)
+    caches = lambda: [(layer.attention.kv_cache.k_all.clone(), layer.attention.kv_cache.v_all.clone())
+                      for layer in engine.model.layers]
+    with torch.inference_mode():
+        engine.prefill_chunk_at(earlier, 0, 3)
+        alone = [engine.prefill_chunk_at(c, start, 1 + b) for b, (c, start) in enumerate(chunks)]
+        alone_caches = caches()
+        for layer in engine.model.layers:
+            layer.attention.kv_cache.k_all.zero_()
+            layer.attention.kv_cache.v_all.zero_()
+        engine.prefill_chunk_at(earlier, 0, 3)
+        together = engine.prefill_rows(chunks, first_row=1)
+        together_caches = caches()
+    # only the positions each row holds: padding writes beyond them
+    ends = [start + len(c) for c, start in chunks]
+    cut = lambda cs: [[(k[1 + b, :, :end], v[1 + b, :, :end]) for b, end in enumerate(ends)] + [(k[0], v[0])]
+                      for k, v in cs]
+    return alone, together, cut(alone_caches), cut(together_caches)
+
+
+@pytest.mark.parametrize("which", ["default", "tiny-gqa-window"])
+def test_prompts_prefilled_together_give_each_row_its_own_logits_and_cache(which, default_model_dir, tmp_path):
+    """engine.Engine.prefill_rows on CPU (fp32): each row gets the logits and cache entries its chunk gets
+    prefilled alone; row 0 stays untouched."""
+    if which == "default":
+        model, _ = load_transformer(default_model_dir, CPU, torch.float32, repack_int4=False)
+    else:
+        save_tiny(tmp_path, "mistral-gqa-window")
+        model, _ = load_transformer(tmp_path, CPU, torch.float32)
+    alone, together, alone_caches, together_caches = prefilled_together_and_alone(model)
+    for b, (w, h) in enumerate(zip(alone, together)):
+        torch.testing.assert_close(h, w, atol=2e-4, rtol=2e-4, msg=lambda m: f"row {1 + b}: {m}")
+    for want, have in zip(alone_caches, together_caches):
+        assert not have[-1][0].any() and not have[-1][1].any()   # row 0
+        torch.testing.assert_close(have, want, atol=2e-4, rtol=2e-4)
+
+
+@needs_cuda
+def test_prompts_prefilled_together_on_cuda_match_each_alone(tmp_path):
+    """The same on the GPU path (bf16; the fused RoPE + cache kernel with [B, S] positions): to bf16 rounding."""
+    save_tiny(tmp_path, "mistral-gqa-window")
+    model, _ = load_transformer(tmp_path, [torch.device("cuda")], torch.bfloat16)
+    alone, together, alone_caches, together_caches = prefilled_together_and_alone(model)
+    for w, h in zip(alone, together):
+        assert (h - w).abs().max() <= 0.05 * w.abs().max()
+    for want, have in zip(alone_caches, together_caches):
+        assert not have[-1][0].any() and not have[-1][1].any()
+        torch.testing.assert_close(have, want, atol=0.05, rtol=0.02)
+
+
+def test_slots_joining_at_once_keep_their_own_logits(tmp_path):
+    """Four prompts joining an empty four-slot batch together (those waiting at once are prefilled in shared
+    passes of prefill_chunk positions, a few each) each get the logits of their prompt and forced tokens alone."""
+    from engine.batch import Batch
+
+    save_tiny(tmp_path, "mistral-gqa-window")
+    model, _ = load_transformer(tmp_path, CPU, torch.float32)
+    scripts = scripts_for(model.args.vocab_size)
+    expected = [reference(model, prompt, forced) for prompt, forced in scripts]
+    engine = Engine(model, 128, use_graphs=False, prefill_chunk=8, slots=4)
+    batch = Batch(engine)
+    outs = [[] for _ in scripts]
+    start = threading.Barrier(len(scripts))
+    threads = [threading.Thread(target=lambda i=i: (start.wait(), run_slot(batch, *scripts[i], outs[i])))
+               for i in range(len(scripts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+        assert not t.is_alive()
+    batch.close()
+    for slot, (want, have) in enumerate(zip(expected, outs)):
+        assert len(have) == len(want)
+        for step, (w, h) in enumerate(zip(want, have)):
+            torch.testing.assert_close(h, w, atol=2e-4, rtol=2e-4, msg=lambda m: f"slot {slot} step {step}: {m}")
+
+
 @pytest.fixture(scope="module")
 def default_models(default_model_dir):
     """The default model twice: batching three slots, and one stream at a time (the reference). In fp32 (not
