@@ -339,6 +339,7 @@ def bench_concurrent_streams(folder: Path) -> dict:
         runners.join()
         result["newcomer_ttft_ms_while_7_run"] = round(newcomer.time_to_first_token * 1e3, 2)
         result["widest_step"] = batch.widest
+        result["widest_prefill"] = batch.widest_prefill
     model.unload()
     return result
 

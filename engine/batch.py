@@ -126,6 +126,7 @@ class Batch:
     cond: threading.Condition = field(default_factory=threading.Condition)
     closed: bool = False
     widest: int = 0   # the most slots one decode step has advanced so far (reported by bench/engine.py)
+    widest_prefill: int = 0   # the most prompts one prefill pass has taken so far (likewise)
     busy: bool = False   # a step or chunk is running (in the driver, or inline in a lone slot's thread)
     _thread: threading.Thread | None = None
 
@@ -340,11 +341,31 @@ class Batch:
 
     def _prefill(self, slots: list[Slot]) -> None:
         """A chunk of each newcomer's prompt, all in one forward pass (engine.Engine.prefill_rows); together they
-        take at most the engine's prefill chunk of positions, as one newcomer alone does."""
+        take at most the engine's prefill chunk of positions, as one newcomer alone does. Where the shared pass
+        fails (a prompt the model cannot run, too little memory for all of them), each runs alone, so only the
+        newcomer that cannot run ends with the error."""
+        if len(slots) > 1:
+            try:
+                self._prefill_pass(slots)
+                return
+            except Exception:   # each alone below: the failure is kept for the one that fails alone
+                pass
+        for slot in slots:
+            try:
+                self._prefill_pass([slot])
+            except Exception as exc:
+                if len(slots) == 1:
+                    raise   # the driver ends this slot's generation with it
+                with self.cond:
+                    slot.error, slot.token, slot.left = exc, None, True
+                    self.cond.notify_all()
+
+    def _prefill_pass(self, slots: list[Slot]) -> None:
         size = max(1, self.engine.prefill_chunk // len(slots))
         chunks = [(slot.pending[:size], slot.filled) for slot in slots]
         logits = self.engine.prefill_rows(chunks, slots[0].row)
         with self.cond:
+            self.widest_prefill = max(self.widest_prefill, len(slots))
             for slot, (ids, _), after in zip(slots, chunks, logits):
                 slot.filled += len(ids)
                 del slot.pending[:len(ids)]

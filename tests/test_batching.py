@@ -150,9 +150,24 @@ def test_prompts_prefilled_together_on_cuda_match_each_alone(tmp_path):
         torch.testing.assert_close(have, want, atol=0.05, rtol=0.02)
 
 
-def test_slots_joining_at_once_keep_their_own_logits(tmp_path):
-    """Four prompts joining an empty four-slot batch together (those waiting at once are prefilled in shared
-    passes of prefill_chunk positions, a few each) each get the logits of their prompt and forced tokens alone."""
+def joined_together(batch, count: int, threads: list[threading.Thread]) -> None:
+    """Start `threads` (each joins `batch` once) while the driver is held as if a step ran, and let it go once
+    `count` slots wait with their prompts: its first job is then their shared prefill."""
+    with batch.cond:
+        batch.busy = True
+    for t in threads:
+        t.start()
+    with batch.cond:
+        assert batch.cond.wait_for(lambda: len(batch.slots) == count, WAIT)
+        assert all(s.pending for s in batch.slots)
+        batch.busy = False
+        batch.cond.notify_all()
+
+
+def test_slots_joining_at_once_share_prefill_passes_and_keep_their_own_logits(tmp_path):
+    """Four prompts waiting together in an empty four-slot batch are prefilled in shared passes (prefill_chunk 8:
+    two positions each a pass, padded where a prompt is shorter), and each gets the logits of its prompt and
+    forced tokens alone."""
     from engine.batch import Batch
 
     save_tiny(tmp_path, "mistral-gqa-window")
@@ -162,15 +177,46 @@ def test_slots_joining_at_once_keep_their_own_logits(tmp_path):
     engine = Engine(model, 128, use_graphs=False, prefill_chunk=8, slots=4)
     batch = Batch(engine)
     outs = [[] for _ in scripts]
-    start = threading.Barrier(len(scripts))
-    threads = [threading.Thread(target=lambda i=i: (start.wait(), run_slot(batch, *scripts[i], outs[i])))
-               for i in range(len(scripts))]
-    for t in threads:
-        t.start()
+    threads = [threading.Thread(target=run_slot, args=(batch, *script, out)) for script, out in zip(scripts, outs)]
+    joined_together(batch, len(scripts), threads)
     for t in threads:
         t.join(WAIT)
         assert not t.is_alive()
     batch.close()
+    assert batch.widest_prefill == len(scripts)
+    for slot, (want, have) in enumerate(zip(expected, outs)):
+        assert len(have) == len(want)
+        for step, (w, h) in enumerate(zip(want, have)):
+            torch.testing.assert_close(h, w, atol=2e-4, rtol=2e-4, msg=lambda m: f"slot {slot} step {step}: {m}")
+
+
+def test_a_prompt_that_cannot_run_fails_alone_when_prefilled_with_others(tmp_path):
+    """Four newcomers waiting together (the driver held busy until all have joined, so they share a prefill
+    pass), one with an id outside the vocabulary: the shared pass fails, each prompt then runs alone, and only
+    that one ends with the error; the others get their own logits."""
+    from engine.batch import Batch
+
+    save_tiny(tmp_path, "mistral-gqa-window")
+    model, _ = load_transformer(tmp_path, CPU, torch.float32)
+    scripts = scripts_for(model.args.vocab_size)[:3]
+    expected = [reference(model, prompt, forced) for prompt, forced in scripts]
+    batch = Batch(Engine(model, 128, use_graphs=False, prefill_chunk=64, slots=4))
+    outs, errors = [[] for _ in scripts], []
+
+    def bad() -> None:
+        try:
+            batch.join([1, model.args.vocab_size + 5], None)
+        except IndexError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run_slot, args=(batch, *script, out)) for script, out in zip(scripts, outs)]
+    threads.append(threading.Thread(target=bad))
+    joined_together(batch, 4, threads)
+    for t in threads:
+        t.join(WAIT)
+        assert not t.is_alive()
+    batch.close()
+    assert len(errors) == 1 and "index" in str(errors[0]).lower()
     for slot, (want, have) in enumerate(zip(expected, outs)):
         assert len(have) == len(want)
         for step, (w, h) in enumerate(zip(want, have)):
