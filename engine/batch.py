@@ -242,7 +242,7 @@ class Batch:
             raise slot.error
         if not slot.picked:
             raise RuntimeError("the model was unloaded")
-        if slot.unfed is not None:
+        if slot.unfed is not None and self._room(slot):
             slot.token, slot.since, slot.lagging, slot.unfed = slot.unfed, time.monotonic(), False, None
             self.cond.notify_all()
         return slot.picked.popleft()
@@ -399,11 +399,18 @@ class Batch:
                     slot.result = result
                     continue
                 slot.picked.append(picks.pop(0))   # and, room permitting, the next step's input: see RUN_AHEAD
-                if len(slot.picked) < RUN_AHEAD:
+                if len(slot.picked) < RUN_AHEAD and self._room(slot):
                     slot.token, slot.since = result, now
                 else:
                     slot.unfed = result
             self.cond.notify_all()
+
+    def _room(self, slot: Slot) -> bool:
+        """Whether another step of the slot picks a token the context can hold: the step at position p picks
+        the token at p + 1, which must be below max_seq_len (the cache and the in-step sampler's history hold
+        that many). A reader asks for no token past the context; a slot running ahead of it would step on, and
+        the failing step would end every generation in it."""
+        return slot.filled + 1 < self.engine.max_seq_len
 
     @staticmethod
     def _to_host(ids: list[torch.Tensor]) -> list[Pick]:

@@ -414,6 +414,33 @@ def test_a_slot_sampling_in_the_step_runs_ahead_of_a_paused_reader_by_run_ahead_
     assert isinstance(rest[-1], DoneEvent) and rest[-1].text == want
 
 
+def test_run_ahead_stops_at_the_end_of_the_cache(in_step_models):
+    """A slot that runs ahead of its reader never steps past the last cache position: replies that fill the
+    whole 512-token context end there normally (no error from a write beyond the cache), alone and two at once."""
+    batched = in_step_models[3]
+    params = GenerationParams(**{**GREEDY, **CHAT_SAMPLER, "seed": 3, "max_new_tokens": 100})
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(100, 1000, (n,), generator=g).tolist() for n in (505, 500)]
+    for together in (1, 2):
+        results = [None] * together
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+            i, collect(batched.generate(Prompt(text="", ids=prompts[i]), params)))) for i in range(together)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+            assert not t.is_alive()
+        for (_, done, stats), prompt in zip(results, prompts):
+            assert done.error is None, done.error
+            assert done.reason in ("max_tokens", "eos") and stats.new_tokens <= 512 - len(prompt)
+    import time
+
+    deadline = time.monotonic() + WAIT   # a slot left during a step is freed right after that step
+    while batched.batch.slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batched.batch.slots == []
+
+
 def test_the_default_app_keeps_one_generation_at_a_time_on_cpu(default_models):
     single = default_models[1]
     assert single.concurrent_generations == 1 and single.batch is None
