@@ -1,9 +1,10 @@
 """Kernel launches that let the next kernel start early: programmatic dependent launch (PDL, Hopper and newer).
 
-A decode step is a chain of ~340 kernels, and each of Hearth's quantized matmuls spends its first microseconds
-waiting for its first weights while the memory system idles between kernels. With PDL a kernel may launch
-while the one before it still runs; it prefetches what does not depend on that kernel (its weights) and then
-waits (`griddepcontrol.wait`) before it reads anything the earlier kernel wrote. Every kernel launched this way
+A decode step is a chain of ~340 kernels, most of them a few microseconds long, and between two of them the GPU
+drains one grid and launches, schedules and sets up the next. With PDL a kernel may launch while the one before
+it still runs: its blocks become resident and set up while that kernel finishes, then wait
+(`griddepcontrol.wait`) before they read anything it wrote (measured on an H200, 7B 4-bit decode: 482.7 ->
+528.1 tok/s; asking for the weights into L2 before the wait lost: bench/NOTES-engine.md). Every kernel launched this way
 must wait before its first dependent read and before any write, which keeps the stream's order for every
 kernel after it too (each one completes only after its own wait). The kernel before lets it launch early with
 `griddepcontrol.launch_dependents`; without that it launches as the earlier kernel's blocks exit.
@@ -43,7 +44,7 @@ def triton_enabled(device_index: int) -> bool:
     """Whether Triton kernels on this device launch with PDL: as `enabled`, where this Triton has the launch
     option and the grid-dependency instructions (3.4+). Such kernels take a PDL flag and begin with
     `if PDL: tl.extra.cuda.gdc_launch_dependents(); tl.extra.cuda.gdc_wait()`: short kernels let the next
-    one (a matmul, whose weights are then on their way) launch at once, and wait before touching memory."""
+    one launch at once, and wait before touching memory."""
     if not enabled(device_index):
         return False
     try:
