@@ -691,6 +691,26 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
     return results
 
 
+def launch_shapes(matmul, x, packed: list, configs, nbytes: int, error) -> tuple[dict, list]:
+    """--gemv: each launch shape's TB/s, relative error (error(out) against the fp64 reference) and us for
+    matmul(x, packed[i], cfg), the copies rotated so the weights stream from memory. Returns ({"warps/unroll":
+    [TB/s, error, us] or the failure}, [(TB/s, cfg) of the accurate shapes, fastest first])."""
+    row, ranked = {}, []
+    for cfg in configs:
+        try:
+            e = error(matmul(x, packed[0], cfg))
+            t = rotating_graph_time(lambda i: (lambda: matmul(x, packed[i], cfg)), nbytes)
+        except Exception as exc:  # a shape that cannot launch is reported, the sweep goes on
+            row[f"{cfg.warps}/{cfg.unroll}"] = f"{type(exc).__name__}: {exc}"[:300]
+            continue
+        tbs = nbytes / t / 1e12
+        row[f"{cfg.warps}/{cfg.unroll}"] = [round(tbs, 2), f"{e:.1e}", round(t * 1e6, 1)]
+        if e < 1e-2:
+            ranked.append((tbs, cfg))
+    ranked.sort(key=lambda r: -r[0])
+    return row, ranked
+
+
 def graph_time(fn, calls: int = 20) -> float:
     """Seconds per fn() replayed inside one CUDA graph of `calls` calls (no launch overhead)."""
     side = torch.cuda.Stream()
@@ -755,19 +775,7 @@ def gemv_sweep() -> dict:
         entry["dequantize_write_tb_s"] = round((nbytes + 2 * k * n) / t_deq / 1e12, 2)
         entry["checks"]["zeros_dequantize"] = f"{((int4_mma.dequantize(pz).double().t() - wz).norm() / wz.norm()).item():.1e}"
         del pz
-        row, ranked = {}, []
-        for cfg in configs:
-            try:
-                e = err(int4_mma.matmul(x, packed[0], cfg), 1)
-                t = rotating_graph_time(lambda i: (lambda: int4_mma.matmul(x, packed[i], cfg)), nbytes)
-            except Exception as exc:
-                row[f"{cfg.warps}/{cfg.unroll}"] = f"{type(exc).__name__}: {exc}"[:300]
-                continue
-            tbs = nbytes / t / 1e12
-            row[f"{cfg.warps}/{cfg.unroll}"] = [round(tbs, 2), f"{e:.1e}", round(t * 1e6, 1)]
-            if e < 1e-2:
-                ranked.append((tbs, cfg))
-        ranked.sort(key=lambda r: -r[0])
+        row, ranked = launch_shapes(int4_mma.matmul, x, packed, configs, nbytes, lambda out: err(out, 1))
         entry.update(best_tb_s=round(ranked[0][0], 2) if ranked else None,
                      best_config=ranked[0][1].__dict__ if ranked else None, all=row)
         if act:  # a weight whose order the layer before cannot produce: gathered by index_select or in the kernel
@@ -835,19 +843,7 @@ def lowbit_sweep(widths: tuple[int, ...] = (3, 8, 2)) -> dict:
         del pz
         t_deq = rotating_graph_time(lambda i: (lambda: lowbit_mma.dequantize(packed[i])), nbytes, calls=8)
         entry["dequantize_write_tb_s"] = round((nbytes + 2 * k * n) / t_deq / 1e12, 2)
-        row, ranked = {}, []
-        for cfg in configs:
-            try:
-                e = err(lowbit_mma.matmul(x, packed[0], cfg), 1)
-                t = rotating_graph_time(lambda i: (lambda: lowbit_mma.matmul(x, packed[i], cfg)), nbytes)
-            except Exception as exc:
-                row[f"{cfg.warps}/{cfg.unroll}"] = f"{type(exc).__name__}: {exc}"[:300]
-                continue
-            tbs = nbytes / t / 1e12
-            row[f"{cfg.warps}/{cfg.unroll}"] = [round(tbs, 2), f"{e:.1e}", round(t * 1e6, 1)]
-            if e < 1e-2:
-                ranked.append((tbs, cfg))
-        ranked.sort(key=lambda r: -r[0])
+        row, ranked = launch_shapes(lowbit_mma.matmul, x, packed, configs, nbytes, lambda out: err(out, 1))
         best = ranked[0][0] if ranked else None
         entry.update(best_tb_s=round(best, 2) if best else None,
                      best_config=ranked[0][1].__dict__ if ranked else None,
