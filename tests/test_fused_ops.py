@@ -55,7 +55,7 @@ def interpreted(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_rotary_into_cache_under_the_interpreter(interpreted, name):
-    assert interpreted["__interpreted__"]
+    CHECKS.assert_all_ran(interpreted)
     assert interpreted[f"rotary_{name}"] == "ok", interpreted[f"rotary_{name}"]
 
 

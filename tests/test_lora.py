@@ -20,7 +20,7 @@ from engine.weights import load_transformer
 from loaders.lora import list_loras, parse_lora_arg, read_info, read_weights
 from tests.conftest import DEFAULT_MODEL, REPO, make_state
 from tests.quant_fixtures import quantize_model_dir, tiny_llama_dir
-from tests.triton_interpreter import INTERPRETED, InterpreterChecks
+from tests.triton_interpreter import InterpreterChecks
 
 CPU = [torch.device("cpu")]
 PROMPT = torch.tensor([1, 504, 3458, 314, 260, 3575, 282, 4649, 47, 2])   # a few real tokens
@@ -342,8 +342,7 @@ def test_lora_kernels_under_the_interpreter(interpreted, name):
 
 
 def test_lora_kernel_interpreter_really_interpreted(interpreted):
-    assert interpreted[INTERPRETED] is True
-    assert set(INTERPRETER_CHECKS.checks) <= set(interpreted)
+    INTERPRETER_CHECKS.assert_all_ran(interpreted)
 
 
 def test_lora_kernels_take_decode_rows_on_cuda_only():

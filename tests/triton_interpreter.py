@@ -60,6 +60,11 @@ class InterpreterChecks:
         assert out.exists(), child.stdout[-3000:] + child.stderr[-3000:]
         return json.loads(out.read_text())
 
+    def assert_all_ran(self, results: dict) -> None:
+        """The child really interpreted Triton (not a silent fallback to something else) and ran every check."""
+        assert results[INTERPRETED] is True
+        assert set(self.checks) <= set(results)
+
     def child_main(self) -> None:
         """The child: run every check, write {name: "ok" | traceback} to the path in argv[1]."""
         import triton
