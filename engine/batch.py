@@ -17,10 +17,10 @@ engine's single-stream step (the same graph) in row 0.
 
 The driver's turns: a newcomer's prompt runs one prefill chunk at a time, alternating with decode steps of
 the running slots, so they stall by one chunk at most. Newcomers that wait together (in rows that follow one
-another) share a chunk's forward pass, which reads the weights once for all of their prompts. A decode step waits until every decoding slot has
-handed its token in, but not longer than STRAGGLER_WAIT seconds after the first: a slot whose reader paused
-misses steps rather than stalling the others (its position does not move; rows not stepping are padding),
-and steps stop waiting for it until it hands a token in again.
+another) share a chunk's forward pass, which reads the weights once for all of their prompts. A decode step
+waits until every decoding slot has handed its token in, but not longer than STRAGGLER_WAIT seconds after the
+first: a slot whose reader paused misses steps rather than stalling the others (its position does not move;
+rows not stepping are padding), and steps stop waiting for it until it hands a token in again.
 
 A slot that samples in the step runs ahead of its reader: the id a step picks is already on the device, so the
 driver feeds it to the next step itself and queues it for the reader, up to RUN_AHEAD ids unread. The GPU then
@@ -51,9 +51,7 @@ ROW_BUCKETS = (2, 4, 8)   # rows of a captured batched step: a batch is rounded 
 
 @dataclass(frozen=True)
 class Pick:
-    """An id a step picked for a slot: on the device (the next step's input) and, once `ready` has happened
-    (None: at once, on CPU), on the host."""
-    on_device: torch.Tensor   # 0-d
+    """An id a step picked for a slot, on the host once `ready` has happened (None: at once, on CPU)."""
     on_host: torch.Tensor     # 0-d, CPU
     ready: torch.cuda.Event | None
 
@@ -344,18 +342,16 @@ class Batch:
         take at most the engine's prefill chunk of positions, as one newcomer alone does. Where the shared pass
         fails (a prompt the model cannot run, too little memory for all of them), each runs alone, so only the
         newcomer that cannot run ends with the error."""
-        if len(slots) > 1:
-            try:
-                self._prefill_pass(slots)
-                return
-            except Exception:   # each alone below: the failure is kept for the one that fails alone
-                pass
-        for slot in slots:
+        try:
+            self._prefill_pass(slots)
+            return
+        except Exception:
+            if len(slots) == 1:
+                raise   # the driver ends this slot's generation with it
+        for slot in slots:   # each alone: the failure stays with the one that fails alone
             try:
                 self._prefill_pass([slot])
             except Exception as exc:
-                if len(slots) == 1:
-                    raise   # the driver ends this slot's generation with it
                 with self.cond:
                     slot.error, slot.token, slot.left = exc, None, True
                     self.cond.notify_all()
@@ -417,12 +413,12 @@ class Batch:
         """The step's picked ids (0-d, on the device) as Picks: one copy to pinned memory for all of them and
         an event after it (CPU: the ids themselves)."""
         if not ids or not ids[0].is_cuda:
-            return [Pick(i, i, None) for i in ids]
+            return [Pick(i, None) for i in ids]
         host = torch.empty(len(ids), dtype=torch.long, pin_memory=True)
         host.copy_(torch.stack(ids), non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return [Pick(i, host[n], ready) for n, i in enumerate(ids)]
+        return [Pick(host[n], ready) for n in range(len(ids))]
 
     def _pick(self, slot: Slot, logits: torch.Tensor) -> torch.Tensor:
         """The slot's next id from its row's logits, by its own sampler (eagerly, after the batched step)."""
