@@ -228,8 +228,8 @@ class KVCache(nn.Module):
         return self.k_all[self.row:self.row + count], self.v_all[self.row:self.row + count]
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        # input_pos: [S] (k, v: [1, H_kv, S, D]) or [B, S], each row's own positions, into rows 0..B-1
-        # (k, v: [B, H_kv, S, D]). index_copy_ and scatter_ keep the write graph-capturable.
+        # input_pos: [S] (k, v: [1, H_kv, S, D]) or [B, S], each row's own positions, into B rows from
+        # `use_row`'s (k, v: [B, H_kv, S, D]). index_copy_ and scatter_ keep the write graph-capturable.
         if input_pos.dim() == 1:
             self.k.index_copy_(2, input_pos, k)
             self.v.index_copy_(2, input_pos, v)
@@ -403,7 +403,7 @@ class Attention(nn.Module):
         if fused_ops.usable(qkv) and self.head_dim & (self.head_dim - 1) == 0 and whole_heads and \
                 (self.q_norm is None or norms):
             # One kernel: q/k norms (Qwen3 / Gemma 3), RoPE on q and k, k and v into the cache (Triton wants a
-            # power-of-two head size). Positions [B, S]: a row each, into cache rows 0..B-1 (engine.batch).
+            # power-of-two head size). Positions [B, S]: a row each, into B cache rows (KVCache.rows).
             k_rows, v_rows = (cache.k, cache.v) if input_pos.dim() == 1 else cache.rows(B)
             q = fused_ops.rotary_into_cache(qkv, cos, sin, input_pos, k_rows, v_rows, H, H_kv,
                                             qk_norm).transpose(1, 2)

@@ -11,6 +11,7 @@ expresses, so the host reads back only the chosen id; the others keep the shared
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from pathlib import Path
@@ -103,11 +104,17 @@ class Engine:
         """Run prompt ids that start at position `start` into KV-cache row `row`; fp32 logits [V] after them."""
         input_pos = torch.arange(start, start + len(ids), device=self.device)
         tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        with self._cache_rows_from(row):
+            return self.model(tokens, input_pos, kv_len=start + len(ids), last_only=True)[0, -1]
+
+    @contextlib.contextmanager
+    def _cache_rows_from(self, row: int) -> Iterator[None]:
+        """Calls inside use KV-cache rows from `row` on (KVCache.use_row); row 0 again after."""
         caches = [layer.attention.kv_cache for layer in self.model.layers]
         for cache in caches:
             cache.use_row(row)
         try:
-            return self.model(tokens, input_pos, kv_len=start + len(ids), last_only=True)[0, -1]
+            yield
         finally:
             for cache in caches:
                 cache.use_row(0)
@@ -128,14 +135,8 @@ class Engine:
         starts = torch.tensor([start for _, start in chunks], device=self.device)
         positions = (starts[:, None] + torch.arange(width, device=self.device)).clamp(max=self.max_seq_len - 1)
         last = torch.tensor([len(ids) - 1 for ids, _ in chunks], device=self.device)
-        caches = [layer.attention.kv_cache for layer in self.model.layers]
-        for cache in caches:
-            cache.use_row(first_row)
-        try:
+        with self._cache_rows_from(first_row):
             logits = self.model(tokens, positions, kv_len=max(start + len(ids) for ids, start in chunks), last=last)
-        finally:
-            for cache in caches:
-                cache.use_row(0)
         return list(logits[:, 0])
 
     def bucket(self, length: int) -> int:
