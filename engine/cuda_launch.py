@@ -4,7 +4,8 @@ A decode step is a chain of ~340 kernels, most of them a few microseconds long, 
 drains one grid and launches, schedules and sets up the next. With PDL a kernel may launch while the one before
 it still runs: its blocks become resident and set up while that kernel finishes, then wait
 (`griddepcontrol.wait`) before they read anything it wrote (measured on an H200, 7B 4-bit decode: 482.7 ->
-528.1 tok/s; asking for the weights into L2 before the wait lost: bench/NOTES-engine.md). Every kernel launched this way
+528.1 tok/s). The matmuls read their first weights before that wait, since no kernel writes them (532.3 ->
+591.7; asking for the weights into L2 instead lost: bench/NOTES-engine.md). Every kernel launched this way
 must wait before its first dependent read and before any write, which keeps the stream's order for every
 kernel after it too (each one completes only after its own wait). The kernel before lets it launch early with
 `griddepcontrol.launch_dependents`; without that it launches as the earlier kernel's blocks exit.

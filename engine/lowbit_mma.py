@@ -169,12 +169,12 @@ template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, 
 // read through perm).
 template <int BITS, int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM>
 __global__ void __launch_bounds__(WARPS * 32)
-lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* __restrict__ w,
+lowbit_mma(const u16* x, const int* __restrict__ perm, const char* __restrict__ w,
            const void* __restrict__ scales, const void* __restrict__ zeros, u16* __restrict__ y,
            int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift) {
     static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
     constexpr int CH = Width<BITS>::inputs, STEPS = Width<BITS>::steps, SEGS = STEPS / SEG;
-    wait_for_prerequisites();   // x: written by the kernel before (engine.cuda_launch)
+    Prerequisites ready(true);   // x: written by the kernel before (engine.cuda_launch)
     __shared__ float partial[WARPS][8][16];
     __shared__ __align__(16) u32 gathered[PERM ? WARPS : 1][PERM ? U : 1][8][PERM ? CH / 2 : 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -235,6 +235,7 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
                     }
                 }
                 if (PERM) {
+                    ready.meet();
 #pragma unroll
                     for (int j = 0; j < CH / 64; ++j) {
                         const int pair = lane + 32 * j;
@@ -246,6 +247,7 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
                 }
             }
         }
+        ready.meet();
         if (PERM) __syncwarp();
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -312,6 +314,7 @@ lowbit_mma(const u16* __restrict__ x, const int* __restrict__ perm, const char* 
         if (PERM) __syncwarp();
     }
     let_dependents_launch();
+    ready.meet();   // a warp with no chunk: before the writes
     partial[warp][2 * t][r] = acc[0];
     partial[warp][2 * t + 1][r] = acc[1];
     partial[warp][2 * t][r + 8] = acc[2];

@@ -260,7 +260,8 @@ def test_app_generate_runs_the_family_on_the_engine(tmp_path, kind):
     with torch.no_grad():
         out = hf.generate(ids[None], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     want = " ".join(f"w{i}" if i >= 3 else ["<unk>", "<s>", "</s>"][i] for i in out[0, len(ids):].tolist())
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    # CPU even on a GPU machine: the reference is transformers' fp32 greedy text.
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_DISABLE_TELEMETRY": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run([sys.executable, str(ROOT / "app.py"), "generate", "--models-dir", str(models),
                              "--model", kind, "--prompt", words, "--max-new-tokens", "12", "--temperature", "0"],
                             capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
