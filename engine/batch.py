@@ -159,6 +159,13 @@ class Batch:
     def join(self, prompt_ids: Sequence[int], cancel: threading.Event | None) -> tuple[Slot, torch.Tensor]:
         """Take a slot for a prompt; returns it with the logits after the prompt once it is prefilled."""
         with self.cond:
+            # A generation that ended leaves its slot to be freed after the step in progress, and the scheduler
+            # may have admitted this one in its place already: wait for that step, not fail.
+            while not self.closed and len(self.slots) >= self.engine.slots and any(s.left for s in self.slots):
+                if self.busy:
+                    self.cond.wait()
+                else:
+                    self._free_left()
             if self.closed:
                 raise RuntimeError("the model was unloaded")
             if len(self.slots) >= self.engine.slots:   # the scheduler admits no more than there are slots

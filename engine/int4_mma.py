@@ -490,11 +490,12 @@ class MmaConfig:
 
 
 def config_for(n: int) -> MmaConfig:
-    """Launch shape for N outputs. From `bench/engine.py --gemv` on an H100: one 16-byte load in flight per
-    lane was best (more warps hide the latency better than unrolling); 32 warps a tile when there are few
-    tiles (N = 4096: 256 of them), 16 from N = 8192 up (best or within 9% of the best on every 7B/70B shape;
-    the ranking between 8 and 16 warps moved from run to run)."""
-    return MmaConfig(warps=32 if n < 8192 else 16, unroll=1)
+    """Launch shape for N outputs. One 16-byte load in flight per lane is best (more warps hide the latency
+    better than unrolling): 32 warps a tile when there are few tiles (N = 4096: 256 of them), 8 from N = 8192
+    up. Measured on an H200 as whole 7B decode steps, with the first weights read before the wait
+    (bench/NOTES-engine.md): below 8192, 32 warps 591.0 tok/s, 16 579.3, unroll 2 ~545; from 8192, 8 warps
+    607.2 (again 607.3), 4 579.2, 16 591.0, 32 542.4, unroll 2 ~555."""
+    return MmaConfig(warps=32 if n < 8192 else 8, unroll=1)
 
 
 def supported(device: torch.device) -> bool:

@@ -4,6 +4,7 @@ strings hold per slot. CPU tests run eagerly; GPU tests (captured batched steps)
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -223,6 +224,13 @@ def test_a_prompt_that_cannot_run_fails_alone_when_prefilled_with_others(tmp_pat
             torch.testing.assert_close(h, w, atol=2e-4, rtol=2e-4, msg=lambda m: f"slot {slot} step {step}: {m}")
 
 
+def assert_every_slot_freed(batch) -> None:
+    """A slot left during a step is freed right after that step: wait for that, then check."""
+    deadline = time.monotonic() + WAIT
+    while batch.slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert batch.slots == []
+
 @pytest.fixture(scope="module")
 def default_models(default_model_dir):
     """The default model twice: batching three slots, and one stream at a time (the reference). In fp32 (not
@@ -352,6 +360,32 @@ def test_a_cancelled_slot_frees_at_once_and_the_others_continue(default_models, 
     assert batched.batch.slots == []
 
 
+def test_a_generation_admitted_as_another_ends_waits_for_that_slot_instead_of_failing(in_step_models, alone_replies):
+    """Three slots, all taken: B ends while A and C decode, so its slot is freed after the step in progress.
+    D, which the scheduler admits as B ends, waits for that step and takes B's slot (it failed with "all 3
+    generation slots are taken" when it came within that step)."""
+    batched = in_step_models[3]
+    scheduler = Scheduler(slots=3)
+    work = lambda text, **p: (lambda cancel: batched.generate(chat(batched, text),
+                                                              GenerationParams(**{**GREEDY, **p}), cancel))
+    a = scheduler.submit(work(QUESTIONS[0]), "a")
+    b = scheduler.submit(work(QUESTIONS[1], max_new_tokens=3), "b")
+    c = scheduler.submit(work(QUESTIONS[2]), "c")
+    ended: dict[str, list] = {}
+    readers = [threading.Thread(target=lambda n=n, h=h: ended.__setitem__(n, list(h))) for n, h in (("a", a), ("c", c))]
+    for reader in readers:
+        reader.start()
+    assert list(b)[-1].reason == "max_tokens"
+    d = list(scheduler.submit(work(QUESTIONS[1]), "d"))
+    for reader in readers:
+        reader.join(WAIT)
+        assert not reader.is_alive()
+    assert set(ended) == {"a", "c"}
+    assert (d[-1].reason, d[-1].error) in (("eos", None), ("max_tokens", None))
+    assert [d[-1].text, ended["a"][-1].text, ended["c"][-1].text] == [alone_replies[q] for q in
+                                                                       (QUESTIONS[1], QUESTIONS[0], QUESTIONS[2])]
+    assert_every_slot_freed(batched.batch)
+
 @pytest.fixture(scope="module")
 def in_step_models(default_model_dir, default_models):
     """The default model sampling inside its step (engine.graph_sampling, eagerly on CPU: the GPU's path), with
@@ -391,8 +425,6 @@ def test_a_slot_sampling_in_the_step_runs_ahead_of_a_paused_reader_by_run_ahead_
     """The driver feeds each id the step picks to the next step itself (engine.batch.RUN_AHEAD): while the
     reader pauses after its second text, the slot keeps stepping until RUN_AHEAD ids wait unread, and no further;
     the reply read afterwards is the one the seed gives alone."""
-    import time
-
     from engine.batch import RUN_AHEAD
 
     batched, single = in_step_models[3], in_step_models[1]
@@ -433,12 +465,7 @@ def test_run_ahead_stops_at_the_end_of_the_cache(in_step_models):
         for (_, done, stats), prompt in zip(results, prompts):
             assert done.error is None, done.error
             assert done.reason in ("max_tokens", "eos") and stats.new_tokens <= 512 - len(prompt)
-    import time
-
-    deadline = time.monotonic() + WAIT   # a slot left during a step is freed right after that step
-    while batched.batch.slots and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert batched.batch.slots == []
+    assert_every_slot_freed(batched.batch)
 
 
 def test_the_default_app_keeps_one_generation_at_a_time_on_cpu(default_models):
