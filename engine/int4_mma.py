@@ -489,13 +489,15 @@ class MmaConfig:
     unroll: int  # 16-byte loads in flight per lane
 
 
-def config_for(n: int) -> MmaConfig:
+def config_for(n: int, factored: bool = False, experts: bool = False) -> MmaConfig:
     """Launch shape for N outputs. One 16-byte load in flight per lane is best (more warps hide the latency
     better than unrolling): 32 warps a tile when there are few tiles (N = 4096: 256 of them), 8 from N = 8192
-    up. Measured on an H200 as whole 7B decode steps, with the first weights read before the wait
-    (bench/NOTES-engine.md): below 8192, 32 warps 591.0 tok/s, 16 579.3, unroll 2 ~545; from 8192, 8 warps
-    607.2 (again 607.3), 4 579.2, 16 591.0, 32 542.4, unroll 2 ~555."""
-    return MmaConfig(warps=32 if n < 8192 else 8, unroll=1)
+    up, 16 there for factored scales (GGUF K-quants) and for the experts' kernel (which waits before its first
+    read: it needs the experts chosen). Measured on an H200 as whole 7B decode steps, with the first weights
+    read before the wait (bench/NOTES-engine.md): below 8192, 32 warps 591.0 tok/s, 16 579.3, unroll 2 ~545;
+    from 8192, 8 warps 607.2 (again 607.3), 4 579.2, 16 591.0, 32 542.4, unroll 2 ~555; Q4_K_M-style GGUF
+    with its Q4_K layers at 16 warps 423.2, at 8 397.9."""
+    return MmaConfig(warps=32 if n < 8192 else 16 if factored or experts else 8, unroll=1)
 
 
 def supported(device: torch.device) -> bool:

@@ -87,9 +87,10 @@ class MoEFeedForward(nn.Module):
         # x2: [1, D]; ids, weights: [k].
         if self.in_place is not None:
             w13, w2 = self.in_place["w13"], self.in_place["w2"]
-            gate_up = int4_mma.expert_matmul(x2.to(torch.bfloat16), w13, ids, int4_mma.config_for(self.top_k * w13.n))
+            config = lambda w: int4_mma.config_for(self.top_k * w.n, experts=True)
+            gate_up = int4_mma.expert_matmul(x2.to(torch.bfloat16), w13, ids, config(w13))
             hidden = self.slots[0].activate(gate_up)                                      # [k, F]
-            y = int4_mma.expert_matmul(hidden.contiguous(), w2, ids, int4_mma.config_for(self.top_k * w2.n))
+            y = int4_mma.expert_matmul(hidden.contiguous(), w2, ids, config(w2))
             return torch.mm(weights[None].to(y.dtype), y).to(x2.dtype)                   # sum of w_j y_j: [1, D]
         # Gather the chosen experts into the slots, then run each slot.
         for stacked, slot in zip(self.stacked, self.slot_tensors):
