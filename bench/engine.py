@@ -282,7 +282,8 @@ def bench_concurrent_streams(folder: Path) -> dict:
     PROMPT-token prompts, started together on one model as concurrent requests are; aggregate tok/s (all new
     tokens over the wall time) and per-stream decode tok/s (min and median), each against the single-stream
     figure; then the time to first token of a newcomer while 7 streams decode. After a run per count that
-    captures its graphs."""
+    captures its graphs. Each measured window also reports the streams that ended early and the graphs
+    captured and Triton kernels compiled inside it (one-off costs a figure would otherwise hide)."""
     import threading
 
     from transformers import AutoTokenizer
@@ -309,17 +310,31 @@ def bench_concurrent_streams(folder: Path) -> dict:
             thread.join()
         return time.perf_counter() - t, stats
 
+    triton_cache = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+
+    def one_offs() -> dict:
+        """Counts of what may cost once inside a measured window: CUDA graphs captured (single-stream and
+        batched steps) and Triton kernels compiled into the disk cache."""
+        graphs = len(model.engine.graphs) + len(getattr(model.batch, "graphs", {}))
+        return {"graphs": graphs, "triton": sum(1 for _ in triton_cache.iterdir()) if triton_cache.is_dir() else 0}
+
+    def new_since(before: dict) -> dict:
+        return {k: v - before[k] for k, v in one_offs().items()}
+
     result = {"runtime": model.runtime, "slots": slots, "new_tokens": NEW, "prompt_tokens": PROMPT}
     for n in (1, 4, 8):
         if n > slots:
             result[f"streams_{n}"] = f"skipped: {slots} slots"
             continue
         together(n)   # captures the graphs of this many rows
+        before = one_offs()
         wall, stats = together(n)
         per_stream = sorted(s.tokens_per_second for s in stats)
         result[f"streams_{n}"] = {"aggregate_tok_s": round(n * NEW / wall, 1),
                                   "per_stream_min_tok_s": round(per_stream[0], 1),
-                                  "per_stream_median_tok_s": round(per_stream[len(per_stream) // 2], 1)}
+                                  "per_stream_median_tok_s": round(per_stream[len(per_stream) // 2], 1),
+                                  "ended_early": sum(1 for s in stats if s.new_tokens < NEW),
+                                  "made_during_the_run": new_since(before)}
     single = result["streams_1"]["aggregate_tok_s"]
     for n in (4, 8):
         if isinstance(result[f"streams_{n}"], dict):
@@ -334,10 +349,13 @@ def bench_concurrent_streams(folder: Path) -> dict:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and sum(1 for s in list(batch.slots) if s.filled > PROMPT + 8) < 7:
             time.sleep(0.01)
+        before = one_offs()
         newcomer = collect(model.generate(Prompt(text="", ids=prompt_ids(PROMPT + 64)),
                                           GenerationParams(max_new_tokens=16, temperature=0, top_k=0, top_p=1.0)))[2]
+        made = new_since(before)
         runners.join()
         result["newcomer_ttft_ms_while_7_run"] = round(newcomer.time_to_first_token * 1e3, 2)
+        result["made_while_the_newcomer_started"] = made
         result["widest_step"] = batch.widest
         result["widest_prefill"] = batch.widest_prefill
     model.unload()
