@@ -48,17 +48,35 @@ class InterpreterChecks:
         return register
 
     def run_child(self, test_file: str, tmp_dir: Path, timeout: int = 1200) -> dict:
-        """{check name: "ok" or its traceback, INTERPRETED: bool} from one child running `test_file` as a script
-        under the interpreter; skips where a CUDA GPU is present."""
+        """{check name: "ok" or its traceback, INTERPRETED: bool} from children running `test_file` as a script
+        under the interpreter, one a CPU core (at most 4), each taking every n-th check: the interpreter runs
+        a kernel on one core, and the test process only waits meanwhile. Skips where a CUDA GPU is present."""
         if torch.cuda.is_available():
             pytest.skip("a CUDA GPU is present: the GPU tests check the compiled kernels")
         pytest.importorskip("triton")   # requirements-test.txt installs it on CPU for its interpreter
-        out = tmp_dir / "results.json"
         env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-        child = subprocess.run([sys.executable, test_file, str(out)], env=env, cwd=REPO, capture_output=True,
-                               text=True, timeout=timeout)
-        assert out.exists(), child.stdout[-3000:] + child.stderr[-3000:]
-        return json.loads(out.read_text())
+        shards = max(1, min(4, os.cpu_count() or 1, len(self.checks)))
+        outs = [tmp_dir / f"results-{i}.json" for i in range(shards)]
+        logs = [tmp_dir / f"child-{i}.log" for i in range(shards)]
+        children = []
+        try:
+            for i, (out, log) in enumerate(zip(outs, logs)):
+                with log.open("w") as sink:   # a file, not a pipe: a chatty child never waits on a full pipe
+                    children.append(subprocess.Popen([sys.executable, test_file, str(out), f"{i}/{shards}"], env=env,
+                                                     cwd=REPO, stdout=sink, stderr=subprocess.STDOUT))
+            for child in children:
+                child.wait(timeout=timeout)
+        finally:
+            for child in children:
+                if child.poll() is None:
+                    child.kill()
+        results: dict = {INTERPRETED: True}
+        for out, log in zip(outs, logs):
+            assert out.exists(), log.read_text()[-6000:]
+            part = json.loads(out.read_text())
+            results[INTERPRETED] = results[INTERPRETED] and part.pop(INTERPRETED)
+            results.update(part)
+        return results
 
     def assert_all_ran(self, results: dict) -> None:
         """The child really interpreted Triton (not a silent fallback to something else) and ran every check."""
@@ -66,11 +84,13 @@ class InterpreterChecks:
         assert set(self.checks) <= set(results)
 
     def child_main(self) -> None:
-        """The child: run every check, write {name: "ok" | traceback} to the path in argv[1]."""
+        """A child: run its share of the checks (argv[2] "i/n": every n-th from the i-th), write {name: "ok" |
+        traceback} to the path in argv[1]."""
         import triton
 
+        shard, shards = map(int, sys.argv[2].split("/"))
         results = {INTERPRETED: bool(triton.knobs.runtime.interpret)}
-        for name, run in self.checks.items():
+        for name, run in list(self.checks.items())[shard::shards]:
             try:
                 run()
                 results[name] = "ok"
