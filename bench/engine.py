@@ -709,6 +709,11 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
     return results
 
 
+# --gemv's launch shapes: warps x unroll, and the shapes config_for picks (two blocks an SM: min_blocks 2).
+SWEPT_SHAPES = [int4_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)] + [
+    int4_mma.MmaConfig(8, 1, 2), int4_mma.MmaConfig(16, 1, 2), int4_mma.MmaConfig(20, 1), int4_mma.MmaConfig(24, 1, 2)]
+
+
 def launch_shapes(matmul, x, packed: list, configs, nbytes: int, error) -> tuple[dict, list]:
     """--gemv: each launch shape's TB/s, relative error (error(out) against the fp64 reference) and us for
     matmul(x, packed[i], cfg), the copies rotated so the weights stream from memory. Returns ({"warps/unroll":
@@ -719,14 +724,19 @@ def launch_shapes(matmul, x, packed: list, configs, nbytes: int, error) -> tuple
             e = error(matmul(x, packed[0], cfg))
             t = rotating_graph_time(lambda i: (lambda: matmul(x, packed[i], cfg)), nbytes)
         except Exception as exc:  # a shape that cannot launch is reported, the sweep goes on
-            row[f"{cfg.warps}/{cfg.unroll}"] = f"{type(exc).__name__}: {exc}"[:300]
+            row[shape_name(cfg)] = f"{type(exc).__name__}: {exc}"[:300]
             continue
         tbs = nbytes / t / 1e12
-        row[f"{cfg.warps}/{cfg.unroll}"] = [round(tbs, 2), f"{e:.1e}", round(t * 1e6, 1)]
+        row[shape_name(cfg)] = [round(tbs, 2), f"{e:.1e}", round(t * 1e6, 1)]
         if e < 1e-2:
             ranked.append((tbs, cfg))
     ranked.sort(key=lambda r: -r[0])
     return row, ranked
+
+
+def shape_name(cfg) -> str:
+    """warps/unroll, and /min_blocks where one is given."""
+    return f"{cfg.warps}/{cfg.unroll}" + (f"/{cfg.min_blocks}" if cfg.min_blocks else "")
 
 
 def graph_time(fn, calls: int = 20) -> float:
@@ -760,7 +770,7 @@ def gemv_sweep() -> dict:
     at M=1 on the 7B/70B layer shapes (act-order: also with x gathered first); effective TB/s counts 4-bit
     weights plus scales. Every config's result is checked against an fp64 reference, and the default config
     also at 3 and 8 rows, with per-group zeros, and through `dequantize`."""
-    configs = [int4_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)]
+    configs = SWEPT_SHAPES
     res = {}
     cases = [(name, shape, 128, False) for name, shape in GEMV_SHAPES.items()] + \
             [("wo 4096x4096 g32 act", (4096, 4096), 32, True), ("w2 11008x4096 g32 act", (11008, 4096), 32, True),
@@ -797,7 +807,7 @@ def gemv_sweep() -> dict:
         entry.update(best_tb_s=round(ranked[0][0], 2) if ranked else None,
                      best_config=ranked[0][1].__dict__ if ranked else None, all=row)
         if act:  # a weight whose order the layer before cannot produce: gathered by index_select or in the kernel
-            cfg = int4_mma.config_for(n)
+            cfg = int4_mma.config_for(n, gathers=True)
             x_orig, p32 = x8[:1].contiguous(), perm.to(torch.int32)
             entry["checks"]["gather_in_kernel"] = f"{err(int4_mma.matmul(x_orig, packed[0], cfg, p32), 1):.1e}"
             t = rotating_graph_time(lambda i: (lambda: int4_mma.matmul(x_orig.index_select(1, perm), packed[i], cfg)),
@@ -830,7 +840,7 @@ def lowbit_sweep(widths: tuple[int, ...] = (3, 8, 2)) -> dict:
     symmetric, against the copy bandwidth: effective TB/s counts the packed levels plus fp16 scales. Every
     config is checked against an fp64 reference; the default config also at 3 and 8 rows, with per-group
     zeros, and through `dequantize` (whose rate counts the bf16 it writes)."""
-    configs = [lowbit_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)]
+    configs = SWEPT_SHAPES
     res = {"copy_tb_s": round(copy_bandwidth(), 3)}
     cases = [(bits, name, shape) for bits in widths for name, shape in GEMV_SHAPES.items()
              if bits == 3 or "70b" not in name]
@@ -846,7 +856,7 @@ def lowbit_sweep(widths: tuple[int, ...] = (3, 8, 2)) -> dict:
         x8 = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
         ref8 = x8.double() @ w_ref
         err = lambda out, rows: ((out.double() - ref8[:rows]).norm() / ref8[:rows].norm()).item()
-        default = lowbit_mma.config_for(n)
+        default = lowbit_mma.config_for(n, lowbit_mma.WIDTH[bits])
         x = x8[:1].contiguous()
         zeros = torch.randint(0, 2**bits, (k // gs, n), dtype=torch.uint8, device="cuda")
         pz = lowbit_mma.pack(qs[0], scales[0], zeros, gs, bits)

@@ -266,7 +266,8 @@ template <int CH, int SEG> __device__ __forceinline__ int group_of(int c, int se
 SOURCE = DEVICE_HELPERS + r"""
 
 // y[M, N] = x[M, K] @ W^T for M <= 8. One block per 16-row tile; its WARPS warps take every WARPS-th chunk
-// of 64 inputs, U chunks in flight per lane, and meet in shared memory at the end.
+// of 64 inputs, U chunks in flight per lane, and meet in shared memory at the end. MIN_BLOCKS: blocks an SM
+// must hold at once, which caps registers a thread (0: no cap; see MmaConfig).
 // SEG = mmas per scale (group / 16, at most 4): one group's partial sums are scaled together.
 // ZMODE: UNIFORM, ZEROS (zero_bias: bf16 -(128 + z) pairs) or OFFSETS; FORM: how scales (and offsets) are
 // stored (group_values: zero_bias holds the offsets, or a factored form's factors; span_shift: log2 of the
@@ -277,8 +278,8 @@ SOURCE = DEVICE_HELPERS + r"""
 // EXPERTS (a mixture-of-experts decode step): blockIdx.y is a slot j; the weight, scales and zero biases are
 // expert experts[j]'s of tensors stacked [E, ...] (byte strides w_stride, s_stride, z_stride), x and y are
 // offset by j * x_stride and j * y_stride elements. The chosen experts are read in place, with no copy.
-template <int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM, bool EXPERTS>
-__global__ void __launch_bounds__(WARPS * 32)
+template <int WARPS, int MIN_BLOCKS, int U, int SEG, int ZMODE, int FORM, bool PERM, bool EXPERTS>
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 int4_mma(const u16* x, const int* __restrict__ perm, const Words* __restrict__ w,
          const void* __restrict__ scales, const void* __restrict__ zero_bias, u16* __restrict__ y,
          int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift,
@@ -485,19 +486,35 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
 
 @dataclass(frozen=True)
 class MmaConfig:
-    warps: int   # warps a block (one 16-row tile), splitting K between them
-    unroll: int  # 16-byte loads in flight per lane
+    """A launch shape. min_blocks (0: none) is the kernel's launch bound: blocks an SM must hold at once. It
+    caps the registers a thread, and it changes how ptxas schedules the loop even where the cap is above what
+    the kernel uses (measured: bench/NOTES-engine.md). A kernel over 32 registers at 32 warps fits one block
+    an SM: the N = 4096 shapes' 256 tiles then run in two waves on 132 SMs."""
+    warps: int           # warps a block (one 16-row tile), splitting K between them
+    unroll: int          # 16-byte loads in flight per lane
+    min_blocks: int = 0  # __launch_bounds__' minimum blocks an SM (0: not given)
 
 
-def config_for(n: int, factored: bool = False, experts: bool = False) -> MmaConfig:
-    """Launch shape for N outputs. One 16-byte load in flight per lane is best (more warps hide the latency
-    better than unrolling): 32 warps a tile when there are few tiles (N = 4096: 256 of them), 8 from N = 8192
-    up, 16 there for factored scales (GGUF K-quants) and for the experts' kernel (which waits before its first
-    read: it needs the experts chosen). Measured on an H200 as whole 7B decode steps, with the first weights
-    read before the wait (bench/NOTES-engine.md): below 8192, 32 warps 591.0 tok/s, 16 579.3, unroll 2 ~545;
-    from 8192, 8 warps 607.2 (again 607.3), 4 579.2, 16 591.0, 32 542.4, unroll 2 ~555; Q4_K_M-style GGUF
-    with its Q4_K layers at 16 warps 423.2, at 8 397.9."""
-    return MmaConfig(warps=32 if n < 8192 else 16 if factored or experts else 8, unroll=1)
+def config_for(n: int, factored: bool = False, experts: bool = False, gathers: bool = False) -> MmaConfig:
+    """Launch shape for N outputs, by form. One 16-byte load in flight per lane is best (more warps hide the
+    latency better than unrolling). Measured on an H200 kernel by kernel on the 7B shapes (M = 1, weights
+    streamed from memory) and as whole 7B decode steps (bench/NOTES-engine.md):
+    - below N = 8192 (few tiles: 256 at N = 4096) 24 warps, two blocks an SM. Only the symmetric g128 form fits
+      32 warps in 32 registers (two blocks an SM); every other form held one, and its N = 4096 matmuls ran in
+      two waves: AWQ g128 wo 5.57 -> 4.43 us, w2 11.15 -> 9.27; act-order g32 wo 5.47 -> 4.24, w2 10.96 ->
+      8.66; symmetric g128 4.29 / 8.76 either way;
+    - x gathered in the kernel (act-order whose order the layer before cannot produce): 16 warps, 7.19 -> 5.97;
+    - from N = 8192 8 warps (16 before: 607.2 against 591.0 tok/s);
+    - factored scales (GGUF K-quants: Q4_K): 16 warps below N = 8192 and 8 from it, both at least two blocks
+      an SM: wo 6.65 -> 5.24, w2 13.83 -> 11.18, w13 24.96 -> 21.89, wqkv 14.26 -> 14.0;
+    - the experts' kernel (it waits before its first read: it needs the experts chosen): 16 warps."""
+    if experts:
+        return MmaConfig(16, 1)
+    if factored:
+        return MmaConfig(16 if n < 8192 else 8, 1, 2)
+    if n >= 8192:
+        return MmaConfig(8, 1)
+    return MmaConfig(16, 1) if gathers else MmaConfig(24, 1, 2)
 
 
 def supported(device: torch.device) -> bool:
@@ -758,7 +775,7 @@ def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor
     M = x.shape[0]
     seg = min(4, w.group_size // 16)
     flag = lambda b: str(b).lower()
-    name = f"int4_mma<{config.warps},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)},false>"
+    name = f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)},false>"
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     launch(_kernel(name), (w.n // TILE, 1, 1), (32 * config.warps, 1, 1),
            [x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n, w.k,
@@ -773,7 +790,8 @@ def expert_matmul(x: torch.Tensor, stacked: PackedInt4, experts: torch.Tensor, c
     Returns y [S, N]: slot j is x's row through expert experts[j]."""
     S = experts.shape[0]
     seg = min(4, stacked.group_size // 16)
-    name = f"int4_mma<{config.warps},{config.unroll},{seg},{stacked.zmode},{stacked.form},false,true>"
+    name = (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{seg},{stacked.zmode},{stacked.form},"
+            "false,true>")
     y = torch.empty(S, stacked.n, dtype=torch.bfloat16, device=x.device)
     stride = lambda t: t.stride(0) * t.element_size()
     launch(_kernel(name), (stacked.n // TILE, S, 1), (32 * config.warps, 1, 1),

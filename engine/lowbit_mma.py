@@ -165,10 +165,10 @@ template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, 
 }
 
 // y[M, N] = x[M, K] @ W^T for M <= 8, as int4_mma (one block a 16-row tile, WARPS warps splitting the
-// chunks, U chunks in flight a lane, SEG mma steps a scale, ZMODE, FORM and span_shift as there, PERM: x
+// chunks, MIN_BLOCKS the launch bound, U chunks in flight a lane, SEG mma steps a scale, ZMODE, FORM and span_shift as there, PERM: x
 // read through perm).
-template <int BITS, int WARPS, int U, int SEG, int ZMODE, int FORM, bool PERM>
-__global__ void __launch_bounds__(WARPS * 32)
+template <int BITS, int WARPS, int MIN_BLOCKS, int U, int SEG, int ZMODE, int FORM, bool PERM>
+__global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 lowbit_mma(const u16* x, const int* __restrict__ perm, const char* __restrict__ w,
            const void* __restrict__ scales, const void* __restrict__ zeros, u16* __restrict__ y,
            int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift) {
@@ -385,12 +385,19 @@ lowbit_dequant(const char* __restrict__ w, const void* __restrict__ scales, cons
 """
 
 
-def config_for(n: int) -> MmaConfig:
-    """Launch shape for N outputs. From `bench/engine.py --gemv` on an H200 (M=1, g128): 16 warps a tile
-    below N = 8192 and 8 above were best for 3 and 8 bits on every 7B/70B shape, and within 8% of the best
-    for 2 bits (bench/NOTES-engine.md). A PERM launch of 128-input chunks must keep warps x unroll <= 16
-    (its gathered x must fit 48 KB of shared memory): these do."""
-    return MmaConfig(warps=16 if n < 8192 else 8, unroll=1)
+def config_for(n: int, width: int = 3, factored: bool = False) -> MmaConfig:
+    """Launch shape for N outputs of a layout `width` bits wide. Measured on an H200 kernel by kernel on the 7B
+    shapes (M = 1, weights streamed from memory; bench/NOTES-engine.md):
+    - below N = 8192: 8 bits 20 warps (wo 6.6 -> 5.79 us, w2 14.48 -> 12.29 against 16); the others 16 warps,
+      at least two blocks an SM (MmaConfig.min_blocks; Q6_K wo 5.84 -> 5.51, w2 12.63 -> 11.67; 3 bits wo 4.31
+      -> 4.11);
+    - from N = 8192: 8 warps; factored scales (Q6_K) at least two blocks an SM (wqkv 16.39 -> 14.48, w13 23.67
+      -> 22.16), which costs 8 bits a quarter (13.32 -> 16.55).
+    A PERM launch of 128-input chunks must keep warps x unroll <= 16 (its gathered x must fit 48 KB of shared
+    memory): these do."""
+    if n >= 8192:
+        return MmaConfig(8, 1, 2 if factored else 0)
+    return MmaConfig(20, 1) if width == 8 else MmaConfig(16, 1, 2)
 
 
 def refusal(k: int, n: int, group_size: int, bits: int) -> str | None:
@@ -549,7 +556,7 @@ def matmul(x: torch.Tensor, w: PackedLowBit, config: MmaConfig, perm: torch.Tens
     M = x.shape[0]
     seg = min(CHUNK[w.width] // 16, w.group_size // 16)
     flag = lambda b: str(b).lower()
-    name = (f"lowbit_mma<{w.width},{config.warps},{config.unroll},{seg},{w.zmode},{w.form},"
+    name = (f"lowbit_mma<{w.width},{config.warps},{config.min_blocks},{config.unroll},{seg},{w.zmode},{w.form},"
             f"{flag(perm is not None)}>")
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     launch(compiled(SOURCE, name), (w.n // TILE, 1, 1), (32 * config.warps, 1, 1),

@@ -95,7 +95,8 @@ class Int4Linear(nn.Module):
         else:
             self.packed = int4_mma.pack(qw.q.to(device), qw.scales.to(device), _on(qw.zeros, device),
                                         qw.group_size, offsets=_on(qw.offsets, device))
-            self.config = int4_mma.config_for(self.out_features, factored=self.packed.store.supers is not None)
+            self.config = int4_mma.config_for(self.out_features, factored=self.packed.store.supers is not None,
+                                              gathers=perm is not None)
 
     def _init_tinygemm(self, qw: QuantWeight) -> None:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.q.t().contiguous().to(torch.int32), 1)
@@ -138,7 +139,8 @@ class LowBitLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.to(device), persistent=False)
         self.packed = lowbit_mma.pack(qw.q.to(device), qw.scales.to(device), _on(qw.zeros, device), qw.group_size,
                                       qw.bits, offsets=_on(qw.offsets, device))
-        self.config = lowbit_mma.config_for(self.out_features)
+        self.config = lowbit_mma.config_for(self.out_features, self.packed.width,
+                                             factored=self.packed.store.supers is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

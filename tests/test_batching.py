@@ -231,6 +231,7 @@ def assert_every_slot_freed(batch) -> None:
         time.sleep(0.01)
     assert batch.slots == []
 
+
 @pytest.fixture(scope="module")
 def default_models(default_model_dir):
     """The default model twice: batching three slots, and one stream at a time (the reference). In fp32 (not
@@ -385,6 +386,7 @@ def test_a_generation_admitted_as_another_ends_waits_for_that_slot_instead_of_fa
     assert [d[-1].text, ended["a"][-1].text, ended["c"][-1].text] == [alone_replies[q] for q in
                                                                        (QUESTIONS[1], QUESTIONS[0], QUESTIONS[2])]
     assert_every_slot_freed(batched.batch)
+
 
 @pytest.fixture(scope="module")
 def in_step_models(default_model_dir, default_models):

@@ -233,8 +233,8 @@ def test_int4_cuda_falls_back_to_dequantized_for_shapes_the_kernel_does_not_take
 
 @needs_cuda
 @pytest.mark.parametrize("uniform_zero", [True, False])   # symmetric GPTQ (one z) / per-group zeros (AWQ-like)
-@pytest.mark.parametrize("warps,unroll", [(8, 1), (16, 2), (32, 1)])
-def test_int4_mma_matches_reference_for_every_launch_shape(uniform_zero, warps, unroll):
+@pytest.mark.parametrize("warps,unroll,min_blocks", [(8, 1, 0), (16, 1, 0), (16, 2, 0), (24, 1, 2), (32, 1, 0)])
+def test_int4_mma_matches_reference_for_every_launch_shape(uniform_zero, warps, unroll, min_blocks):
     from engine import int4_mma
 
     K, N, gs = 2048, 1008, 32
@@ -250,8 +250,9 @@ def test_int4_mma_matches_reference_for_every_launch_shape(uniform_zero, warps, 
     for rows in (1, 3, 8):
         x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
         ref = x[:, order].double() @ w.t()
-        for y in (int4_mma.matmul(x[:, order].contiguous(), packed, int4_mma.MmaConfig(warps, unroll)),
-                  int4_mma.matmul(x, packed, int4_mma.MmaConfig(warps, unroll), order.to(torch.int32))):
+        config = int4_mma.MmaConfig(warps, unroll, min_blocks)
+        for y in (int4_mma.matmul(x[:, order].contiguous(), packed, config),
+                  int4_mma.matmul(x, packed, config, order.to(torch.int32))):
             assert y.shape == (rows, N) and torch.isfinite(y).all()
             assert rel_err(y, ref) < 5e-3
 

@@ -370,7 +370,8 @@ def test_cpu_engine_runs_a_gptq_8bit_folder_on_the_int8_kernel(tmp_path):
 
 # --- CUDA ---------------------------------------------------------------------------------------------
 
-LAUNCH_SHAPES = [(8, 1), (16, 1), (16, 2), (32, 1)]
+# (warps, unroll, min_blocks): the shapes config_for picks (20 and 24 warps, two blocks an SM) and others.
+LAUNCH_SHAPES = [(8, 1, 0), (8, 1, 2), (16, 1, 0), (16, 1, 2), (16, 2, 0), (20, 1, 0), (24, 1, 2), (32, 1, 0)]
 
 
 # symmetric GPTQ (one z), asym (a z per group), GGUF-style float offsets with fp16-exact or fp32 scales
@@ -388,11 +389,11 @@ def expected_forms(zero: str, group_size: int, fp32_scales: bool = False) -> tup
 
 @needs_cuda
 @pytest.mark.parametrize("bits", [2, 3, 5, 6, 8])            # 5, 6: GGUF Q5_*/Q6_K's levels, the 6-bit layout
-@pytest.mark.parametrize("warps,unroll", LAUNCH_SHAPES)
+@pytest.mark.parametrize("warps,unroll,min_blocks", LAUNCH_SHAPES)
 @pytest.mark.parametrize("zero", sorted(ZERO_KINDS))
-def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, zero):
+def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, min_blocks, zero):
     K, N = 1024, 1008
-    config = lowbit_mma.MmaConfig(warps, unroll)
+    config = lowbit_mma.MmaConfig(warps, unroll, min_blocks)
     # Gathering x in the kernel needs warps x unroll x 128-input chunks of shared memory: 2/3 bits cap it at 16.
     gather = lowbit_mma.CHUNK[lowbit_mma.WIDTH[bits]] == 64 or warps * unroll <= 16
     for group_size in (16, 32, 64, 128, K):                 # 16: GGUF's K-quants; K: GPTQ group_size -1
@@ -419,8 +420,8 @@ def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, zero
 
 
 @needs_cuda
-@pytest.mark.parametrize("warps,unroll", LAUNCH_SHAPES)
-def test_3bit_mantissa_fields_take_v1_zeros_up_to_8(warps, unroll):
+@pytest.mark.parametrize("warps,unroll,min_blocks", LAUNCH_SHAPES)
+def test_3bit_mantissa_fields_take_v1_zeros_up_to_8(warps, unroll, min_blocks):
     # GPTQ v1 files store zero - 1, so a 3-bit file's zeros reach 8, one past the levels: the kernel's
     # 128 + z and the eighths' 128 + 8z must stay exact for them too.
     K, N, gs = 1024, 1008, 64
@@ -434,17 +435,17 @@ def test_3bit_mantissa_fields_take_v1_zeros_up_to_8(warps, unroll):
     torch.testing.assert_close(lowbit_mma.dequantize(packed).double().t(), w, rtol=1e-2, atol=1e-6)
     for rows in (1, 8):
         x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
-        assert rel_err(lowbit_mma.matmul(x, packed, lowbit_mma.MmaConfig(warps, unroll)), x.double() @ w) < 5e-3
+        assert rel_err(lowbit_mma.matmul(x, packed, lowbit_mma.MmaConfig(warps, unroll, min_blocks)), x.double() @ w) < 5e-3
 
 
 @needs_cuda
-@pytest.mark.parametrize("warps,unroll", LAUNCH_SHAPES + [(32, 2)])
+@pytest.mark.parametrize("warps,unroll,min_blocks", LAUNCH_SHAPES + [(32, 2, 0)])
 @pytest.mark.parametrize("zero", ["per-group", "offsets-fp16", "offsets-fp32", "offsets-kquant"])
-def test_int4_mma_with_offsets_and_fp32_scales_matches_fp64_at_every_launch_shape(warps, unroll, zero):
+def test_int4_mma_with_offsets_and_fp32_scales_matches_fp64_at_every_launch_shape(warps, unroll, min_blocks, zero):
     # The 4-bit kernel's GGUF forms (Q4_1: fp16 offsets; Q4_K: factored scales and offsets; fp32 ones where
     # they do not factor), and fp32 scales with per-group zeros, next to its GPTQ forms (tests/test_engine.py).
     K, N = 1024, 1008
-    config = int4_mma.MmaConfig(warps, unroll)
+    config = int4_mma.MmaConfig(warps, unroll, min_blocks)
     for group_size in (32, 64, 128, K):
         fp32_scales = zero in ("per-group", "offsets-fp32")
         qw = random_quant(K, N, group_size, 4, act_order=True, fp32_scales=fp32_scales,
@@ -490,11 +491,12 @@ def test_int4_offsets_keep_bf16_accuracy_when_x_has_a_large_common_part(form):
     assert packed.form in (UNSIGNED_FACTORED if form == "kquant" else (int4_mma.HALF,))
     g = torch.arange(K) // gs
     w = (q.double() * scales.double()[g] + offsets.double()[g]).t().cuda()                 # [N, K]
-    for warps, unroll in [(32, 1), (16, 1), (8, 2)]:
+    for config in [int4_mma.MmaConfig(32, 1), int4_mma.MmaConfig(16, 1, 2), int4_mma.MmaConfig(8, 2),
+                   int4_mma.MmaConfig(8, 1, 2), int4_mma.config_for(N, factored=True)]:
         for rows in (1, 8):
             x = (1 + 0.05 * torch.randn(rows, K, device="cuda")).to(torch.bfloat16)
-            y = int4_mma.matmul(x, packed, int4_mma.MmaConfig(warps, unroll))
-            assert rel_err(y, x.double() @ w.t()) < 5e-3, (warps, unroll, rows)
+            y = int4_mma.matmul(x, packed, config)
+            assert rel_err(y, x.double() @ w.t()) < 5e-3, (config, rows)
 
 
 @needs_cuda
