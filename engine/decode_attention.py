@@ -132,12 +132,12 @@ def _kernels():
         tl.store(out_ptr + bh * D + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
     @triton.jit
-    def attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr,
+    def attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, count_ptr, out_ptr, place_ptr,
                          sq_b, sq_h, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, s_pos,
                          H_KV, T, SPAN, N_SPLITS, scale, cap, window,
                          G: tl.constexpr, G_PAD: tl.constexpr, G_COMB: tl.constexpr, D: tl.constexpr,
                          D_PAD: tl.constexpr, BLOCK_T: tl.constexpr, SB: tl.constexpr, ONE_PASS: tl.constexpr,
-                         SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+                         SOFTCAP: tl.constexpr, PRECISION: tl.constexpr, PLACED: tl.constexpr, PDL: tl.constexpr):
         # One program: slot b, kv head kvh, span `split` of the cache (as split_kernel), in one launch with the
         # combine. Only the spans that hold keys of this slot's range run (the grid is sized for the whole
         # bucket, the length is read at run time); the others exit at once. One span: the program writes the
@@ -192,8 +192,11 @@ def _kernels():
             head_rows = (b * (H_KV * G) + heads).to(tl.int64)                                   # [G_PAD]
             if n_active == 1:
                 out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-                tl.store(out_ptr + head_rows[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty),
-                         mask=g_ok[:, None] & d_ok[None, :])
+                ok = g_ok[:, None] & d_ok[None, :]
+                col = heads[:, None] * D + d[None, :]
+                if PLACED:   # where the output projection reads (head, d) from (see decode_attention)
+                    col = tl.load(place_ptr + col, mask=ok, other=0)
+                tl.store(out_ptr + b.to(tl.int64) * (H_KV * G * D) + col, out.to(out_ptr.dtype.element_ty), mask=ok)
             else:
                 row = head_rows * N_SPLITS + split
                 tl.store(m_ptr + row, m_i, mask=g_ok)
@@ -229,8 +232,12 @@ def _kernels():
                         res = res * alpha[:, None] + tl.sum(pa * w[:, :, None], axis=1)
                         big_m = new_m
                     res = res / tl.where(total > 0, total, 1.0)[:, None]
-                    tl.store(out_ptr + crow[:, None] * D + d[None, :], res.to(out_ptr.dtype.element_ty),
-                             mask=gc_ok[:, None] & d_ok[None, :])
+                    ok = gc_ok[:, None] & d_ok[None, :]
+                    col = (kvh * G + gc)[:, None] * D + d[None, :]
+                    if PLACED:
+                        col = tl.load(place_ptr + col, mask=ok, other=0)
+                    tl.store(out_ptr + b.to(tl.int64) * (H_KV * G * D) + col, res.to(out_ptr.dtype.element_ty),
+                             mask=ok)
                     tl.atomic_xchg(count_ptr + bk, 0, sem="relaxed")
 
     return triton, split_kernel, combine_kernel, attention_kernel
@@ -255,7 +262,8 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, scale: float,
                      softcap: float | None = None, window: int | None = None,
-                     span: int | None = None, two_kernels: bool | None = None) -> torch.Tensor:
+                     span: int | None = None, two_kernels: bool | None = None,
+                     places: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new query position per slot over the KV cache; returns [B, H, D] in q's dtype.
 
     q: [B, H, D] (last dim contiguous), the queries already rotated; k, v: [B, H_kv, T, D] (last dim
@@ -269,6 +277,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     default_span); tests set it to exercise many spans on small caches. two_kernels: the earlier split kernel
     plus combine kernel instead of the one fused launch (None: HEARTH_DECODE_ATTENTION=two_kernels in the
     environment), kept so that bench/attention_step.py and the engine can measure one against the other.
+    places: int32 [H * D] on q's device, a permutation: each slot's value (h, d) is written at flat position
+    places[h * D + d] of its H * D outputs instead of h * D + d (an act-order output projection's input order,
+    made here rather than gathered by that matmul).
     """
     triton, split_kernel, combine_kernel, attention_kernel = _kernels()
     B, H, D = q.shape
@@ -305,12 +316,17 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
                 G=G, G_PAD=g_pad, D=D, D_PAD=d_pad, BLOCK_T=block, SOFTCAP=softcap is not None,
                 PRECISION=precision)
             combine_kernel[(B * H,)](m, l, acc, out, n_splits, D=D, D_PAD=d_pad, SB=SPLIT_BLOCK)
+            if places is not None:
+                placed = torch.empty_like(out).view(B, H * D)
+                placed[:, places.long()] = out.view(B, H * D)
+                out = placed.view(B, H, D)
             return out
         # The combine's [heads, spans, D] block of partials: about COMBINE_ELEMENTS values at a time.
         g_comb = triton.next_power_of_2(G)
         sb = max(1, min(SPLIT_BLOCK, COMBINE_ELEMENTS // (g_comb * d_pad)))
         attention_kernel[(B * H_kv, n_splits)](
-            q, k, v, positions, m, l, acc, _counters(q.device, B * H_kv), out, *strides,
+            q, k, v, positions, m, l, acc, _counters(q.device, B * H_kv), out,
+            out if places is None else places, *strides,
             G=G, G_PAD=g_pad, G_COMB=g_comb, D=D, D_PAD=d_pad, BLOCK_T=block, SB=sb, ONE_PASS=one_pass,
-            SOFTCAP=softcap is not None, PRECISION=precision, **pdl(q))
+            SOFTCAP=softcap is not None, PRECISION=precision, PLACED=places is not None, **pdl(q))
     return out

@@ -390,6 +390,15 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
         self.scale, self.softcap = args.attn_scale, args.attn_softcap
         self.window = window
+        # Act-order: the order wo reads its input in (x[..., output_order]), and where each head-ordered value
+        # goes in it (the decode kernel writes there directly). None: head order.
+        self.register_buffer("output_order", None, persistent=False)
+        self.register_buffer("output_places", None, persistent=False)
+
+    def order_output(self, order: torch.Tensor | None) -> None:
+        """Make attention's output come in `order` (wo's act-order input order; None: head order)."""
+        self.output_order = order
+        self.output_places = None if order is None else torch.argsort(order).to(torch.int32)
 
     def forward(self, x, cos, sin, mask, input_pos, kv_len: int):
         # x: [B, S, dim]; mask: [S, kv_len] bool (True = may attend)
@@ -423,7 +432,7 @@ class Attention(nn.Module):
             # only keys 0..pos are read, so the mask is not needed. Prefill and CPU keep SDPA below.
             positions = input_pos.reshape(-1).expand(B)           # [B]: [1] shared, or [B, 1] a row each
             y = decode_attention(q[:, :, 0], k, v, positions, self.scale or self.head_dim ** -0.5, self.softcap,
-                                 self.window)                                            # [B, H, D]
+                                 self.window, places=self.output_places)                 # [B, H, D]
             return self.wo(y.reshape(B, 1, -1))
         gqa = self.n_kv_heads != self.n_heads   # each kv head serves n_heads / n_kv_heads query heads
         if gqa and x.is_cuda:
@@ -438,7 +447,8 @@ class Attention(nn.Module):
             # CPU: grouped heads read in place, without two copies of the cache a layer (~10% of a step).
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa,
                                                scale=self.scale)                    # [B, H, S, D]
-        return self.wo(y.transpose(1, 2).reshape(B, S, -1))
+        y = y.transpose(1, 2).reshape(B, S, -1)
+        return self.wo(y if self.output_order is None else y.index_select(-1, self.output_order))
 
 
 class FeedForward(nn.Module):

@@ -127,7 +127,7 @@ def targets(model: Transformer) -> dict[str, Target]:
         else:
             for name, (start, stop) in {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}.items():
                 out[f"{p}.self_attn.{name}_proj"] = Target(attn, "wqkv", start, stop, qkv_order)
-        out[f"{p}.self_attn.o_proj"] = Target(attn, "wo", 0, a.dim)
+        out[f"{p}.self_attn.o_proj"] = Target(attn, "wo", 0, a.dim, attn.output_order)
         ff = layer.feed_forward
         if a.is_moe(i):
             continue   # experts and routers: not adaptable here (unknown names are refused by `check`)

@@ -143,17 +143,19 @@ def reorder_outputs(parts: list[tuple], order: torch.Tensor) -> list[tuple]:
     return [(weight, None if bias is None else bias[order])]
 
 
-def fold_input_orders(layer, qkv: list[tuple], w13: list[tuple] | None, w2: list[tuple] | None
-                      ) -> tuple[list, list | None, list | None]:
+def fold_input_orders(layer, qkv: list[tuple], wo: list[tuple], w13: list[tuple] | None, w2: list[tuple] | None
+                      ) -> tuple[list, list, list | None, list | None]:
     """Act-order checkpoints quantize each matrix's inputs in their own order. Rather than gather x before
     every matmul (a kernel launch, or slow scattered reads inside one), the order is produced by the step
-    before: the attention and MLP norms write their output in wqkv's and w13's order, and w13's gate and
-    up rows are stored in w2's order, so silu(gate) * up comes out ready for w2. wo keeps its own gather
-    (its input comes from attention over whole heads). An MoE layer passes w13 = w2 = None: its MLP norm
-    feeds the router and every expert, each in its own order, so the experts gather x themselves."""
+    before: the attention and MLP norms write their output in wqkv's and w13's order, attention writes its
+    output in wo's, and w13's gate and up rows are stored in w2's order, so silu(gate) * up comes out ready
+    for w2. An MoE layer passes w13 = w2 = None: its MLP norm feeds the router and every expert, each in its
+    own order, so the experts gather x themselves."""
     qkv, layer.attention_norm.out_order = sort_inputs(qkv)
+    wo, order = sort_inputs(wo)
+    layer.attention.order_output(order)
     if w13 is None:
-        return qkv, None, None
+        return qkv, wo, None, None
     w13, layer.ffn_norm.out_order = sort_inputs(w13)
     if len(w13) == 1:
         w2, order = sort_inputs(w2)
@@ -161,7 +163,7 @@ def fold_input_orders(layer, qkv: list[tuple], w13: list[tuple] | None, w2: list
             hidden = order.numel()
             w13 = reorder_outputs(w13, torch.cat([order, order + hidden]))
             layer.feed_forward.hidden_order = order
-    return qkv, w13, w2
+    return qkv, wo, w13, w2
 
 
 def load_transformer(model_dir: Path, devices: list[torch.device], dtype: torch.dtype,
@@ -205,11 +207,12 @@ def build_transformer(config: dict, ckpt: TensorSource, spec: QuantSpec | None, 
             progress(0.1 + 0.85 * i / args.n_layers, f"layer {i + 1}/{args.n_layers}")
         dev, p = per_layer[i], f"model.layers.{i}"
         moe = args.is_moe(i)
-        qkv, w13, w2 = fold_input_orders(layer, loader.parts(names.qkv(p), dev),
-                                         None if moe else loader.parts(names.gate_up(f"{p}.mlp"), dev),
-                                         None if moe else loader.parts([f"{p}.mlp.down_proj"], dev))
+        qkv, wo, w13, w2 = fold_input_orders(layer, loader.parts(names.qkv(p), dev),
+                                             loader.parts([f"{p}.self_attn.o_proj"], dev),
+                                             None if moe else loader.parts(names.gate_up(f"{p}.mlp"), dev),
+                                             None if moe else loader.parts([f"{p}.mlp.down_proj"], dev))
         layer.attention.wqkv = loader.linear(qkv, dev)
-        layer.attention.wo = loader.linear(loader.parts([f"{p}.self_attn.o_proj"], dev), dev)
+        layer.attention.wo = loader.linear(wo, dev)
         if moe:
             load_moe(layer.feed_forward, loader, names, p, dev)
         else:

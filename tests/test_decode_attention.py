@@ -165,6 +165,24 @@ def the_earlier_two_kernel_path_still_answers():
     torch.testing.assert_close(got.double(), reference(q, k, v, positions, 0.25, window=20), **TOL)
 
 
+@check("placed_output")
+def places_write_each_value_where_the_output_projection_reads_it():
+    """places (an act-order wo's input order, inverted): value (h, d) of each slot lands at places[h * D + d],
+    on both of the fused kernel's store paths (one span written directly; several, combined by the last
+    program) and on the two-kernel path; without places the output keeps head order."""
+    T, D, H = 40, 16, 8
+    q, k, v = inputs(3, H, 2, T, D, seed=11)
+    positions = torch.tensor([39, 2, 25])
+    order = torch.randperm(H * D, generator=torch.Generator().manual_seed(0))    # wo reads x[..., order]
+    places = torch.argsort(order).to(torch.int32)
+    want = reference(q, k, v, positions, 0.25).reshape(3, H * D)[:, order]
+    for span, two_kernels in ((8, False), (None, False), (8, True)):
+        got = decode_attention(q, k, v, positions, 0.25, span=span, two_kernels=two_kernels, places=places)
+        assert got.shape == (3, H, D)
+        torch.testing.assert_close(got.reshape(3, H * D).double(), want, **TOL)
+    plain = decode_attention(q, k, v, positions, 0.25, span=8)
+    assert not torch.allclose(plain.reshape(3, H * D).double(), want)
+
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
     """{check name: "ok" or its traceback}, from one child process running every check under the interpreter."""
@@ -212,6 +230,17 @@ def test_cuda_kernel_at_long_contexts(B, H_kv):
     want = reference(q, k, v, positions, D ** -0.5, softcap=3.0, window=4096)
     torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
 
+
+@needs_cuda
+def test_cuda_kernel_writes_placed_outputs():
+    """places on the GPU: 7B's 32 heads of 128 at a long and a short position (combined and direct stores)."""
+    T, D, H = 2048, 128, 32
+    q, k, v = inputs(2, H, 32, T, D, dtype=torch.bfloat16, device="cuda", seed=12)
+    positions = torch.tensor([2000, 40], device="cuda")
+    order = torch.randperm(H * D, device="cuda")
+    got = decode_attention(q, k, v, positions, D ** -0.5, places=torch.argsort(order).to(torch.int32))
+    want = reference(q, k, v, positions, D ** -0.5).reshape(2, H * D)[:, order]
+    torch.testing.assert_close(got.reshape(2, H * D).double(), want, atol=2e-2, rtol=2e-2)
 
 @needs_cuda
 def test_cuda_fp32_matches_in_full_precision():

@@ -165,8 +165,11 @@ def test_quantized_checkpoint_matches_its_dequantized_reference(tmp_path, method
     folded = desc_act and order_by_input
     assert (layer.attention_norm.out_order is not None) == folded and (layer.ffn_norm.out_order is not None) == folded
     assert isinstance(layer.feed_forward.w13, SideBySide) == (desc_act and not order_by_input)
-    if folded:  # w2's order is in w13's rows now, and only wo gathers its input itself
-        assert layer.feed_forward.w2.perm is None and layer.attention.wo.perm is not None
+    if folded:  # w2's order is in w13's rows now, and attention writes its output in wo's order
+        assert layer.feed_forward.w2.perm is None and layer.attention.wo.perm is None
+        assert layer.attention.output_order is not None and torch.equal(
+            layer.attention.output_order[layer.attention.output_places.long()],
+            torch.arange(layer.attention.output_order.numel()))
     model.setup_caches(64, torch.float32)
     with torch.no_grad():
         out = model(ids[None], torch.arange(SEQ), kv_len=SEQ)[0]

@@ -158,6 +158,7 @@ def test_engine_with_adapter_on_gptq_act_order_base_equals_peft_over_dequantized
     assert kinds == {"4-bit dequantized (tinygemm takes groups of 32/64/128/256, K % 16 and N % 8 = 0)"}
     assert model.layers[0].feed_forward.hidden_order is not None
     assert model.layers[0].attention_norm.out_order is not None
+    assert model.layers[0].attention.output_order is not None   # o_proj's A columns follow it
     model.setup_caches(64, torch.float32)
     hf = hf_model(default_model_dir, packed.reference)
     base = engine_logits(model)
