@@ -136,8 +136,11 @@ enum : u32 { ONES = 0x3F803F80u };   // bf16x2 (1, 1): the A operand that sums x
 
 // Scale forms: fp16 or fp32 values per group and row, or factored: per group and row a byte (an integer
 // + 128, or UFACTORED: the integer itself, where every span's integers have one sign), times one fp16 or
-// fp32 value per row for a span of groups (a GGUF K-quant's super-block d).
-enum ScaleForm { HALF = 0, FLOAT = 1, FACTORED_HALF = 2, FACTORED_FLOAT = 3, UFACTORED_HALF = 4, UFACTORED_FLOAT = 5 };
+// fp32 value per row for a span of groups (a GGUF K-quant's super-block d). HALF_BIASED (per-group zeros
+// with fp16 scales, AWQ's and asymmetric GPTQ's): an 8-byte record per group and row pair, the fp16 scales
+// then the bf16 zero biases, read by one load.
+enum ScaleForm { HALF = 0, FLOAT = 1, FACTORED_HALF = 2, FACTORED_FLOAT = 3, UFACTORED_HALF = 4, UFACTORED_FLOAT = 5,
+                 HALF_BIASED = 6 };
 
 __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     u32 d;
@@ -155,9 +158,10 @@ __device__ __forceinline__ float byte_int(u32 v, int i) { return byte_float(v, i
 // Bytes of one pair (row r, row r + 8) in the scales tensor and in the values tensor (the offsets, or a
 // factored form's factors), by form. A lane's pointers into both start at its tile's row r (`lane_pairs`).
 template <int FORM, bool OFFS> struct Pairs {
-    static constexpr bool factored = FORM >= FACTORED_HALF, unsigned_ints = FORM >= UFACTORED_HALF;
+    static constexpr bool unsigned_ints = FORM == UFACTORED_HALF || FORM == UFACTORED_FLOAT;
+    static constexpr bool factored = FORM == FACTORED_HALF || FORM == FACTORED_FLOAT || unsigned_ints;
     static constexpr bool wide = FORM == FLOAT || FORM == FACTORED_FLOAT || FORM == UFACTORED_FLOAT;   // fp32
-    static constexpr int scale = FORM == FLOAT ? 8 : FORM == HALF ? 4 : OFFS ? 4 : 2;
+    static constexpr int scale = FORM == FLOAT || FORM == HALF_BIASED ? 8 : FORM == HALF ? 4 : OFFS ? 4 : 2;
     static constexpr int value = (wide ? 8 : 4) * (factored && OFFS ? 2 : 1);
 };
 
@@ -284,7 +288,9 @@ int4_mma(const u16* x, const int* __restrict__ perm, const Words* __restrict__ w
          const void* __restrict__ scales, const void* __restrict__ zero_bias, u16* __restrict__ y,
          int M, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift,
          const long long* __restrict__ experts, int w_stride, int s_stride, int z_stride, int x_stride, int y_stride) {
-    static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF, "factored scales come with no zeros or offsets");
+    static_assert(ZMODE != ZEROS || FORM < FACTORED_HALF || FORM == HALF_BIASED,
+                  "factored scales come with no zeros or offsets");
+    static_assert(FORM != HALF_BIASED || ZMODE == ZEROS, "the biased record holds the zeros");
     Prerequisites ready(!EXPERTS);   // the experts chosen and x: written by earlier kernels
     if (EXPERTS) {
         const int slot = blockIdx.y;
@@ -343,14 +349,21 @@ int4_mma(const u16* x, const int* __restrict__ perm, const Words* __restrict__ w
                     // the group: from the cursors (LINEAR), else from the lane's first pair
                     const int g = LINEAR ? u * WARPS * GPC + seg : group_of<64, SEG>(c, seg, group_shift);
                     float sv[2], mv[2] = {0.f, 0.f};
-                    group_values<FORM, ZMODE == OFFSETS>(LINEAR ? sc : lane_scales, LINEAR ? vc : lane_values, g, d,
-                                                         sv, mv);
+                    u32 b = 0;   // ZEROS: the pair of bf16 zero biases (row r, row r + 8)
+                    if (FORM == HALF_BIASED) {   // scales and biases in one 8-byte load
+                        const uint2 rec = *reinterpret_cast<const uint2*>((LINEAR ? sc : lane_scales) + g * 8 * P::scale);
+                        half_pair(rec.x, sv[0], sv[1]);
+                        b = rec.y;
+                    } else {
+                        group_values<FORM, ZMODE == OFFSETS>(LINEAR ? sc : lane_scales, LINEAR ? vc : lane_values, g,
+                                                             d, sv, mv);
+                        if (ZMODE == ZEROS) b = (LINEAR ? zc : lane_zeros)[g * 8];
+                    }
                     s[u][seg][0] = sv[0];
                     s[u][seg][1] = sv[1];
-                    if (ZMODE == ZEROS) {
-                        const u32 b = (LINEAR ? zc : lane_zeros)[g * 8];
-                        bias[u][seg][0] = (b & 0xFFFFu) * 0x10001u;
-                        bias[u][seg][1] = (b >> 16) * 0x10001u;
+                    if (ZMODE == ZEROS) {   // each row's bias in both halves: one permute each
+                        bias[u][seg][0] = prmt(b, 0u, 0x1010u);
+                        bias[u][seg][1] = prmt(b, 0u, 0x3232u);
                     } else {
                         bias[u][seg][0] = bias[u][seg][1] = uniform_bias;
                     }
@@ -458,7 +471,9 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
         for (int p = 0; p < 4; ++p) {                   // A register p: row r or r+8, inputs k, k+1 or k+2, k+3
             const int h = p & 1;
             const size_t at = (((size_t)tile * G + g) * 8 + r) * 2 + h;   // pairs (row r, row r + 8)
-            const u32 zb = ZMODE == ZEROS ? (u32)reinterpret_cast<const u16*>(zero_bias)[at] : (uniform_bias & 0xFFFFu);
+            const u32 zb = ZMODE != ZEROS ? (uniform_bias & 0xFFFFu)
+                         : FORM == HALF_BIASED ? (u32)reinterpret_cast<const u16*>(scales)[(at & ~(size_t)1) * 2 + 2 + h]
+                         : (u32)reinterpret_cast<const u16*>(zero_bias)[at];
             const u32 lv = levels(q.w[word] >> (4 * p), zb | (zb << 16));
             float lo = bits_to_float(lv << 16) * sv[h], hi = bits_to_float(lv & 0xFFFF0000u) * sv[h];
             if (ZMODE == OFFSETS) {
@@ -605,7 +620,7 @@ def exact_in_fp16(*tensors: torch.Tensor | None) -> bool:
     return all(t is None or torch.equal(t.to(torch.float16).float(), t.float()) for t in tensors)
 
 
-HALF, FLOAT, FACTORED_HALF, FACTORED_FLOAT, UFACTORED_HALF, UFACTORED_FLOAT = range(6)   # the kernels' FORM
+HALF, FLOAT, FACTORED_HALF, FACTORED_FLOAT, UFACTORED_HALF, UFACTORED_FLOAT, HALF_BIASED = range(7)   # kernels' FORM
 FACTOR_INPUTS = 256   # inputs one factor of a factored form spans: a GGUF K-quant's super-block
 
 
@@ -661,15 +676,20 @@ class ScaleStore:
     """Scales and offsets as the kernels read them (group_values): `scales` fp16/fp32 [N/16, G, 8, 2] and
     `offsets` likewise, or factored: `scales` uint8 integers + 128 (`unsigned`: the integers themselves, all
     >= 0) [N/16, G, 8, 2], or [.., 4] with the offsets' after the scales', `offsets` None, and `supers` their
-    factors [N/16, G / 2^span_shift, 8, 2 or 4] fp16 (where exact) or fp32."""
+    factors [N/16, G / 2^span_shift, 8, 2 or 4] fp16 (where exact) or fp32. `biased`: `scales` int16
+    [N/16, G, 8, 4], each record the fp16 scales of rows r and r + 8 then their bf16 zero biases (HALF_BIASED,
+    made by `pack` for per-group zeros)."""
     scales: torch.Tensor
     offsets: torch.Tensor | None = None
     supers: torch.Tensor | None = None
     span_shift: int = 0
     unsigned: bool = False
+    biased: bool = False
 
     @property
     def form(self) -> int:
+        if self.biased:
+            return HALF_BIASED
         wide = (self.supers if self.supers is not None else self.scales).dtype == torch.float32
         factored = (UFACTORED_HALF if self.unsigned else FACTORED_HALF) if self.supers is not None else HALF
         return factored + int(wide)
@@ -710,7 +730,8 @@ class PackedInt4:
     """A 4-bit weight [N, K] in this module's layout, ready for `matmul` and `dequantize`."""
     words: torch.Tensor              # int32 [N/16 * K/64 * 32 * 4]
     store: ScaleStore                # scales, and float offsets (W = s * q + m) if any
-    zero_bias: torch.Tensor | None   # bf16 bits int16 [N/16, G, 8, 2], or None with one zero for all groups
+    zero_bias: torch.Tensor | None   # bf16 bits int16 [N/16, G, 8, 2], or None (one zero for all groups, or the
+                                     # zeros in the scales' records: store.biased)
     uniform_zero: float
     n: int
     k: int
@@ -718,7 +739,9 @@ class PackedInt4:
 
     @property
     def zmode(self) -> int:
-        return OFFSETS if self.store.with_offsets else ZEROS if self.zero_bias is not None else UNIFORM
+        if self.store.with_offsets:
+            return OFFSETS
+        return ZEROS if self.zero_bias is not None or self.store.biased else UNIFORM
 
     @property
     def form(self) -> int:
@@ -726,7 +749,8 @@ class PackedInt4:
 
     @property
     def zero_arg(self) -> torch.Tensor:
-        """The kernels' zero_bias argument: the factors, offsets, the per-group zeros, or (unread) the scales."""
+        """The kernels' zero_bias argument: the factors, offsets, the per-group zeros, or (unread: none, or
+        they are in the scales' records) the scales."""
         st = self.store
         return next(t for t in (st.supers, st.offsets, self.zero_bias, st.scales) if t is not None)
 
@@ -766,7 +790,10 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
     bias = None
     if not uniform:
         bias = tiled((-(128.0 + zeros.float())).to(torch.bfloat16).view(torch.int16))
-    return PackedInt4(words=words, store=scale_storage(scales, offsets, group_size, bias is not None), zero_bias=bias,
+    store = scale_storage(scales, offsets, group_size, bias is not None)
+    if bias is not None and store.form == HALF:   # one 8-byte load a group for scales and zeros: HALF_BIASED
+        store, bias = ScaleStore(torch.cat([store.scales.view(torch.int16), bias], -1), biased=True), None
+    return PackedInt4(words=words, store=store, zero_bias=bias,
                       uniform_zero=zero, n=N, k=K, group_size=group_size)
 
 

@@ -140,7 +140,8 @@ class MoEFeedForward(nn.Module):
             if p.store.supers is not None or p.store.offsets is not None:
                 return None
             out[name] = dataclasses.replace(
-                p, words=stacked_of[id(p.words)], store=int4_mma.ScaleStore(stacked_of[id(p.store.scales)]),
+                p, words=stacked_of[id(p.words)],
+                store=int4_mma.ScaleStore(stacked_of[id(p.store.scales)], biased=p.store.biased),
                 zero_bias=None if p.zero_bias is None else stacked_of[id(p.zero_bias)])
         return out
 

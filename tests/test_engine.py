@@ -231,19 +231,38 @@ def test_int4_cuda_falls_back_to_dequantized_for_shapes_the_kernel_does_not_take
         assert isinstance(make_quant_linear(qw, None, torch.device("cuda"), torch.bfloat16), DequantLinear)
 
 
+def test_int4_pack_puts_each_groups_scales_and_zero_biases_in_one_record():
+    # The kernel reads a group's two fp16 scales (rows r, r + 8) and two bf16 biases -(128 + z) in one load.
+    from engine import int4_mma
+
+    K, N, gs = 256, 48, 64
+    qw = random_quant(K, N, gs, act_order=False)
+    qw.scales = qw.scales.half().float()   # fp16 scales, as GPTQ and AWQ store them (fp32 ones: FLOAT, zeros apart)
+    packed = int4_mma.pack(qw.q, qw.scales, qw.zeros, gs)
+    rec = packed.store.scales                                                           # [N/16, G, 8, 4]
+    assert packed.form == int4_mma.HALF_BIASED and rec.dtype == torch.int16 and rec.shape == (N // 16, K // gs, 8, 4)
+    untile = lambda a: a.float().permute(1, 0, 3, 2).reshape(K // gs, N)                 # [N/16, G, 8, 2] -> [G, N]
+    assert torch.equal(untile(rec[..., :2].contiguous().view(torch.float16)), qw.scales.half().float())
+    assert torch.equal(untile(rec[..., 2:].contiguous().view(torch.bfloat16)), -(128 + qw.zeros.float()))
+
+
 @needs_cuda
 @pytest.mark.parametrize("uniform_zero", [True, False])   # symmetric GPTQ (one z) / per-group zeros (AWQ-like)
 @pytest.mark.parametrize("warps,unroll,min_blocks", [(8, 1, 0), (16, 1, 0), (16, 2, 0), (24, 1, 2), (32, 1, 0)])
-def test_int4_mma_matches_reference_for_every_launch_shape(uniform_zero, warps, unroll, min_blocks):
+@pytest.mark.parametrize("gs", [32, 128])   # groups inside a chunk (cursors) / spanning chunks
+def test_int4_mma_matches_reference_for_every_launch_shape(uniform_zero, warps, unroll, min_blocks, gs):
     from engine import int4_mma
 
-    K, N, gs = 2048, 1008, 32
+    K, N = 2048, 1008
     qw = random_quant(K, N, gs, act_order=True)
+    qw.scales = qw.scales.half().float()   # fp16 scales, as GPTQ and AWQ store them (fp32 ones: FLOAT, zeros apart)
     if uniform_zero:
         qw.zeros.fill_(8)
     qw, order = qw.sorted_by_group()
     packed = int4_mma.pack(qw.q.cuda(), qw.scales.cuda(), qw.zeros.cuda(), gs)
-    assert (packed.zero_bias is None) == uniform_zero
+    # per-group zeros with fp16 scales: one record a group and row pair, scales then zero biases
+    assert packed.zmode == (int4_mma.UNIFORM if uniform_zero else int4_mma.ZEROS)
+    assert packed.form == (int4_mma.HALF if uniform_zero else int4_mma.HALF_BIASED) and packed.zero_bias is None
     w = qw.dequantize(torch.float64).cuda()                                               # [N, K], sorted K
     torch.testing.assert_close(int4_mma.dequantize(packed).double(), w, rtol=1e-2, atol=1e-6)
     order = order.cuda()
