@@ -62,15 +62,26 @@ def triton_pdl(x: torch.Tensor) -> dict:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
-def launch(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list) -> None:
-    """Launch a kernel from torch's NVRTC loader (`torch.cuda._utils._cuda_load_module`) on the current stream,
-    with PDL where `enabled`. args: CUDA tensors (passed as pointers) and ints (as C ints), in the kernel's
-    parameter order."""
-    if not enabled(torch.cuda.current_device()):
-        kernel(grid=grid, block=block, args=args)
-        return
+@functools.cache
+def _driver():
+    """The CUDA driver library, loaded once: torch's own kernel call loads it again at every launch, which an
+    eager prompt's few hundred dequantize launches felt (bench/NOTES-engine.md)."""
     from torch.cuda._utils import _get_gpu_runtime_library
 
+    return _get_gpu_runtime_library()
+
+
+def _current_stream(device_index: int) -> int:
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)   # CUDA builds of torch have it
+    return raw(device_index) if raw is not None else torch.cuda.current_stream(device_index).cuda_stream
+
+
+def launch(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args: list, pdl: bool = True) -> None:
+    """Launch a kernel from torch's NVRTC loader (`torch.cuda._utils._cuda_load_module`) on the current stream,
+    with PDL where `enabled` and `pdl` (a kernel that does not wait for the one before, as `wait_for_prerequisites`
+    does, must pass pdl=False). args: CUDA tensors (passed as pointers) and ints (as C ints), in the kernel's
+    parameter order."""
+    device = torch.cuda.current_device()
     held, pointers = [], (ctypes.c_void_p * len(args))()
     for i, arg in enumerate(args):
         if isinstance(arg, torch.Tensor):
@@ -81,10 +92,17 @@ def launch(kernel, grid: tuple[int, int, int], block: tuple[int, int, int], args
             raise TypeError(f"kernel argument {i}: {type(arg).__name__} (tensors and ints only)")
         held.append(value)
         pointers[i] = ctypes.cast(ctypes.byref(value), ctypes.c_void_p)
-    attribute = _Attribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
-    attribute.value[0] = 1
-    config = _Config(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(*block), shared=0,
-                     stream=torch.cuda.current_stream().cuda_stream, attrs=ctypes.pointer(attribute), num_attrs=1)
-    status = _get_gpu_runtime_library().cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
+    stream = _current_stream(device)
+    if pdl and enabled(device):
+        attribute = _Attribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+        attribute.value[0] = 1
+        config = _Config(grid=(ctypes.c_uint * 3)(*grid), block=(ctypes.c_uint * 3)(*block), shared=0,
+                         stream=stream, attrs=ctypes.pointer(attribute), num_attrs=1)
+        status = _driver().cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
+        what = "cuLaunchKernelEx"
+    else:
+        status = _driver().cuLaunchKernel(kernel.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0,
+                                          ctypes.c_void_p(stream), pointers, None)
+        what = "cuLaunchKernel"
     if status != 0:
-        raise RuntimeError(f"cuLaunchKernelEx failed ({status})")
+        raise RuntimeError(f"{what} failed ({status})")

@@ -598,7 +598,8 @@ def _kernel(name: str):
     return compiled(SOURCE, name)
 
 
-def _bf16_bits(value: float) -> int:
+@functools.cache   # asked at every launch (uniform_bias): one small tensor made per value, not per call
+def bf16_bits(value: float) -> int:
     return int(torch.tensor(value, dtype=torch.bfloat16).view(torch.int16).item()) & 0xFFFF
 
 
@@ -765,7 +766,7 @@ class PackedInt4:
 
     @property
     def uniform_bias(self) -> int:
-        b = _bf16_bits(-(128.0 + self.uniform_zero))
+        b = bf16_bits(-(128.0 + self.uniform_zero))
         return _as_int32(b | (b << 16))
 
 
@@ -833,8 +834,7 @@ def dequantize(w: PackedInt4) -> torch.Tensor:
     """W bf16 [N, K] (in the packed weight's input order: act-order's sorted K)."""
     out = torch.empty(w.n, w.k, dtype=torch.bfloat16, device=w.words.device)
     units = w.n // TILE * (w.k // CHUNK)                                                  # a warp each
-    _kernel(f"int4_dequant<{w.zmode},{w.form}>")(
-        grid=(-(-units // 8), 1, 1), block=(256, 1, 1),
-        args=[w.words, w.store.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift,
-              w.uniform_bias, w.store.span_shift])
+    launch(_kernel(f"int4_dequant<{w.zmode},{w.form}>"), (-(-units // 8), 1, 1), (256, 1, 1),
+           [w.words, w.store.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift,
+            w.uniform_bias, w.store.span_shift], pdl=False)   # it does not wait for the kernel before
     return out

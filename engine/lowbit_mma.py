@@ -50,7 +50,7 @@ import torch
 
 from engine.cuda_launch import launch
 from engine.int4_mma import (DEVICE_HELPERS, MAX_ROWS, OFFSETS, TILE, UNIFORM, ZEROS, MmaConfig, ScaleStore,
-                             compiled, refusal as shape_refusal, scale_storage, tiled)
+                             bf16_bits, compiled, refusal as shape_refusal, scale_storage, tiled)
 
 BITS = (2, 3, 5, 6, 8)
 WIDTH = {2: 2, 3: 3, 5: 6, 6: 6, 8: 8}         # the layout (and kernel) each width's levels use
@@ -448,7 +448,7 @@ class PackedLowBit:
         if self.width == 8:
             u = struct.unpack("<I", struct.pack("<f", 2.0**23 + self.uniform_zero))[0]
         else:
-            b = int(torch.tensor(-(128.0 + self.uniform_zero), dtype=torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+            b = bf16_bits(-(128.0 + self.uniform_zero))
             u = b | (b << 16)
         return u - (1 << 32) if u >= 1 << 31 else u
 
@@ -569,8 +569,7 @@ def dequantize(w: PackedLowBit) -> torch.Tensor:
     """W bf16 [N, K] (in the packed weight's input order: act-order's sorted K)."""
     out = torch.empty(w.n, w.k, dtype=torch.bfloat16, device=w.words.device)
     units = w.n // TILE * (w.k // CHUNK[w.width])                                         # a warp each
-    compiled(SOURCE, f"lowbit_dequant<{w.width},{w.zmode},{w.form}>")(
-        grid=(-(-units // 8), 1, 1), block=(256, 1, 1),
-        args=[w.words, w.store.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift,
-              w.uniform_bias, w.store.span_shift])
+    launch(compiled(SOURCE, f"lowbit_dequant<{w.width},{w.zmode},{w.form}>"), (-(-units // 8), 1, 1), (256, 1, 1),
+           [w.words, w.store.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift,
+            w.uniform_bias, w.store.span_shift], pdl=False)   # it does not wait for the kernel before
     return out
