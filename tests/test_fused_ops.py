@@ -82,22 +82,16 @@ def interpreted(tmp_path_factory):
     return CHECKS.run_child(__file__, tmp_path_factory.mktemp("interpreter"))
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_rotary_into_cache_under_the_interpreter(interpreted, name):
+@pytest.mark.parametrize("name", list(CHECKS.checks))
+def test_kernel_under_the_interpreter(interpreted, name):
     CHECKS.assert_all_ran(interpreted)
-    assert interpreted[f"rotary_{name}"] == "ok", interpreted[f"rotary_{name}"]
+    assert interpreted[name] == "ok", interpreted[name]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", list(CASES))
 def test_rotary_into_cache_cuda(name):
     rotary_case(CASES[name], "cuda")
-
-
-@pytest.mark.parametrize("name", list(NORM_CASES))
-def test_add_rms_norm_under_the_interpreter(interpreted, name):
-    CHECKS.assert_all_ran(interpreted)
-    assert interpreted[f"add_rms_norm_{name}"] == "ok", interpreted[f"add_rms_norm_{name}"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
