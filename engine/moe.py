@@ -141,7 +141,7 @@ class MoEFeedForward(nn.Module):
                 return None
             out[name] = dataclasses.replace(
                 p, words=stacked_of[id(p.words)],
-                store=int4_mma.ScaleStore(stacked_of[id(p.store.scales)], biased=p.store.biased),
+                store=dataclasses.replace(p.store, scales=stacked_of[id(p.store.scales)]),
                 zero_bias=None if p.zero_bias is None else stacked_of[id(p.zero_bias)])
         return out
 

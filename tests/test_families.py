@@ -315,7 +315,7 @@ def test_expert_matmul_reads_each_chosen_expert_in_place(zeros):
     first = packed[0]
     stacked = dataclasses.replace(
         first, words=torch.stack([p.words for p in packed]),
-        store=int4_mma.ScaleStore(torch.stack([p.store.scales for p in packed]), biased=first.store.biased),
+        store=dataclasses.replace(first.store, scales=torch.stack([p.store.scales for p in packed])),
         zero_bias=None)
     assert first.zmode == (int4_mma.ZEROS if zeros else int4_mma.UNIFORM)   # zeros: in the scales' records
     ids = torch.tensor([3, 0, 3, 4], device="cuda")   # int64, as topk gives them
