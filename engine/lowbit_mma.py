@@ -165,8 +165,8 @@ template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, 
 }
 
 // y[M, N] = x[M, K] @ W^T for M <= 8, as int4_mma (one block a 16-row tile, WARPS warps splitting the
-// chunks, MIN_BLOCKS the launch bound, U chunks in flight a lane, SEG mma steps a scale, ZMODE, FORM and span_shift as there, PERM: x
-// read through perm).
+// chunks, MIN_BLOCKS the launch bound, U chunks in flight a lane, SEG mma steps a scale, ZMODE, FORM and
+// span_shift as there, PERM: x read through perm).
 template <int BITS, int WARPS, int MIN_BLOCKS, int U, int SEG, int ZMODE, int FORM, bool PERM>
 __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 lowbit_mma(const u16* x, const int* __restrict__ perm, const char* __restrict__ w,
