@@ -353,8 +353,8 @@ def bench_concurrent_streams(folder: Path) -> dict:
             while time.monotonic() < deadline and sum(1 for s in list(model.batch.slots) if s.filled > PROMPT + 8) < 7:
                 time.sleep(0.01)
             before = one_offs()
-            newcomer = collect(model.generate(Prompt(text="", ids=prompt_ids(PROMPT + 64)),
-                                              GenerationParams(max_new_tokens=16, temperature=0, top_k=0, top_p=1.0)))[2]
+            params = GenerationParams(max_new_tokens=16, temperature=0, top_k=0, top_p=1.0)
+            newcomer = collect(model.generate(Prompt(text="", ids=prompt_ids(PROMPT + 64)), params))[2]
             made = new_since(before)
             runners.join()
             return round(newcomer.time_to_first_token * 1e3, 2), made

@@ -351,7 +351,8 @@ int4_mma(const u16* x, const int* __restrict__ perm, const Words* __restrict__ w
                     float sv[2], mv[2] = {0.f, 0.f};
                     u32 b = 0;   // ZEROS: the pair of bf16 zero biases (row r, row r + 8)
                     if (FORM == HALF_BIASED) {   // scales and biases in one 8-byte load
-                        const uint2 rec = *reinterpret_cast<const uint2*>((LINEAR ? sc : lane_scales) + g * 8 * P::scale);
+                        const char* at = (LINEAR ? sc : lane_scales) + g * 8 * P::scale;
+                        const uint2 rec = *reinterpret_cast<const uint2*>(at);
                         half_pair(rec.x, sv[0], sv[1]);
                         b = rec.y;
                     } else {
@@ -472,7 +473,8 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
             const int h = p & 1;
             const size_t at = (((size_t)tile * G + g) * 8 + r) * 2 + h;   // pairs (row r, row r + 8)
             const u32 zb = ZMODE != ZEROS ? (uniform_bias & 0xFFFFu)
-                         : FORM == HALF_BIASED ? (u32)reinterpret_cast<const u16*>(scales)[(at & ~(size_t)1) * 2 + 2 + h]
+                         : FORM == HALF_BIASED   // the record's biases follow its scales
+                             ? (u32)reinterpret_cast<const u16*>(scales)[(at & ~(size_t)1) * 2 + 2 + h]
                          : (u32)reinterpret_cast<const u16*>(zero_bias)[at];
             const u32 lv = levels(q.w[word] >> (4 * p), zb | (zb << 16));
             float lo = bits_to_float(lv << 16) * sv[h], hi = bits_to_float(lv & 0xFFFF0000u) * sv[h];
@@ -803,7 +805,8 @@ def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor
     M = x.shape[0]
     seg = min(4, w.group_size // 16)
     flag = lambda b: str(b).lower()
-    name = f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{seg},{w.zmode},{w.form},{flag(perm is not None)},false>"
+    name = (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{seg},{w.zmode},{w.form},"
+            f"{flag(perm is not None)},false>")
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     launch(_kernel(name), (w.n // TILE, 1, 1), (32 * config.warps, 1, 1),
            [x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n, w.k,
