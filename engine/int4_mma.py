@@ -10,11 +10,15 @@ multiply-adds in fp32, and each group's partial sums are scaled by that group's 
 equals the dequantized reference's up to fp32 summation order. Measured on an H100: bench/NOTES-engine.md.
 
 Layout (made once at load, `pack`): 16 output rows form a tile; K is cut in chunks of 64. For tile T, chunk
-c and lane L = 4 r + t, the lane's 16 bytes hold four words, word i for mma i (inputs c*64 + 16 i + 4 t
-.. + 3), so that a warp reads 512 contiguous bytes a chunk. Each word's nibbles, by position:
-0: (row r, k) 1: (row r+8, k) 2: (r, k+2) 3: (r+8, k+2) 4: (r, k+1) 5: (r+8, k+1) 6: (r, k+3) 7: (r+8, k+3)
-with k = c*64 + 16 i + 4 t. Shifting a word right by 4 p puts the pair for A register p in bits 0-3 and
-16-19. (mma's fragment k order is a fixed permutation of the physical one, the same for A and B.)
+c and lane L = 4 r + t, the lane's 16 bytes hold four words, word i for mma i, so that a warp reads 512
+contiguous bytes a chunk. With SEG = group size / 16 mma steps a group (at most 4: a chunk), step
+i = SEG s + j takes inputs k .. k + 3, k = c*64 + 16 SEG s + 4 SEG t + 4 j: each group keeps whole steps, and
+a lane's B values for a group's steps are 4 SEG contiguous inputs of its x row (for SEG >= 2 one 16-byte
+load per two steps instead of an 8-byte load per step: with 8 x rows, a warp's loads then touch 4x fewer
+cache lines, which L1 had been too slow for). Each word's nibbles, by position:
+0: (row r, k) 1: (row r+8, k) 2: (r, k+2) 3: (r+8, k+2) 4: (r, k+1) 5: (r+8, k+1) 6: (r, k+3) 7: (r+8, k+3).
+Shifting a word right by 4 p puts the pair for A register p in bits 0-3 and 16-19. (mma's fragment k order
+is a fixed permutation of the physical one, the same for A and B.)
 Scales and zero biases (bf16 -(128 + z)) are [N/16, G, 8, 2]: a tile's rows r and r + 8 of one group
 side by side, so that a lane reads both of its rows' values in one load.
 
@@ -265,6 +269,25 @@ struct Prerequisites {
 template <int CH, int SEG> __device__ __forceinline__ int group_of(int c, int seg, int group_shift) {
     return SEG * 16 < CH ? c * (CH / (SEG * 16)) + seg : (c * CH) >> group_shift;
 }
+
+// A lane's B operands for the SEG mma steps of one group (engine.int4_mma's layout): its x row's 4 SEG
+// contiguous inputs at p, b[2 j], b[2 j + 1] for step j; 16-byte loads where there are two steps or more.
+template <int SEG> __device__ __forceinline__ void segment_b(const u16* p, u32 (&b)[2 * SEG]) {
+    if (SEG == 1) {
+        const Pair v = *reinterpret_cast<const Pair*>(p);
+        b[0] = v.lo;
+        b[1] = v.hi;
+    } else {
+#pragma unroll
+        for (int h = 0; h < SEG / 2; ++h) {
+            const Words v = reinterpret_cast<const Words*>(p)[h];
+            b[4 * h] = v.w[0];
+            b[4 * h + 1] = v.w[1];
+            b[4 * h + 2] = v.w[2];
+            b[4 * h + 3] = v.w[3];
+        }
+    }
+}
 """
 
 SOURCE = DEVICE_HELPERS + r"""
@@ -391,21 +414,21 @@ int4_mma(const u16* x, const int* __restrict__ perm, const Words* __restrict__ w
 #pragma unroll
                 for (int seg = 0; seg < 4 / SEG; ++seg) {
                     float part[4] = {0.f, 0.f, 0.f, 0.f}, xsum[4] = {0.f, 0.f, 0.f, 0.f};
+                    // B: this lane's x row at the segment's inputs (the fragment's k order, see the layout)
+                    u32 b[2 * SEG];
+                    segment_b<SEG>((PERM ? reinterpret_cast<const u16*>(gathered[PERM ? warp : 0][u][xrow])
+                                         : xc + u * WARPS * 64) + 16 * SEG * seg + 4 * SEG * t, b);
 #pragma unroll
-                    for (int i = seg * SEG; i < (seg + 1) * SEG; ++i) {
-                        const u32 wd = q[u].w[i];
+                    for (int j = 0; j < SEG; ++j) {
+                        const u32 wd = q[u].w[seg * SEG + j];
                         const u32 b_r = bias[u][seg][0], b_r8 = bias[u][seg][1];
-                        // B: this lane's x row at inputs k .. k+3 (the fragment's k order, see the layout)
-                        const Pair b = PERM
-                            ? *reinterpret_cast<const Pair*>(&gathered[PERM ? warp : 0][u][xrow][8 * i + 2 * t])
-                            : *reinterpret_cast<const Pair*>(xc + u * WARPS * 64 + 16 * i + 4 * t);
                         if (ZMODE == OFFSETS) {   // raw 128 + q (see off above): no bf16 subtraction a pair
                             mma(part, raw_levels(wd), raw_levels(wd >> 4), raw_levels(wd >> 8), raw_levels(wd >> 12),
-                                b.lo, b.hi);
-                            mma(xsum, ONES, ONES, ONES, ONES, b.lo, b.hi);
+                                b[2 * j], b[2 * j + 1]);
+                            mma(xsum, ONES, ONES, ONES, ONES, b[2 * j], b[2 * j + 1]);
                         } else {
                             mma(part, levels(wd, b_r), levels(wd >> 4, b_r8), levels(wd >> 8, b_r),
-                                levels(wd >> 12, b_r8), b.lo, b.hi);
+                                levels(wd >> 12, b_r8), b[2 * j], b[2 * j + 1]);
                         }
                     }
                     acc[0] += s[u][seg][0] * part[0];
@@ -446,7 +469,7 @@ int4_mma(const u16* x, const int* __restrict__ perm, const Words* __restrict__ w
 // W [N, K] bf16 from the packed layout (prompts then run through cuBLAS). One warp a (tile, chunk): each
 // lane dequantizes its 16 bytes into shared memory, then the warp writes the 16 x 64 block row by row
 // (16-byte stores, 128 contiguous bytes a row: stores straight from the fragment layout would scatter).
-template <int ZMODE, int FORM>
+template <int SEG, int ZMODE, int FORM>
 __global__ void __launch_bounds__(256)
 int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const void* __restrict__ zero_bias,
              Words* __restrict__ out, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift) {
@@ -464,7 +487,7 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
     span_factors<FORM, ZMODE == OFFSETS>(lane_values, c >> 2, d);
 #pragma unroll
     for (int word = 0; word < 4; ++word) {
-        const int k = 16 * word + 4 * t;                // within the chunk
+        const int k = 16 * SEG * (word / SEG) + 4 * SEG * t + 4 * (word % SEG);   // within the chunk
         const int g = (c * 64 + k) >> group_shift;
         float sv[2], mv[2] = {0.f, 0.f};
         group_values<FORM, ZMODE == OFFSETS>(lane_scales, lane_values, g, d, sv, mv);
@@ -521,7 +544,9 @@ def config_for(n: int, factored: bool = False, experts: bool = False, gathers: b
       two waves: AWQ g128 wo 5.57 -> 4.43 us, w2 11.15 -> 9.27; act-order g32 wo 5.47 -> 4.24, w2 10.96 ->
       8.66; symmetric g128 4.29 / 8.76 either way;
     - x gathered in the kernel (act-order whose order the layer before cannot produce): 16 warps, 7.19 -> 5.97;
-    - from N = 8192 8 warps (16 before: 607.2 against 591.0 tok/s);
+    - from N = 8192 8 warps (16 before: 607.2 against 591.0 tok/s), at least six blocks an SM (registers capped
+      at 40; g32 had taken 44 with the segment layout: wqkv 12.34 -> 8.99 us, w13 18.35 -> 15.81; g128 w13 15.48
+      -> 14.87);
     - factored scales (GGUF K-quants: Q4_K): 16 warps below N = 8192 and 8 from it, both at least two blocks
       an SM: wo 6.65 -> 5.24, w2 13.83 -> 11.18, w13 24.96 -> 21.89, wqkv 14.26 -> 14.0;
     - the experts' kernel (it waits before its first read: it needs the experts chosen): 16 warps."""
@@ -530,7 +555,7 @@ def config_for(n: int, factored: bool = False, experts: bool = False, gathers: b
     if factored:
         return MmaConfig(16 if n < 8192 else 8, 1, 2)
     if n >= 8192:
-        return MmaConfig(8, 1)
+        return MmaConfig(8, 1, 6)
     return MmaConfig(16, 1) if gathers else MmaConfig(24, 1, 2)
 
 
@@ -762,6 +787,11 @@ class PackedInt4:
                    if t is not None)
 
     @property
+    def segment(self) -> int:
+        """mma steps of 16 inputs a group, at most a chunk's 4 (the kernels' SEG; it shapes the layout)."""
+        return segment(self.group_size)
+
+    @property
     def group_shift(self) -> int:
         """k >> group_shift is k's group: log2 of a power-of-two group size, 31 (always 0) for one group."""
         return 31 if self.group_size == self.k else self.group_size.bit_length() - 1
@@ -772,15 +802,21 @@ class PackedInt4:
         return _as_int32(b | (b << 16))
 
 
+def segment(group_size: int) -> int:
+    return min(CHUNK // 16, group_size // 16)
+
+
 def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
          offsets: torch.Tensor | None = None) -> PackedInt4:
     """q: levels uint8 [K, N] with groups contiguous along K (act-order: sorted, and x gathered to match by
     the caller), scales [G, N], zeros [G, N] integer zero points (None: 8, symmetric GPTQ), or instead float
     offsets [G, N] (W = s * q + m)."""
     K, N = q.shape
-    T, C = N // TILE, K // CHUNK
-    # [N, K] -> [T, h, r, C, i, t, kk] with row = 16 T + 8 h + r and k = 64 C + 16 i + 4 t + kk
-    levels = q.t().reshape(T, 2, 8, C, 4, 4, 4).permute(0, 3, 2, 5, 4, 1, 6).to(torch.int64)  # [T,C,r,t,i,h,kk]
+    T, C, SEG = N // TILE, K // CHUNK, segment(group_size)
+    # [N, K] -> [T, h, r, C, s, t, j, kk] with row = 16 T + 8 h + r and k = 64 C + 16 SEG s + 4 SEG t + 4 j + kk,
+    # then [T, C, r, t, i, h, kk] with mma step i = SEG s + j
+    levels = (q.t().reshape(T, 2, 8, C, 4 // SEG, 4, SEG, 4).permute(0, 3, 2, 5, 4, 6, 1, 7)
+              .reshape(T, C, 8, 4, 4, 2, 4).to(torch.int64))
     h = torch.arange(2, device=q.device)[:, None]
     kk = torch.arange(4, device=q.device)[None, :]
     shifts = 4 * (h + 2 * (kk >> 1) + 4 * (kk & 1))                                           # [2, 4]
@@ -803,9 +839,10 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
 def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
-    seg = min(4, w.group_size // 16)
+    if x.data_ptr() % 16:   # the kernel reads x 16 bytes at a time
+        x = x.clone()
     flag = lambda b: str(b).lower()
-    name = (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{seg},{w.zmode},{w.form},"
+    name = (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{w.segment},{w.zmode},{w.form},"
             f"{flag(perm is not None)},false>")
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     launch(_kernel(name), (w.n // TILE, 1, 1), (32 * config.warps, 1, 1),
@@ -820,9 +857,10 @@ def expert_matmul(x: torch.Tensor, stacked: PackedInt4, experts: torch.Tensor, c
     GPU, expert ids; x: bf16 [1, K] (the same input for every slot) or [S, K] (slot j's own row).
     Returns y [S, N]: slot j is x's row through expert experts[j]."""
     S = experts.shape[0]
-    seg = min(4, stacked.group_size // 16)
-    name = (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{seg},{stacked.zmode},{stacked.form},"
-            "false,true>")
+    if x.data_ptr() % 16:   # the kernel reads x 16 bytes at a time
+        x = x.clone()
+    name = (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{stacked.segment},{stacked.zmode},"
+            f"{stacked.form},false,true>")
     y = torch.empty(S, stacked.n, dtype=torch.bfloat16, device=x.device)
     stride = lambda t: t.stride(0) * t.element_size()
     launch(_kernel(name), (stacked.n // TILE, S, 1), (32 * config.warps, 1, 1),
@@ -837,7 +875,7 @@ def dequantize(w: PackedInt4) -> torch.Tensor:
     """W bf16 [N, K] (in the packed weight's input order: act-order's sorted K)."""
     out = torch.empty(w.n, w.k, dtype=torch.bfloat16, device=w.words.device)
     units = w.n // TILE * (w.k // CHUNK)                                                  # a warp each
-    launch(_kernel(f"int4_dequant<{w.zmode},{w.form}>"), (-(-units // 8), 1, 1), (256, 1, 1),
+    launch(_kernel(f"int4_dequant<{w.segment},{w.zmode},{w.form}>"), (-(-units // 8), 1, 1), (256, 1, 1),
            [w.words, w.store.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift,
             w.uniform_bias, w.store.span_shift], pdl=False)   # it does not wait for the kernel before
     return out

@@ -261,10 +261,13 @@ lowbit_mma(const u16* x, const int* __restrict__ perm, const char* __restrict__ 
                     // 3 bits: whether this segment holds eighths steps (5-7)
                     const bool with8 = BITS == 3 && (seg + 1) * SEG > 5;
 #pragma unroll
+                    // B: this lane's x row at the segment's inputs (int4_mma's segment layout)
+                    u32 xb[2 * SEG];
+                    segment_b<SEG>((PERM ? reinterpret_cast<const u16*>(gathered[PERM ? warp : 0][u][xrow])
+                                         : xc + u * WARPS * CH) + 16 * SEG * seg + 4 * SEG * t, xb);
+#pragma unroll
                     for (int i = seg * SEG; i < (seg + 1) * SEG; ++i) {
-                        const Pair b = PERM
-                            ? *reinterpret_cast<const Pair*>(&gathered[PERM ? warp : 0][u][xrow][PERM ? 8 * i + 2 * t : 0])
-                            : *reinterpret_cast<const Pair*>(xc + u * WARPS * CH + 16 * i + 4 * t);
+                        const Pair b = {xb[2 * (i - seg * SEG)], xb[2 * (i - seg * SEG) + 1]};
                         if constexpr (BITS != 3) {
                             mma(part, a_pair<BITS>(q[u], i, 0, b_r), a_pair<BITS>(q[u], i, 1, b_r8),
                                 a_pair<BITS>(q[u], i, 2, b_r), a_pair<BITS>(q[u], i, 3, b_r8), b.lo, b.hi);
@@ -332,7 +335,7 @@ lowbit_mma(const u16* x, const int* __restrict__ perm, const char* __restrict__ 
 
 // W [N, K] bf16 from the packed layout, one warp a (tile, chunk), written row by row through shared memory
 // in 16-byte stores (as int4_dequant).
-template <int BITS, int ZMODE, int FORM>
+template <int BITS, int SEG, int ZMODE, int FORM>
 __global__ void __launch_bounds__(256)
 lowbit_dequant(const char* __restrict__ w, const void* __restrict__ scales, const void* __restrict__ zeros,
                Words* __restrict__ out, int N, int K, int G, int group_shift, u32 uniform_bias, int span_shift) {
@@ -351,7 +354,7 @@ lowbit_dequant(const char* __restrict__ w, const void* __restrict__ scales, cons
     span_factors<FORM, ZMODE == OFFSETS>(lane_values, (c * CH) >> 8, d);
 #pragma unroll
     for (int i = 0; i < Width<BITS>::steps; ++i) {
-        const int k = 16 * i + 4 * t;                   // within the chunk
+        const int k = 16 * SEG * (i / SEG) + 4 * SEG * t + 4 * (i % SEG);   // within the chunk
         const int g = (c * CH + k) >> group_shift;
         float sv[2], mv[2] = {0.f, 0.f};
         group_values<FORM, ZMODE == OFFSETS>(lane_scales, lane_values, g, d, sv, mv);
@@ -440,6 +443,10 @@ class PackedLowBit:
         return next(t for t in (st.supers, st.offsets, self.zeros, st.scales) if t is not None)
 
     @property
+    def segment(self) -> int:
+        return segment(self.width, self.group_size)
+
+    @property
     def group_shift(self) -> int:
         return 31 if self.group_size == self.k else self.group_size.bit_length() - 1
 
@@ -503,15 +510,18 @@ def _six_bit_fields(v: torch.Tensor) -> torch.Tensor:
     return torch.cat([words[..., :4].reshape(T, C, 128), words[..., 4:].reshape(T, C, 64)], -1)
 
 
-def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Levels uint8 [K, n] (n a multiple of 16) -> int32 words [n/16, K/chunk, CHUNK_BYTES/4]."""
+def _pack_words(q: torch.Tensor, bits: int, seg: int) -> torch.Tensor:
+    """Levels uint8 [K, n] (n a multiple of 16) -> int32 words [n/16, K/chunk, CHUNK_BYTES/4]; seg: mma steps a
+    group (the kernel's SEG)."""
     K, N = q.shape
     CH = CHUNK[bits]
     T, C, S = N // TILE, K // CH, CH // 16
     ar = lambda n, *shape: torch.arange(n, device=q.device).view(*shape)
-    # [N, K] -> [T, C, r, t, i, pk, pb, h]: row = 16 T + 8 pb + r, k = CH C + 16 i + 4 t + 2 pk + h, and
-    # A register p = pb + 2 pk of mma step i holds the pair h = 0, 1.
-    v = q.t().reshape(T, 2, 8, C, S, 4, 2, 2).permute(0, 3, 2, 5, 4, 6, 1, 7).to(torch.int64)
+    # [N, K] -> [T, C, r, t, i, pk, pb, h]: row = 16 T + 8 pb + r, k = CH C + 16 seg s + 4 seg t + 4 j + 2 pk + h
+    # with mma step i = seg s + j (int4_mma's segment layout), and A register p = pb + 2 pk of step i holds the
+    # pair h = 0, 1.
+    v = (q.t().reshape(T, 2, 8, C, S // seg, 4, seg, 2, 2).permute(0, 3, 2, 5, 4, 6, 7, 1, 8)
+         .reshape(T, C, 8, 4, S, 2, 2, 2).to(torch.int64))
     if bits == 6:
         words = _six_bit_fields(v.reshape(T, C, 8, 4, S, 4, 2))
     elif bits == 8:
@@ -529,6 +539,11 @@ def _pack_words(q: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
+def segment(width: int, group_size: int) -> int:
+    """mma steps of 16 inputs a group, at most a chunk's (the kernel's SEG; it shapes the layout)."""
+    return min(CHUNK[width] // 16, group_size // 16)
+
+
 def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, bits: int,
          slice_levels: int = 2**26, offsets: torch.Tensor | None = None) -> PackedLowBit:
     """q: levels uint8 [K, N] with groups contiguous along K (act-order: sorted, x gathered by the caller),
@@ -539,7 +554,8 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
     K, N = q.shape
     width = WIDTH[bits]
     step = max(TILE, (slice_levels // K) // TILE * TILE)
-    words = torch.cat([_pack_words(q[:, n:n + step], width) for n in range(0, N, step)]).contiguous()
+    seg = segment(width, group_size)
+    words = torch.cat([_pack_words(q[:, n:n + step], width, seg) for n in range(0, N, step)]).contiguous()
     if offsets is not None:   # the levels go in as q: a uniform zero of 0
         zeros = torch.zeros(1, 1, dtype=torch.uint8, device=q.device)
     uniform = zeros is None or bool((zeros == zeros.flatten()[0]).all())
@@ -555,9 +571,10 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
 def matmul(x: torch.Tensor, w: PackedLowBit, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
-    seg = min(CHUNK[w.width] // 16, w.group_size // 16)
+    if x.data_ptr() % 16:   # the kernel reads x 16 bytes at a time
+        x = x.clone()
     flag = lambda b: str(b).lower()
-    name = (f"lowbit_mma<{w.width},{config.warps},{config.min_blocks},{config.unroll},{seg},{w.zmode},{w.form},"
+    name = (f"lowbit_mma<{w.width},{config.warps},{config.min_blocks},{config.unroll},{w.segment},{w.zmode},{w.form},"
             f"{flag(perm is not None)}>")
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
     launch(compiled(SOURCE, name), (w.n // TILE, 1, 1), (32 * config.warps, 1, 1),
@@ -570,7 +587,8 @@ def dequantize(w: PackedLowBit) -> torch.Tensor:
     """W bf16 [N, K] (in the packed weight's input order: act-order's sorted K)."""
     out = torch.empty(w.n, w.k, dtype=torch.bfloat16, device=w.words.device)
     units = w.n // TILE * (w.k // CHUNK[w.width])                                         # a warp each
-    launch(compiled(SOURCE, f"lowbit_dequant<{w.width},{w.zmode},{w.form}>"), (-(-units // 8), 1, 1), (256, 1, 1),
+    launch(compiled(SOURCE, f"lowbit_dequant<{w.width},{w.segment},{w.zmode},{w.form}>"), (-(-units // 8), 1, 1),
+           (256, 1, 1),
            [w.words, w.store.scales, w.zero_arg, out, w.n, w.k, w.k // w.group_size, w.group_shift,
             w.uniform_bias, w.store.span_shift], pdl=False)   # it does not wait for the kernel before
     return out

@@ -248,7 +248,8 @@ def test_int4_pack_puts_each_groups_scales_and_zero_biases_in_one_record():
 
 @needs_cuda
 @pytest.mark.parametrize("uniform_zero", [True, False])   # symmetric GPTQ (one z) / per-group zeros (AWQ-like)
-@pytest.mark.parametrize("warps,unroll,min_blocks", [(8, 1, 0), (16, 1, 0), (16, 2, 0), (24, 1, 2), (32, 1, 0)])
+@pytest.mark.parametrize("warps,unroll,min_blocks", [(8, 1, 0), (8, 1, 6), (16, 1, 0), (16, 2, 0), (24, 1, 2),
+                                                      (32, 1, 0)])
 @pytest.mark.parametrize("gs", [32, 128])   # groups inside a chunk (cursors) / spanning chunks
 def test_int4_mma_matches_reference_for_every_launch_shape(uniform_zero, warps, unroll, min_blocks, gs):
     from engine import int4_mma

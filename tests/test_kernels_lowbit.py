@@ -144,7 +144,8 @@ def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Te
                 pair = [(w >> (shift + 16 * h)) & 3 for h in (0, 1)]
             row = rows + (lane >> 2) + 8 * (p & 1)                                        # [T, 1, 32]
             for h in (0, 1):
-                k = cols + 16 * i + 4 * (lane & 3) + 2 * (p >> 1) + h                      # [1, C, 32]
+                seg = packed.segment   # step i = seg s + j: inputs 16 seg s + 4 seg t + 4 j .. + 3
+                k = cols + 16 * seg * (i // seg) + 4 * seg * (lane & 3) + 4 * (i % seg) + 2 * (p >> 1) + h
                 q[row.expand(T, C, 32), k.expand(T, C, 32)] = pair[h]
     G = packed.store.scales.shape[1]
     if packed.zmode == int4_mma.OFFSETS:      # levels go in as q (zero 0); the offsets are added apart
