@@ -270,8 +270,14 @@ template <int CH, int SEG> __device__ __forceinline__ int group_of(int c, int se
     return SEG * 16 < CH ? c * (CH / (SEG * 16)) + seg : (c * CH) >> group_shift;
 }
 
-// A lane's B operands for the SEG mma steps of one group (engine.int4_mma's layout): its x row's 4 SEG
-// contiguous inputs at p, b[2 j], b[2 j + 1] for step j; 16-byte loads where there are two steps or more.
+// The first of the four inputs mma step i takes from lanes t (t = lane % 4), within its chunk: the segment
+// layout (engine.int4_mma's docstring), steps i = SEG s + j of group s at 16 SEG s + 4 SEG t + 4 j.
+template <int SEG> __device__ __forceinline__ int step_input(int i, int t) {
+    return 16 * SEG * (i / SEG) + 4 * SEG * t + 4 * (i % SEG);
+}
+
+// A lane's B operands for the SEG mma steps of one group: its x row's 4 SEG contiguous inputs at p (x at the
+// group's first step_input), b[2 j], b[2 j + 1] for step j; 16-byte loads where there are two steps or more.
 template <int SEG> __device__ __forceinline__ void segment_b(const u16* p, u32 (&b)[2 * SEG]) {
     if (SEG == 1) {
         const Pair v = *reinterpret_cast<const Pair*>(p);
@@ -417,7 +423,7 @@ int4_mma(const u16* x, const int* __restrict__ perm, const Words* __restrict__ w
                     // B: this lane's x row at the segment's inputs (the fragment's k order, see the layout)
                     u32 b[2 * SEG];
                     segment_b<SEG>((PERM ? reinterpret_cast<const u16*>(gathered[PERM ? warp : 0][u][xrow])
-                                         : xc + u * WARPS * 64) + 16 * SEG * seg + 4 * SEG * t, b);
+                                         : xc + u * WARPS * 64) + step_input<SEG>(seg * SEG, t), b);
 #pragma unroll
                     for (int j = 0; j < SEG; ++j) {
                         const u32 wd = q[u].w[seg * SEG + j];
@@ -487,7 +493,7 @@ int4_dequant(const Words* __restrict__ w, const void* __restrict__ scales, const
     span_factors<FORM, ZMODE == OFFSETS>(lane_values, c >> 2, d);
 #pragma unroll
     for (int word = 0; word < 4; ++word) {
-        const int k = 16 * SEG * (word / SEG) + 4 * SEG * t + 4 * (word % SEG);   // within the chunk
+        const int k = step_input<SEG>(word, t);         // within the chunk
         const int g = (c * 64 + k) >> group_shift;
         float sv[2], mv[2] = {0.f, 0.f};
         group_values<FORM, ZMODE == OFFSETS>(lane_scales, lane_values, g, d, sv, mv);
@@ -788,7 +794,6 @@ class PackedInt4:
 
     @property
     def segment(self) -> int:
-        """mma steps of 16 inputs a group, at most a chunk's 4 (the kernels' SEG; it shapes the layout)."""
         return segment(self.group_size)
 
     @property
@@ -802,8 +807,14 @@ class PackedInt4:
         return _as_int32(b | (b << 16))
 
 
-def segment(group_size: int) -> int:
-    return min(CHUNK // 16, group_size // 16)
+def segment(group_size: int, chunk: int = CHUNK) -> int:
+    """mma steps of 16 inputs a group, at most a chunk's (the kernels' SEG; it shapes the layout)."""
+    return min(chunk // 16, group_size // 16)
+
+
+def aligned(x: torch.Tensor) -> torch.Tensor:
+    """x itself, or a copy where its start is not 16-byte aligned: the kernels read x 16 bytes at a time."""
+    return x if x.data_ptr() % 16 == 0 else x.clone()
 
 
 def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
@@ -839,8 +850,7 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
 def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
-    if x.data_ptr() % 16:   # the kernel reads x 16 bytes at a time
-        x = x.clone()
+    x = aligned(x)
     flag = lambda b: str(b).lower()
     name = (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{w.segment},{w.zmode},{w.form},"
             f"{flag(perm is not None)},false>")
@@ -857,8 +867,7 @@ def expert_matmul(x: torch.Tensor, stacked: PackedInt4, experts: torch.Tensor, c
     GPU, expert ids; x: bf16 [1, K] (the same input for every slot) or [S, K] (slot j's own row).
     Returns y [S, N]: slot j is x's row through expert experts[j]."""
     S = experts.shape[0]
-    if x.data_ptr() % 16:   # the kernel reads x 16 bytes at a time
-        x = x.clone()
+    x = aligned(x)
     name = (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{stacked.segment},{stacked.zmode},"
             f"{stacked.form},false,true>")
     y = torch.empty(S, stacked.n, dtype=torch.bfloat16, device=x.device)

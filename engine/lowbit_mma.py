@@ -50,7 +50,7 @@ import torch
 
 from engine.cuda_launch import launch
 from engine.int4_mma import (DEVICE_HELPERS, MAX_ROWS, OFFSETS, TILE, UNIFORM, ZEROS, MmaConfig, ScaleStore,
-                             bf16_bits, compiled, refusal as shape_refusal, scale_storage, tiled)
+                             aligned, bf16_bits, compiled, refusal as shape_refusal, scale_storage, segment, tiled)
 
 BITS = (2, 3, 5, 6, 8)
 WIDTH = {2: 2, 3: 3, 5: 6, 6: 6, 8: 8}         # the layout (and kernel) each width's levels use
@@ -260,11 +260,10 @@ lowbit_mma(const u16* x, const int* __restrict__ perm, const char* __restrict__ 
                     const u32 b_r = bias[u][seg][0], b_r8 = bias[u][seg][1];
                     // 3 bits: whether this segment holds eighths steps (5-7)
                     const bool with8 = BITS == 3 && (seg + 1) * SEG > 5;
-#pragma unroll
                     // B: this lane's x row at the segment's inputs (int4_mma's segment layout)
                     u32 xb[2 * SEG];
                     segment_b<SEG>((PERM ? reinterpret_cast<const u16*>(gathered[PERM ? warp : 0][u][xrow])
-                                         : xc + u * WARPS * CH) + 16 * SEG * seg + 4 * SEG * t, xb);
+                                         : xc + u * WARPS * CH) + step_input<SEG>(seg * SEG, t), xb);
 #pragma unroll
                     for (int i = seg * SEG; i < (seg + 1) * SEG; ++i) {
                         const Pair b = {xb[2 * (i - seg * SEG)], xb[2 * (i - seg * SEG) + 1]};
@@ -354,7 +353,7 @@ lowbit_dequant(const char* __restrict__ w, const void* __restrict__ scales, cons
     span_factors<FORM, ZMODE == OFFSETS>(lane_values, (c * CH) >> 8, d);
 #pragma unroll
     for (int i = 0; i < Width<BITS>::steps; ++i) {
-        const int k = 16 * SEG * (i / SEG) + 4 * SEG * t + 4 * (i % SEG);   // within the chunk
+        const int k = step_input<SEG>(i, t);            // within the chunk
         const int g = (c * CH + k) >> group_shift;
         float sv[2], mv[2] = {0.f, 0.f};
         group_values<FORM, ZMODE == OFFSETS>(lane_scales, lane_values, g, d, sv, mv);
@@ -444,7 +443,7 @@ class PackedLowBit:
 
     @property
     def segment(self) -> int:
-        return segment(self.width, self.group_size)
+        return segment(self.group_size, CHUNK[self.width])
 
     @property
     def group_shift(self) -> int:
@@ -539,11 +538,6 @@ def _pack_words(q: torch.Tensor, bits: int, seg: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def segment(width: int, group_size: int) -> int:
-    """mma steps of 16 inputs a group, at most a chunk's (the kernel's SEG; it shapes the layout)."""
-    return min(CHUNK[width] // 16, group_size // 16)
-
-
 def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int, bits: int,
          slice_levels: int = 2**26, offsets: torch.Tensor | None = None) -> PackedLowBit:
     """q: levels uint8 [K, N] with groups contiguous along K (act-order: sorted, x gathered by the caller),
@@ -554,7 +548,7 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
     K, N = q.shape
     width = WIDTH[bits]
     step = max(TILE, (slice_levels // K) // TILE * TILE)
-    seg = segment(width, group_size)
+    seg = segment(group_size, CHUNK[width])
     words = torch.cat([_pack_words(q[:, n:n + step], width, seg) for n in range(0, N, step)]).contiguous()
     if offsets is not None:   # the levels go in as q: a uniform zero of 0
         zeros = torch.zeros(1, 1, dtype=torch.uint8, device=q.device)
@@ -571,8 +565,7 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
 def matmul(x: torch.Tensor, w: PackedLowBit, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
-    if x.data_ptr() % 16:   # the kernel reads x 16 bytes at a time
-        x = x.clone()
+    x = aligned(x)
     flag = lambda b: str(b).lower()
     name = (f"lowbit_mma<{w.width},{config.warps},{config.min_blocks},{config.unroll},{w.segment},{w.zmode},{w.form},"
             f"{flag(perm is not None)}>")
