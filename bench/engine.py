@@ -719,17 +719,18 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
     return results
 
 
-# --gemv's launch shapes: warps x unroll, and the shapes config_for picks (two blocks an SM: min_blocks 2).
+# --gemv's launch shapes: warps x unroll, and the shapes config_for picks (with min_blocks, blocks an SM).
 SWEPT_SHAPES = [int4_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)] + [
-    int4_mma.MmaConfig(8, 1, 2), int4_mma.MmaConfig(16, 1, 2), int4_mma.MmaConfig(20, 1), int4_mma.MmaConfig(24, 1, 2)]
+    int4_mma.MmaConfig(8, 1, 2), int4_mma.MmaConfig(8, 1, 6), int4_mma.MmaConfig(16, 1, 2), int4_mma.MmaConfig(20, 1),
+    int4_mma.MmaConfig(24, 1, 2)]
 
 
-def launch_shapes(matmul, x, packed: list, configs, nbytes: int, error) -> tuple[dict, list]:
+def launch_shapes(matmul, x, packed: list, nbytes: int, error) -> tuple[dict, list]:
     """--gemv: each launch shape's TB/s, relative error (error(out) against the fp64 reference) and us for
     matmul(x, packed[i], cfg), the copies rotated so the weights stream from memory. Returns ({"warps/unroll":
     [TB/s, error, us] or the failure}, [(TB/s, cfg) of the accurate shapes, fastest first])."""
     row, ranked = {}, []
-    for cfg in configs:
+    for cfg in SWEPT_SHAPES:
         try:
             e = error(matmul(x, packed[0], cfg))
             t = rotating_graph_time(lambda i: (lambda: matmul(x, packed[i], cfg)), nbytes)
@@ -780,7 +781,6 @@ def gemv_sweep() -> dict:
     at M=1 on the 7B/70B layer shapes (act-order: also with x gathered first); effective TB/s counts 4-bit
     weights plus scales. Every config's result is checked against an fp64 reference, and the default config
     also at 3 and 8 rows, with per-group zeros, and through `dequantize`."""
-    configs = SWEPT_SHAPES
     res = {}
     cases = [(name, shape, 128, False) for name, shape in GEMV_SHAPES.items()] + \
             [("wo 4096x4096 g32 act", (4096, 4096), 32, True), ("w2 11008x4096 g32 act", (11008, 4096), 32, True),
@@ -813,7 +813,7 @@ def gemv_sweep() -> dict:
         entry["dequantize_write_tb_s"] = round((nbytes + 2 * k * n) / t_deq / 1e12, 2)
         entry["checks"]["zeros_dequantize"] = f"{((int4_mma.dequantize(pz).double().t() - wz).norm() / wz.norm()).item():.1e}"
         del pz
-        row, ranked = launch_shapes(int4_mma.matmul, x, packed, configs, nbytes, lambda out: err(out, 1))
+        row, ranked = launch_shapes(int4_mma.matmul, x, packed, nbytes, lambda out: err(out, 1))
         entry.update(best_tb_s=round(ranked[0][0], 2) if ranked else None,
                      best_config=ranked[0][1].__dict__ if ranked else None, all=row)
         if act:  # a weight whose order the layer before cannot produce: gathered by index_select or in the kernel
@@ -850,7 +850,6 @@ def lowbit_sweep(widths: tuple[int, ...] = (3, 8, 2)) -> dict:
     symmetric, against the copy bandwidth: effective TB/s counts the packed levels plus fp16 scales. Every
     config is checked against an fp64 reference; the default config also at 3 and 8 rows, with per-group
     zeros, and through `dequantize` (whose rate counts the bf16 it writes)."""
-    configs = SWEPT_SHAPES
     res = {"copy_tb_s": round(copy_bandwidth(), 3)}
     cases = [(bits, name, shape) for bits in widths for name, shape in GEMV_SHAPES.items()
              if bits == 3 or "70b" not in name]
@@ -881,7 +880,7 @@ def lowbit_sweep(widths: tuple[int, ...] = (3, 8, 2)) -> dict:
         del pz
         t_deq = rotating_graph_time(lambda i: (lambda: lowbit_mma.dequantize(packed[i])), nbytes, calls=8)
         entry["dequantize_write_tb_s"] = round((nbytes + 2 * k * n) / t_deq / 1e12, 2)
-        row, ranked = launch_shapes(lowbit_mma.matmul, x, packed, configs, nbytes, lambda out: err(out, 1))
+        row, ranked = launch_shapes(lowbit_mma.matmul, x, packed, nbytes, lambda out: err(out, 1))
         best = ranked[0][0] if ranked else None
         entry.update(best_tb_s=round(best, 2) if best else None,
                      best_config=ranked[0][1].__dict__ if ranked else None,
