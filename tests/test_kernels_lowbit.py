@@ -125,6 +125,7 @@ def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Te
     bits, K, N = packed.width, packed.k, packed.n
     CH = lowbit_mma.CHUNK[bits]
     T, C, S = N // 16, K // CH, CH // 16
+    seg = packed.segment   # mma step i = seg s + j takes inputs 16 seg s + 4 seg t + 4 j .. + 3 of its chunk
     words = packed.words.to(torch.int64) & 0xFFFFFFFF                                   # [T, C, bytes/4]
     lane = torch.arange(32)
     q = torch.empty(N, K, dtype=torch.int64)
@@ -144,7 +145,6 @@ def kernel_view(packed: lowbit_mma.PackedLowBit) -> tuple[torch.Tensor, torch.Te
                 pair = [(w >> (shift + 16 * h)) & 3 for h in (0, 1)]
             row = rows + (lane >> 2) + 8 * (p & 1)                                        # [T, 1, 32]
             for h in (0, 1):
-                seg = packed.segment   # step i = seg s + j: inputs 16 seg s + 4 seg t + 4 j .. + 3
                 k = cols + 16 * seg * (i // seg) + 4 * seg * (lane & 3) + 4 * (i % seg) + 2 * (p >> 1) + h
                 q[row.expand(T, C, 32), k.expand(T, C, 32)] = pair[h]
     G = packed.store.scales.shape[1]
