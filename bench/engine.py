@@ -721,8 +721,8 @@ def gpu(work: Path, with_exllamav2: bool, only: list[str] | None = None) -> dict
 
 # --gemv's launch shapes: warps x unroll, and the shapes config_for picks (with min_blocks, blocks an SM).
 SWEPT_SHAPES = [int4_mma.MmaConfig(w, u) for w in (8, 16, 32) for u in (1, 2)] + [
-    int4_mma.MmaConfig(8, 1, 2), int4_mma.MmaConfig(8, 1, 6), int4_mma.MmaConfig(16, 1, 2), int4_mma.MmaConfig(20, 1),
-    int4_mma.MmaConfig(24, 1, 2)]
+    int4_mma.MmaConfig(8, 1, 2), int4_mma.MmaConfig(8, 1, 4), int4_mma.MmaConfig(8, 1, 6),
+    int4_mma.MmaConfig(16, 1, 2), int4_mma.MmaConfig(20, 1), int4_mma.MmaConfig(24, 1, 2)]
 
 
 def launch_shapes(matmul, x, packed: list, nbytes: int, error) -> tuple[dict, list]:

@@ -15,11 +15,12 @@ levels is made:
   (bits 0, 3, 6, 9, 12) that one LOP3 (mask | 0x4300, after a shift of 0, 6 or 12) turns into 128 + q (a field
   at bit 0) or 128 + 8q (at bit 3), both halves of a pair at once. Steps 0-4 take the bit-0 fields (18 pairs)
   and two pairs made of the halves' spare bit 15 (bit b of such a level: word 3s + b); steps 5-7, the
-  "eighths", take the bit-3 fields. These raw values go into the mma unchanged; one more mma (A all ones)
-  sums x per step class, and each group takes s ((sum) - (128 + z) sum(x)) and, for the eighths,
-  s / 8 ((sum) - (128 + 8z) sum(x)): ~1.8 instructions a pair (57 LOP3s and shifts for a chunk's 32 pairs,
-  sm_90 SASS) against ~5 for the 2-bit plane plus a plane of third bits this replaced, which had left 3-bit
-  instruction-bound below 4-bit's speed (bench/NOTES-engine.md).
+  "eighths", take the bit-3 fields. One bf16x2 FMA then gives q - z exactly: (128 + q) - (128 + z), or for the
+  eighths (128 + 8q) / 8 - (16 + z). Measured on an H200 (bench/NOTES-engine.md), that FMA a pair costs less
+  than feeding the raw values to the mma and taking the zeros off after it through a second mma (A all ones)
+  that sums x per step class: twice the mmas, and 64 registers against 54 (wo 4.40 -> 3.97 us, w2 8.72 ->
+  7.97; w13 15.35 -> 14.41 at eight warps, four blocks an SM). The mantissa fields themselves replaced a 2-bit plane plus a plane of third
+  bits (~5 instructions a pair), which had left 3-bit instruction-bound below 4-bit's speed.
 - 8-bit: a chunk is 64 inputs, two 16-byte loads per lane (plane i / 2, word 2(i % 2) + p / 2, the pair's
   levels in bytes p % 2 and 2 + p % 2). 128 + q needs 8 mantissa bits, which bf16 lacks, so each level is
   placed in the mantissa of 2^23 as an fp32 (one byte permute), 2^23 + z is subtracted (exact), and the
@@ -130,7 +131,6 @@ __device__ __forceinline__ u32 raw3(const Chunk<3>& d, int i, int p) {
 
 // A register p of mma step i as the bf16 pair (q - z): row r + 8 (p & 1), inputs k + 2 (p >> 1) and + 1
 // (k = chunk start + 16 i + 4 t). The bit positions are the layout described in the module docstring.
-// (3 bits: the matmul feeds raw3 and subtracts the zeros with a second mma; this exact pair is for dequant.)
 template <int BITS> __device__ __forceinline__ u32 a_pair(const Chunk<BITS>& d, int i, int p, u32 bias) {
     if (BITS == 8) {
         const u32 w = d.w[i >> 1].w[2 * (i & 1) + (p >> 1)];
@@ -256,52 +256,22 @@ lowbit_mma(const u16* x, const int* __restrict__ perm, const char* __restrict__ 
 #pragma unroll
                 for (int seg = 0; seg < SEGS; ++seg) {
                     float part[4] = {0.f, 0.f, 0.f, 0.f}, xsum[4] = {0.f, 0.f, 0.f, 0.f};
-                    float part8[4] = {0.f, 0.f, 0.f, 0.f}, xsum8[4] = {0.f, 0.f, 0.f, 0.f};
                     const u32 b_r = bias[u][seg][0], b_r8 = bias[u][seg][1];
-                    // 3 bits: whether this segment holds eighths steps (5-7)
-                    const bool with8 = BITS == 3 && (seg + 1) * SEG > 5;
                     // B: this lane's x row at the segment's inputs (int4_mma's segment layout)
                     u32 xb[2 * SEG];
                     segment_b<SEG>((PERM ? reinterpret_cast<const u16*>(gathered[PERM ? warp : 0][u][xrow])
                                          : xc + u * WARPS * CH) + step_input<SEG>(seg * SEG, t), xb);
 #pragma unroll
-                    for (int i = seg * SEG; i < (seg + 1) * SEG; ++i) {
-                        const Pair b = {xb[2 * (i - seg * SEG)], xb[2 * (i - seg * SEG) + 1]};
-                        if constexpr (BITS != 3) {
-                            mma(part, a_pair<BITS>(q[u], i, 0, b_r), a_pair<BITS>(q[u], i, 1, b_r8),
-                                a_pair<BITS>(q[u], i, 2, b_r), a_pair<BITS>(q[u], i, 3, b_r8), b.lo, b.hi);
-                        } else {   // the raw values, and x summed by class for the zeros (see below)
-                            const bool e = eighths(i);
-                            mma(e ? part8 : part, raw3(q[u], i, 0), raw3(q[u], i, 1), raw3(q[u], i, 2),
-                                raw3(q[u], i, 3), b.lo, b.hi);
-                            mma(e ? xsum8 : xsum, ONES, ONES, ONES, ONES, b.lo, b.hi);
-                        }
-                        if (ZMODE == OFFSETS && BITS != 3) mma(xsum, ONES, ONES, ONES, ONES, b.lo, b.hi);
+                    for (int j = 0; j < SEG; ++j) {
+                        const int i = seg * SEG + j;
+                        mma(part, a_pair<BITS>(q[u], i, 0, b_r), a_pair<BITS>(q[u], i, 1, b_r8),
+                            a_pair<BITS>(q[u], i, 2, b_r), a_pair<BITS>(q[u], i, 3, b_r8), xb[2 * j], xb[2 * j + 1]);
+                        if (ZMODE == OFFSETS) mma(xsum, ONES, ONES, ONES, ONES, xb[2 * j], xb[2 * j + 1]);
                     }
-                    if constexpr (BITS == 3) {
-                        // part sums (128 + q) x: less (128 + z) xsum leaves (q - z) x. part8 sums (128 + 8q) x:
-                        // less (128 + 8z) xsum8 leaves 8 (q - z) x, scaled by s / 8.
-                        const float z_r = -bits_to_float(b_r << 16), z_r8 = -bits_to_float(b_r8 << 16);   // 128 + z
-                        acc[0] += s[u][seg][0] * (part[0] - z_r * xsum[0]);
-                        acc[1] += s[u][seg][0] * (part[1] - z_r * xsum[1]);
-                        acc[2] += s[u][seg][1] * (part[2] - z_r8 * xsum[2]);
-                        acc[3] += s[u][seg][1] * (part[3] - z_r8 * xsum[3]);
-                        if (with8) {
-                            const float e_r = 8.f * z_r - 896.f, e_r8 = 8.f * z_r8 - 896.f;               // 128 + 8z
-                            const float s_r = 0.125f * s[u][seg][0], s_r8 = 0.125f * s[u][seg][1];
-                            acc[0] += s_r * (part8[0] - e_r * xsum8[0]);
-                            acc[1] += s_r * (part8[1] - e_r * xsum8[1]);
-                            acc[2] += s_r8 * (part8[2] - e_r8 * xsum8[2]);
-                            acc[3] += s_r8 * (part8[3] - e_r8 * xsum8[3]);
-                            if (ZMODE == OFFSETS)   // the offsets' sum of x (below) is over both classes
-                                for (int j = 0; j < 4; ++j) xsum[j] += xsum8[j];
-                        }
-                    } else {
-                        acc[0] += s[u][seg][0] * part[0];
-                        acc[1] += s[u][seg][0] * part[1];
-                        acc[2] += s[u][seg][1] * part[2];
-                        acc[3] += s[u][seg][1] * part[3];
-                    }
+                    acc[0] += s[u][seg][0] * part[0];
+                    acc[1] += s[u][seg][0] * part[1];
+                    acc[2] += s[u][seg][1] * part[2];
+                    acc[3] += s[u][seg][1] * part[3];
                     if (ZMODE == OFFSETS) {
                         const float m_r = off[ZMODE == OFFSETS ? u : 0][seg][0];
                         const float m_r8 = off[ZMODE == OFFSETS ? u : 0][seg][1];
@@ -395,11 +365,12 @@ def config_for(n: int, width: int = 3, factored: bool = False) -> MmaConfig:
       wo 4.31 -> 4.11 that way but its w2 was not measured, and the 7B 3-bit row ran 583.7 tok/s with it where
       an earlier run had 619.6: 2 to 6 bits stay as they were;
     - from N = 8192: 8 warps; factored scales (Q6_K) at least two blocks an SM (wqkv 16.39 -> 14.48, w13 23.67
-      -> 22.16), which costs 8 bits a quarter (13.32 -> 16.55).
+      -> 22.16), which costs 8 bits a quarter (13.32 -> 16.55); 3 bits at least four (54 registers at most:
+      wqkv 10.01 -> 9.50, w13 14.75 -> 14.41; six, 40 registers, spill: 14.45 and 26.18).
     A PERM launch of 128-input chunks must keep warps x unroll <= 16 (its gathered x must fit 48 KB of shared
     memory): these do."""
     if n >= 8192:
-        return MmaConfig(8, 1, 2 if factored else 0)
+        return MmaConfig(8, 1, 2 if factored else 4 if width == 3 else 0)
     return MmaConfig(20, 1) if width == 8 else MmaConfig(16, 1, 2 if factored else 0)
 
 

@@ -371,8 +371,10 @@ def test_cpu_engine_runs_a_gptq_8bit_folder_on_the_int8_kernel(tmp_path):
 
 # --- CUDA ---------------------------------------------------------------------------------------------
 
-# (warps, unroll, min_blocks): the shapes config_for picks (20 and 24 warps, two blocks an SM) and others.
-LAUNCH_SHAPES = [(8, 1, 0), (8, 1, 2), (16, 1, 0), (16, 1, 2), (16, 2, 0), (20, 1, 0), (24, 1, 2), (32, 1, 0)]
+# (warps, unroll, min_blocks): the shapes config_for picks (8 warps at four blocks an SM, 20 and 24 warps at
+# two) and others.
+LAUNCH_SHAPES = [(8, 1, 0), (8, 1, 2), (8, 1, 4), (16, 1, 0), (16, 1, 2), (16, 2, 0), (20, 1, 0), (24, 1, 2),
+                 (32, 1, 0)]
 
 
 # symmetric GPTQ (one z), asym (a z per group), GGUF-style float offsets with fp16-exact or fp32 scales
