@@ -359,19 +359,19 @@ lowbit_dequant(const char* __restrict__ w, const void* __restrict__ scales, cons
 
 def config_for(n: int, width: int = 3, factored: bool = False) -> MmaConfig:
     """Launch shape for N outputs of a layout `width` bits wide. Measured on an H200 kernel by kernel on the 7B
-    shapes (M = 1, weights streamed from memory; bench/NOTES-engine.md):
+    shapes (M = 1, weights streamed from memory) and as the 7B step's 128 matmuls in one graph
+    (bench/NOTES-engine.md):
     - below N = 8192: 16 warps; 8 bits 20 (wo 6.6 -> 5.79 us, w2 14.48 -> 12.29 against 16); factored scales
-      (Q6_K) at least two blocks an SM (MmaConfig.min_blocks: wo 5.84 -> 5.51, w2 12.63 -> 11.67). 3 bits took
-      wo 4.31 -> 4.11 that way but its w2 was not measured, and the 7B 3-bit row ran 583.7 tok/s with it where
-      an earlier run had 619.6: 2 to 6 bits stay as they were;
+      (Q6_K) and 3 bits at least two blocks an SM (MmaConfig.min_blocks: Q6_K wo 5.84 -> 5.51, w2 12.63 ->
+      11.67; 3-bit matmuls a step 1 153 -> 1 138 us);
     - from N = 8192: 8 warps; factored scales (Q6_K) at least two blocks an SM (wqkv 16.39 -> 14.48, w13 23.67
-      -> 22.16), which costs 8 bits a quarter (13.32 -> 16.55); 3 bits at least four (54 registers at most:
-      wqkv 10.01 -> 9.50, w13 14.75 -> 14.41; six, 40 registers, spill: 14.45 and 26.18).
+      -> 22.16), which costs 8 bits a quarter (13.32 -> 16.55); 3 bits at least four (56 registers: wqkv 10.01
+      -> 9.50, w13 14.75 -> 14.41 against 48 with no bound; six, 40 registers, spill: 14.45 and 26.18).
     A PERM launch of 128-input chunks must keep warps x unroll <= 16 (its gathered x must fit 48 KB of shared
     memory): these do."""
     if n >= 8192:
         return MmaConfig(8, 1, 2 if factored else 4 if width == 3 else 0)
-    return MmaConfig(20, 1) if width == 8 else MmaConfig(16, 1, 2 if factored else 0)
+    return MmaConfig(20, 1) if width == 8 else MmaConfig(16, 1, 2 if factored or width == 3 else 0)
 
 
 def refusal(k: int, n: int, group_size: int, bits: int) -> str | None:
