@@ -18,11 +18,13 @@
                                                              Each Hearth row: weights GiB on the GPU next to the
                                                              packed bytes (the checkpoint's, or counted for 70B and
                                                              GGUF: the blocks' bytes plus a bf16 embedding).
-  python bench/engine.py --gemv [--sweep int4,lowbit,gguf]  our 4-bit (engine.int4_mma) and 2/3/8-bit
+  python bench/engine.py --gemv [--sweep int4,...,step]      our 4-bit (engine.int4_mma) and 2/3/8-bit
                                                              (engine.lowbit_mma) matmuls over launch configs vs
                                                              tinygemm, bf16 cuBLAS and the copy bandwidth on the
                                                              7B/70B layer shapes; gguf: the GGUF forms (Q4_K, Q8_0,
-                                                             Q6_K) at the default launch shape.
+                                                             Q6_K) at the default launch shape; step: the 7B step's
+                                                             128 matmuls (every weight its own, as in the model) in
+                                                             one graph, by form, against the copy bandwidth.
   python bench/engine.py --cpu [--trials N]                 the default model on CPU: llama.cpp (original Q4_1
                                                              GGUF, and an F16 copy written to --work) vs Hearth's
                                                              engine vs transformers (converted folder); load s,
@@ -925,6 +927,62 @@ def gguf_sweep() -> dict:
     return res
 
 
+STEP_SHAPES = {"wqkv": (4096, 12288), "wo": (4096, 4096), "w13": (4096, 22016), "w2": (11008, 4096)}   # 7B
+
+
+def step_form(form: str, k: int, n: int) -> tuple:
+    """(y = f(x) through the engine's kernel at its launch rule, the weight's stored bytes, its packed 4-bit
+    weight or None) for one random layer of `form`."""
+    dev = torch.device("cuda")
+    rand = lambda high, rows: torch.randint(0, high, (rows, n), dtype=torch.uint8, device=dev)
+    scales = (torch.rand(k // 128, n, device=dev) * 0.01 + 0.001).half()
+    if form in ("gptq_4bit_g128", "awq_4bit_g128"):
+        p = int4_mma.pack(rand(16, k), scales, rand(16, k // 128) if form.startswith("awq") else None, 128)
+        return (lambda x, p=p: int4_mma.matmul(x, p, int4_mma.config_for(n))), p.nbytes(), p
+    if form in ("gptq_3bit_g128", "gptq_8bit_g128"):
+        bits = int(form[5])
+        p = lowbit_mma.pack(rand(2**bits, k), scales, None, 128, bits)
+        return (lambda x, p=p: lowbit_mma.matmul(x, p, lowbit_mma.config_for(n, bits))), p.nbytes(), None
+    layer = gguf_linear(form[len("gguf_"):].upper(), k, n, [])
+    return layer, layer.packed.nbytes(), None
+
+
+def matmul_step() -> dict:
+    """The 7B decode step's 128 quantized matmuls alone (32 layers of wqkv, wo, w13 and w2, every weight its own:
+    the model's working set, not a few copies rotating) in one CUDA graph with PDL, at M = 1 and each form's
+    launch rules: us a step, us a call by shape, and the weights' TB/s against the copy bandwidth. The single-shape
+    sweeps (int4, lowbit, gguf) rotate a few copies of one shape and missed what the model's working set costs:
+    AWQ's scale records cost 2% there and 8% here (bench/NOTES-engine.md). The 4-bit forms run again with every
+    layer reading layer 0's scales, which then stay in L2: the difference is what reading scales costs."""
+    import dataclasses
+
+    copy = copy_bandwidth()
+    res = {"copy_tb_s": round(copy, 3)}
+    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 11008)}
+    step = lambda calls, shapes=STEP_SHAPES: (lambda: [layer[sh](xs[k]) for layer in calls
+                                                       for sh, (k, _) in shapes.items()])
+    for form in ("gptq_4bit_g128", "awq_4bit_g128", "gptq_3bit_g128", "gptq_8bit_g128", "gguf_q4_k"):
+        layers = [{sh: step_form(form, k, n) for sh, (k, n) in STEP_SHAPES.items()} for _ in range(32)]
+        calls = [{sh: fn for sh, (fn, _, _) in layer.items()} for layer in layers]
+        nbytes = sum(nb for layer in layers for _, nb, _ in layer.values())
+        t = graph_time(step(calls), 3)
+        entry = {"step_us": round(t * 1e6, 1), "weights_gib": round(nbytes / 2**30, 2),
+                 "tb_s": round(nbytes / t / 1e12, 2), "of_copy": round(nbytes / t / 1e12 / copy, 3),
+                 "us_by_shape": {sh: round(graph_time(step(calls, {sh: STEP_SHAPES[sh]}), 3) / 32 * 1e6, 2)
+                                 for sh in STEP_SHAPES}}
+        if layers[0]["wo"][2] is not None:   # 4-bit: every layer on layer 0's scales
+            def on_first(sh: str, p: int4_mma.PackedInt4):
+                p = dataclasses.replace(p, store=dataclasses.replace(p.store, scales=layers[0][sh][2].store.scales))
+                return lambda x: int4_mma.matmul(x, p, int4_mma.config_for(p.n))
+            shared = [{sh: on_first(sh, packed) for sh, (_, _, packed) in layer.items()} for layer in layers]
+            entry["scales_in_l2_step_us"] = round(graph_time(step(shared), 3) * 1e6, 1)
+        res[form] = entry
+        print(form, entry, file=sys.stderr, flush=True)
+        del layers, calls
+        torch.cuda.empty_cache()
+    return res
+
+
 CPU_RUNTIMES = {   # name: (models/ folder, loader, loader options)
     "llama.cpp": ("SmolLM2-135M-Instruct-GGUF", "llama.cpp", {}),
     "llama.cpp_f16": ("SmolLM2-135M-Instruct-F16", "llama.cpp", {}),
@@ -1049,8 +1107,9 @@ def main() -> None:
     mode.add_argument("--cpu", action="store_true")
     mode.add_argument("--gemv", action="store_true", help="GPU: our int4 kernel's launch configs vs tinygemm")
     mode.add_argument("--cpu-one", choices=list(CPU_RUNTIMES), help="--cpu's runs: one runtime, in this process")
-    ap.add_argument("--sweep", default="int4,lowbit,gguf",
-                    help="--gemv: which sweeps, comma-separated (lowbit3: the low-bit sweep's 3-bit rows only)")
+    ap.add_argument("--sweep", default="int4,lowbit,gguf,step",
+                    help="--gemv: which sweeps, comma-separated (lowbit3: the low-bit sweep's 3-bit rows only; step: "
+                         "the 7B step's 128 matmuls in one graph)")
     ap.add_argument("--only", help="--gpu: only the rows whose names contain one of these (comma-separated; a "
                                    "trailing $ asks for that name exactly), e.g. hearth_7b_gptq_4bit_g128$,hearth_70b")
     ap.add_argument("--work", type=Path, default=Path("/tmp/hearth-bench"), help="where checkpoints are written")
@@ -1070,7 +1129,8 @@ def main() -> None:
     if args.gpu:
         results = gpu(args.work, args.exllamav2, args.only.split(",") if args.only else None)
     else:
-        sweeps = {"int4": gemv_sweep, "lowbit": lowbit_sweep, "lowbit3": lambda: lowbit_sweep((3,)), "gguf": gguf_sweep}
+        sweeps = {"int4": gemv_sweep, "lowbit": lowbit_sweep, "lowbit3": lambda: lowbit_sweep((3,)), "gguf": gguf_sweep,
+                  "step": matmul_step}
         results = {name: sweeps[name]() for name in args.sweep.split(",")} if args.gemv else cpu(args.work, args.trials)
     text = json.dumps(results, indent=1)
     print(text)
