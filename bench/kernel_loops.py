@@ -1,0 +1,129 @@
+"""What each matmul kernel's main loop costs, read from its machine code on a machine without a GPU; prints JSON.
+
+Batch-1 decode matmuls are bound by the instructions a byte of weights takes more than by memory (on an H200 the
+8-bit kernel reads at 91% of the copy bandwidth, the 4-bit one at 70%: bench/NOTES-engine.md), so a kernel change
+can be judged first by its loop: instructions, mmas and global loads a chunk, registers, spills. This compiles the
+engine's kernel sources with NVRTC for one architecture and disassembles them with cuobjdump, both from NVIDIA's
+PyPI wheels (no GPU, no CUDA toolkit):
+
+  pip download --no-deps -d /tmp/cuda nvidia-cuda-nvrtc nvidia-cuda-cuobjdump
+  for w in /tmp/cuda/*.whl; do unzip -qo "$w" -d /tmp/cuda/x; done
+  python bench/kernel_loops.py --cuda /tmp/cuda/x [--arch sm_90] [--sass DIR] [NAME ...]
+
+NAME: instantiations such as 'int4_mma<24,2,1,4,0,0,false,false>' or 'lowbit_mma<3,8,4,1,8,0,0,false>' (template
+arguments as engine.int4_mma.matmul and engine.lowbit_mma.matmul spell them); by default the ones the 7B rows of
+bench/engine.py --gpu launch. --sass DIR also writes each one's disassembly there.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Replace this script's folder on the path: bench/engine.py would shadow the engine package otherwise.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from engine import int4_mma, lowbit_mma  # noqa: E402
+
+# Kernels the 7B rows launch, below N = 8192 and from it: GPTQ 4-bit g128, AWQ g128, act-order g32 (its orders made
+# by the layers before), GGUF Q4_K, GPTQ 3-bit g128, GPTQ 8-bit g128.
+DEFAULT = ["int4_mma<24,2,1,4,0,0,false,false>", "int4_mma<8,6,1,4,0,0,false,false>",
+           "int4_mma<24,2,1,4,1,6,false,false>", "int4_mma<8,6,1,4,1,6,false,false>",
+           "int4_mma<24,2,1,2,0,0,false,false>", "int4_mma<8,6,1,2,0,0,false,false>",
+           "int4_mma<16,2,1,2,2,4,false,false>", "int4_mma<8,2,1,2,2,4,false,false>",
+           "lowbit_mma<3,16,2,1,8,0,0,false>", "lowbit_mma<3,8,4,1,8,0,0,false>",
+           "lowbit_mma<8,20,0,1,4,0,0,false>", "lowbit_mma<8,8,0,1,4,0,0,false>"]
+INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def compile_cubin(nvrtc, source: str, name: str, arch: str) -> tuple[bytes, str]:
+    """(cubin, ptxas' report) of one instantiation."""
+    prog = ctypes.c_void_p()
+    if nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"kernels.cu", 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        nvrtc.nvrtcAddNameExpression(prog, name.encode())
+        opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17", b"--ptxas-options=-v"]
+        status = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        if status:
+            raise RuntimeError(f"{name}: NVRTC failed\n{log.value.decode()}")
+        nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetCUBIN(prog, cubin)
+        return cubin.raw, log.value.decode()
+    finally:
+        nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instructions of the longest backward-branching loop with an mma in it (the kernel's chunk loop)."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in map(INSTRUCTION.match, sass.splitlines()) if m]
+    best: list[str] = []
+    for at, text in code:
+        target = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < at:
+            body = [t for a, t in code if int(target.group(1), 16) <= a <= at]
+            if any("HMMA" in t for t in body) and len(body) > len(best):
+                best = body
+    return best
+
+
+def chunk_bytes(name: str) -> int:
+    """Bytes of weights one warp's chunk covers (a tile's 16 rows), by kernel and width."""
+    if name.startswith("int4_mma"):
+        return 32 * 16
+    return lowbit_mma.CHUNK_BYTES[lowbit_mma.WIDTH[int(name.split("<")[1].split(",")[0])]]
+
+
+def report(name: str, cubin: bytes, log: str, cuobjdump: Path, sass_dir: Path | None) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(cuobjdump), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    if sass_dir:
+        sass_dir.mkdir(parents=True, exist_ok=True)
+        (sass_dir / (re.sub(r"[<>, ]+", "_", name).strip("_") + ".sass")).write_text(sass)
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    loop = main_loop(sass)
+    opcode = lambda t: (t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0]
+    count = lambda op: sum(opcode(t) == op for t in loop)
+    return {"registers": int(registers.group(1)) if registers else None,
+            "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
+            "loop_instructions": len(loop), "mmas": count("HMMA"), "global_loads": count("LDG"),
+            "chunk_bytes": chunk_bytes(name), "instructions_a_byte": round(len(loop) / chunk_bytes(name), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", default=DEFAULT)
+    ap.add_argument("--cuda", type=Path, required=True, help="where the nvrtc and cuobjdump wheels are unpacked")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--sass", type=Path, help="also write each disassembly into this folder")
+    args = ap.parse_args()
+    nvrtc_lib = next(iter(sorted(args.cuda.glob("nvidia/*/lib/libnvrtc.so*"))), None)
+    cuobjdump = next(iter(sorted(args.cuda.glob("nvidia/*/bin/cuobjdump"))), None)
+    if nvrtc_lib is None or cuobjdump is None:
+        sys.exit(f"{args.cuda}: no nvidia/*/lib/libnvrtc.so* or nvidia/*/bin/cuobjdump (see --help)")
+    nvrtc = ctypes.CDLL(str(nvrtc_lib))
+    sources = {"int4_mma": int4_mma.SOURCE, "int4_dequant": int4_mma.SOURCE,
+               "lowbit_mma": lowbit_mma.SOURCE, "lowbit_dequant": lowbit_mma.SOURCE}
+    out = {"arch": args.arch, "nvrtc": nvrtc_lib.name}
+    for name in args.names:
+        cubin, log = compile_cubin(nvrtc, sources[name.split("<")[0]], name, args.arch)
+        out[name] = report(name, cubin, log, cuobjdump, args.sass)
+        print(name, out[name], file=sys.stderr, flush=True)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
