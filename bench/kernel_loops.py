@@ -25,8 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Replace this script's folder on the path: bench/engine.py would shadow the engine package otherwise.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+if not __package__:   # run as a script: its folder first on the path, where bench/engine.py shadows the engine package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import int4_mma, lowbit_mma  # noqa: E402
 
@@ -77,6 +77,12 @@ def main_loop(sass: str) -> list[str]:
     return best
 
 
+def opcode(instruction: str) -> str:
+    """'@!P0 BRA 0x20' -> 'BRA', 'HMMA.16816.F32.BF16 R12, ...' -> 'HMMA'."""
+    words = instruction.split()
+    return (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+
+
 def chunk_bytes(name: str) -> int:
     """Bytes of weights one warp's chunk covers (a tile's 16 rows), by kernel and width."""
     if name.startswith("int4_mma"):
@@ -95,7 +101,6 @@ def report(name: str, cubin: bytes, log: str, cuobjdump: Path, sass_dir: Path | 
     registers = re.search(r"Used (\d+) registers", log)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     loop = main_loop(sass)
-    opcode = lambda t: (t.split()[1] if t.startswith("@") else t.split()[0]).split(".")[0]
     count = lambda op: sum(opcode(t) == op for t in loop)
     return {"registers": int(registers.group(1)) if registers else None,
             "spill_bytes": int(spills.group(1)) + int(spills.group(2)) if spills else None,
