@@ -19,8 +19,9 @@ levels is made:
   eighths (128 + 8q) / 8 - (16 + z). Measured on an H200 (bench/NOTES-engine.md), that FMA a pair costs less
   than feeding the raw values to the mma and taking the zeros off after it through a second mma (A all ones)
   that sums x per step class: twice the mmas, and 64 registers against 54 (wo 4.40 -> 3.97 us, w2 8.72 ->
-  7.97; w13 15.35 -> 14.41 at eight warps, four blocks an SM). The mantissa fields themselves replaced a 2-bit plane plus a plane of third
-  bits (~5 instructions a pair), which had left 3-bit instruction-bound below 4-bit's speed.
+  7.97; w13 15.35 -> 14.41 at eight warps, four blocks an SM). The mantissa fields themselves replaced a 2-bit
+  plane plus a plane of third bits (~5 instructions a pair), which had left 3-bit instruction-bound below
+  4-bit's speed.
 - 8-bit: a chunk is 64 inputs, two 16-byte loads per lane (plane i / 2, word 2(i % 2) + p / 2, the pair's
   levels in bytes p % 2 and 2 + p % 2). 128 + q needs 8 mantissa bits, which bf16 lacks, so each level is
   placed in the mantissa of 2^23 as an fp32 (one byte permute), 2^23 + z is subtracted (exact), and the
