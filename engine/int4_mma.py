@@ -380,8 +380,7 @@ int4_mma(const u16* x, const int* __restrict__ perm, const Words* __restrict__ w
                     float sv[2], mv[2] = {0.f, 0.f};
                     u32 b = 0;   // ZEROS: the pair of bf16 zero biases (row r, row r + 8)
                     if (FORM == HALF_BIASED) {   // scales and biases in one 8-byte load
-                        const char* at = (LINEAR ? sc : lane_scales) + g * 8 * P::scale;
-                        const uint2 rec = *reinterpret_cast<const uint2*>(at);
+                        const uint2 rec = *reinterpret_cast<const uint2*>((LINEAR ? sc : lane_scales) + g * 8 * P::scale);
                         half_pair(rec.x, sv[0], sv[1]);
                         b = rec.y;
                     } else {
