@@ -37,6 +37,7 @@ token). Prefill: one 2048-token prompt. Random weights never hit EOS: eos ids ar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -100,6 +101,13 @@ def linears(cfg: dict) -> dict[str, tuple[int, int]]:
     kv = d // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     return {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, kv), "self_attn.v_proj": (d, kv),
             "self_attn.o_proj": (d, d), "mlp.gate_proj": (d, f), "mlp.up_proj": (d, f), "mlp.down_proj": (f, d)}
+
+
+def step_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    """(K, N) of one decoder layer's matmuls as the engine fuses them: q/k/v, o, gate/up, down."""
+    args = ModelArgs.from_config(cfg)
+    d, kv, f = args.dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    return {"wqkv": (d, d + 2 * kv), "wo": (d, d), "w13": (d, 2 * f), "w2": (f, d)}
 
 
 def rand_int32(*shape) -> torch.Tensor:
@@ -464,11 +472,11 @@ def build_on_gpu(cfg: dict, tokenizer, linear, head=None) -> EngineModel:
     with torch.device("meta"):
         model = Transformer(args)
     dev = torch.device("cuda")
-    d, kv, f = args.dim, args.n_kv_heads * args.head_dim, args.intermediate_size
+    d, shapes = args.dim, step_shapes(cfg)
     param = lambda t: torch.nn.Parameter(t, requires_grad=False)
     for i, layer in enumerate(model.layers):
-        layer.attention.wqkv, layer.attention.wo = linear(i, "wqkv", d, d + 2 * kv), linear(i, "wo", d, d)
-        layer.feed_forward.w13, layer.feed_forward.w2 = linear(i, "w13", d, 2 * f), linear(i, "w2", f, d)
+        layer.attention.wqkv, layer.attention.wo = linear(i, "wqkv", *shapes["wqkv"]), linear(i, "wo", *shapes["wo"])
+        layer.feed_forward.w13, layer.feed_forward.w2 = linear(i, "w13", *shapes["w13"]), linear(i, "w2", *shapes["w2"])
         layer.attention_norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
         layer.ffn_norm.weight = param(torch.ones(d, dtype=torch.bfloat16, device=dev))
     model.tok_embeddings.weight = param(torch.randn(args.vocab_size, d, device=dev, dtype=torch.bfloat16) * 0.02)
@@ -927,9 +935,6 @@ def gguf_sweep() -> dict:
     return res
 
 
-STEP_SHAPES = {"wqkv": (4096, 12288), "wo": (4096, 4096), "w13": (4096, 22016), "w2": (11008, 4096)}   # 7B
-
-
 def step_form(form: str, k: int, n: int) -> tuple:
     """(y = f(x) through the engine's kernel at its launch rule, the weight's stored bytes, its packed 4-bit
     weight or None) for one random layer of `form`."""
@@ -954,22 +959,20 @@ def matmul_step() -> dict:
     sweeps (int4, lowbit, gguf) rotate a few copies of one shape and missed what the model's working set costs:
     AWQ's scale records cost 2% there and 8% here (bench/NOTES-engine.md). The 4-bit forms run again with every
     layer reading layer 0's scales, which then stay in L2: the difference is what reading scales costs."""
-    import dataclasses
-
+    shapes, n_layers = step_shapes(LLAMA2_7B), LLAMA2_7B["num_hidden_layers"]
     copy = copy_bandwidth()
     res = {"copy_tb_s": round(copy, 3)}
-    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k in (4096, 11008)}
-    step = lambda calls, shapes=STEP_SHAPES: (lambda: [layer[sh](xs[k]) for layer in calls
-                                                       for sh, (k, _) in shapes.items()])
+    xs = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for k, _ in shapes.values()}
+    step = lambda calls, only=shapes: (lambda: [layer[sh](xs[k]) for layer in calls for sh, (k, _) in only.items()])
     for form in ("gptq_4bit_g128", "awq_4bit_g128", "gptq_3bit_g128", "gptq_8bit_g128", "gguf_q4_k"):
-        layers = [{sh: step_form(form, k, n) for sh, (k, n) in STEP_SHAPES.items()} for _ in range(32)]
+        layers = [{sh: step_form(form, k, n) for sh, (k, n) in shapes.items()} for _ in range(n_layers)]
         calls = [{sh: fn for sh, (fn, _, _) in layer.items()} for layer in layers]
         nbytes = sum(nb for layer in layers for _, nb, _ in layer.values())
         t = graph_time(step(calls), 3)
         entry = {"step_us": round(t * 1e6, 1), "weights_gib": round(nbytes / 2**30, 2),
                  "tb_s": round(nbytes / t / 1e12, 2), "of_copy": round(nbytes / t / 1e12 / copy, 3),
-                 "us_by_shape": {sh: round(graph_time(step(calls, {sh: STEP_SHAPES[sh]}), 3) / 32 * 1e6, 2)
-                                 for sh in STEP_SHAPES}}
+                 "us_by_shape": {sh: round(graph_time(step(calls, {sh: shapes[sh]}), 3) / n_layers * 1e6, 2)
+                                 for sh in shapes}}
         if layers[0]["wo"][2] is not None:   # 4-bit: every layer on layer 0's scales
             def on_first(sh: str, p: int4_mma.PackedInt4):
                 p = dataclasses.replace(p, store=dataclasses.replace(p.store, scales=layers[0][sh][2].store.scales))
