@@ -846,15 +846,19 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
                       uniform_zero=zero, n=N, k=K, group_size=group_size)
 
 
+def kernel_name(w: PackedInt4, config: MmaConfig, gathers: bool = False, experts: bool = False) -> str:
+    """The int4_mma instantiation that runs w at this launch shape (x gathered through perm, or the experts')."""
+    flag = lambda b: str(b).lower()
+    return (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{w.segment},{w.zmode},{w.form},"
+            f"{flag(gathers)},{flag(experts)}>")
+
+
 def matmul(x: torch.Tensor, w: PackedInt4, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
     x = aligned(x)
-    flag = lambda b: str(b).lower()
-    name = (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{w.segment},{w.zmode},{w.form},"
-            f"{flag(perm is not None)},false>")
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
-    launch(_kernel(name), (w.n // TILE, 1, 1), (32 * config.warps, 1, 1),
+    launch(_kernel(kernel_name(w, config, gathers=perm is not None)), (w.n // TILE, 1, 1), (32 * config.warps, 1, 1),
            [x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n, w.k,
             w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift, w.words, 0, 0, 0, 0, 0])
     return y
@@ -867,11 +871,9 @@ def expert_matmul(x: torch.Tensor, stacked: PackedInt4, experts: torch.Tensor, c
     Returns y [S, N]: slot j is x's row through expert experts[j]."""
     S = experts.shape[0]
     x = aligned(x)
-    name = (f"int4_mma<{config.warps},{config.min_blocks},{config.unroll},{stacked.segment},{stacked.zmode},"
-            f"{stacked.form},false,true>")
     y = torch.empty(S, stacked.n, dtype=torch.bfloat16, device=x.device)
     stride = lambda t: t.stride(0) * t.element_size()
-    launch(_kernel(name), (stacked.n // TILE, S, 1), (32 * config.warps, 1, 1),
+    launch(_kernel(kernel_name(stacked, config, experts=True)), (stacked.n // TILE, S, 1), (32 * config.warps, 1, 1),
            [x, stacked.words, stacked.words, stacked.store.scales, stacked.zero_arg, y, 1, stacked.n, stacked.k,
             stacked.k // stacked.group_size, stacked.group_shift, stacked.uniform_bias, stacked.store.span_shift,
             experts, stride(stacked.words), stride(stacked.store.scales), stride(stacked.zero_arg),

@@ -59,8 +59,8 @@ WIDTH = {2: 2, 3: 3, 5: 6, 6: 6, 8: 8}         # the layout (and kernel) each wi
 CHUNK = {2: 128, 3: 128, 6: 64, 8: 64}         # inputs a chunk, by layout width
 CHUNK_BYTES = {2: 512, 3: 768, 6: 768, 8: 1024}   # bytes of one 16-row tile's chunk, by layout width
 
-__all__ = ["BITS", "MAX_ROWS", "MmaConfig", "PackedLowBit", "config_for", "dequantize", "matmul", "pack",
-           "refusal"]
+__all__ = ["BITS", "MAX_ROWS", "MmaConfig", "PackedLowBit", "config_for", "dequantize", "kernel_name", "matmul",
+           "pack", "refusal"]
 
 SOURCE = DEVICE_HELPERS + r"""
 __device__ __forceinline__ Pair load_streaming_pair(const Pair* p) {
@@ -534,15 +534,19 @@ def pack(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, grou
                         n=N, k=K, group_size=group_size)
 
 
+def kernel_name(w: PackedLowBit, config: MmaConfig, gathers: bool = False) -> str:
+    """The lowbit_mma instantiation that runs w at this launch shape (x gathered through perm)."""
+    return (f"lowbit_mma<{w.width},{config.warps},{config.min_blocks},{config.unroll},{w.segment},{w.zmode},{w.form},"
+            f"{str(gathers).lower()}>")
+
+
 def matmul(x: torch.Tensor, w: PackedLowBit, config: MmaConfig, perm: torch.Tensor | None = None) -> torch.Tensor:
     """x: bf16 [M, K] contiguous, M <= 8 -> y: bf16 [M, N]. perm: int32 [K], read x[:, perm] instead."""
     M = x.shape[0]
     x = aligned(x)
-    flag = lambda b: str(b).lower()
-    name = (f"lowbit_mma<{w.width},{config.warps},{config.min_blocks},{config.unroll},{w.segment},{w.zmode},{w.form},"
-            f"{flag(perm is not None)}>")
     y = torch.empty(M, w.n, dtype=torch.bfloat16, device=x.device)
-    launch(compiled(SOURCE, name), (w.n // TILE, 1, 1), (32 * config.warps, 1, 1),
+    launch(compiled(SOURCE, kernel_name(w, config, gathers=perm is not None)), (w.n // TILE, 1, 1),
+           (32 * config.warps, 1, 1),
            [x, perm if perm is not None else w.words, w.words, w.store.scales, w.zero_arg, y, M, w.n, w.k,
             w.k // w.group_size, w.group_shift, w.uniform_bias, w.store.span_shift])
     return y
