@@ -521,18 +521,24 @@ def build_random_on_gpu(cfg: dict, group_size: int, tokenizer, bits: int = 4) ->
 GGUF_FP16 = {"Q4_K": ([0, 2], 1e-4), "Q6_K": ([208], 1e-5), "Q8_0": ([0], 2e-4)}
 
 
-def gguf_linear(type_name: str, k: int, n: int, counted: list[int]) -> torch.nn.Module:
-    """A layer from random GGUF blocks of `type_name` [n, k], repacked (loaders.gguf_repack) and made by
-    make_quant_linear as a GGUF load does; its blocks' bytes are added to counted."""
-    dev = torch.device("cuda")
+def random_gguf_weight(type_name: str, k: int, n: int, device: torch.device, counted: list[int]) -> QuantWeight:
+    """Random GGUF blocks of `type_name` [n, k] (their fp16 fields finite and small), repacked as a GGUF load
+    does (loaders.gguf_repack); their bytes are added to counted."""
     kind = BLOCK_TYPES[type_name]
-    blocks = torch.randint(0, 256, (n, k // kind.block, kind.size), dtype=torch.uint8, device=dev)
+    blocks = torch.randint(0, 256, (n, k // kind.block, kind.size), dtype=torch.uint8, device=device)
     fields, spread = GGUF_FP16[type_name]
     for at in fields:
-        d = (torch.randn(n, k // kind.block, 1, device=dev) * spread).half()
+        d = (torch.randn(n, k // kind.block, 1, device=device) * spread).half()
         blocks[..., at:at + 2] = d.view(torch.uint8)
     counted.append(blocks.numel())
-    layer = make_quant_linear(repack(blocks.reshape(n, -1), type_name, k), None, dev, torch.bfloat16)
+    return repack(blocks.reshape(n, -1), type_name, k)
+
+
+def gguf_linear(type_name: str, k: int, n: int, counted: list[int]) -> torch.nn.Module:
+    """A CUDA layer from random GGUF blocks (random_gguf_weight), made by make_quant_linear as a GGUF load
+    does."""
+    dev = torch.device("cuda")
+    layer = make_quant_linear(random_gguf_weight(type_name, k, n, dev, counted), None, dev, torch.bfloat16)
     return named(layer, f"{type_name} {layer.kernel}")
 
 

@@ -11,8 +11,8 @@ PyPI wheels (no GPU, no CUDA toolkit):
   python bench/kernel_loops.py --cuda /tmp/cuda/x [--arch sm_90] [--sass DIR] [NAME ...]
 
 NAME: instantiations such as 'int4_mma<24,2,1,4,0,0,false,false>' or 'lowbit_mma<3,8,4,1,8,0,0,false>' (template
-arguments as engine.int4_mma.matmul and engine.lowbit_mma.matmul spell them); by default the ones the 7B rows of
-bench/engine.py --gpu launch. --sass DIR also writes each one's disassembly there.
+arguments as engine.int4_mma.kernel_name and engine.lowbit_mma.kernel_name spell them); by default the ones the 7B
+rows of bench/engine.py --gpu launch. --sass DIR also writes each one's disassembly there.
 """
 from __future__ import annotations
 
@@ -28,16 +28,35 @@ from pathlib import Path
 if not __package__:   # run as a script: its folder first on the path, where bench/engine.py shadows the engine package
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import torch  # noqa: E402
+
 from engine import int4_mma, lowbit_mma  # noqa: E402
 
-# Kernels the 7B rows launch, below N = 8192 and from it: GPTQ 4-bit g128, AWQ g128, act-order g32 (its orders made
-# by the layers before), GGUF Q4_K, GPTQ 3-bit g128, GPTQ 8-bit g128.
-DEFAULT = ["int4_mma<24,2,1,4,0,0,false,false>", "int4_mma<8,6,1,4,0,0,false,false>",
-           "int4_mma<24,2,1,4,1,6,false,false>", "int4_mma<8,6,1,4,1,6,false,false>",
-           "int4_mma<24,2,1,2,0,0,false,false>", "int4_mma<8,6,1,2,0,0,false,false>",
-           "int4_mma<16,2,1,2,2,4,false,false>", "int4_mma<8,2,1,2,2,4,false,false>",
-           "lowbit_mma<3,16,2,1,8,0,0,false>", "lowbit_mma<3,8,4,1,8,0,0,false>",
-           "lowbit_mma<8,20,0,1,4,0,0,false>", "lowbit_mma<8,8,0,1,4,0,0,false>"]
+
+def default_names() -> list[str]:
+    """The instantiations the 7B rows of bench/engine.py --gpu launch, each form packed small on the CPU and named
+    by its module's kernel_name at config_for's shape below N = 8192 (wo) and from it (wqkv): GPTQ 4-bit g128,
+    AWQ g128, act-order g32 (its orders made by the layers before: the plain kernel), GGUF Q4_K, GPTQ 3-bit and
+    8-bit g128."""
+    from bench.engine import random_gguf_weight   # late: it loads the whole bench (transformers among it)
+
+    k, n, cpu = 512, 16, torch.device("cpu")
+    levels = lambda high: torch.randint(0, high, (k, n), dtype=torch.uint8)
+    scales = lambda gs: (torch.rand(k // gs, n) * 0.01 + 0.001).half()
+    q4k = random_gguf_weight("Q4_K", k, n, cpu, [])
+    four_bit = [int4_mma.pack(levels(16), scales(128), None, 128),
+                int4_mma.pack(levels(16), scales(128), levels(16)[: k // 128], 128),
+                int4_mma.pack(levels(16), scales(32), None, 32),
+                int4_mma.pack(q4k.q, q4k.scales, q4k.zeros, q4k.group_size, offsets=q4k.offsets)]
+    low_bit = [lowbit_mma.pack(levels(2**bits), scales(128), None, 128, bits) for bits in (3, 8)]
+    shapes = (4096, 12288)
+    factored = lambda w: w.store.supers is not None   # as engine.quant_linear picks the launch shape
+    return ([int4_mma.kernel_name(w, int4_mma.config_for(outputs, factored=factored(w)))
+             for w in four_bit for outputs in shapes]
+            + [lowbit_mma.kernel_name(w, lowbit_mma.config_for(outputs, w.width, factored(w)))
+               for w in low_bit for outputs in shapes])
+
+
 INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 
 
@@ -110,7 +129,7 @@ def report(name: str, cubin: bytes, log: str, cuobjdump: Path, sass_dir: Path | 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="*", default=DEFAULT)
+    ap.add_argument("names", nargs="*", help="instantiations (default: default_names())")
     ap.add_argument("--cuda", type=Path, required=True, help="where the nvrtc and cuobjdump wheels are unpacked")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--sass", type=Path, help="also write each disassembly into this folder")
@@ -123,7 +142,7 @@ def main() -> None:
     sources = {"int4_mma": int4_mma.SOURCE, "int4_dequant": int4_mma.SOURCE,
                "lowbit_mma": lowbit_mma.SOURCE, "lowbit_dequant": lowbit_mma.SOURCE}
     out = {"arch": args.arch, "nvrtc": nvrtc_lib.name}
-    for name in args.names:
+    for name in args.names or default_names():
         cubin, log = compile_cubin(nvrtc, sources[name.split("<")[0]], name, args.arch)
         out[name] = report(name, cubin, log, cuobjdump, args.sass)
         print(name, out[name], file=sys.stderr, flush=True)

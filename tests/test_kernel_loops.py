@@ -28,3 +28,15 @@ def test_chunk_bytes_by_kernel_and_width():
     assert kernel_loops.chunk_bytes("lowbit_mma<3,8,4,1,8,0,0,false>") == 768
     assert kernel_loops.chunk_bytes("lowbit_mma<8,20,0,1,4,0,0,false>") == 1024
     assert kernel_loops.chunk_bytes("lowbit_mma<5,16,2,1,1,0,3,false>") == 768   # 5-bit levels: the 6-bit layout
+
+
+def test_the_default_kernels_are_each_form_the_7b_rows_launch():
+    # named from packed weights by the modules' kernel_name at config_for's shapes, so they follow both
+    from engine import int4_mma
+
+    names = kernel_loops.default_names()
+    assert len(set(names)) == len(names) == 12
+    forms = {tuple(name.split("<")[1].rstrip(">").split(",")[4:6]) for name in names if name.startswith("int4")}
+    assert forms == {(str(int4_mma.UNIFORM), str(int4_mma.HALF)), (str(int4_mma.ZEROS), str(int4_mma.HALF_BIASED)),
+                     (str(int4_mma.OFFSETS), str(int4_mma.UFACTORED_HALF))}
+    assert {name.split("<")[1].split(",")[0] for name in names if name.startswith("lowbit")} == {"3", "8"}
