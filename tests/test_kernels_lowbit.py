@@ -425,8 +425,8 @@ def test_lowbit_mma_matches_fp64_at_every_launch_shape(bits, warps, unroll, min_
 @needs_cuda
 @pytest.mark.parametrize("warps,unroll,min_blocks", LAUNCH_SHAPES)
 def test_3bit_mantissa_fields_take_v1_zeros_up_to_8(warps, unroll, min_blocks):
-    # GPTQ v1 files store zero - 1, so a 3-bit file's zeros reach 8, one past the levels: the kernel's
-    # 128 + z and the eighths' 128 + 8z must stay exact for them too.
+    # GPTQ v1 files store zero - 1, so a 3-bit file's zeros reach 8, one past the levels: the kernel's bias
+    # -(128 + z) and the eighths' -(16 + z) must stay exact for them too.
     K, N, gs = 1024, 1008, 64
     q = torch.randint(0, 8, (K, N), dtype=torch.uint8, device="cuda")
     zeros = torch.randint(0, 9, (K // gs, N), dtype=torch.uint8, device="cuda")
