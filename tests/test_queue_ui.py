@@ -174,3 +174,20 @@ def test_stop_ends_the_sessions_running_reply_not_the_one_it_queued_next(shared_
     content = history[-1]["content"]
     assert "Paris" in (content if isinstance(content, str) else "".join(p.get("text", "") for p in content))
     assert shared_app.proc.poll() is None
+
+
+def test_events_that_fire_without_a_click_skip_gradios_queue(tmp_path):
+    """Gradio's browser client can lose a queued event's result when it joins just as the session's stream
+    closes, which is when a page's own load events have just finished: the output then stays under a spinner
+    for good (the Model tab's list did, in CI). So what fires by itself (page loads, a value set by another
+    event) runs unqueued; what a click starts and takes a while (loads, generations, downloads) stays queued."""
+    from tests.conftest import make_state
+    from ui.app import build_ui
+
+    demo = build_ui(make_state(tmp_path / "models"))
+    self_fired = {"load", "change", "select", "input"}
+    queued = [(fn.name, [event for _, event in fn.targets]) for fn in demo.fns.values()
+              if fn.queue and any(event in self_fired for _, event in fn.targets)]
+    assert queued == []
+    by_name = {fn.api_name: fn for fn in demo.fns.values() if fn.api_name}
+    assert by_name["load_model"].queue and by_name["send"].queue and not by_name["select_model"].queue

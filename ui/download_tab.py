@@ -234,7 +234,7 @@ def build_download_tab(state, on_models_changed: Any = None) -> dict:
         return on_list_files(repo_text, branch, file)[0] if shown else gr.skip()
 
     download_event.then(on_files_on_disk, [repo_box, branch_dd, file_box, files_md], [files_md],
-                        api_visibility="private")
+                        api_visibility="private", queue=False)   # quick: skips the queue (ui/model_tab.py says why)
     _chain_model_refresh(state, download_event, on_models_changed)
     return {"repo": repo_box, "branch": branch_dd, "file": file_box, "status": status_md, "card": card_md,
             "progress": progress_box, "download_event": download_event}
@@ -245,7 +245,7 @@ def _chain_model_refresh(state, event, on_models_changed: Any) -> None:
         return
     if isinstance(on_models_changed, tuple) and len(on_models_changed) == 2 and callable(on_models_changed[0]):
         fn, outputs = on_models_changed
-        event.then(fn, None, outputs, api_visibility="private")
+        event.then(fn, None, outputs, api_visibility="private", queue=False)
         return
     dropdowns = on_models_changed if isinstance(on_models_changed, (list, tuple)) else [on_models_changed]
 
@@ -254,4 +254,4 @@ def _chain_model_refresh(state, event, on_models_changed: Any) -> None:
         updates = [gr.update(choices=names) for _ in dropdowns]
         return updates[0] if len(updates) == 1 else updates
 
-    event.then(refreshed, None, list(dropdowns), api_visibility="private")
+    event.then(refreshed, None, list(dropdowns), api_visibility="private", queue=False)

@@ -32,14 +32,14 @@ def build_lora_panel(state, status_md: gr.Markdown, status_line) -> dict:
 
         # One weight box per picked adapter; the listeners that read them are attached here too, since the
         # boxes exist only from one render to the next.
-        @gr.render(inputs=[select])
+        @gr.render(inputs=[select], queue=False)   # quick handlers skip the queue (ui/model_tab.py says why)
         def weight_boxes(names):
             applied = state.applied_loras()
             # interactive stated: Gradio does not count a listener attached to an outer button as a use of them
             boxes = [gr.Number(value=applied.get(name, 1.0), label=f"{name} weight", key=f"lora-weight-{name}",
                                step=0.1, interactive=True, elem_id=f"lora-weight-{i}")
                      for i, name in enumerate(names or [])]
-            apply_btn.click(on_apply, [select, *boxes], [applied_md]).then(status_line, None, [status_md])
+            apply_btn.click(on_apply, [select, *boxes], [applied_md]).then(status_line, None, [status_md], queue=False)
 
         with gr.Row():
             apply_btn = gr.Button("Apply", variant="primary", elem_id="lora-apply")
@@ -90,6 +90,6 @@ def build_lora_panel(state, status_md: gr.Markdown, status_line) -> dict:
         return gr.update(value=[]), applied_line({})
 
     outputs = [table_md, select, applied_md]
-    refresh_btn.click(refresh, None, outputs)
-    remove_btn.click(on_remove, None, [select, applied_md]).then(status_line, None, [status_md])
+    refresh_btn.click(refresh, None, outputs, queue=False)
+    remove_btn.click(on_remove, None, [select, applied_md]).then(status_line, None, [status_md], queue=False)
     return {"refresh": (refresh, outputs)}

@@ -144,11 +144,14 @@ def build_model_tab(state) -> dict:
             return f"⚠️ could not save: {exc}", gr.update()
         return f"✅ Saved settings for **{name}** in config-user.yaml", sources_table(name)
 
+    # Quick handlers skip Gradio's queue: its browser client can lose a queued event's result when the event
+    # joins just as the session's stream closes (a page's load events had just finished), leaving the
+    # dropdown under a spinner for good. Loads, unloads and saves stay queued, one at a time.
     model_dd.change(on_select, [model_dd], [loader_dd, reason_md, *flat_widgets, *settings_widgets, sources_md],
-                    api_name="select_model")
-    model_dd.change(lora_refresh, None, lora_outputs)   # also on each page load, which selects the loaded model
-    loader_dd.change(on_loader, [loader_dd], list(option_groups.values()))
-    refresh_btn.click(lambda: gr.update(choices=state.list_models()), None, [model_dd])
+                    api_name="select_model", queue=False)
+    model_dd.change(lora_refresh, None, lora_outputs, queue=False)   # also on each page load (selects the loaded model)
+    loader_dd.change(on_loader, [loader_dd], list(option_groups.values()), queue=False)
+    refresh_btn.click(lambda: gr.update(choices=state.list_models()), None, [model_dd], queue=False)
     loaded = [
         load_btn.click(on_load, [model_dd, loader_dd, *flat_widgets], [status_md], concurrency_id="model",
                        api_name="load_model"),
@@ -156,7 +159,7 @@ def build_model_tab(state) -> dict:
         reload_btn.click(on_reload, [loader_dd, *flat_widgets], [status_md], concurrency_id="model"),
     ]
     for event in loaded:   # a load applies the adapters saved for the model; an unload drops them
-        event.then(lora_refresh, None, lora_outputs)
+        event.then(lora_refresh, None, lora_outputs, queue=False)
     saved = save_btn.click(on_save, [model_dd, loader_dd, *flat_widgets, *settings_widgets], [save_md, sources_md],
                            api_name="save_model_settings")
 
