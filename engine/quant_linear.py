@@ -202,19 +202,29 @@ class DequantLinear(nn.Module):
 
 
 class RescoredHead(nn.Module):
-    """The output head on CPU: every logit from a bf16 copy of the weights (a third of the fp32 head's time
-    there), then the `k` best recomputed exactly in fp32, so the greedy pick equals the fp32 head's while
-    sampling sees bf16-accurate tail logits. weight: [V, D] fp32 (shared with the embedding when tied)."""
+    """The output head on CPU: every logit through torch's int8 weight-only kernel (one scale a row), then the
+    `k` best recomputed exactly in fp32, so the greedy pick equals the fp32 head's and the tokens that carry the
+    probability mass are exact. int8 rather than bf16: it reads half the bytes, and the head is the largest
+    matrix of a small model (SmolLM2-135M's 49152 x 576 took 2.0 ms a token in bf16, 0.9 in int8, on the
+    2-core CI machine; decode 59.6 -> 66-70 tok/s). The tail it leaves approximate is off by 0.03 on average
+    (bf16: 0.007) against logits of standard deviation 3.2. weight: [V, D] fp32 (shared with the embedding
+    when tied)."""
 
-    def __init__(self, weight: torch.Tensor, k: int = 64):
+    def __init__(self, weight: torch.Tensor, k: int = 256):
         super().__init__()
-        self.k = k
+        self.k = min(k, weight.shape[0])
         self.weight = weight
-        self.register_buffer("weight_bf16", weight.to(torch.bfloat16), persistent=False)
+        scales = weight.abs().amax(1).clamp_min(torch.finfo(torch.bfloat16).tiny) / 127
+        scales = scales.to(torch.bfloat16)      # the kernel's scale dtype; weights are rounded by what it multiplies
+        quantized = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight_int8", quantized, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, D] -> logits [B, S, V] fp32
-        logits = F.linear(x.to(torch.bfloat16), self.weight_bf16).float()
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        logits = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales).float()
+        logits = logits.reshape(*x.shape[:-1], -1)
         top = logits.topk(self.k, dim=-1).indices                                         # [B, S, k]
         exact = torch.einsum("bsd,bskd->bsk", x.float(), self.weight[top])
         return logits.scatter_(-1, top, exact)

@@ -189,7 +189,7 @@ def build_transformer(config: dict, ckpt: TensorSource, spec: QuantSpec | None, 
     """An engine Transformer for a config.json-style `config` with the tensors of `ckpt` on `devices`, and
     the kinds of linear layers made. spec: how `.qweight` layers are quantized (None when there are none).
     rescore_head: on CPU, when some layers run on tinygemm, compute the dense head through RescoredHead
-    (a bf16 pass, the best logits redone in fp32). A head the source gives quantized becomes a quantized
+    (an int8 pass, the best logits redone in fp32). A head the source gives quantized becomes a quantized
     layer like any other."""
     args = ModelArgs.from_config(config)
     loader = WeightLoader(ckpt, spec, dtype, repack_int4)
@@ -232,7 +232,7 @@ def build_transformer(config: dict, ckpt: TensorSource, spec: QuantSpec | None, 
         model.output.weight = nn.Parameter(head.to(dtype), requires_grad=False)
         if rescore_head and any("tinygemm" in kind for kind in loader.kinds):
             model.output = RescoredHead(model.output.weight)
-            loader.kinds.add("rescored bf16 head")
+            loader.kinds.add("rescored int8 head")
     # Built on meta above: the frequency tables need real values.
     model.rotary = Rotary(args).to(first)
     if model.local_rotary is not None:

@@ -161,7 +161,7 @@ def test_the_wheels_q4_1_gguf_runs_packed_on_the_engine_with_its_own_chat_templa
     model = state.load_model("smol-Q4_1")
     # Every Q4_1 layer on torch's int4 kernel: nothing dequantized to floats.
     assert model.runtime == ("hearth engine (cpu, GGUF SmolLM2-135M-Instruct.Q4_1.gguf, 4-bit tinygemm, "
-                             "rescored bf16 head)")
+                             "rescored int8 head)")
     assert model.context_length == 8192
     template = state.template_info()
     assert (template["source"], template["reason"]) == ("tokenizer chat_template", "from GGUF metadata")
@@ -179,7 +179,7 @@ def test_engine_logits_from_the_gguf_equal_the_converted_default_models(smollm2_
     with GGUFCheckpoint(smollm2_q4_1) as ckpt:
         from_gguf, kinds = build_transformer(ckpt.config, ckpt, None, cpu, torch.float32, rescore_head=True)
     from_safetensors, _ = load_transformer(default_model_dir, cpu, torch.float32, repack_int4=True)
-    assert kinds == {"4-bit tinygemm", "rescored bf16 head"}
+    assert kinds == {"4-bit tinygemm", "rescored int8 head"}
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 30, 198]])
     logits = []
     for model in (from_gguf, from_safetensors):
