@@ -559,9 +559,8 @@ class Transformer(nn.Module):
                 out[sliding] = (cos, sin, None)
                 continue
             mask = self.mask(input_pos, kv_len, self.args.sliding_window if sliding else None)
-            if fused_ops.usable(x):
-                # SDPA turns a bool mask into an additive one in every call (kernels in every layer): once here.
-                mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            # SDPA turns a bool mask into an additive one in every call (ops in every layer): once here.
+            mask = torch.zeros(mask.shape, dtype=x.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
             out[sliding] = (cos, sin, mask)
         return out
 
