@@ -216,7 +216,10 @@ class RescoredHead(nn.Module):
         self.weight = weight
         scales = weight.abs().amax(1).clamp_min(torch.finfo(torch.bfloat16).tiny) / 127
         scales = scales.to(torch.bfloat16)      # the kernel's scale dtype; weights are rounded by what it multiplies
-        quantized = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+        quantized = torch.empty(weight.shape, dtype=torch.int8)
+        for rows in range(0, weight.shape[0], 4096):   # in slices: no fp32 temporary the head's size at load
+            piece = slice(rows, rows + 4096)
+            quantized[piece] = torch.round(weight[piece] / scales[piece].float()[:, None]).clamp(-127, 127)
         self.register_buffer("weight_int8", quantized, persistent=False)
         self.register_buffer("scales", scales, persistent=False)
 
