@@ -27,6 +27,8 @@ from torch import nn
 from engine import int4_mma, lowbit_mma
 
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+# torch's int8 weight-only CPU kernel reads K in steps of 16: other K crash it or give wrong sums (torch 2.13).
+INT8_K_STEP = 16
 
 
 def exact_int4(w: torch.Tensor, group_size: int = 32) -> QuantWeight | None:
@@ -69,7 +71,9 @@ def kernel_refusal(qw: QuantWeight, device: torch.device) -> str | None:
             return f"tinygemm takes groups of {'/'.join(map(str, TINYGEMM_GROUP_SIZES))}, K % 16 and N % 8 = 0"
         return None
     if bits == 8:
-        return None if gs == K else f"torch's int8 kernel takes one scale per output row, not groups of {gs}"
+        if gs != K:
+            return f"torch's int8 kernel takes one scale per output row, not groups of {gs}"
+        return None if K % INT8_K_STEP == 0 else f"torch's int8 kernel takes K % {INT8_K_STEP} = 0"
     return f"no CPU kernel for {bits}-bit weights"
 
 
@@ -206,14 +210,18 @@ class RescoredHead(nn.Module):
     `k` best recomputed exactly in fp32, so the greedy pick equals the fp32 head's and the tokens that carry the
     probability mass are exact. int8 rather than bf16: it reads half the bytes, and the head is the largest
     matrix of a small model (SmolLM2-135M's 49152 x 576 took 2.0 ms a token in bf16, 0.9 in int8, on the
-    2-core CI machine; decode 59.6 -> 66-70 tok/s). The tail it leaves approximate is off by 0.03 on average
-    (bf16: 0.007) against logits of standard deviation 3.2. weight: [V, D] fp32 (shared with the embedding
-    when tied)."""
+    2-core CI machine; decode 59.6 -> 67.9 tok/s). The tail it leaves approximate is off by 0.03 on average
+    (bf16: 0.007) against logits of standard deviation 3.2. Widths the int8 kernel cannot take (D % 16) keep
+    a bf16 copy (`kind` says which). weight: [V, D] fp32 (shared with the embedding when tied)."""
 
     def __init__(self, weight: torch.Tensor, k: int = 256):
         super().__init__()
         self.k = min(k, weight.shape[0])
         self.weight = weight
+        self.kind = "int8" if weight.shape[1] % INT8_K_STEP == 0 else "bf16"
+        if self.kind == "bf16":
+            self.register_buffer("weight_bf16", weight.to(torch.bfloat16), persistent=False)
+            return
         scales = weight.abs().amax(1).clamp_min(torch.finfo(torch.bfloat16).tiny) / 127
         scales = scales.to(torch.bfloat16)      # the kernel's scale dtype; weights are rounded by what it multiplies
         quantized = torch.empty(weight.shape, dtype=torch.int8)
@@ -226,8 +234,11 @@ class RescoredHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, D] -> logits [B, S, V] fp32
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        logits = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales).float()
-        logits = logits.reshape(*x.shape[:-1], -1)
+        if self.kind == "int8":
+            logits = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+        else:
+            logits = F.linear(rows, self.weight_bf16)
+        logits = logits.float().reshape(*x.shape[:-1], -1)
         top = logits.topk(self.k, dim=-1).indices                                         # [B, S, k]
         exact = torch.einsum("bsd,bskd->bsk", x.float(), self.weight[top])
         return logits.scatter_(-1, top, exact)

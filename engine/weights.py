@@ -232,7 +232,7 @@ def build_transformer(config: dict, ckpt: TensorSource, spec: QuantSpec | None, 
         model.output.weight = nn.Parameter(head.to(dtype), requires_grad=False)
         if rescore_head and any("tinygemm" in kind for kind in loader.kinds):
             model.output = RescoredHead(model.output.weight)
-            loader.kinds.add("rescored int8 head")
+            loader.kinds.add(f"rescored {model.output.kind} head")
     # Built on meta above: the frequency tables need real values.
     model.rotary = Rotary(args).to(first)
     if model.local_rotary is not None:

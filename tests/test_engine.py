@@ -130,10 +130,13 @@ def test_exact_int4_recognises_a_4bit_grid_losslessly():
     assert exact_int4(torch.randn(8, 64)) is None
 
 
-def test_rescored_head_keeps_the_fp32_top_logits():
-    weight, x = torch.randn(4000, 64), torch.randn(1, 3, 64)
+@pytest.mark.parametrize("width,kind", [(64, "int8"), (24, "bf16")])   # the int8 kernel takes widths % 16 only
+def test_rescored_head_keeps_the_fp32_top_logits(width, kind):
+    weight, x = torch.randn(4000, width), torch.randn(1, 3, width)
     ref = x @ weight.t()
-    out = RescoredHead(weight, k=16)(x)
+    head = RescoredHead(weight, k=16)
+    assert head.kind == kind
+    out = head(x)
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
     top = ref.topk(4, dim=-1).indices  # well inside the k=16 recomputed, whatever bf16 did to the order
     torch.testing.assert_close(out.gather(-1, top), ref.gather(-1, top))

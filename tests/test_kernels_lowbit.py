@@ -349,6 +349,9 @@ def test_cpu_layers_that_no_kernel_takes_say_why():
     assert isinstance(grouped8, DequantLinear) and "one scale per output row" in grouped8.kernel
     three = make_quant_linear(random_quant(256, 64, 32, 3), None, CPU, torch.float32)
     assert three.kernel == "dequantized (no CPU kernel for 3-bit weights)"
+    # torch's int8 kernel crashes or sums wrongly unless K % 16 = 0 (torch 2.13): such widths are dequantized
+    narrow8 = make_quant_linear(random_quant(24, 64, 24, 8), None, CPU, torch.float32)
+    assert isinstance(narrow8, DequantLinear) and "K % 16 = 0" in narrow8.kernel
 
 
 def test_cpu_engine_runs_a_gptq_8bit_folder_on_the_int8_kernel(tmp_path):
