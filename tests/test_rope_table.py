@@ -24,7 +24,9 @@ def test_cpu_builds_no_table_and_keeps_its_mask():
     model.setup_caches(64, torch.float32)
     assert model.rotary.table is None
     cos, sin, mask = model.tables(torch.tensor([5]), 16, torch.zeros(1, 1, 128))[False]
-    assert mask is not None and mask.shape == (1, 16) and mask[0, :6].all() and not mask[0, 6:].any()
+    # additive, made once a step (SDPA would convert a bool mask in every layer): 0 up to position 5, -inf after
+    assert mask is not None and mask.shape == (1, 16) and mask.dtype == torch.float32
+    assert (mask[0, :6] == 0).all() and (mask[0, 6:] == float("-inf")).all()
 
 
 @needs_cuda
