@@ -50,10 +50,9 @@ def default_names() -> list[str]:
                 int4_mma.pack(q4k.q, q4k.scales, q4k.zeros, q4k.group_size, offsets=q4k.offsets)]
     low_bit = [lowbit_mma.pack(levels(2**bits), scales(128), None, 128, bits) for bits in (3, 8)]
     shapes = (4096, 12288)
-    factored = lambda w: w.store.supers is not None   # as engine.quant_linear picks the launch shape
-    return ([int4_mma.kernel_name(w, int4_mma.config_for(outputs, factored=factored(w)))
+    return ([int4_mma.kernel_name(w, int4_mma.config_for(outputs, factored=w.store.factored))
              for w in four_bit for outputs in shapes]
-            + [lowbit_mma.kernel_name(w, lowbit_mma.config_for(outputs, w.width, factored(w)))
+            + [lowbit_mma.kernel_name(w, lowbit_mma.config_for(outputs, w.width, w.store.factored))
                for w in low_bit for outputs in shapes])
 
 

@@ -720,6 +720,11 @@ class ScaleStore:
     biased: bool = False
 
     @property
+    def factored(self) -> bool:
+        """Scales as byte integers and a factor a span (K-quants); config_for launches these apart."""
+        return self.supers is not None
+
+    @property
     def form(self) -> int:
         if self.biased:
             return HALF_BIASED

@@ -99,7 +99,7 @@ class Int4Linear(nn.Module):
         else:
             self.packed = int4_mma.pack(qw.q.to(device), qw.scales.to(device), _on(qw.zeros, device),
                                         qw.group_size, offsets=_on(qw.offsets, device))
-            self.config = int4_mma.config_for(self.out_features, factored=self.packed.store.supers is not None,
+            self.config = int4_mma.config_for(self.out_features, factored=self.packed.store.factored,
                                               gathers=perm is not None)
 
     def _init_tinygemm(self, qw: QuantWeight) -> None:
@@ -144,7 +144,7 @@ class LowBitLinear(nn.Module):
         self.packed = lowbit_mma.pack(qw.q.to(device), qw.scales.to(device), _on(qw.zeros, device), qw.group_size,
                                       qw.bits, offsets=_on(qw.offsets, device))
         self.config = lowbit_mma.config_for(self.out_features, self.packed.width,
-                                             factored=self.packed.store.supers is not None)
+                                             factored=self.packed.store.factored)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
